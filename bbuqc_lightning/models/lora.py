@@ -1,0 +1,56 @@
+"""Freezing and last-K LoRA: the trainable boundary of GRPO and fusion SFT.
+
+Only the last ``k`` decoder blocks of the language model get LoRA adapters; the vision tower
+(``model.visual``), the aligner (``merger`` and ``deepstack_merger_list``) and everything else stay
+frozen. peft's ``layers_to_transform`` + ``layers_pattern="layers"`` selects
+``model.language_model.layers.{L-k..L-1}``; the vision linears are named ``qkv``/``proj``/``linear_fc*``
+and never match the LLM projection names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def num_text_layers(model: PreTrainedModel) -> int:
+    """Number of decoder layers of the language model (VL or text-only)."""
+    config = model.config
+    text_config = getattr(config, "text_config", config)
+    return int(text_config.num_hidden_layers)
+
+
+def apply_last_k_lora(
+    model: PreTrainedModel,
+    k: int = 4,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+) -> PeftModel:
+    """Freeze ``model`` and add LoRA adapters to the last ``k`` LLM blocks (``k = L`` means all)."""
+    n_layers = num_text_layers(model)
+    if not 1 <= k <= n_layers:
+        raise ValueError(f"lora k must be in [1, {n_layers}] for this model, got {k}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        layers_to_transform=list(range(n_layers - k, n_layers)),
+        layers_pattern="layers",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_parameter_names(model: PreTrainedModel) -> list[str]:
+    """Names of parameters that will receive gradients (for logging and tests)."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]

@@ -1,0 +1,146 @@
+"""Stage-A DataModule: the SPEC §3 image tree -> batches of (image, mission prompt) with group metadata.
+
+Each dataset item is one image of one group. Batches carry ``meta`` (per image: ``ticket_key``,
+``image_index`` (0-based), ``num_images``, ``record``) for the JSONL writer callback, which assembles a
+group's line once all its images are summarised. Under DDP every rank gets whole groups (a group is never
+split across ranks), so each rank can complete and write its own groups; run with
+``use_distributed_sampler=False`` (the stage_a experiment sets it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from bbuqc_lightning.data.images import load_image, validate_group_images
+from bbuqc_lightning.data.tree import GroupRecord, scan_tree
+from bbuqc_lightning.stage_a.prompts import image_conversation, stage_a_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    record: GroupRecord
+    image_index: int
+
+
+class StageAImages(Dataset):
+    """Images of the groups to summarise, group by group, in image order."""
+
+    def __init__(self, items: list[ImageItem], prompts: dict, min_pixels: int, max_pixels: int) -> None:
+        self.items = items
+        self.prompts = prompts
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        path = item.record.image_paths[item.image_index]
+        return {
+            "image": load_image(path, self.min_pixels, self.max_pixels),
+            "conversation": image_conversation(stage_a_prompt(self.prompts, item.record.mission)),
+            "meta": {
+                "ticket_key": item.record.ticket_key,
+                "image_index": item.image_index,
+                "num_images": len(item.record.image_paths),
+                "record": item.record,
+            },
+        }
+
+
+def collate_images(items: list[dict[str, Any]]) -> dict[str, list]:
+    """Keep PIL images and conversations as lists: the generation engine tokenises the batch."""
+    return {key: [item[key] for item in items] for key in ("image", "conversation", "meta")}
+
+
+class StageADataModule(L.LightningDataModule):
+    """Scans ``root`` (generating the synthetic tree first when ``synthetic`` is set and it is missing)."""
+
+    def __init__(
+        self,
+        root: str,
+        prompts: dict,
+        processor: Any = None,
+        strict: bool = True,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        min_pixels: int = 4096,
+        max_pixels: int = 786432,
+        synthetic: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.prompts = prompts
+        self.strict = strict
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.synthetic = synthetic
+        # Filled by the JSONL writer callback on resume: groups already in the output file.
+        self.skip_ticket_keys: set[str] = set()
+        self.records: list[GroupRecord] = []
+        self.skipped: list[tuple[str, str]] = []  # (path, reason) of groups skipped with strict=false
+        self.dataset: StageAImages | None = None
+
+    def prepare_data(self) -> None:
+        if self.synthetic and not self.root.exists():
+            from bbuqc_lightning.data.synthetic import ensure_synthetic
+
+            ensure_synthetic(**self.synthetic)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.root={self.root} is not a folder (see README: data layout)")
+
+    def setup(self, stage: str | None = None) -> None:
+        scan = scan_tree(self.root, strict=self.strict)
+        self.skipped = [(str(s.path), s.reason) for s in scan.skipped]
+        records = [r for r in scan.records if self._images_ok(r)]
+        self.records = records
+        mine = self._this_rank(records)
+        todo = [r for r in mine if r.ticket_key not in self.skip_ticket_keys]
+        items = [ImageItem(r, i) for r in todo for i in range(len(r.image_paths))]
+        self.dataset = StageAImages(items, self.prompts, self.min_pixels, self.max_pixels)
+        log.info(
+            "Stage-A: %d groups (%d on this rank, %d already written, %d skipped), %d images to summarise",
+            len(records), len(mine), len(mine) - len(todo), len(self.skipped), len(items),
+        )
+
+    def _images_ok(self, record: GroupRecord) -> bool:
+        """Strict: raise on the first bad image. Non-strict: skip the whole group, named and counted."""
+        try:
+            validate_group_images(record, self.min_pixels, self.max_pixels)
+        except ValueError as err:
+            if self.strict:
+                raise
+            log.warning("skipping group %s: %s", record.ticket_key, err)
+            self.skipped.append((str(record.folders[0]) if record.folders else record.ticket_key, str(err)))
+            return False
+        return True
+
+    def _this_rank(self, records: list[GroupRecord]) -> list[GroupRecord]:
+        trainer = self.trainer if self._trainer_attached() else None
+        if trainer is None or trainer.world_size == 1:
+            return records
+        return records[trainer.global_rank :: trainer.world_size]
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.dataset is not None, "call setup() first"
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+        )

@@ -1,0 +1,91 @@
+"""Stage-A LightningModule: ``predict_step`` summarises a batch of images, one Chinese line each.
+
+Generation goes through the shared :class:`~bbuqc_lightning.generation.engine.GenerationEngine`
+(greedy by default, left padding, so batched output equals batch-1 output). The JSONL writer callback
+(``callbacks/stage_a_writer.py``) turns the per-image predictions into one SPEC §4 line per group.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+
+from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.models.factory import ModelBundle
+from bbuqc_lightning.stage_a.records import clean_summary
+from bbuqc_lightning.tracking.wandb import log_table
+
+
+class StageAModule(L.LightningModule):
+    """Image -> one-line summary. Returns ``{"ticket_key", "image_index", "summary"}`` per batch."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_table_samples: int = 8,
+    ) -> None:
+        super().__init__()
+        if bundle.kind != "vl":
+            raise ValueError(f"Stage-A needs a vision-language model (model.kind=vl), got {bundle.kind!r}")
+        self.model = bundle.model
+        self.engine = GenerationEngine(bundle.model, bundle.processor)
+        self.sampling = SamplingParams(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
+        self.num_table_samples = num_table_samples
+        self.run_summary: dict[str, float] = {}
+        self._images = 0
+        self._seconds = 0.0
+        self._samples: list[tuple[Any, str, str]] = []
+
+    def predict_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
+        start = time.perf_counter()
+        outputs = self.engine.generate(batch["conversation"], self.sampling, images=[[im] for im in batch["image"]])
+        self._seconds += time.perf_counter() - start
+        self._images += len(outputs)
+        summaries = []
+        for meta, out in zip(batch["meta"], outputs, strict=True):
+            summary = clean_summary(out[0].text)
+            if not summary:
+                raise ValueError(
+                    f"empty Stage-A summary for group {meta['ticket_key']} image "
+                    f"{meta['record'].image_paths[meta['image_index']].name} (raw output {out[0].text!r})"
+                )
+            summaries.append(summary)
+        self._keep_samples(batch, summaries)
+        return {
+            "ticket_key": [m["ticket_key"] for m in batch["meta"]],
+            "image_index": [m["image_index"] for m in batch["meta"]],
+            "summary": summaries,
+        }
+
+    def _keep_samples(self, batch: dict[str, list], summaries: list[str]) -> None:
+        for image, meta, summary in zip(batch["image"], batch["meta"], summaries, strict=True):
+            if len(self._samples) < self.num_table_samples:
+                self._samples.append((image, meta["ticket_key"], summary))
+
+    def on_predict_epoch_end(self) -> None:
+        datamodule = self.trainer.datamodule
+        self.run_summary = {
+            "stage_a/images": float(self._images),
+            "stage_a/images_per_s": self._images / self._seconds if self._seconds else 0.0,
+            "stage_a/groups": float(len(getattr(datamodule, "records", []))),
+            "stage_a/skipped_groups": float(len(getattr(datamodule, "skipped", []))),
+        }
+        for logger in self.trainer.loggers:
+            logger.log_metrics(self.run_summary, step=0)
+        self._log_samples()
+
+    def _log_samples(self) -> None:
+        if not self._samples:
+            return
+        import wandb
+
+        rows = [(wandb.Image(img), key, text) for img, key, text in self._samples]
+        log_table(self.trainer, "stage_a/samples", ["image", "ticket_key", "summary"], rows)

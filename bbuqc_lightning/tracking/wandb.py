@@ -1,0 +1,82 @@
+"""W&B tracking that never blocks: offline unless a key is configured, tables and artifacts as no-ops
+when no W&B logger is attached (``logger=none``), and a ``finish`` that is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def wandb_offline() -> bool:
+    """True unless the user configured W&B: ``WANDB_MODE=online``, ``WANDB_API_KEY`` or a netrc entry."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if mode == "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        auth = None
+    return auth is None
+
+
+def configure_wandb_env() -> None:
+    """Environment defaults so ``wandb.init`` can neither prompt nor wait for the network."""
+    if wandb_offline():
+        os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
+
+
+def find_wandb_logger(trainer: Trainer | None) -> WandbLogger | None:
+    """The trainer's W&B logger, or None (W&B off); callers then skip W&B-only media."""
+    if trainer is None:
+        return None
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def log_table(trainer: Trainer | None, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Log a W&B table (rank 0 only); a no-op without a W&B logger."""
+    logger = find_wandb_logger(trainer)
+    if logger is None or not trainer.is_global_zero or not rows:
+        return
+    logger.log_table(key=key, columns=list(columns), data=[list(r) for r in rows], step=trainer.global_step)
+
+
+def log_artifact(trainer: Trainer | None, path: str | Path, name: str, artifact_type: str) -> None:
+    """Upload a file or folder as a W&B artifact (kept locally when offline); no-op without W&B."""
+    logger = find_wandb_logger(trainer)
+    if logger is None or not trainer.is_global_zero:
+        return
+    import wandb
+
+    artifact = wandb.Artifact(name=name, type=artifact_type)
+    path = Path(path)
+    if path.is_dir():
+        artifact.add_dir(str(path))
+    else:
+        artifact.add_file(str(path))
+    logger.experiment.log_artifact(artifact)
+
+
+def finish_wandb() -> None:
+    """Close the active W&B run, if any (called from ``train`` in a ``finally``)."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover - wandb is a dependency
+        return
+    if wandb.run is not None:
+        wandb.finish()

@@ -1,0 +1,132 @@
+"""The one entry point: compose the config, build every object through ``_target_``, run a Lightning stage.
+
+Commands (CPU demo on the embedded tiny model and synthetic data; add ``trainer=gpu`` on a GPU)::
+
+    python -m bbuqc_lightning.train +experiment=grpo       # Stage-B GRPO
+    python -m bbuqc_lightning.train +experiment=stage_a    # Stage-A summaries JSONL
+    python -m bbuqc_lightning.train +experiment=grpo logger=none trainer.max_steps=2
+    python -m bbuqc_lightning.train -m +experiment=grpo module.optimizer.lr=1e-5,5e-6   # Hydra multirun
+
+``train(cfg)`` returns ``(metrics, objects)``; ``main`` returns ``cfg.optimized_metric`` for sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bbuqc_lightning.config import config_dir, register_resolvers, validate_config
+from bbuqc_lightning.tracking.wandb import configure_wandb_env, finish_wandb
+
+log = logging.getLogger(__name__)
+
+
+def build_objects(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate model bundle, datamodule, module, callbacks, loggers and trainer from ``cfg``."""
+    bundle = instantiate(cfg.model, _convert_="all")
+    datamodule = instantiate(cfg.data, processor=bundle.processor, _convert_="all")
+    module = instantiate(cfg.module, bundle=bundle, _convert_="all")
+    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return {
+        "bundle": bundle,
+        "datamodule": datamodule,
+        "module": module,
+        "callbacks": callbacks,
+        "loggers": loggers,
+        "trainer": trainer,
+    }
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run ``cfg.stage`` of the experiment; W&B is always finished, metrics.json always written."""
+    register_resolvers()
+    validate_config(cfg)
+    configure_wandb_env()
+    L.seed_everything(cfg.seed, workers=True)
+    objects = build_objects(cfg)
+    trainer: L.Trainer = objects["trainer"]
+    try:
+        _log_hyperparameters(cfg, objects)
+        run = getattr(trainer, cfg.stage)
+        kwargs: dict[str, Any] = {"datamodule": objects["datamodule"]}
+        if cfg.stage == "fit":
+            kwargs["ckpt_path"] = cfg.get("ckpt_path")
+        result = run(objects["module"], **kwargs)
+        objects["result"] = result
+    finally:
+        finish_wandb()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
+    _write_metrics_json(cfg, metrics)
+    return metrics, objects
+
+
+def _is_scalar(value: Any) -> bool:
+    return getattr(value, "numel", lambda: 1)() == 1
+
+
+def _log_hyperparameters(cfg: DictConfig, objects: dict[str, Any]) -> None:
+    """The resolved config plus parameter counts, to every logger."""
+    model = objects["bundle"].model
+    params = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "model/params_total": sum(p.numel() for p in model.parameters()),
+        "model/params_trainable": sum(p.numel() for p in objects["module"].parameters() if p.requires_grad),
+    }
+    for logger in objects["loggers"]:
+        logger.log_hyperparams(params)
+
+
+def _write_metrics_json(cfg: DictConfig, metrics: dict[str, float]) -> None:
+    out = Path(cfg.paths.output_dir) / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+    log.info("metrics written to %s", out)
+
+
+def _print_config(cfg: DictConfig) -> None:
+    if cfg.get("extras", {}).get("print_config", False):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the value of ``cfg.optimized_metric`` for sweeps."""
+    if cfg.get("extras", {}).get("ignore_warnings", False):
+        warnings.filterwarnings("ignore")
+    _print_config(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except (ValueError, OmegaConfBaseException, InstantiationException) as err:
+        # Configuration and input errors get one clear message instead of a Hydra stack dump.
+        if HydraConfig.initialized() and "HYDRA_FULL_ERROR" not in __import__("os").environ:
+            log.error("%s: %s", type(err).__name__, err)
+            print(f"error: {err}\n(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+            sys.exit(2)
+        raise
+    metric_name = cfg.get("optimized_metric")
+    if not metric_name:
+        return None
+    if metric_name not in metrics:
+        raise KeyError(f"optimized_metric {metric_name!r} was not logged; logged: {sorted(metrics)}")
+    return metrics[metric_name]
+
+
+if __name__ == "__main__":
+    main()
