@@ -153,19 +153,21 @@ class GenerationEngine:
         prefix = {k: v[:, :-1] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         if "mm_token_type_ids" in inputs:
             prefix["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :-1]
+        self._set_rope_deltas(lambda _: None)  # stale offsets of an earlier batch must not be reused
         self.model(**prefix, past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(n)
-        self._repeat_rope_deltas(n)
+        self._set_rope_deltas(lambda deltas: deltas.repeat_interleave(n, dim=0))
         repeated = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
         kwargs = {k: v for k, v in kwargs.items() if k != "cache_implementation"}
         return self.model.generate(**repeated, past_key_values=cache, **kwargs)
 
-    def _repeat_rope_deltas(self, n: int) -> None:
+    def _set_rope_deltas(self, update: Any) -> None:
         """Qwen3-VL caches per-row M-RoPE offsets after a prefill; the repeated rows need theirs."""
         for module in self.model.modules():
-            deltas = getattr(module, "rope_deltas", None)
-            if isinstance(deltas, torch.Tensor):
-                module.rope_deltas = deltas.repeat_interleave(n, dim=0)
+            # vars(): the outer model exposes the same tensor through a property; update it only once.
+            if "rope_deltas" in vars(module):
+                deltas = vars(module)["rope_deltas"]
+                module.rope_deltas = None if deltas is None else update(deltas)
 
     def _config(self) -> Any:
         config = self.model.config

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,19 +55,30 @@ class ModelLoadError(RuntimeError):
     """A checkpoint could not be found or loaded; the message says where we looked and what to do."""
 
 
-@dataclass
 class ModelBundle:
     """A built model with what is needed to feed it.
 
     ``processor`` is a ``Qwen3VLProcessor`` for ``kind == "vl"`` and the tokenizer itself for ``"text"``,
-    so callers can always write ``bundle.processor(text=..., return_tensors="pt")``.
+    so callers can always write ``bundle.processor(text=..., return_tensors="pt")``. (A plain class, not a
+    dataclass: Hydra would turn a dataclass passed to ``instantiate`` into a config node.)
     """
 
-    model: PreTrainedModel
-    processor: Any
-    tokenizer: PreTrainedTokenizerBase
-    kind: Literal["vl", "text"]
-    name: str
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        kind: Literal["vl", "text"],
+        name: str,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"ModelBundle(kind={self.kind!r}, name={self.name!r})"
 
 
 def tokenizer_files_dir() -> Path:

@@ -110,7 +110,9 @@ def _parse_reason_line(line: str) -> tuple[str | None, Verdict | None]:
     """Return ``(reasoning, None)`` or ``(None, invalid_verdict)`` for line 2."""
     prefix = next((p for p in REASON_PREFIXES if line.startswith(p)), None)
     if prefix is None:
-        return None, _invalid("reason_prefix", f"line 2 must start with '理由:' or '理由：', got {_preview(line)}")
+        return None, _invalid(
+            "reason_prefix", f"line 2 must start with '理由:' or '理由：', got {_preview(line)}"
+        )
     reasoning = line[len(prefix) :].strip()
     if not reasoning:
         return None, _invalid("empty_reason", "line 2 has no reasoning after '理由:'")

@@ -119,7 +119,9 @@ def _normalise_prefix(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def rates_from_counts(table: Sequence[Sequence[int]], slugs: Sequence[str], prefix: str = "") -> dict[str, float]:
+def rates_from_counts(
+    table: Sequence[Sequence[int]], slugs: Sequence[str], prefix: str = ""
+) -> dict[str, float]:
     """Overall rates (all rows summed) plus per-mission rates keyed ``<name>/<slug>``."""
     prefix = _normalise_prefix(prefix)
     overall = [sum(row[col] for row in table) for col in range(NUM_COUNTS)]

@@ -1,0 +1,289 @@
+"""Stage-B GRPO as a LightningModule (``+experiment=grpo``).
+
+One training step = one generation batch: sample G completions per prompt (shared engine, each prompt
+prefilled once), score them with the reward functions, turn rewards into group advantages, then run
+``num_iterations`` optimiser steps over micro-batches with TRL 1.16's loss (``grpo/loss.py``).
+
+Speed by design:
+1. the frozen first L-K layers run once per generation batch, shared by the policy, the old-policy and
+   the reference passes (``grpo/forward.py``); only the last K LoRA layers run per pass;
+2. the reference is the same weights with adapters disabled (no second copy of the model);
+3. log-probs are computed at completion positions only, in chunks of ``logprob_chunk_size`` tokens
+   (``grpo/logprobs.py``), so the (N, T, 151936) fp32 logits never exist at once;
+4. every prompt is prefilled once and its KV cache shared by its G rollouts (``generation/engine.py``).
+
+Departures from TRL 1.16 (the loss maths is identical, tested to 1e-6; see ``grpo/loss.py`` for the list
+that concerns the loss):
+1. A generation batch is optimised right away (``steps_per_generation == 1`` in TRL terms); micro-batches
+   of ``micro_batch_size`` rows play TRL's gradient-accumulation role within it.
+2. ``dynamic_sampling`` (DAPO) drops groups whose G rewards are equal from the loss mask instead of
+   re-sampling new prompts to refill the batch.
+3. The reference forward shares the policy's frozen-prefix hidden states (exactly equal in value).
+4. Generation uses HF ``generate`` through the engine (static cache on GPU), not vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+
+from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.grpo.advantages import combine_rewards, compute_advantages, equal_reward_groups_mask
+from bbuqc_lightning.grpo.config import GRPOConfig
+from bbuqc_lightning.grpo.forward import PrefixState, output_embedding, run_frozen_prefix, run_suffix, select_rows
+from bbuqc_lightning.grpo.logprobs import completion_logprobs
+from bbuqc_lightning.grpo.loss import grpo_loss
+from bbuqc_lightning.grpo.rollout import Rollout, generate_rollout
+from bbuqc_lightning.models.factory import ModelBundle
+from bbuqc_lightning.models.lora import apply_last_k_lora, num_text_layers
+from bbuqc_lightning.stage_b.contract import parse_verdict
+from bbuqc_lightning.stage_b.metrics import VerdictMetrics
+from bbuqc_lightning.tracking.rng import rng_state, set_rng_state
+from bbuqc_lightning.tracking.wandb import log_table
+
+
+class GRPOModule(L.LightningModule):
+    """GRPO on Stage-B prompts with LoRA on the last K LLM blocks; vision and aligner frozen."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        grpo: GRPOConfig,
+        reward_funcs: Mapping[str, Callable[..., list[float]]],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lora: Mapping[str, Any] | None = None,
+        micro_batch_size: int = 8,
+        max_grad_norm: float | None = 1.0,
+        val_max_new_tokens: int | None = None,
+        num_table_samples: int = 8,
+    ) -> None:
+        super().__init__()
+        lora = dict(lora or {})
+        k = int(lora.get("k", 4))
+        self.model = apply_last_k_lora(bundle.model, **lora)
+        self.num_frozen = num_text_layers(bundle.model) - k
+        self.engine = GenerationEngine(self.model, bundle.processor)
+        self.grpo = grpo
+        self.reward_funcs = dict(reward_funcs)
+        if grpo.reward_weights is not None and len(grpo.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"grpo.reward_weights has {len(grpo.reward_weights)} entries for "
+                f"{len(self.reward_funcs)} reward functions ({list(self.reward_funcs)})"
+            )
+        self.optimizer_factory = optimizer
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.sampling = SamplingParams(
+            max_new_tokens=grpo.max_new_tokens,
+            do_sample=True,
+            temperature=grpo.temperature,
+            top_p=grpo.top_p,
+            num_return_sequences=grpo.num_generations,
+        )
+        self.greedy = SamplingParams(max_new_tokens=val_max_new_tokens or grpo.max_new_tokens)
+        self.num_table_samples = num_table_samples
+        self.train_verdicts = VerdictMetrics("train/")
+        self.val_verdicts = VerdictMetrics("val/")
+        self.test_verdicts = VerdictMetrics("test/")
+        self._val_rows: list[list[Any]] = []
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable (LoRA) weights
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        start = time.perf_counter()
+        rollout = generate_rollout(self.engine, batch, self.sampling, self.reward_funcs)
+        gen_seconds = time.perf_counter() - start
+        rewards = combine_rewards(rollout.rewards_per_func, self.grpo.reward_weights)
+        gather = self.all_gather if self.trainer.world_size > 1 else None
+        advantages, stats = compute_advantages(
+            rewards, self.grpo.num_generations, self.grpo.scale_rewards, all_gather=gather
+        )
+        loss_mask = self._loss_mask(rollout, rewards)
+        prefix = run_frozen_prefix(self.model, rollout.input_ids, rollout.attention_mask, self.num_frozen)
+        ref, old = self._reference_and_old(prefix, rollout)
+        losses, loss_metrics = self._optimise(prefix, rollout, loss_mask, advantages, ref, old)
+        self._log_train(rollout, rewards, advantages, stats, loss_metrics, losses, loss_mask, start, gen_seconds)
+        return torch.stack(losses).mean()
+
+    def _loss_mask(self, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
+        mask = rollout.completion_mask.clone()
+        if self.grpo.mask_truncated_completions:
+            mask = mask * (~rollout.truncated).unsqueeze(1).int()
+        if self.grpo.dynamic_sampling:
+            flat = equal_reward_groups_mask(rewards, self.grpo.num_generations)
+            mask = mask * (~flat).repeat_interleave(self.grpo.num_generations).unsqueeze(1).int()
+        return mask
+
+    @torch.no_grad()
+    def _reference_and_old(
+        self, prefix: PrefixState, rollout: Rollout
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        ref = old = None
+        if self.grpo.beta != 0.0:
+            with self.model.disable_adapter():
+                ref = self._logps_in_chunks(prefix, rollout)
+        if self.grpo.num_iterations > 1:
+            old = self._logps_in_chunks(prefix, rollout)
+        return ref, old
+
+    def _logps_in_chunks(self, prefix: PrefixState, rollout: Rollout) -> torch.Tensor:
+        rows = self._micro_slices(rollout.input_ids.shape[0])
+        return torch.cat([self._completion_logps(select_rows(prefix, s), rollout, s) for s in rows])
+
+    def _completion_logps(self, prefix: PrefixState, rollout: Rollout, rows: slice) -> torch.Tensor:
+        hidden = run_suffix(self.model, prefix)
+        # The state at position t predicts token t+1: completion tokens are predicted from P-1 .. end-1.
+        hidden = hidden[:, rollout.prompt_length - 1 : -1]
+        return completion_logprobs(
+            hidden,
+            output_embedding(self.model).weight,
+            rollout.completion_ids[rows],
+            chunk_size=self.grpo.logprob_chunk_size,
+            temperature=self.grpo.temperature,
+            completion_mask=rollout.completion_mask[rows],
+        )
+
+    def _micro_slices(self, n: int) -> list[slice]:
+        return [slice(i, min(i + self.micro_batch_size, n)) for i in range(0, n, self.micro_batch_size)]
+
+    def _optimise(
+        self,
+        prefix: PrefixState,
+        rollout: Rollout,
+        loss_mask: torch.Tensor,
+        advantages: torch.Tensor,
+        ref: torch.Tensor | None,
+        old: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        optimizer = self.optimizers()
+        slices = self._micro_slices(rollout.input_ids.shape[0])
+        tokens = self.all_gather(loss_mask.sum()).sum() if self.trainer.world_size > 1 else loss_mask.sum()
+        losses: list[torch.Tensor] = []
+        metrics: dict[str, list[torch.Tensor]] = {}
+        for _ in range(self.grpo.num_iterations):
+            for rows in slices:
+                logps = self._completion_logps(select_rows(prefix, rows), rollout, rows)
+                loss, step_metrics = grpo_loss(
+                    logps,
+                    None if old is None else old[rows],
+                    None if ref is None else ref[rows],
+                    advantages[rows],
+                    loss_mask[rows],
+                    loss_type=self.grpo.loss_type,
+                    beta=self.grpo.beta,
+                    epsilon_low=self.grpo.epsilon_low,
+                    epsilon_high=self.grpo.resolved_epsilon_high,
+                    delta=self.grpo.delta,
+                    importance_sampling_level=self.grpo.importance_sampling_level,
+                    num_items_in_batch=tokens,
+                    max_completion_length=self.grpo.max_new_tokens,
+                    num_processes=self.trainer.world_size,
+                    gradient_accumulation_steps=len(slices),
+                )
+                self.manual_backward(loss)
+                losses.append(loss.detach())
+                for key, value in step_metrics.items():
+                    metrics.setdefault(key, []).append(value)
+            if self.max_grad_norm:
+                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return losses, {k: torch.stack(v).nanmean() for k, v in metrics.items()}
+
+    def _log_train(
+        self,
+        rollout: Rollout,
+        rewards: torch.Tensor,
+        advantages: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        loss_metrics: dict[str, torch.Tensor],
+        losses: list[torch.Tensor],
+        loss_mask: torch.Tensor,
+        start: float,
+        gen_seconds: float,
+    ) -> None:
+        lengths = rollout.completion_mask.sum(dim=1).float()
+        seconds = time.perf_counter() - start
+        logs = {
+            "train/loss": torch.stack(losses).mean(),
+            "train/reward": stats["reward"],
+            "train/reward_std": stats["reward_std"],
+            "train/frac_reward_zero_std": stats["frac_reward_zero_std"],
+            "train/advantage_std": advantages.std() if advantages.numel() > 1 else advantages.new_zeros(()),
+            "train/completion_length/mean": lengths.mean(),
+            "train/completion_length/max": lengths.max(),
+            "train/truncated_fraction": rollout.truncated.float().mean(),
+            "train/loss_token_fraction": loss_mask.sum() / rollout.completion_mask.sum().clamp(min=1),
+            "train/tokens_per_s": torch.tensor(float(lengths.sum()) / max(seconds, 1e-9)),
+            "train/generation_seconds": torch.tensor(gen_seconds),
+            "train/step_seconds": torch.tensor(seconds),
+        }
+        for i, name in enumerate(self.reward_funcs):
+            column = rollout.rewards_per_func[:, i]
+            logs[f"train/rewards/{name}/mean"] = torch.nanmean(column)
+            logs[f"train/rewards/{name}/std"] = column.std() if column.numel() > 1 else column.new_zeros(())
+        logs.update({f"train/{k}": v for k, v in loss_metrics.items()})
+        self.log_dict({k: v.float() for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=len(rewards))
+        self._update_verdicts(self.train_verdicts, rollout.texts, rollout.samples)
+        self.log_dict(self.train_verdicts.compute(), on_step=True, batch_size=len(rewards))
+        self.train_verdicts.reset()
+
+    # --------------------------------------------------------------- evaluation
+    def _greedy_step(self, batch: list[dict[str, Any]], metric: VerdictMetrics) -> None:
+        outputs = self.engine.generate([s["messages"] for s in batch], self.greedy)
+        texts = [out[0].text for out in outputs]
+        verdicts = self._update_verdicts(metric, texts, batch)
+        for sample, text, verdict in zip(batch, texts, verdicts, strict=True):
+            if len(self._val_rows) < self.num_table_samples:
+                self._val_rows.append(
+                    [sample["ticket_key"], sample["task_type"], sample["group_label"], text, verdict.verdict, verdict.valid]
+                )
+
+    @staticmethod
+    def _update_verdicts(metric: VerdictMetrics, texts: list[str], samples: list[dict[str, Any]]) -> list:
+        verdicts = [parse_verdict(t, s.get("summaries")) for t, s in zip(texts, samples, strict=True)]
+        metric.update(
+            [v.verdict for v in verdicts],
+            [s["group_label"] for s in samples],
+            [s["task_type"] for s in samples],
+            [v.valid for v in verdicts],
+        )
+        return verdicts
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._greedy_step(batch, self.val_verdicts)
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._greedy_step(batch, self.test_verdicts)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval(self.val_verdicts, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval(self.test_verdicts, "test")
+
+    def _end_eval(self, metric: VerdictMetrics, split: str) -> None:
+        self.log_dict(metric.compute())
+        metric.reset()
+        columns = ["ticket_key", "mission", "label", "output", "verdict", "valid"]
+        log_table(self.trainer, f"{split}/completions", columns, self._val_rows)
+        self._val_rows = []
+
+    # -------------------------------------------------------------- plumbing
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return self.optimizer_factory(params=params)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_state" in checkpoint:
+            set_rng_state(checkpoint["rng_state"])

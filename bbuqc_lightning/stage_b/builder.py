@@ -1,0 +1,260 @@
+"""Build Stage-B samples (SPEC §5) from Stage-A JSONL files and mission guidance.
+
+Pipeline: :func:`read_stage_a_jsonl` (parse + validate + normalise legacy ``image_i`` keys) ->
+:func:`build_stage_b_samples` (render prompts, enforce ``max_prompt_tokens``). Every bad input is
+either a located error (``strict=True``, the default) or a counted, logged skip — never a silent drop.
+
+A sample::
+
+    {"messages": [{"role": "system", ...}, {"role": "user", ...}],
+     "group_id": "QC-TEMP-20250118-0015123", "ticket_key": "QC-TEMP-20250118-0015123::fail",
+     "task_type": "挡风板安装检查", "group_label": "fail", "summaries": ["…", "…"]}
+
+Guidance files (:func:`load_guidance`) are either one mission's guidance
+``{"mission": "BBU接地线检查", "version": 3, "experiences": [{"id": "G0", "text": "…"}]}`` or a mapping
+``{"<mission>": {"version": 3, "experiences": [...]}, ...}`` of several (the runner's ``guidance.json``
+is the first form). Experiences keep file order.
+
+Example::
+
+    >>> records, skipped = read_stage_a_jsonl("stage_a.jsonl")  # doctest: +SKIP
+    >>> samples, too_long = build_stage_b_samples(records, templates, load_guidance("guidance.json"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bbuqc_lightning.constants import (
+    IMAGE_KEY_PREFIX,
+    LABELS,
+    LEGACY_IMAGE_KEY_PREFIX,
+    image_key,
+    ticket_key,
+)
+from bbuqc_lightning.stage_b.prompts import (
+    Guidance,
+    StageBTemplates,
+    as_templates,
+    record_summaries,
+    render_stage_b_messages,
+)
+
+log = logging.getLogger(__name__)
+
+_KEY_PATTERN = re.compile(rf"^({re.escape(IMAGE_KEY_PREFIX)}|{re.escape(LEGACY_IMAGE_KEY_PREFIX)})([0-9]+)$")
+
+
+class StageBDataError(ValueError):
+    """A located problem in Stage-B input (file and line, or ticket key)."""
+
+
+def _normalise_per_image(per_image: Any) -> dict[str, str]:
+    """``{"图片_1": …, …}`` in numeric order from ``图片_i`` or legacy ``image_i`` keys; raises ``ValueError``.
+
+    >>> _normalise_per_image({"image_2": "b", "image_1": "a"})
+    {'图片_1': 'a', '图片_2': 'b'}
+    """
+    if not isinstance(per_image, Mapping) or not per_image:
+        raise ValueError("'per_image' must be a non-empty mapping")
+    numbered: dict[int, str] = {}
+    prefixes: set[str] = set()
+    for key, summary in per_image.items():
+        match = _KEY_PATTERN.match(str(key))
+        if match is None:
+            raise ValueError(f"unexpected per_image key {key!r} (expected 图片_i or image_i)")
+        prefixes.add(match.group(1))
+        if not isinstance(summary, str) or not summary.strip() or "\n" in summary or "\r" in summary:
+            raise ValueError(f"summary of {key!r} must be one non-empty line, got {summary!r}")
+        numbered[int(match.group(2))] = summary
+    if len(prefixes) > 1:
+        raise ValueError("per_image mixes 图片_i and image_i keys")
+    expected = list(range(1, len(per_image) + 1))
+    if sorted(numbered) != expected:
+        raise ValueError(f"per_image keys must be exactly 1..{len(per_image)}, got {sorted(per_image)}")
+    return {image_key(i): numbered[i] for i in expected}
+
+
+def normalise_stage_a_record(raw: Any) -> dict[str, Any]:
+    """Validate one decoded Stage-A line and return it with ``图片_i`` keys and a ``ticket_key``."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+    missing = [k for k in ("group_id", "mission", "per_image") if k not in raw]
+    if missing:
+        raise ValueError(f"missing keys {missing}")
+    group_id, mission, label = raw["group_id"], raw["mission"], raw.get("label")
+    if not isinstance(group_id, str) or not group_id or not isinstance(mission, str) or not mission:
+        raise ValueError("'group_id' and 'mission' must be non-empty strings")
+    if label is not None and label not in LABELS:
+        raise ValueError(f"group {group_id}: label must be one of {list(LABELS)} or null, got {label!r}")
+    try:
+        per_image = _normalise_per_image(raw["per_image"])
+    except ValueError as err:
+        raise ValueError(f"group {group_id}: {err}") from err
+    images = raw.get("images")
+    if images is not None and (not isinstance(images, list) or len(images) != len(per_image)):
+        raise ValueError(f"group {group_id}: {len(per_image)} summaries for images {images!r}")
+    expected_key = ticket_key(group_id, label)
+    if raw.get("ticket_key", expected_key) != expected_key:
+        raise ValueError(f"group {group_id}: ticket_key {raw['ticket_key']!r} != {expected_key!r}")
+    record = dict(raw)
+    record.update(per_image=per_image, ticket_key=expected_key, label=label)
+    return record
+
+
+def read_stage_a_jsonl(path: str | Path, strict: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """Read a Stage-A JSONL file; returns ``(records, skipped)``.
+
+    Blank lines are ignored. A malformed line (bad JSON or bad schema) raises :class:`StageBDataError`
+    naming ``<path>:<line>`` when ``strict``; otherwise it is logged and counted in ``skipped``.
+    """
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    skipped = 0
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(normalise_stage_a_record(json.loads(line)))
+            except ValueError as err:  # json.JSONDecodeError is a ValueError
+                message = f"{path}:{line_no}: malformed Stage-A record: {err}"
+                if strict:
+                    raise StageBDataError(message) from err
+                log.warning("skipping %s", message)
+                skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d malformed line(s), kept %d", path, skipped, len(records))
+    return records, skipped
+
+
+def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Prompt length as the model sees it: the chat template with the generation prompt, tokenised.
+
+    Falls back to encoding the concatenated contents when the tokenizer has no chat template.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
+        return len(ids)
+    text = "\n".join(m["content"] for m in messages)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_sample(
+    record: Mapping[str, Any], templates: StageBTemplates, guidance: Guidance | None
+) -> dict[str, Any]:
+    """One SPEC §5 sample from a normalised record."""
+    return {
+        "messages": render_stage_b_messages(record, templates, guidance),
+        "group_id": record["group_id"],
+        "ticket_key": record["ticket_key"],
+        "task_type": record["mission"],
+        "group_label": record.get("label"),
+        "summaries": record_summaries(record),
+    }
+
+
+def _sample_or_error(
+    record: Mapping[str, Any],
+    templates: StageBTemplates,
+    guidance_by_mission: Mapping[str, Guidance] | None,
+    tokenizer: Any,
+    max_prompt_tokens: int | None,
+) -> dict[str, Any]:
+    """Build one sample; raises :class:`StageBDataError` naming the ticket key on any problem."""
+    key = record.get("ticket_key", "<unknown ticket>")
+    mission = record.get("mission")
+    if mission not in templates.mission_focus:
+        raise StageBDataError(f"{key}: unknown mission {mission!r}; known: {sorted(templates.mission_focus)}")
+    sample = build_sample(record, templates, (guidance_by_mission or {}).get(mission))
+    if max_prompt_tokens is not None:
+        n_tokens = count_prompt_tokens(tokenizer, sample["messages"])
+        if n_tokens > max_prompt_tokens:
+            raise StageBDataError(
+                f"{key}: prompt has {n_tokens} tokens > max_prompt_tokens={max_prompt_tokens}"
+            )
+    return sample
+
+
+def build_stage_b_samples(
+    records: Iterable[Mapping[str, Any]],
+    templates: StageBTemplates | Mapping[str, Any],
+    guidance_by_mission: Mapping[str, Guidance] | None,
+    tokenizer: Any = None,
+    max_prompt_tokens: int | None = None,
+    strict: bool = True,
+) -> tuple[list[dict[str, Any]], int]:
+    """Stage-B samples for normalised Stage-A records; returns ``(samples, skipped)``.
+
+    A record of an unknown mission or with a prompt over ``max_prompt_tokens`` raises
+    :class:`StageBDataError` naming its ticket key (``strict``) or is logged and counted as skipped.
+    """
+    if max_prompt_tokens is not None and tokenizer is None:
+        raise ValueError("max_prompt_tokens needs a tokenizer to count prompt tokens")
+    tpl = as_templates(templates)
+    samples: list[dict[str, Any]] = []
+    skipped = 0
+    for record in records:
+        try:
+            samples.append(_sample_or_error(record, tpl, guidance_by_mission, tokenizer, max_prompt_tokens))
+        except StageBDataError as err:
+            if strict:
+                raise
+            log.warning("skipping Stage-B sample: %s", err)
+            skipped += 1
+    if skipped:
+        log.warning("Stage-B builder skipped %d record(s), built %d", skipped, len(samples))
+    return samples, skipped
+
+
+def _experience_texts(block: Any, where: str) -> list[str]:
+    """Texts of one mission's ``experiences`` list (items ``{"id", "text"}`` or plain strings)."""
+    experiences = block.get("experiences") if isinstance(block, Mapping) else None
+    if not isinstance(experiences, list):
+        raise ValueError(f"{where}: expected an object with an 'experiences' list")
+    texts: list[str] = []
+    for i, item in enumerate(experiences):
+        text = item.get("text") if isinstance(item, Mapping) else item
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: experience #{i} has no text: {item!r}")
+        texts.append(text.strip())
+    return texts
+
+
+def load_guidance(path: str | Path) -> dict[str, list[str]]:
+    """Read a guidance JSON file into ``{mission: [experience text, ...]}`` (see module docstring)."""
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: guidance must be a JSON object")
+    if "experiences" in data:
+        mission = data.get("mission")
+        if not isinstance(mission, str) or not mission:
+            raise ValueError(f"{path}: single-mission guidance needs a 'mission' string")
+        return {mission: _experience_texts(data, str(path))}
+    guidance: dict[str, list[str]] = {}
+    for mission, block in data.items():
+        inner = block.get("mission", mission) if isinstance(block, Mapping) else mission
+        if inner != mission:
+            raise ValueError(f"{path}: entry {mission!r} declares mission {inner!r}")
+        guidance[mission] = _experience_texts(block, f"{path} [{mission}]")
+    return guidance
+
+
+def load_stage_b_records(
+    paths: Sequence[str | Path], strict: bool = True
+) -> tuple[list[dict[str, Any]], int]:
+    """Read several Stage-A files (e.g. one per mission) into one list; returns ``(records, skipped)``."""
+    records: list[dict[str, Any]] = []
+    skipped = 0
+    for path in paths:
+        part, n_skipped = read_stage_a_jsonl(path, strict=strict)
+        records.extend(part)
+        skipped += n_skipped
+    return records, skipped

@@ -1,0 +1,100 @@
+"""Stage-B DataModule: Stage-A JSONL (train / val) -> text-only Stage-B samples (SPEC §5).
+
+Batches are lists of sample dicts (``messages``, ``group_label``, ``summaries``, ...): the GRPO module
+generates from ``messages`` and hands the other columns to the reward functions, TRL-style. Under DDP
+Lightning's distributed sampler splits *prompts* across ranks, and each rank samples all G completions of
+its prompts, so a group never straddles ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from bbuqc_lightning.stage_b.builder import build_stage_b_samples, load_guidance, read_stage_a_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep samples as a list of dicts (messages are nested; nothing to tensorise before generation)."""
+    return samples
+
+
+class StageBDataModule(L.LightningDataModule):
+    """Builds Stage-B prompts from Stage-A JSONL files, with optional per-mission guidance."""
+
+    def __init__(
+        self,
+        train_jsonl: str | None,
+        val_jsonl: str | None,
+        templates: dict,
+        processor: Any = None,
+        test_jsonl: str | None = None,
+        guidance_path: str | None = None,
+        max_prompt_tokens: int | None = 2048,
+        strict: bool = True,
+        batch_size: int = 4,
+        val_batch_size: int = 8,
+        shuffle: bool = True,
+        limit_samples: int | None = None,
+        synthetic: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.paths = {"train": train_jsonl, "val": val_jsonl, "test": test_jsonl}
+        self.templates = templates
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.guidance_path = guidance_path
+        self.max_prompt_tokens = max_prompt_tokens
+        self.strict = strict
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.shuffle = shuffle
+        self.limit_samples = limit_samples
+        self.synthetic = synthetic
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.skipped: dict[str, int] = {}
+
+    def prepare_data(self) -> None:
+        missing = [p for p in self.paths.values() if p and not Path(p).exists()]
+        if missing and self.synthetic:
+            from bbuqc_lightning.data.synthetic import ensure_synthetic
+
+            ensure_synthetic(**self.synthetic)
+            missing = [p for p in missing if not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError(f"Stage-B input not found: {', '.join(map(str, missing))}")
+
+    def setup(self, stage: str | None = None) -> None:
+        guidance = load_guidance(self.guidance_path) if self.guidance_path else None
+        for split, path in self.paths.items():
+            if not path or split in self.samples:
+                continue
+            records, bad_lines = read_stage_a_jsonl(path, strict=self.strict)
+            samples, too_long = build_stage_b_samples(
+                records, self.templates, guidance, self.tokenizer, self.max_prompt_tokens, self.strict
+            )
+            self.samples[split] = samples[: self.limit_samples] if self.limit_samples else samples
+            self.skipped[split] = bad_lines + too_long
+            log.info("Stage-B %s: %d samples from %s (%d skipped)", split, len(samples), path, bad_lines + too_long)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self.samples:
+            raise ValueError(f"no Stage-B {split} data: set data.{split}_jsonl")
+        return DataLoader(self.samples[split], batch_size=batch_size, shuffle=shuffle, collate_fn=collate_samples)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, False)
