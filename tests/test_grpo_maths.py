@@ -19,7 +19,7 @@ from bbuqc_lightning.grpo.config import GRPOConfig
 from bbuqc_lightning.grpo.logprobs import completion_logprobs
 from bbuqc_lightning.grpo.loss import grpo_loss, k3_kl, mask_truncated_completions, needs_old_logps
 
-# ---------------------------------------------------------------------------------------------------- advantages
+# ------------------------------------------------------------------------------------------------- advantages
 
 
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
@@ -39,7 +39,9 @@ def test_group_scaling_uses_unbiased_std_plus_eps() -> None:
     expected_first = (torch.tensor([0.0, 1.0, 0.0, 1.0]) - 0.5) / (std_first + STD_EPS)
     torch.testing.assert_close(advantages[:4], expected_first)
     std_second = torch.tensor([2.0, 2.0, 2.0, 6.0]).std(unbiased=True)
-    torch.testing.assert_close(advantages[4:], (torch.tensor([2.0, 2.0, 2.0, 6.0]) - 3.0) / (std_second + STD_EPS))
+    torch.testing.assert_close(
+        advantages[4:], (torch.tensor([2.0, 2.0, 2.0, 6.0]) - 3.0) / (std_second + STD_EPS)
+    )
 
 
 def test_batch_scaling_uses_one_std_and_none_only_centres() -> None:
@@ -52,7 +54,9 @@ def test_batch_scaling_uses_one_std_and_none_only_centres() -> None:
 
 
 def test_unscorable_completion_is_excluded_from_baseline() -> None:
-    rewards_per_func = torch.tensor([[1.0, float("nan")], [0.0, 0.0], [float("nan"), float("nan")], [0.5, 0.5]])
+    rewards_per_func = torch.tensor(
+        [[1.0, float("nan")], [0.0, 0.0], [float("nan"), float("nan")], [0.5, 0.5]]
+    )
     rewards = combine_rewards(rewards_per_func, [2.0, 1.0])
     assert torch.isnan(rewards[2])
     torch.testing.assert_close(rewards[[0, 1, 3]], torch.tensor([2.0, 0.0, 1.5]))
@@ -72,11 +76,15 @@ def test_all_gather_feeds_batch_std_and_stats_only() -> None:
     rewards = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0, 0.0, 3.0, 1.0])
     other_rank = torch.tensor([5.0, 5.0, 5.0, 5.0, 0.0, 1.0, 0.0, 1.0])
     everything = torch.cat([other_rank, rewards])
-    gathered, stats = compute_advantages(rewards, 4, "batch", all_gather=lambda t: torch.stack([other_rank, t]))
+    gathered, stats = compute_advantages(
+        rewards, 4, "batch", all_gather=lambda t: torch.stack([other_rank, t])
+    )
     centred = rewards - rewards.view(2, 4).mean(1).repeat_interleave(4)  # groups stay local
     torch.testing.assert_close(gathered, centred / (everything.std(unbiased=True) + STD_EPS))
     torch.testing.assert_close(stats["reward"], everything.mean())
-    _, group_stats = compute_advantages(rewards, 4, "group", all_gather=lambda t: torch.stack([other_rank, t]))
+    _, group_stats = compute_advantages(
+        rewards, 4, "group", all_gather=lambda t: torch.stack([other_rank, t])
+    )
     assert group_stats["frac_reward_zero_std"].item() == 0.25
 
 
@@ -89,7 +97,7 @@ def test_bad_reward_shape_or_setting_raises() -> None:
         combine_rewards(torch.zeros(4, 2), [1.0])
 
 
-# ---------------------------------------------------------------------------------------------------------- loss
+# ------------------------------------------------------------------------------------------------------- loss
 
 
 def _loss(per_token_logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor, **kwargs):
@@ -167,7 +175,7 @@ def test_mask_truncated_completions() -> None:
     assert masked.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
 
 
-# -------------------------------------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------------------------------- config
 
 
 def test_config_defaults_follow_trl_where_not_overridden() -> None:
@@ -179,7 +187,9 @@ def test_config_defaults_follow_trl_where_not_overridden() -> None:
 
 def test_config_reports_every_problem_at_once() -> None:
     with pytest.raises(ValueError) as info:
-        GRPOConfig(num_generations=1, temperature=0.0, loss_type="ppo", scale_rewards=True, delta=0.9, top_p="x")
+        GRPOConfig(
+            num_generations=1, temperature=0.0, loss_type="ppo", scale_rewards=True, delta=0.9, top_p="x"
+        )
     message = str(info.value)
     assert "6 problem(s)" in message
     for field_name in ("num_generations", "temperature", "loss_type", "scale_rewards", "delta", "top_p"):
@@ -191,7 +201,7 @@ def test_config_warns_for_sequence_level_with_token_sum_loss() -> None:
         GRPOConfig(importance_sampling_level="sequence", loss_type="dapo")
 
 
-# ------------------------------------------------------------------------------------------------------ logprobs
+# --------------------------------------------------------------------------------------------------- logprobs
 
 
 def _naive_logprobs(hidden, weight, ids, temperature):
@@ -224,6 +234,15 @@ def test_chunked_logprobs_skip_masked_positions() -> None:
     torch.testing.assert_close(got, _naive_logprobs(hidden, weight, ids, 1.0) * mask, atol=1e-5, rtol=1e-5)
 
 
+def test_all_masked_batch_still_backpropagates() -> None:
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)
+    logps = completion_logprobs(hidden, torch.randn(20, 8), ids, chunk_size=4, completion_mask=mask)
+    assert torch.equal(logps, torch.zeros(2, 3))
+    logps.sum().backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
 def test_chunking_bounds_the_logits_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every LM-head projection, forward and backward recomputation, sees at most ``chunk_size`` tokens."""
     rows_seen: list[int] = []
@@ -235,7 +254,9 @@ def test_chunking_bounds_the_logits_size(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(logprobs_module, "_chunk_logps", recording)
     hidden = torch.randn(4, 10, 8, requires_grad=True)
-    completion_logprobs(hidden, torch.randn(50, 8), torch.randint(0, 50, (4, 10)), chunk_size=6).sum().backward()
+    completion_logprobs(
+        hidden, torch.randn(50, 8), torch.randint(0, 50, (4, 10)), chunk_size=6
+    ).sum().backward()
     assert max(rows_seen) <= 6
     assert sum(rows_seen) == 2 * 40  # each token once in forward, once in the checkpointed backward
     assert hidden.grad is not None
@@ -246,7 +267,9 @@ def test_bf16_hidden_states_match_fp32_softmax_of_bf16_logits() -> None:
     hidden = torch.randn(2, 6, 16, generator=gen).bfloat16()
     weight = torch.randn(64, 16, generator=gen).bfloat16()
     ids = torch.randint(0, 64, (2, 6), generator=gen)
-    expected = F.linear(hidden, weight).float().div(0.7).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    expected = (
+        F.linear(hidden, weight).float().div(0.7).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    )
     got = completion_logprobs(hidden, weight, ids, chunk_size=5, temperature=0.7)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

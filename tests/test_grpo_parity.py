@@ -14,15 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from trl.kernels import ChunkedLogProbFunction
+from trl.trainer.grpo_trainer import GRPOTrainer
+from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
 
-pytest.importorskip("trl")
-from trl.kernels import ChunkedLogProbFunction  # noqa: E402
-from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
-from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax  # noqa: E402
-
-from bbuqc_lightning.grpo.advantages import combine_rewards, compute_advantages  # noqa: E402
-from bbuqc_lightning.grpo.logprobs import completion_logprobs, selective_log_softmax  # noqa: E402
-from bbuqc_lightning.grpo.loss import global_token_count, grpo_loss, mask_truncated_completions  # noqa: E402
+from bbuqc_lightning.grpo.advantages import combine_rewards, compute_advantages
+from bbuqc_lightning.grpo.logprobs import completion_logprobs, selective_log_softmax
+from bbuqc_lightning.grpo.loss import global_token_count, grpo_loss, mask_truncated_completions
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 EOS, PAD = 2, 0
@@ -30,7 +28,7 @@ G = 4
 
 
 class FakeAccelerator:
-    """Single-process accelerator; ``num_processes`` only feeds TRL's ``dapo`` normaliser (gathers are identity)."""
+    """One-process accelerator (identity gathers); ``num_processes`` only feeds TRL's ``dapo`` normaliser."""
 
     def __init__(self, num_processes: int = 1, process_index: int = 0) -> None:
         self.device = torch.device("cpu")
@@ -51,7 +49,7 @@ def _metrics_store() -> dict[str, defaultdict[str, list[float]]]:
     return {"train": defaultdict(list), "eval": defaultdict(list)}
 
 
-# ----------------------------------------------------------------------------------------------------------- loss
+# ------------------------------------------------------------------------------------------------------- loss
 
 
 def _random_batch(seed: int, batch: int = 8, length: int = 9) -> dict[str, torch.Tensor]:
@@ -65,7 +63,8 @@ def _random_batch(seed: int, batch: int = 8, length: int = 9) -> dict[str, torch
     advantages[1] = 0.0  # signs alternate so both the low and the high clip bound are exercised
     return {
         "logps": logps,
-        "old": logps + 0.4 * torch.randn(batch, length, generator=gen),  # num_iterations > 1: policy has moved
+        "old": logps
+        + 0.4 * torch.randn(batch, length, generator=gen),  # num_iterations > 1: policy has moved
         "ref": logps + 0.3 * torch.randn(batch, length, generator=gen),
         "mask": mask,
         "advantages": advantages,
@@ -100,8 +99,12 @@ def _trl_loss(
         _entropy_bonus_enabled=False,
         _metrics=_metrics_store(),
     )
-    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, torch.zeros_like(logps), None)
-    batch, length = data["mask"].shape
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (
+        logps,
+        torch.zeros_like(logps),
+        None,
+    )
+    batch = data["mask"].shape[0]
     inputs = {
         "prompt_ids": torch.ones(batch, 3, dtype=torch.long),
         "prompt_mask": torch.ones(batch, 3, dtype=torch.long),
@@ -173,7 +176,9 @@ def _assert_same(data: dict[str, torch.Tensor], *, old: bool, settings: dict[str
     expected = {k: v[-1] for k, v in trl_metrics.items() if k != "entropy"}  # we do not compute entropy
     assert set(our_metrics) == set(expected)
     for name, value in expected.items():
-        torch.testing.assert_close(our_metrics[name].double(), torch.tensor(value, dtype=torch.float64), **TOL)
+        torch.testing.assert_close(
+            our_metrics[name].double(), torch.tensor(value, dtype=torch.float64), **TOL
+        )
 
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -192,7 +197,9 @@ def test_loss_matches_trl(loss_type: str, beta: float, old: bool) -> None:
     ("eps_high", "delta", "level"),
     [(0.28, None, "token"), (0.28, 1.5, "token"), (0.2, None, "sequence"), (0.28, 1.3, "sequence")],
 )
-def test_clipping_variants_match_trl(loss_type: str, eps_high: float, delta: float | None, level: str) -> None:
+def test_clipping_variants_match_trl(
+    loss_type: str, eps_high: float, delta: float | None, level: str
+) -> None:
     data = _random_batch(seed=7)
     settings = _settings(data, loss_type=loss_type, beta=0.04, eps_high=eps_high, delta=delta, level=level)
     _assert_same(data, old=True, settings=settings)
@@ -207,15 +214,17 @@ def test_accumulation_and_world_size_scaling_match_trl(
     loss_type: str, ga: int, spg: int, num_processes: int, training: bool
 ) -> None:
     data = _random_batch(seed=11)
-    settings = _settings(data, loss_type=loss_type, ga=ga, spg=spg, num_processes=num_processes, training=training)
+    settings = _settings(
+        data, loss_type=loss_type, ga=ga, spg=spg, num_processes=num_processes, training=training
+    )
     _assert_same(data, old=True, settings=settings)
 
 
-# ------------------------------------------------------------------------------------------ advantages / masking
+# --------------------------------------------------------------------------------------- advantages / masking
 
 
 def _completions(seed: int, num: int, max_len: int) -> list[list[int]]:
-    """Completions as TRL lists them: up to and including EOS, or ``max_len`` tokens without EOS (truncated)."""
+    """Completions as TRL lists them: up to and including EOS, or ``max_len`` tokens without EOS."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(num):
@@ -305,7 +314,11 @@ def test_advantages_and_truncation_mask_match_trl(scale_rewards: str, mask_trunc
     rewards_per_func = _rewards_per_func(seed=3, num=num)
     completion_ids = _completions(seed=5, num=num, max_len=6)
     trl_out, trl_metrics = _trl_generate_and_score(
-        rewards_per_func, completion_ids, scale_rewards=scale_rewards, weights=weights, mask_truncated=mask_truncated
+        rewards_per_func,
+        completion_ids,
+        scale_rewards=scale_rewards,
+        weights=weights,
+        mask_truncated=mask_truncated,
     )
     advantages, stats = compute_advantages(combine_rewards(rewards_per_func, weights), G, scale_rewards)
     torch.testing.assert_close(advantages, trl_out["advantages"], **TOL)
@@ -328,7 +341,12 @@ def test_rank_slice_matches_trl(scale_rewards: str) -> None:
     rewards_per_func = _rewards_per_func(seed=9, num=2 * num_local)
     completion_ids = _completions(seed=4, num=num_local, max_len=6)
     trl_out, trl_metrics = _trl_generate_and_score(
-        rewards_per_func, completion_ids, scale_rewards=scale_rewards, weights=weights, mask_truncated=False, process_index=1
+        rewards_per_func,
+        completion_ids,
+        scale_rewards=scale_rewards,
+        weights=weights,
+        mask_truncated=False,
+        process_index=1,
     )
     rewards = combine_rewards(rewards_per_func, weights)
     sliced, _ = compute_advantages(rewards, G, scale_rewards)
@@ -337,10 +355,12 @@ def test_rank_slice_matches_trl(scale_rewards: str) -> None:
     rank0, rank1 = rewards[:num_local], rewards[num_local:]
     local, stats = compute_advantages(rank1, G, scale_rewards, all_gather=lambda t: torch.stack([rank0, t]))
     torch.testing.assert_close(local, trl_out["advantages"], **TOL)
-    torch.testing.assert_close(stats["reward_std"].double(), torch.tensor(trl_metrics["reward_std"][-1]).double())
+    torch.testing.assert_close(
+        stats["reward_std"].double(), torch.tensor(trl_metrics["reward_std"][-1]).double()
+    )
 
 
-# ------------------------------------------------------------------------------------------------------ logprobs
+# --------------------------------------------------------------------------------------------------- logprobs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -355,7 +375,7 @@ def test_selective_log_softmax_matches_trl(dtype: torch.dtype, temperature: floa
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_completion_logprobs_match_trl_fused_lm_head(temperature: float) -> None:
-    """Against the chunked LM-head kernel TRL's ``_get_per_token_logps_and_entropies`` uses (torch path on CPU)."""
+    """Against the chunked LM-head kernel behind TRL's ``_get_per_token_logps_and_entropies`` (CPU path)."""
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(3, 6, 32, generator=gen, requires_grad=True)
     weight = torch.randn(300, 32, generator=gen, requires_grad=True)

@@ -1,6 +1,6 @@
 """Group-relative advantages, identical to TRL 1.16's ``GRPOTrainer._generate_and_score_completions``.
 
-TRL (``multi_objective_aggregation="sum_then_normalize"``, its default) does, on rewards gathered from all ranks:
+TRL (with its default ``multi_objective_aggregation="sum_then_normalize"``), on rewards from all ranks:
 
     rewards    = nansum_k(w_k * r_k)            # NaN where every reward function returned None
     mean       = nanmean over each group of G consecutive completions
@@ -42,8 +42,8 @@ def combine_rewards(
 ) -> Tensor:
     """Weighted sum over reward functions ``(N, K) -> (N,)``.
 
-    NaN entries (a function that does not apply to a sample) are skipped, as TRL's ``nansum``; a row where every
-    function is NaN stays NaN so the baseline ignores it and its advantage ends up 0.
+    NaN entries (a function that does not apply to a sample) are skipped, as TRL's ``nansum``; a row where
+    every function is NaN stays NaN so the baseline ignores it and its advantage ends up 0.
     """
     num_funcs = rewards_per_func.size(1)
     if reward_weights is None:
@@ -94,15 +94,15 @@ def compute_advantages(
     scale_rewards: str,
     all_gather: AllGather | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Advantages for ``rewards`` (``(N,)``, groups of ``num_generations`` consecutive entries), plus TRL's stats.
+    """Advantages for ``rewards`` (``(N,)``, in groups of ``num_generations``) and TRL's reward stats.
 
     Two ways to run across ranks, both equal to TRL:
 
-    * pass rewards already gathered from all ranks (``all_gather=None``), then slice out this rank's part, which is
-      what TRL does and is required when a group can straddle ranks; or
-    * pass this rank's rewards with ``all_gather`` (e.g. ``LightningModule.all_gather``): every group must then be
-      complete on each rank. The gather is used only for the batch std (``scale_rewards="batch"``) and the logged
-      stats; group means/stds are local because the groups are.
+    * pass rewards already gathered from all ranks (``all_gather=None``), then slice out this rank's part,
+      which is what TRL does and is required when a group can straddle ranks; or
+    * pass this rank's rewards with ``all_gather`` (e.g. ``LightningModule.all_gather``): every group must
+      then be complete on each rank. The gather is used only for the batch std (``scale_rewards="batch"``) and
+      the logged stats; group means/stds are local because the groups are.
 
     Returns ``(advantages (N,), stats)`` with stats ``reward``, ``reward_std`` and ``frac_reward_zero_std``
     (detached 0-d tensors, computed over all ranks when gathered).
@@ -139,8 +139,8 @@ def _is_zero(std: Tensor) -> Tensor:
 def equal_reward_groups_mask(rewards: Tensor, num_generations: int) -> Tensor:
     """``(N // G,)`` bool, True for groups that carry no learning signal (DAPO dynamic sampling drops them).
 
-    A group qualifies when its rewards all agree (``isclose(std, 0)``, TRL's zero-std test) or it has fewer than two
-    scorable (non-NaN) rewards; either way every advantage in it is 0. Expand to completions with
+    A group qualifies when its rewards all agree (``isclose(std, 0)``, TRL's zero-std test) or it has fewer
+    than two scorable (non-NaN) rewards; either way every advantage in it is 0. Expand to completions with
     ``mask.repeat_interleave(num_generations)``.
     """
     std = nanstd(_grouped(rewards, num_generations), dim=1)

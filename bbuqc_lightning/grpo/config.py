@@ -103,8 +103,8 @@ class GRPOConfig:
             raise ValueError(f"Invalid GRPOConfig ({len(problems)} problem(s)):\n{listing}")
         if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
             warnings.warn(
-                f"importance_sampling_level='sequence' with loss_type='{self.loss_type}' sums per-token losses of "
-                "one sequence ratio; GSPO's setup is loss_type='grpo' (TRL warns likewise).",
+                f"importance_sampling_level='sequence' with loss_type='{self.loss_type}' sums per-token "
+                "losses of one sequence ratio; GSPO's setup is loss_type='grpo' (TRL warns likewise).",
                 UserWarning,
                 stacklevel=3,
             )
@@ -164,7 +164,8 @@ class GRPOConfig:
         )
         check(
             lambda: self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
-            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {self.importance_sampling_level!r}",
+            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+            f"got {self.importance_sampling_level!r}",
         )
         check(
             lambda: self.scale_rewards in SCALE_REWARDS,

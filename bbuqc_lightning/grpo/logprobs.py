@@ -1,14 +1,14 @@
 """Per-token log-probabilities of chosen tokens without materialising full ``(B, T, V)`` fp32 logits.
 
-Qwen3-VL's vocabulary is 151,936: fp32 logits for 8 completions of 128 tokens are ~620 MB, and autograd would keep
-them (and their softmax) alive until backward. ``completion_logprobs`` projects the final hidden states through the
-LM head a chunk of tokens at a time and, when gradients are needed, checkpoints each chunk so that only one chunk's
-logits exist at any moment, in the forward and in the backward pass.
+Qwen3-VL's vocabulary is 151,936: fp32 logits for 8 completions of 128 tokens are ~620 MB, and autograd would
+keep them (and their softmax) alive until backward. ``completion_logprobs`` projects the final hidden states
+through the LM head a chunk of tokens at a time and, when gradients are needed, checkpoints each chunk so that
+only one chunk's logits exist at any moment, in the forward and in the backward pass.
 
-Maths as TRL 1.16 (``selective_log_softmax`` / its fused LM head): the LM-head product is taken in the input dtype
-(bf16 logits under bf16 training, as TRL's chunked kernel rounds them), then ``log_softmax(logits.float() / T)`` is
-evaluated in fp32 and the chosen token's entry kept. Qwen3-VL has no logit scaling or soft-capping, so neither is
-applied here.
+Maths as TRL 1.16 (``selective_log_softmax`` / its fused LM head): the LM-head product is taken in the input
+dtype (bf16 logits under bf16 training, as TRL's chunked kernel rounds them), then
+``log_softmax(logits.float() / T)`` is evaluated in fp32 and the chosen token's entry kept. Qwen3-VL has no
+logit scaling or soft-capping, so neither is applied here.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0) -> Tensor:
     """``log_softmax(logits / temperature).gather(-1, index)``, one leading row at a time to bound memory.
 
-    Same algorithm as TRL's non-Triton path: for fp32/fp64 logits, ``x_i - logsumexp(x)``; for half precision, where
-    that difference is inaccurate, a per-row ``log_softmax``. ``index`` has shape ``logits.shape[:-1]``.
+    Same algorithm as TRL's non-Triton path: for fp32/fp64 logits, ``x_i - logsumexp(x)``; for half precision,
+    where that difference is inaccurate, a per-row ``log_softmax``. ``index`` has shape ``logits.shape[:-1]``.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
@@ -41,7 +41,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
 def _chunk_logps(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float
 ) -> Tensor:
-    """Log-probs for one chunk of tokens; the ``(n, V)`` fp32 logits here are the only vocabulary-sized tensor."""
+    """Log-probs for one chunk of tokens; its ``(n, V)`` fp32 logits are the only vocabulary-sized tensor."""
     logits = F.linear(hidden, weight, bias).float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -58,17 +58,17 @@ def completion_logprobs(
     completion_mask: Tensor | None = None,
     lm_head_bias: Tensor | None = None,
 ) -> Tensor:
-    """``(B, T)`` fp32 log-probs of ``completion_ids`` under ``softmax(lm_head(hidden_states) / temperature)``.
+    """``(B, T)`` fp32 log-probs of ``completion_ids`` under ``softmax(lm_head(hidden) / temperature)``.
 
     Args:
-        hidden_states: ``(B, T, H)`` final-layer states at the positions that *predict* each completion token (the
-            position before it, i.e. already shifted).
+        hidden_states: ``(B, T, H)`` final-layer states at the positions that *predict* each completion token
+            (the position before it, i.e. already shifted).
         lm_head_weight: ``(V, H)`` LM-head weight (``model.get_output_embeddings().weight``).
         completion_ids: ``(B, T)`` the sampled completion tokens.
-        chunk_size: tokens projected per chunk; peak extra memory is about ``chunk_size * V * 4`` bytes (x2-3 in
-            backward) instead of ``B * T * V * 4``.
+        chunk_size: tokens projected per chunk; peak extra memory is about ``chunk_size * V * 4`` bytes (x2-3
+            in backward) instead of ``B * T * V * 4``.
         temperature: sampling temperature; logits are divided by it, as TRL does.
-        completion_mask: optional ``(B, T)``; masked positions are skipped and get log-prob 0, as TRL's fused head.
+        completion_mask: optional ``(B, T)``; masked positions are skipped and get log-prob 0 (as TRL).
         lm_head_bias: optional ``(V,)`` bias (Qwen3-VL has none).
 
     Gradients flow to ``hidden_states`` and ``lm_head_weight``; each chunk is recomputed in backward.
@@ -91,10 +91,10 @@ def completion_logprobs(
             flat_ids[start : start + chunk_size],
             temperature,
         )
-        for start in range(0, flat_ids.numel(), chunk_size)
+        for start in range(0, max(flat_ids.numel(), 1), chunk_size)  # >= 1 chunk: all-masked stays in graph
     ]
-    logps = torch.cat(chunks) if chunks else flat_hidden.new_zeros(0, dtype=torch.float32)
-    if keep is not None:  # masked_scatter keeps the graph connected even if nothing is kept
+    logps = torch.cat(chunks)
+    if keep is not None:  # padded positions get log-prob 0, as TRL's fused LM head
         logps = logps.new_zeros(keep.shape).masked_scatter(keep, logps)
     return logps.view(batch, length)
 

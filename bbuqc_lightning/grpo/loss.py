@@ -2,30 +2,32 @@
 
 Where this departs from TRL / the paper:
 
-1. KL: the k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` per token, added as ``beta * kl`` to each token's
-   clipped surrogate before aggregation, as TRL and the DeepSeekMath GRPO objective do. TRL's optional
+1. KL: the k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` per token, added as ``beta * kl`` to each
+   token's clipped surrogate before aggregation, as TRL and the DeepSeekMath GRPO objective do. TRL's optional
    ``use_bias_correction_kl`` (KL times the importance ratio) is not implemented.
-2. Aggregation follows TRL, not the paper: the default ``loss_type="dapo"`` divides the summed token losses by the
-   loss-token count of the whole generation batch over all ranks (``num_items_in_batch``) divided by the number of
-   processes, whereas the GRPO paper averages each sequence over its own length first (``loss_type="grpo"``).
+2. Aggregation follows TRL, not the paper: the default ``loss_type="dapo"`` divides the summed token losses by
+   the loss-token count of the whole generation batch over all ranks (``num_items_in_batch``) divided by the
+   number of processes, whereas the GRPO paper averages each sequence over its own length first
+   (``loss_type="grpo"``).
 3. Only ``grpo``, ``bnpo``, ``dr_grpo`` and ``dapo`` are implemented; TRL's ``cispo``, ``sapo``, ``luspo`` and
    ``vespo`` are not.
 4. No entropy masking (TRL ``top_entropy_quantile``), no entropy bonus, no off-policy sequence mask
    (``off_policy_mask_threshold``), no vLLM importance-sampling correction, no tool masks and no MoE auxiliary
    loss. Entropy is not computed, so TRL's ``entropy`` metric is absent.
-5. Importance sampling is per token by default (``importance_sampling_level="token"``); ``"sequence"`` (GSPO) uses
-   TRL's length-normalised sequence log-ratio.
+5. Importance sampling is per token by default (``importance_sampling_level="token"``); ``"sequence"`` (GSPO)
+   uses TRL's length-normalised sequence log-ratio.
 6. When ``old_per_token_logps`` is ``None`` the ratio is ``exp(logp - logp.detach()) == 1``, as TRL does when
-   ``num_iterations == 1`` and generation is aligned with optimiser steps (see ``needs_old_logps``); the clipping
-   then never triggers and the gradient is the plain policy gradient.
-7. ``delta`` (two-sided clipping, INTELLECT-2) caps the unclipped ratio after the clipped one is formed, and TRL's
-   clip-ratio metrics are computed from that capped ratio; both are reproduced as is.
-8. Gradient-accumulation scaling is a parameter: TRL divides ``grpo``/``bnpo``/``dr_grpo`` by its accumulation steps
-   and folds them into the ``dapo`` normaliser. A loop that divides by the accumulation steps itself (Lightning
-   automatic optimisation) must pass ``gradient_accumulation_steps=1`` to obtain TRL's gradients.
+   ``num_iterations == 1`` and generation is aligned with optimiser steps (see ``needs_old_logps``); the
+   clipping then never triggers and the gradient is the plain policy gradient.
+7. ``delta`` (two-sided clipping, INTELLECT-2) caps the unclipped ratio after the clipped one is formed, and
+   TRL's clip-ratio metrics are computed from that capped ratio; both are reproduced as is.
+8. Gradient-accumulation scaling is a parameter: TRL divides ``grpo``/``bnpo``/``dr_grpo`` by its accumulation
+   steps and folds them into the ``dapo`` normaliser. A loop that divides by the accumulation steps itself
+   (Lightning automatic optimisation) must pass ``gradient_accumulation_steps=1`` to obtain TRL's gradients.
 9. Metrics are this rank's unless ``all_gather`` is given, in which case they are TRL's cross-rank values.
-10. DAPO's dynamic sampling is not part of the loss (TRL 1.16 has none); ``advantages.equal_reward_groups_mask``
-    only flags the groups a caller may drop, and dropping them changes the ``dapo`` token count.
+10. DAPO's dynamic sampling is not part of the loss (TRL 1.16 has none);
+    ``advantages.equal_reward_groups_mask`` only flags the groups a caller may drop, and dropping them changes
+    the ``dapo`` token count.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 def needs_old_logps(gradient_accumulation_steps: int, steps_per_generation: int, num_iterations: int) -> bool:
     """TRL's rule for storing log-probs at generation time (vLLM aside).
 
-    Old log-probs are needed when a generated batch is optimised on after the policy has already moved, i.e. when
-    generation is not aligned with optimiser steps: ``GA % (steps_per_generation * num_iterations) != 0``.
+    Old log-probs are needed when a generated batch is optimised on after the policy has already moved, i.e.
+    when generation is not aligned with optimiser steps: ``GA % (steps_per_generation * num_iterations)``.
     """
     return gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0
 
@@ -59,8 +61,8 @@ def mask_truncated_completions(
 ) -> tuple[Tensor, Tensor]:
     """Zero the mask of completions whose last real token is neither EOS nor pad (TRL's truncation test).
 
-    ``completion_mask`` is right-padded and covers the tokens up to and including the first EOS, as TRL builds it.
-    Returns ``(masked completion_mask, is_truncated (B,))``; empty completions count as not truncated.
+    ``completion_mask`` is right-padded and covers the tokens up to and including the first EOS, as TRL builds
+    it. Returns ``(masked completion_mask, is_truncated (B,))``; empty completions count as not truncated.
     """
     lengths = completion_mask.sum(dim=1).long()
     last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
@@ -119,14 +121,11 @@ def _aggregate(
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length")
         return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length) / accumulation
-    if (
-        loss_type == "dapo"
-    ):  # global token mean over the generation batch, rescaled to one accumulation window
+    if loss_type == "dapo":  # global token mean over the generation batch, per accumulation window
         if num_items_in_batch is None:
             raise ValueError("loss_type='dapo' needs num_items_in_batch (see global_token_count)")
-        normalizer = (
-            torch.as_tensor(num_items_in_batch, device=per_token_loss.device).clamp(min=1.0) / num_processes
-        )
+        num_items = torch.as_tensor(num_items_in_batch, device=per_token_loss.device)
+        normalizer = num_items.clamp(min=1.0) / num_processes
         normalizer = normalizer * accumulation / steps_per_generation
         return (per_token_loss * mask).sum() / normalizer
     raise ValueError(f"Unknown loss type: {loss_type}. Supported: {LOSS_TYPES}")
@@ -199,7 +198,8 @@ def grpo_loss(
 
     Args:
         per_token_logps: ``(B, T)`` current-policy log-probs of the completion tokens (carries the gradient).
-        old_per_token_logps: ``(B, T)`` log-probs at generation time, or ``None`` (ratio 1; see ``needs_old_logps``).
+        old_per_token_logps: ``(B, T)`` log-probs at generation time, or ``None`` (ratio 1; see
+            ``needs_old_logps``).
         ref_per_token_logps: ``(B, T)`` reference log-probs; required when ``beta != 0``.
         advantages: ``(B,)`` (or ``(B, T)``) advantages from ``compute_advantages``.
         completion_mask: ``(B, T)`` 1 for loss tokens (after ``mask_truncated_completions`` if used).
@@ -207,13 +207,13 @@ def grpo_loss(
         max_completion_length: ``dr_grpo`` only: the completion budget (``max_new_tokens``).
         num_processes: data-parallel world size (``dapo`` divides ``num_items_in_batch`` by it; DDP then
             averages gradients over ranks, giving a global token mean).
-        gradient_accumulation_steps: TRL's ``current_gradient_accumulation_steps``; pass 1 when the training loop
-            divides the loss by its accumulation steps itself (Lightning automatic optimisation does).
-        steps_per_generation: micro-batches one generation batch (hence ``num_items_in_batch``) spans; ``None``
-            means ``gradient_accumulation_steps``, TRL's default.
+        gradient_accumulation_steps: TRL's ``current_gradient_accumulation_steps``; pass 1 when the training
+            loop divides the loss by its accumulation steps itself (Lightning automatic optimisation does).
+        steps_per_generation: micro-batches one generation batch (hence ``num_items_in_batch``) spans;
+            ``None`` means ``gradient_accumulation_steps``, TRL's default.
         training: ``False`` reproduces TRL's eval path (no accumulation scaling).
-        all_gather: optional rank-major gather (Lightning ``all_gather`` or accelerate ``gather``) used only for
-            metrics, making them TRL's cross-rank values.
+        all_gather: optional rank-major gather (Lightning ``all_gather`` or accelerate ``gather``) used only
+            for metrics, making them TRL's cross-rank values.
 
     Returns ``(loss, metrics)``: metrics are detached 0-d tensors named as TRL logs them (``kl`` only when
     ``beta != 0``; ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}``).

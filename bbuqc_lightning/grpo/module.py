@@ -34,7 +34,13 @@ import torch
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 from bbuqc_lightning.grpo.advantages import combine_rewards, compute_advantages, equal_reward_groups_mask
 from bbuqc_lightning.grpo.config import GRPOConfig
-from bbuqc_lightning.grpo.forward import PrefixState, output_embedding, run_frozen_prefix, run_suffix, select_rows
+from bbuqc_lightning.grpo.forward import (
+    PrefixState,
+    output_embedding,
+    run_frozen_prefix,
+    run_suffix,
+    select_rows,
+)
 from bbuqc_lightning.grpo.logprobs import completion_logprobs
 from bbuqc_lightning.grpo.loss import grpo_loss
 from bbuqc_lightning.grpo.rollout import Rollout, generate_rollout
@@ -107,7 +113,9 @@ class GRPOModule(L.LightningModule):
         prefix = run_frozen_prefix(self.model, rollout.input_ids, rollout.attention_mask, self.num_frozen)
         ref, old = self._reference_and_old(prefix, rollout)
         losses, loss_metrics = self._optimise(prefix, rollout, loss_mask, advantages, ref, old)
-        self._log_train(rollout, rewards, advantages, stats, loss_metrics, losses, loss_mask, start, gen_seconds)
+        self._log_train(
+            rollout, rewards, advantages, stats, loss_metrics, losses, loss_mask, start, gen_seconds
+        )
         return torch.stack(losses).mean()
 
     def _loss_mask(self, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
@@ -190,7 +198,9 @@ class GRPOModule(L.LightningModule):
                 for key, value in step_metrics.items():
                     metrics.setdefault(key, []).append(value)
             if self.max_grad_norm:
-                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return losses, {k: torch.stack(v).nanmean() for k, v in metrics.items()}
@@ -228,7 +238,9 @@ class GRPOModule(L.LightningModule):
             logs[f"train/rewards/{name}/mean"] = torch.nanmean(column)
             logs[f"train/rewards/{name}/std"] = column.std() if column.numel() > 1 else column.new_zeros(())
         logs.update({f"train/{k}": v for k, v in loss_metrics.items()})
-        self.log_dict({k: v.float() for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=len(rewards))
+        self.log_dict(
+            {k: v.float() for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=len(rewards)
+        )
         self._update_verdicts(self.train_verdicts, rollout.texts, rollout.samples)
         self.log_dict(self.train_verdicts.compute(), on_step=True, batch_size=len(rewards))
         self.train_verdicts.reset()
@@ -241,7 +253,14 @@ class GRPOModule(L.LightningModule):
         for sample, text, verdict in zip(batch, texts, verdicts, strict=True):
             if len(self._val_rows) < self.num_table_samples:
                 self._val_rows.append(
-                    [sample["ticket_key"], sample["task_type"], sample["group_label"], text, verdict.verdict, verdict.valid]
+                    [
+                        sample["ticket_key"],
+                        sample["task_type"],
+                        sample["group_label"],
+                        text,
+                        verdict.verdict,
+                        verdict.valid,
+                    ]
                 )
 
     @staticmethod

@@ -67,18 +67,24 @@ def generate_rollout(
     )
 
 
-def completion_masks(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_masks(
+    completion_ids: torch.Tensor, eos_token_ids: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask up to and including the first EOS, as TRL; rows without EOS are truncated."""
     is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
     length = completion_ids.shape[1]
     has_eos = is_eos.any(dim=1)
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
+    first_eos = torch.where(
+        has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long)
+    )
     positions = torch.arange(length, device=completion_ids.device).expand_as(completion_ids)
     mask = (positions <= first_eos.unsqueeze(1)).int()
     return mask, ~has_eos
 
 
-def score(reward_funcs: Mapping[str, RewardFunc], texts: list[str], samples: list[dict[str, Any]]) -> torch.Tensor:
+def score(
+    reward_funcs: Mapping[str, RewardFunc], texts: list[str], samples: list[dict[str, Any]]
+) -> torch.Tensor:
     """``(N, F)`` rewards; dataset columns reach each function as keyword lists (TRL's convention)."""
     columns = {key: [s[key] for s in samples] for key in samples[0] if key != "messages"} if samples else {}
     prompts = [s["messages"] for s in samples]

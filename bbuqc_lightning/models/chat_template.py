@@ -46,6 +46,8 @@ def render_for_test(messages: list[dict], add_generation_prompt: bool = True) ->
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(
-        conversations=[messages], chat_template=QWEN3_VL_CHAT_TEMPLATE, add_generation_prompt=add_generation_prompt
+        conversations=[messages],
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+        add_generation_prompt=add_generation_prompt,
     )
     return rendered[0]

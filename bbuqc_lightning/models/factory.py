@@ -137,7 +137,11 @@ def vl_config_from_architecture(architecture: dict[str, Any]) -> Qwen3VLConfig:
     tie = bool(text.get("tie_word_embeddings", True))
     mrope = text.pop("mrope_section", None)
     if mrope is not None:
-        text["rope_scaling"] = {"rope_type": "default", "mrope_section": list(mrope), "mrope_interleaved": True}
+        text["rope_scaling"] = {
+            "rope_type": "default",
+            "mrope_section": list(mrope),
+            "mrope_interleaved": True,
+        }
     _check_vl_shapes(text, vision, mrope)
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **_VL_TOKEN_IDS)
 
@@ -192,7 +196,9 @@ def load_model(
         processor = _processor_for(kind, tokenizer, min_pixels, max_pixels)
     else:
         if not model_name_or_path:
-            raise ValueError("Set model.model_name_or_path (a local folder or hub id), or model.random_init=true")
+            raise ValueError(
+                "Set model.model_name_or_path (a local folder or hub id), or model.random_init=true"
+            )
         model, processor, tokenizer = _pretrained(
             kind, model_name_or_path, torch_dtype, attn_implementation, trust_remote_code, device_map
         )

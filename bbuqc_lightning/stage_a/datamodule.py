@@ -111,7 +111,11 @@ class StageADataModule(L.LightningDataModule):
         self.dataset = StageAImages(items, self.prompts, self.min_pixels, self.max_pixels)
         log.info(
             "Stage-A: %d groups (%d on this rank, %d already written, %d skipped), %d images to summarise",
-            len(records), len(mine), len(mine) - len(todo), len(self.skipped), len(items),
+            len(records),
+            len(mine),
+            len(mine) - len(todo),
+            len(self.skipped),
+            len(items),
         )
 
     def _images_ok(self, record: GroupRecord) -> bool:

@@ -46,7 +46,9 @@ class StageAModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
         start = time.perf_counter()
-        outputs = self.engine.generate(batch["conversation"], self.sampling, images=[[im] for im in batch["image"]])
+        outputs = self.engine.generate(
+            batch["conversation"], self.sampling, images=[[im] for im in batch["image"]]
+        )
         self._seconds += time.perf_counter() - start
         self._images += len(outputs)
         summaries = []

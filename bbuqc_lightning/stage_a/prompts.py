@@ -15,7 +15,9 @@ def stage_a_prompt(prompts: Mapping[str, object], mission: str) -> str:
     missions = prompts["missions"]
     assert isinstance(missions, Mapping)
     if mission not in missions:
-        raise KeyError(f"prompts.stage_a.missions has no prompt for mission {mission!r}; known: {sorted(MISSIONS)}")
+        raise KeyError(
+            f"prompts.stage_a.missions has no prompt for mission {mission!r}; known: {sorted(MISSIONS)}"
+        )
     return f"{prompts['common']}\n{str(missions[mission]).format(mission=mission)}"
 
 

@@ -80,12 +80,16 @@ class StageBDataModule(L.LightningDataModule):
             )
             self.samples[split] = samples[: self.limit_samples] if self.limit_samples else samples
             self.skipped[split] = bad_lines + too_long
-            log.info("Stage-B %s: %d samples from %s (%d skipped)", split, len(samples), path, bad_lines + too_long)
+            log.info(
+                "Stage-B %s: %d samples from %s (%d skipped)", split, len(samples), path, bad_lines + too_long
+            )
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.samples:
             raise ValueError(f"no Stage-B {split} data: set data.{split}_jsonl")
-        return DataLoader(self.samples[split], batch_size=batch_size, shuffle=shuffle, collate_fn=collate_samples)
+        return DataLoader(
+            self.samples[split], batch_size=batch_size, shuffle=shuffle, collate_fn=collate_samples
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, self.shuffle)

@@ -48,7 +48,9 @@ def find_wandb_logger(trainer: Trainer | None) -> WandbLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
 
 
-def log_table(trainer: Trainer | None, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def log_table(
+    trainer: Trainer | None, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
     """Log a W&B table (rank 0 only); a no-op without a W&B logger."""
     logger = find_wandb_logger(trainer)
     if logger is None or not trainer.is_global_zero or not rows:

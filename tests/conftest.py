@@ -1,0 +1,113 @@
+"""Shared fixtures: the tiny random Qwen3-VL / Qwen3 bundles, an offline environment, and ``compose``.
+
+``compose(overrides)`` composes the real ``conf/`` tree exactly as ``python -m bbuqc_lightning.train``
+would, with every output folder pointed into pytest's temporary directories, so tests never write
+into the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# huggingface_hub reads HF_HUB_OFFLINE once, at import time: set it before anything imports it. The
+# autouse fixture below sets it again (with the others) for every test through monkeypatch.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from bbuqc_lightning.config import config_dir, register_resolvers  # noqa: E402
+from bbuqc_lightning.models.factory import ModelBundle, load_model  # noqa: E402
+
+torch.set_num_threads(2)
+
+TEST_ENV = {
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def model_preset(name: str) -> DictConfig:
+    """A ``conf/model/<name>.yaml`` file as loaded from disk (no composition, no interpolation)."""
+    return OmegaConf.load(config_dir() / "model" / f"{name}.yaml")
+
+
+def preset_architecture(name: str) -> dict[str, Any]:
+    """The ``architecture`` block of a model preset as a plain dict."""
+    arch = OmegaConf.to_container(model_preset(name).architecture, resolve=True)
+    assert isinstance(arch, dict)
+    return arch
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach W&B or the Hugging Face hub, or oversubscribe the CPU."""
+    for key, value in TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_architecture() -> dict[str, Any]:
+    return preset_architecture("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_architecture() -> dict[str, Any]:
+    return preset_architecture("tiny_text")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_architecture: dict[str, Any]) -> ModelBundle:
+    """The tiny random Qwen3-VL of ``conf/model/tiny.yaml`` (shared: tests must not change its weights)."""
+    return load_model(kind="vl", random_init=True, architecture=tiny_architecture, seed=0, max_pixels=65536)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_bundle(tiny_text_architecture: dict[str, Any]) -> ModelBundle:
+    """The tiny random Qwen3 text model of ``conf/model/tiny_text.yaml`` (shared: do not change it)."""
+    return load_model(kind="text", random_init=True, architecture=tiny_text_architecture, seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``paths.data_dir`` for every composed config: the synthetic data set is generated here once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def compose(tmp_path: Path, data_dir: Path) -> Iterator[Callable[[list[str]], DictConfig]]:
+    """``compose(overrides) -> cfg``: the real config as ``train.main`` receives it.
+
+    ``${hydra:runtime.output_dir}`` resolves (to ``tmp_path/run``) because the Hydra node is registered
+    with ``HydraConfig`` and then removed from ``cfg``, as ``@hydra.main`` does.
+    """
+    register_resolvers()
+    output_dir = tmp_path / "run"
+
+    def _compose(overrides: list[str]) -> DictConfig:
+        with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra.compose("train", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+            cfg.paths.root_dir = str(tmp_path)
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.data_dir = str(data_dir)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield _compose
+    HydraConfig.instance().cfg = None
