@@ -1,0 +1,245 @@
+"""The Hydra tree: every option of every group composes and resolves, every experiment is a valid run
+config, validation reports every problem at once, and the command line fails with clear messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, get_method
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from bbuqc_lightning.config import STAGES, config_dir, validate_config
+
+ComposeFn = Callable[[list[str]], DictConfig]
+REPO_ROOT = config_dir().parent
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+
+
+EXPERIMENTS = options("experiment")
+GROUP_OPTIONS = [(group, option) for group in ("model", "logger", "trainer", "callbacks", "debug") for option in options(group)]
+# Text-only presets (the Teacher) have no pixel bounds; the default data group (Stage-A images) reads
+# ${model.min_pixels}, so with them only the rest of the tree can resolve.
+TEXT_PRESETS = {name for name in options("model") if OmegaConf.load(config_dir() / "model" / f"{name}.yaml").kind == "text"}
+
+
+def resolve(cfg: DictConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Resolve every key (the Hydra node is registered, so ``${hydra:...}`` works) except ``skip``."""
+    kept = OmegaConf.masked_copy(cfg, [key for key in cfg if key not in skip])
+    container = OmegaConf.to_container(kept, resolve=True, throw_on_missing=False)
+    assert isinstance(container, dict)
+    return container
+
+
+def assert_file_values_applied(node: Any, file_node: Any, where: str) -> None:
+    """Every literal leaf of a config file (not ``defaults``, not interpolations) is in the composed node."""
+    if isinstance(file_node, DictConfig):
+        for key in file_node:
+            if key == "defaults":
+                continue
+            assert key in node, f"{where}.{key} missing from the composed config"
+            if OmegaConf.is_interpolation(file_node, key):
+                continue
+            assert_file_values_applied(node[key], file_node[key], f"{where}.{key}")
+    elif isinstance(file_node, ListConfig):
+        assert list(node) == list(file_node), where
+    else:
+        assert node == file_node, f"{where}: {node!r} != {file_node!r}"
+
+
+# --------------------------------------------------------------------------- composition
+def test_default_config_resolves_into_tmp(compose: ComposeFn, tmp_path: Path, data_dir: Path) -> None:
+    cfg = compose([])
+    resolved = resolve(cfg)
+    assert resolved["paths"]["output_dir"] == str(tmp_path / "run")
+    assert resolved["trainer"]["default_root_dir"] == str(tmp_path / "run")
+    assert resolved["data"]["root"] == str(data_dir / "synthetic" / "test")
+    assert resolved["data"]["max_pixels"] == resolved["model"]["max_pixels"] == 65536
+    assert resolved["logger"]["wandb"]["offline"] is True  # WANDB_MODE=offline in tests
+    assert resolved["stage"] in STAGES
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_group_option_composes_and_resolves(compose: ComposeFn, group: str, option: str) -> None:
+    cfg = compose([f"{group}={option}"])
+    assert HydraConfig.get().runtime.choices[group] == option
+    skip = ("data",) if group == "model" and option in TEXT_PRESETS else ()
+    resolved = resolve(cfg, skip=skip)
+    file_cfg = OmegaConf.load(config_dir() / group / f"{option}.yaml")
+    if group == "debug":  # `# @package _global_`
+        assert_file_values_applied(cfg, file_cfg, "")
+    else:
+        assert_file_values_applied(cfg[group], file_cfg, group)
+    if group == "model":
+        assert resolved["model"]["_target_"] == "bbuqc_lightning.models.factory.load_model"
+        assert resolved["model"]["seed"] == resolved["seed"]
+        assert get_method(resolved["model"]["_target_"])
+    if group in ("logger", "callbacks"):
+        for name, spec in (resolved[group] or {}).items():
+            assert get_class(spec["_target_"]), f"{group}.{name}"
+    if group == "trainer":
+        assert resolved["trainer"]["_target_"] == "lightning.pytorch.Trainer"
+    validate_config(cfg)
+
+
+def test_logger_none_and_csv(compose: ComposeFn) -> None:
+    assert not compose(["logger=none"]).logger
+    assert set(compose(["logger=csv"]).logger) == {"csv"}
+    assert set(compose(["logger=wandb"]).logger) == {"wandb", "csv"}
+
+
+def test_callbacks_none_leaves_no_callbacks(compose: ComposeFn) -> None:
+    assert not compose(["callbacks=none"]).get("callbacks")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="conf/debug/fdr.yaml: `logger: {}` merges into the logger dict and removes nothing; "
+    "use `defaults: [override /logger: none]`",
+)
+def test_fast_dev_run_turns_loggers_off(compose: ComposeFn) -> None:
+    cfg = compose(["debug=fdr"])
+    assert cfg.trainer.fast_dev_run is True
+    assert not cfg.logger
+
+
+# --------------------------------------------------------------------------- experiments
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_resolves_and_validates(compose: ComposeFn, experiment: str) -> None:
+    cfg = compose([f"+experiment={experiment}"])
+    resolved = resolve(cfg)
+    assert HydraConfig.get().runtime.choices["experiment"] == experiment
+    file_cfg = OmegaConf.load(config_dir() / "experiment" / f"{experiment}.yaml")
+    assert_file_values_applied(cfg, file_cfg, "")
+    assert resolved["stage"] in STAGES
+    assert resolved["task_name"] == experiment
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_file_header(experiment: str) -> None:
+    """STYLE.md: `# @package _global_`, then a comment with the exact command that runs the file."""
+    text = (config_dir() / "experiment" / f"{experiment}.yaml").read_text(encoding="utf-8")
+    assert text.splitlines()[0] == "# @package _global_"
+    assert f"python -m bbuqc_lightning.train +experiment={experiment}" in text
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_targets_are_importable(compose: ComposeFn, experiment: str) -> None:
+    """Every `_target_` names something that exists (modules still being written are skipped by name)."""
+    resolved = resolve(compose([f"+experiment={experiment}"]))
+    for target in _targets(resolved):
+        module_name, _, attr = target.rpartition(".")
+        module = pytest.importorskip(module_name, reason=f"{module_name} (for {target}) is not written yet")
+        assert hasattr(module, attr), f"{target}: {module_name} has no {attr}"
+
+
+def _targets(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield node["_target_"]
+        for value in node.values():
+            yield from _targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _targets(value)
+
+
+# --------------------------------------------------------------------------- validation
+def test_validate_config_reports_every_problem_at_once(compose: ComposeFn) -> None:
+    cfg = compose([])
+    with open_dict(cfg):
+        cfg.stage = "bogus"
+        del cfg.module["_target_"]
+        cfg.data.root = "???"
+        del cfg["paths"]
+    with pytest.raises(ValueError) as info:
+        validate_config(cfg)
+    message = str(info.value)
+    assert message.startswith("Invalid configuration:")
+    assert "stage must be one of ('fit', 'validate', 'test', 'predict'), got 'bogus'" in message
+    assert "'module' needs a _target_" in message
+    assert "'data.root' has no value (???)" in message
+    assert "missing key 'paths'" in message
+    assert message.count("\n  - ") == 4
+
+
+# --------------------------------------------------------------------------- the command line
+CLI_CASES = {
+    "unknown_experiment": ["+experiment=nope"],
+    "bad_value": ["stage=bogus", "logger=none"],
+    "experiment_without_plus": ["experiment=stage_a"],
+}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run the failing commands in parallel (each pays the torch import once), in a scratch folder."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PROJECT_ROOT", "BBUQC_DATA_DIR")}
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    procs = {}
+    for name, args in CLI_CASES.items():
+        cwd = tmp_path_factory.mktemp(name)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "bbuqc_lightning.train", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return results
+
+
+def _no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback (most recent call last)" not in result.stderr
+    assert "Traceback (most recent call last)" not in result.stdout
+
+
+def test_unknown_experiment_lists_the_available_ones(cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    result = cli_runs["unknown_experiment"]
+    assert result.returncode != 0
+    assert "Could not find 'experiment/nope'" in result.stderr
+    assert "Available options in 'experiment'" in result.stderr
+    for experiment in EXPERIMENTS:
+        assert f"\t{experiment}\n" in result.stderr
+    _no_traceback(result)
+
+
+def test_bad_value_exits_2_with_one_error_line(cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    result = cli_runs["bad_value"]
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert "stage must be one of" in result.stderr
+    assert "'bogus'" in result.stderr
+    _no_traceback(result)
+
+
+def test_experiment_without_plus_is_a_hydra_error(cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    """`experiment=stage_a` (no `+`) is rejected: `experiment` is not in train.yaml's defaults list, and
+    Hydra says how to append it. Users must type `+experiment=...` (SPEC §11)."""
+    result = cli_runs["experiment_without_plus"]
+    assert result.returncode != 0
+    assert "Could not override 'experiment'. No match in the defaults list." in result.stderr
+    assert "+experiment=stage_a" in result.stderr
+    _no_traceback(result)

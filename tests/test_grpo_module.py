@@ -1,0 +1,222 @@
+"""The GRPO LightningModule with the real tiny Qwen3-VL: trainable boundary, a real update, shared-prefix
+forward equality, exact resume, and learning on a reward the tiny model can move."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bbuqc_lightning.config import config_dir
+from bbuqc_lightning.grpo.config import GRPOConfig
+from bbuqc_lightning.grpo.forward import output_embedding, run_frozen_prefix, run_suffix
+from bbuqc_lightning.grpo.module import GRPOModule
+from bbuqc_lightning.models.factory import ModelBundle, build_tokenizer, load_model
+from bbuqc_lightning.stage_b.datamodule import StageBDataModule
+from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
+
+MISSIONS = ["BBU接地线检查", "挡风板安装检查", "BBU线缆布放要求", "BBU安装方式检查（正装）"]
+
+
+def write_stage_a(path: Path, n: int) -> Path:
+    rows = []
+    for i in range(n):
+        label = "pass" if i % 2 else "fail"
+        gid = f"QC-TEMP-20250101-{i:07d}"
+        rows.append(
+            {
+                "group_id": gid,
+                "ticket_key": f"{gid}::{label}",
+                "mission": MISSIONS[i % 4],
+                "label": label,
+                "images": ["IMG_1.jpg", "IMG_2.jpg"],
+                "per_image": {"图片_1": f"电线/捆扎整齐×{i + 1}", "图片_2": "标签/可以识别×2"},
+            }
+        )
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def char_length_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """Varies between random completions, so advantages are non-zero and LoRA receives gradients."""
+    return [len(c) / 100.0 for c in completions]
+
+
+class AlignedReward:
+    """Mean cosine of the completion's tokens with a fixed random direction of the embedding space.
+
+    A tiny random model's next-token distribution can be tilted towards such a direction by its last
+    layers, so GRPO must raise this reward; Stage-B rewards stay at 0 for a random model.
+    """
+
+    __name__ = "aligned"
+
+    def __init__(self, embedding: torch.Tensor, seed: int = 0) -> None:
+        direction = torch.randn(embedding.shape[1], generator=torch.Generator().manual_seed(seed))
+        weights = embedding.detach().float()
+        self.scores = (weights @ direction) / weights.norm(dim=1) / direction.norm()
+        self.tokenizer = build_tokenizer()
+
+    def __call__(self, completions: list[str], **kwargs: Any) -> list[float]:
+        ids = [self.tokenizer(c, add_special_tokens=False).input_ids or [0] for c in completions]
+        return [10.0 * float(self.scores[i].mean()) for i in ids]
+
+
+def tiny(init: float = 0.02, seed: int = 0) -> ModelBundle:
+    arch = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "tiny.yaml").architecture)
+    arch["text"]["initializer_range"] = init
+    return load_model(kind="vl", random_init=True, architecture=arch, seed=seed)
+
+
+def make_module(bundle: ModelBundle, rewards: dict, lr: float = 1e-2, **grpo: Any) -> GRPOModule:
+    config = GRPOConfig(**{"num_generations": 4, "max_new_tokens": 6, "temperature": 1.0, **grpo})
+    return GRPOModule(
+        bundle,
+        config,
+        rewards,
+        functools.partial(torch.optim.AdamW, lr=lr),
+        lora={"k": 2, "r": 4, "alpha": 8, "dropout": 0.0},
+        micro_batch_size=4,
+    )
+
+
+def make_data(bundle: ModelBundle, tmp_path: Path, n: int = 4, batch_size: int = 2) -> StageBDataModule:
+    templates = OmegaConf.to_container(OmegaConf.load(config_dir() / "prompts" / "stage_b.yaml"))
+    train = write_stage_a(tmp_path / "train.jsonl", n)
+    return StageBDataModule(
+        str(train), str(train), templates, processor=bundle.processor, batch_size=batch_size, val_batch_size=4
+    )
+
+
+def trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(tmp_path),
+    }
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_only_last_k_lora_parameters_train() -> None:
+    module = make_module(tiny(), {"length": char_length_reward})
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names})
+    assert layers == [4, 5]  # tiny has 6 layers; k=2
+    assert all(".language_model.layers." in n and ("lora_A" in n or "lora_B" in n) for n in names)
+    projections = {n.split(".lora_")[0].rsplit(".", 1)[1] for n in names}
+    assert projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(names) == 2 * 7 * 2  # layers x projections x (A, B)
+    assert not any("visual" in n for n, p in module.named_parameters() if p.requires_grad)
+
+
+def test_shared_prefix_forward_equals_full_forward() -> None:
+    module = make_module(tiny(init=0.3), {"length": char_length_reward})
+    model = module.model
+    for name, param in model.named_parameters():  # non-zero adapters, so policy != reference
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    model.eval()
+    ids = torch.randint(0, 5000, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    prefix = run_frozen_prefix(model, ids, mask, module.num_frozen)
+    with torch.no_grad():
+        policy = output_embedding(model)(run_suffix(model, prefix))
+        full = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            reference = output_embedding(model)(run_suffix(model, prefix))
+            full_reference = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(policy[real], full[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reference[real], full_reference[real], rtol=1e-4, atol=1e-4)
+    assert (policy[real] - reference[real]).abs().max() > 1e-2  # the adapters do matter
+
+
+def test_training_changes_every_trainable_parameter_and_no_frozen_one(tmp_path: Path) -> None:
+    bundle = tiny(init=0.3)
+    module = make_module(bundle, {"length": char_length_reward, "label": label_reward}, beta=0.04)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    # Two steps: LoRA B starts at zero, so A only receives gradient once B has moved.
+    trainer(tmp_path, max_steps=2, callbacks=[Record()]).fit(module, make_data(bundle, tmp_path))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    for name, param in module.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == param.requires_grad, f"{name}: changed={changed}, trainable={param.requires_grad}"
+
+
+def test_validation_logs_verdict_metrics(tmp_path: Path) -> None:
+    bundle = tiny()
+    module = make_module(bundle, {"label": label_reward, "format": format_reward}, reward_weights=[1.0, 0.2])
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=1, val_check_interval=1)
+    t.fit(module, make_data(bundle, tmp_path))
+    metrics = t.callback_metrics
+    # A random model writes no valid verdict: invalid answers are never passes.
+    assert float(metrics["val/invalid_rate"]) == 1.0
+    assert float(metrics["val/false_pass_rate"]) == 0.0
+    assert float(metrics["val/accuracy"]) == 0.0
+    assert "val/invalid_rate/bbu_grounding" in metrics
+    for key in ("train/reward", "train/rewards/label/mean", "train/frac_reward_zero_std", "train/kl"):
+        assert key in metrics
+
+
+def test_resume_reproduces_the_next_step(tmp_path: Path) -> None:
+    def run(max_steps: int, ckpt: str | None, root: Path) -> list[float]:
+        L.seed_everything(0)
+        bundle = tiny(init=0.3)
+        module = make_module(bundle, {"length": char_length_reward})
+        losses: list[float] = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+                losses.append(float(trainer.callback_metrics["train/loss"]))
+
+        saver = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=root, save_last=True, every_n_epochs=1, save_top_k=-1
+        )
+        t = trainer(root, max_steps=max_steps, callbacks=[Record(), saver], enable_checkpointing=True)
+        t.fit(module, make_data(bundle, tmp_path, n=2, batch_size=2), ckpt_path=ckpt)
+        return losses
+
+    full = run(2, None, tmp_path / "full")  # one step per epoch: the checkpoint falls on an epoch end
+    first = run(1, None, tmp_path / "half")
+    resumed = run(2, str(tmp_path / "half" / "last.ckpt"), tmp_path / "half")
+    assert first[0] == pytest.approx(full[0], abs=1e-7)
+    assert resumed == pytest.approx([full[1]], abs=1e-7)
+    checkpoint = torch.load(tmp_path / "half" / "last.ckpt", weights_only=False)
+    assert all("lora_" in k for k in checkpoint["state_dict"])  # only the adapters are stored
+
+
+@pytest.mark.slow
+def test_mean_reward_rises_on_a_learnable_reward(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    bundle = tiny(init=0.3)
+    reward = AlignedReward(bundle.model.get_input_embeddings().weight)
+    module = make_module(bundle, {"aligned": reward}, num_generations=8, max_new_tokens=4, beta=0.0)
+    rewards: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            rewards.append(float(trainer.callback_metrics["train/reward"]))
+
+    data = make_data(bundle, tmp_path, n=8, batch_size=4)
+    trainer(tmp_path, max_steps=30, max_epochs=100, callbacks=[Record()]).fit(module, data)
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    print(f"mean reward: first 10 steps {first:.3f}, last 10 steps {last:.3f}")
+    assert last > first + 0.1
