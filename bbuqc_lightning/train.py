@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -70,6 +71,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
+    # Predict loops cannot self.log(); modules that summarise such a run expose `run_summary`.
+    metrics.update(getattr(objects["module"], "run_summary", {}))
     _write_metrics_json(cfg, metrics)
     return metrics, objects
 
@@ -113,13 +116,16 @@ def main(cfg: DictConfig) -> float | None:
     _print_config(cfg)
     try:
         metrics, _ = train(cfg)
-    except (ValueError, OmegaConfBaseException, InstantiationException) as err:
-        # Configuration and input errors get one clear message instead of a Hydra stack dump.
-        if HydraConfig.initialized() and "HYDRA_FULL_ERROR" not in __import__("os").environ:
-            log.error("%s: %s", type(err).__name__, err)
-            print(f"error: {err}\n(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
-            sys.exit(2)
-        raise
+    except (ValueError, OSError, OmegaConfBaseException, InstantiationException) as err:
+        # Configuration and input errors get one clear message instead of a stack dump; the traceback
+        # goes to the run folder for whoever needs it.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        trace = Path(cfg.paths.output_dir) / "error.log"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text(traceback.format_exc(), encoding="utf-8")
+        print(f"error: {err}\n(traceback in {trace}; HYDRA_FULL_ERROR=1 raises it)", file=sys.stderr)
+        sys.exit(2)
     metric_name = cfg.get("optimized_metric")
     if not metric_name:
         return None

@@ -17,14 +17,14 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+import hydra
+import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bbuqc_lightning.config import config_dir, register_resolvers  # noqa: E402
-from bbuqc_lightning.models.factory import ModelBundle, load_model  # noqa: E402
+from bbuqc_lightning.config import config_dir, register_resolvers
+from bbuqc_lightning.models.factory import ModelBundle, load_model
 
 torch.set_num_threads(2)
 
@@ -84,30 +84,38 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-@pytest.fixture
-def compose(tmp_path: Path, data_dir: Path) -> Iterator[Callable[[list[str]], DictConfig]]:
-    """``compose(overrides) -> cfg``: the real config as ``train.main`` receives it.
+def compose_config(overrides: list[str], root: Path, data_dir: Path) -> DictConfig:
+    """Compose ``train.yaml`` with ``overrides`` as ``@hydra.main`` would hand it to ``train``.
 
-    ``${hydra:runtime.output_dir}`` resolves (to ``tmp_path/run``) because the Hydra node is registered
-    with ``HydraConfig`` and then removed from ``cfg``, as ``@hydra.main`` does.
+    The run folder is ``root/run``, logs and the working root are under ``root``, data under ``data_dir``.
+    ``${hydra:runtime.output_dir}`` resolves because the Hydra node is registered with ``HydraConfig``
+    and then removed from the returned config (``@hydra.main`` passes it without that node too).
     """
     register_resolvers()
-    output_dir = tmp_path / "run"
+    with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra.compose("train", overrides=list(overrides), return_hydra_config=True)
+    output_dir = root / "run"
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+        cfg.paths.root_dir = str(root)
+        cfg.paths.log_dir = str(root / "logs")
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.data_dir = str(data_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
-    def _compose(overrides: list[str]) -> DictConfig:
-        with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra.compose("train", overrides=list(overrides), return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(output_dir)
-            cfg.hydra.job.num = 0
-            cfg.paths.root_dir = str(tmp_path)
-            cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.paths.output_dir = str(output_dir)
-            cfg.paths.data_dir = str(data_dir)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
 
-    yield _compose
+@pytest.fixture
+def compose(tmp_path: Path, data_dir: Path) -> Iterator[Callable[[list[str]], DictConfig]]:
+    """``compose(overrides) -> cfg`` with the run folder ``tmp_path/run`` (see :func:`compose_config`)."""
+    yield lambda overrides: compose_config(overrides, tmp_path, data_dir)
     HydraConfig.instance().cfg = None
+
+
+@pytest.fixture(scope="session")
+def compose_at() -> Callable[[list[str], Path, Path], DictConfig]:
+    """:func:`compose_config` itself, for module-scoped fixtures that choose their own folders."""
+    return compose_config

@@ -26,10 +26,18 @@ def options(group: str) -> list[str]:
 
 
 EXPERIMENTS = options("experiment")
-GROUP_OPTIONS = [(group, option) for group in ("model", "logger", "trainer", "callbacks", "debug") for option in options(group)]
+GROUP_OPTIONS = [
+    (group, option)
+    for group in ("model", "logger", "trainer", "callbacks", "debug")
+    for option in options(group)
+]
 # Text-only presets (the Teacher) have no pixel bounds; the default data group (Stage-A images) reads
 # ${model.min_pixels}, so with them only the rest of the tree can resolve.
-TEXT_PRESETS = {name for name in options("model") if OmegaConf.load(config_dir() / "model" / f"{name}.yaml").kind == "text"}
+TEXT_PRESETS = {
+    name
+    for name in options("model")
+    if OmegaConf.load(config_dir() / "model" / f"{name}.yaml").kind == "text"
+}
 
 
 def resolve(cfg: DictConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -185,7 +193,9 @@ CLI_CASES = {
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
     """Run the failing commands in parallel (each pays the torch import once), in a scratch folder."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PROJECT_ROOT", "BBUQC_DATA_DIR")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PROJECT_ROOT", "BBUQC_DATA_DIR")
+    }
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         WANDB_MODE="offline",
@@ -215,7 +225,9 @@ def _no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback (most recent call last)" not in result.stdout
 
 
-def test_unknown_experiment_lists_the_available_ones(cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+def test_unknown_experiment_lists_the_available_ones(
+    cli_runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
     result = cli_runs["unknown_experiment"]
     assert result.returncode != 0
     assert "Could not find 'experiment/nope'" in result.stderr
@@ -235,7 +247,9 @@ def test_bad_value_exits_2_with_one_error_line(cli_runs: dict[str, subprocess.Co
     _no_traceback(result)
 
 
-def test_experiment_without_plus_is_a_hydra_error(cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+def test_experiment_without_plus_is_a_hydra_error(
+    cli_runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
     """`experiment=stage_a` (no `+`) is rejected: `experiment` is not in train.yaml's defaults list, and
     Hydra says how to append it. Users must type `+experiment=...` (SPEC §11)."""
     result = cli_runs["experiment_without_plus"]

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import Qwen3ForCausalLM, Qwen3VLForConditionalGeneration
 
+from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import IM_END_ID, PAD_TOKEN_ID
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 from bbuqc_lightning.models.chat_template import render_for_test
-from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.models.factory import (
     ModelBundle,
     ModelLoadError,
@@ -170,7 +170,9 @@ def test_same_seed_same_weights_other_seed_other_weights(
 def test_chat_template_renders_vision_block(tiny_bundle: ModelBundle) -> None:
     expected = f"<|im_start|>user\n{VISION_BLOCK}描述这张照片<|im_end|>\n<|im_start|>assistant\n"
     assert render_for_test(IMAGE_CONV) == expected
-    rendered = tiny_bundle.processor.apply_chat_template(IMAGE_CONV, tokenize=False, add_generation_prompt=True)
+    rendered = tiny_bundle.processor.apply_chat_template(
+        IMAGE_CONV, tokenize=False, add_generation_prompt=True
+    )
     assert rendered == expected  # chatml: no default system prompt, no think block
     engine = GenerationEngine(tiny_bundle.model, tiny_bundle.processor)
     assert engine.render(IMAGE_CONV) == expected
@@ -201,10 +203,14 @@ def _smart_resize_tokens(width: int, height: int, min_pixels: int, max_pixels: i
         (40, 40, 4),  # 1600 px < min_pixels 4096: scaled up to 64 x 64 -> 2 * 2
     ],
 )
-def test_image_pad_expands_to_hw_over_1024(tiny_bundle: ModelBundle, width: int, height: int, tokens: int) -> None:
+def test_image_pad_expands_to_hw_over_1024(
+    tiny_bundle: ModelBundle, width: int, height: int, tokens: int
+) -> None:
     min_pixels, max_pixels = _pixel_bounds(tiny_bundle)
     assert _smart_resize_tokens(width, height, min_pixels, max_pixels) == tokens
-    enc = tiny_bundle.processor(text=[f"看{VISION_BLOCK}"], images=[noise_image(width, height)], return_tensors="pt")
+    enc = tiny_bundle.processor(
+        text=[f"看{VISION_BLOCK}"], images=[noise_image(width, height)], return_tensors="pt"
+    )
     grid = enc["image_grid_thw"][0]
     assert int(grid.prod()) // 4 == tokens  # 16-pixel patches merged 2x2
     assert int((enc["input_ids"] == IMAGE_PAD_ID).sum()) == tokens
@@ -213,7 +219,10 @@ def test_image_pad_expands_to_hw_over_1024(tiny_bundle: ModelBundle, width: int,
 
 def test_assistant_mask_covers_assistant_content_and_im_end(tiny_bundle: ModelBundle) -> None:
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": noise_image(256, 192)}, {"type": "text", "text": "描述"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": noise_image(256, 192)}, {"type": "text", "text": "描述"}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "通过\n理由: 图片_1螺丝齐全。"}]},
         {"role": "user", "content": "再判断一次"},
         {"role": "assistant", "content": "不通过"},
@@ -242,7 +251,7 @@ def test_check_vl_shapes_reports_every_problem_at_once(tiny_architecture: dict[s
         out_hidden_size=48, num_heads=3, num_position_embeddings=60, deepstack_visual_indexes=[5]
     )
     broken["text"].update(mrope_section=[4, 4, 4], vocab_size=1000)
-    with pytest.raises(ValueError, match="Invalid model.architecture") as info:
+    with pytest.raises(ValueError, match=r"Invalid model\.architecture") as info:
         vl_config_from_architecture(broken)
     message = str(info.value)
     for fragment in (
@@ -274,7 +283,9 @@ REAL_PRESETS = {
 @pytest.mark.parametrize("preset", sorted(REAL_PRESETS))
 def test_real_preset_architecture_builds_config_only(preset: str) -> None:
     """random_init on a real preset builds this exact config (weights are never instantiated here)."""
-    hidden, inter, layers, heads, kv, head_dim, tied, depth, v_hidden, out_hidden, deepstack = REAL_PRESETS[preset]
+    hidden, inter, layers, heads, kv, head_dim, tied, depth, v_hidden, out_hidden, deepstack = REAL_PRESETS[
+        preset
+    ]
     config = vl_config_from_architecture(preset_architecture(preset))
     text, vision = config.text_config, config.vision_config
     assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (hidden, inter, layers)
@@ -356,7 +367,9 @@ def test_last_k_lora_trains_only_the_last_k_llm_blocks(tiny_architecture: dict[s
         match = pattern.search(name)
         assert match, f"unexpected trainable parameter {name}"
         found.add((int(match[1]), match[2], match[3]))
-    expected = {(layer, proj, ab) for layer in (n_layers - 2, n_layers - 1) for proj in DEFAULT_TARGETS for ab in "AB"}
+    expected = {
+        (layer, proj, ab) for layer in (n_layers - 2, n_layers - 1) for proj in DEFAULT_TARGETS for ab in "AB"
+    }
     assert found == expected
     assert len(names) == len(expected) == 2 * 7 * 2
     assert not any("visual" in n for n in names)
@@ -411,10 +424,16 @@ PREFIX_SHARING_BUG = (
 @pytest.mark.parametrize("which", ["vl", "text"])
 def test_prefix_sharing_matches_plain_generate(which: str, request: pytest.FixtureRequest) -> None:
     bundle = request.getfixturevalue("varied_bundle" if which == "vl" else "varied_text_bundle")
-    params = SamplingParams(max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3)
+    params = SamplingParams(
+        max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3
+    )
     _forget_rope_deltas(bundle.model)  # isolates this bug from the stale-rope_deltas one below
-    shared = GenerationEngine(bundle.model, bundle.processor, prefix_sharing=True).generate(TEXT_CONVS, params)
-    plain = GenerationEngine(bundle.model, bundle.processor, prefix_sharing=False).generate(TEXT_CONVS, params)
+    shared = GenerationEngine(bundle.model, bundle.processor, prefix_sharing=True).generate(
+        TEXT_CONVS, params
+    )
+    plain = GenerationEngine(bundle.model, bundle.processor, prefix_sharing=False).generate(
+        TEXT_CONVS, params
+    )
     assert len(shared) == len(plain) == len(TEXT_CONVS)
     for index in range(len(TEXT_CONVS)):
         assert len(shared[index]) == len(plain[index]) == 3
@@ -426,7 +445,9 @@ def test_prefix_sharing_matches_plain_generate_without_padding(varied_text_bundl
     """Equal-length prompts (no padding) already agree; the padded case above is the known bug."""
     bundle = varied_text_bundle
     convs = [[{"role": "user", "content": "甲乙"}], [{"role": "user", "content": "丙丁"}]]
-    params = SamplingParams(max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3)
+    params = SamplingParams(
+        max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3
+    )
     shared_engine = GenerationEngine(bundle.model, bundle.processor, prefix_sharing=True)
     assert not (shared_engine.encode(convs).inputs["attention_mask"] == 0).any()
     shared = shared_engine.generate(convs, params)
@@ -442,10 +463,14 @@ def test_prefix_sharing_ignores_rope_deltas_of_an_earlier_image_call(varied_bund
     engine = GenerationEngine(varied_bundle.model, varied_bundle.processor, prefix_sharing=True)
     plain = GenerationEngine(varied_bundle.model, varied_bundle.processor, prefix_sharing=False)
     convs = [[{"role": "user", "content": "甲乙"}], [{"role": "user", "content": "丙丁"}]]
-    params = SamplingParams(max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3)
+    params = SamplingParams(
+        max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3
+    )
     expected = plain.generate(convs, params)
     engine.generate([IMAGE_CONV], SamplingParams(max_new_tokens=2), images=[[noise_image(256, 192)]])
     stale = varied_bundle.model.model.rope_deltas
     assert stale is not None and stale.shape[0] == 1 and bool((stale != 0).any())
     out = engine.generate(convs, params)
-    assert [[c.token_ids for c in group] for group in out] == [[c.token_ids for c in group] for group in expected]
+    assert [[c.token_ids for c in group] for group in out] == [
+        [c.token_ids for c in group] for group in expected
+    ]

@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from bbuqc_lightning.constants import (
     GROUP_ID_PATTERN,
@@ -52,12 +53,16 @@ class DataError(ValueError):
     """Bad input data (layout, group, image); the message always names the offending path."""
 
 
-@dataclass(frozen=True)
-class GroupRecord:
+class GroupRecord(NamedTuple):
     """One ticket: the images of one group id under one mission and label, in ``图片_1..N`` order.
 
     ``folders`` are the source folder paths (as strings, in name order); ``image_paths`` are the merged
     images of those folders, natural-sorted within each folder.
+
+    Immutable and hashable. Why a ``NamedTuple`` and not a frozen dataclass: records travel inside
+    Stage-A batches (``batch["meta"][i]["record"]``) and Lightning's ``batch_to_device`` rebuilds every
+    dataclass in a batch with ``setattr``, which a frozen dataclass refuses (``ValueError: A frozen
+    dataclass was passed to apply_to_collection``); named tuples are rebuilt through their constructor.
     """
 
     group_id: str
