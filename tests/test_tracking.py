@@ -3,6 +3,7 @@ metrics.json in the Hydra run folder and always finishes W&B."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Callable
@@ -196,7 +197,7 @@ def test_wandb_offline_run_lands_in_the_run_folder(stage_a_run: SimpleNamespace)
 
 def test_wandb_run_holds_the_logged_metrics(stage_a_run: SimpleNamespace) -> None:
     run_dir = next((stage_a_run.output_dir / "wandb").glob("offline-run-*"))
-    data = (run_dir / next(run_dir.glob("run-*.wandb")).name).read_bytes()
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
     summary = run_dir / "files" / "wandb-summary.json"
     keys = set(json.loads(summary.read_text())) if summary.is_file() else set()
     for key in ("stage_a/images", "stage_a/groups", "stage_a/images_per_s", "model/params_total"):
@@ -232,8 +233,6 @@ def test_metrics_json_holds_the_run_summary(stage_a_run: SimpleNamespace) -> Non
 
 
 def test_csv_metrics_and_jsonl(stage_a_run: SimpleNamespace) -> None:
-    import csv
-
     datamodule: Any = stage_a_run.objects["datamodule"]
     csv_files = list((stage_a_run.output_dir / "csv").rglob("metrics.csv"))
     assert len(csv_files) == 1
