@@ -34,6 +34,11 @@ from bbuqc_lightning.tracking.wandb import configure_wandb_env, finish_wandb
 log = logging.getLogger(__name__)
 
 
+# GRPO optimises inside training_step (manual optimisation), so a step's checkpoint holds the weights after
+# that step, which is what resuming needs; Lightning warns about it on every run.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
 def build_objects(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate model bundle, datamodule, module, callbacks, loggers and trainer from ``cfg``."""
     bundle = instantiate(cfg.model, _convert_="all")
@@ -66,6 +71,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         kwargs: dict[str, Any] = {"datamodule": objects["datamodule"]}
         if cfg.stage == "fit":
             kwargs["ckpt_path"] = cfg.get("ckpt_path")
+        if cfg.stage == "predict":  # outputs are streamed by writer callbacks, not collected in memory
+            kwargs["return_predictions"] = False
         result = run(objects["module"], **kwargs)
         objects["result"] = result
     finally:

@@ -168,7 +168,7 @@ class StageAJsonlWriter(BasePredictionWriter):
             trainer.global_rank, self.groups_written, self.images_written,
             self.groups_already_written, self.groups_merged, self.output,
         )  # fmt: skip
-        self._raise_if_incomplete()
+        self._report_incomplete(_loop_was_cut(trainer))
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -213,17 +213,44 @@ class StageAJsonlWriter(BasePredictionWriter):
             self._appender.close()
             self._appender = None
 
-    def _raise_if_incomplete(self) -> None:
+    def _report_incomplete(self, loop_was_cut: bool) -> None:
+        """Groups still buffered at the end were not written: an error, unless the loop was cut on purpose.
+
+        With ``limit_predict_batches`` / ``fast_dev_run`` (``debug=limit``, ``debug=fdr``) a group can be
+        cut in the middle: it is left out with a warning and a rerun without the limit summarises it.
+        Otherwise the data contract was broken (e.g. a DDP sampler split a group across ranks).
+        """
         if not self._buffers:
             return
         pending = {
             key: f"{len(buf)}/{len(self._records[key].image_paths)}" for key, buf in self._buffers.items()
         }
+        shown = dict(list(pending.items())[:10])
+        if loop_was_cut:
+            log.warning(
+                "Stage-A: the predict loop was limited (limit_predict_batches / fast_dev_run); %d group(s) "
+                "cut in the middle are not written (images done/total): %s. A rerun without the limit "
+                "completes them.",
+                len(pending), shown,
+            )  # fmt: skip
+            return
         raise RuntimeError(
             f"Stage-A: {len(pending)} group(s) did not receive all their images and were not written: "
-            f"{dict(list(pending.items())[:10])}. Under DDP each rank must get whole groups "
-            "(trainer.use_distributed_sampler=false)."
+            f"{shown}. Under DDP each rank must get whole groups (trainer.use_distributed_sampler=false)."
         )
+
+
+def _loop_was_cut(trainer: L.Trainer) -> bool:
+    """True when the predict loop ran fewer batches than its dataloaders hold, on purpose."""
+    if trainer.fast_dev_run:
+        return True
+    loaders = trainer.predict_dataloaders
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    try:
+        full = [len(loader) for loader in loaders]
+    except TypeError:  # iterable without a length: cannot tell, so not cut
+        return False
+    return any(ran < total for ran, total in zip(trainer.num_predict_batches, full, strict=False))
 
 
 def _aligned_summaries(prediction: Any, metas: Sequence[dict[str, Any]], batch_idx: int) -> list[str]:

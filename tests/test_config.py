@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -190,9 +192,17 @@ CLI_CASES = {
 }
 
 
+@dataclass(frozen=True)
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    cwd: Path
+
+
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Run the failing commands in parallel (each pays the torch import once), in a scratch folder."""
+def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliRun]:
+    """Run the failing commands in parallel (each pays the torch import once), each in a scratch folder."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PROJECT_ROOT", "BBUQC_DATA_DIR")
     }
@@ -205,29 +215,21 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.C
     procs = {}
     for name, args in CLI_CASES.items():
         cwd = tmp_path_factory.mktemp(name)
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "bbuqc_lightning.train", *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        command = [sys.executable, "-m", "bbuqc_lightning.train", *args]
+        procs[name] = (cwd, subprocess.Popen(command, cwd=cwd, env=env, stdout=PIPE, stderr=PIPE, text=True))
     results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    for name, (cwd, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=180)
+        results[name] = CliRun(proc.returncode, stdout, stderr, cwd)
     return results
 
 
-def _no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+def _no_traceback(result: CliRun) -> None:
     assert "Traceback (most recent call last)" not in result.stderr
     assert "Traceback (most recent call last)" not in result.stdout
 
 
-def test_unknown_experiment_lists_the_available_ones(
-    cli_runs: dict[str, subprocess.CompletedProcess[str]],
-) -> None:
+def test_unknown_experiment_lists_the_available_ones(cli_runs: dict[str, CliRun]) -> None:
     result = cli_runs["unknown_experiment"]
     assert result.returncode != 0
     assert "Could not find 'experiment/nope'" in result.stderr
@@ -237,7 +239,7 @@ def test_unknown_experiment_lists_the_available_ones(
     _no_traceback(result)
 
 
-def test_bad_value_exits_2_with_one_error_line(cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+def test_bad_value_exits_2_with_one_error_line(cli_runs: dict[str, CliRun]) -> None:
     result = cli_runs["bad_value"]
     assert result.returncode == 2, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -245,11 +247,14 @@ def test_bad_value_exits_2_with_one_error_line(cli_runs: dict[str, subprocess.Co
     assert "stage must be one of" in result.stderr
     assert "'bogus'" in result.stderr
     _no_traceback(result)
+    # The traceback is kept in the run folder (under the command's working directory), named on stderr.
+    logs = list(result.cwd.rglob("error.log"))
+    assert len(logs) == 1
+    assert str(logs[0]) in result.stderr
+    assert "Traceback (most recent call last)" in logs[0].read_text(encoding="utf-8")
 
 
-def test_experiment_without_plus_is_a_hydra_error(
-    cli_runs: dict[str, subprocess.CompletedProcess[str]],
-) -> None:
+def test_experiment_without_plus_is_a_hydra_error(cli_runs: dict[str, CliRun]) -> None:
     """`experiment=stage_a` (no `+`) is rejected: `experiment` is not in train.yaml's defaults list, and
     Hydra says how to append it. Users must type `+experiment=...` (SPEC §11)."""
     result = cli_runs["experiment_without_plus"]

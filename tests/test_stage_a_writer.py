@@ -386,6 +386,22 @@ def test_incomplete_group_is_an_error_not_a_silent_drop(tmp_path: Path) -> None:
     assert [r["ticket_key"] for r in lines_of(out)] == [make_record(0).ticket_key, make_record(2).ticket_key]
 
 
+def test_limited_predict_loop_warns_and_rerun_completes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``limit_predict_batches`` (debug=limit) may cut a group: warned and left for the next run, no error."""
+    n, out = 5, tmp_path / "stage_a.jsonl"
+    records = [make_record(i) for i in range(n)]  # 2, 3, 1, 2, 3 images; batches of 3 cut group 1
+    predict(StageAJsonlWriter(str(out), fsync=False), MetaDataModule(records), limit_predict_batches=1)
+    assert [r["ticket_key"] for r in lines_of(out)] == [records[0].ticket_key]
+    assert "QC-T-20250101-1::fail" in caplog.text and "limited" in caplog.text
+    writer = StageAJsonlWriter(str(out), fsync=False)
+    dm = MetaDataModule(records)
+    dm.skip_ticket_keys = set(writer.completed_ticket_keys)
+    predict(writer, dm)
+    assert_each_once(out, n)
+
+
 @pytest.mark.parametrize(
     "strategy",
     # fork: fast (no re-import). spawn: fresh interpreters as on a real multi-GPU run (~20 s: slow).

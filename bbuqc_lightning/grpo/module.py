@@ -99,10 +99,6 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable (LoRA) weights
 
-    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
-        """Batches are lists of text samples; the engine moves the encoded tensors itself."""
-        return batch
-
     # ----------------------------------------------------------------- training
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()

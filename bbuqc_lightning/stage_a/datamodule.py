@@ -92,6 +92,10 @@ class StageADataModule(L.LightningDataModule):
         self.skipped: list[tuple[str, str]] = []  # (path, reason) of groups skipped with strict=false
         self.dataset: StageAImages | None = None
 
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        """PIL images and metadata stay on the host; the generation engine moves the encoded tensors."""
+        return batch
+
     def prepare_data(self) -> None:
         if self.synthetic and not self.root.exists():
             from bbuqc_lightning.data.synthetic import ensure_synthetic
@@ -103,19 +107,13 @@ class StageADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         scan = scan_tree(self.root, strict=self.strict)
         self.skipped = [(str(s.path), s.reason) for s in scan.skipped]
-        records = [r for r in scan.records if self._images_ok(r)]
-        self.records = records
-        mine = self._this_rank(records)
-        todo = [r for r in mine if r.ticket_key not in self.skip_ticket_keys]
-        items = [ImageItem(r, i) for r in todo for i in range(len(r.image_paths))]
-        self.dataset = StageAImages(items, self.prompts, self.min_pixels, self.max_pixels)
+        # Split by rank first so each rank decodes only its own groups while validating them.
+        self.records = [r for r in self._this_rank(scan.records) if self._images_ok(r)]
         log.info(
-            "Stage-A: %d groups (%d on this rank, %d already written, %d skipped), %d images to summarise",
-            len(records),
-            len(mine),
-            len(mine) - len(todo),
+            "Stage-A: %d groups on this rank (%d scanned, %d skipped)",
+            len(self.records),
+            len(scan.records),
             len(self.skipped),
-            len(items),
         )
 
     def _images_ok(self, record: GroupRecord) -> bool:
@@ -125,7 +123,7 @@ class StageADataModule(L.LightningDataModule):
         except ValueError as err:
             if self.strict:
                 raise
-            log.warning("skipping group %s: %s", record.ticket_key, err)
+            log.warning("skipping: %s", err)
             self.skipped.append((str(record.folders[0]) if record.folders else record.ticket_key, str(err)))
             return False
         return True
@@ -140,7 +138,16 @@ class StageADataModule(L.LightningDataModule):
         return getattr(self, "trainer", None) is not None
 
     def predict_dataloader(self) -> DataLoader:
-        assert self.dataset is not None, "call setup() first"
+        # Built after every setup hook, so the writer callback has filled skip_ticket_keys (resume).
+        todo = [r for r in self.records if r.ticket_key not in self.skip_ticket_keys]
+        items = [ImageItem(r, i) for r in todo for i in range(len(r.image_paths))]
+        log.info(
+            "Stage-A: %d groups already written, %d groups / %d images to summarise",
+            len(self.records) - len(todo),
+            len(todo),
+            len(items),
+        )
+        self.dataset = StageAImages(items, self.prompts, self.min_pixels, self.max_pixels)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,

@@ -44,10 +44,6 @@ class StageAModule(L.LightningModule):
         self._seconds = 0.0
         self._samples: list[tuple[Any, str, str]] = []
 
-    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
-        """PIL images and metadata stay on the host; the engine moves the encoded tensors itself."""
-        return batch
-
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
         start = time.perf_counter()
         outputs = self.engine.generate(

@@ -59,6 +59,10 @@ class StageBDataModule(L.LightningDataModule):
         self.samples: dict[str, list[dict[str, Any]]] = {}
         self.skipped: dict[str, int] = {}
 
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        """Text samples stay on the host; the generation engine moves the encoded tensors."""
+        return batch
+
     def prepare_data(self) -> None:
         missing = [p for p in self.paths.values() if p and not Path(p).exists()]
         if missing and self.synthetic:
