@@ -73,15 +73,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             kwargs["ckpt_path"] = cfg.get("ckpt_path")
         if cfg.stage == "predict":  # outputs are streamed by writer callbacks, not collected in memory
             kwargs["return_predictions"] = False
-        result = run(objects["module"], **kwargs)
-        objects["result"] = result
+        objects["result"] = run(objects["module"], **kwargs)
     finally:
         finish_wandb()
+        metrics = _collect_metrics(trainer, objects["module"])
+        _write_metrics_json(cfg, metrics)  # also after a failure: what was logged so far
+    return metrics, objects
+
+
+def _collect_metrics(trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
     # Predict loops cannot self.log(); modules that summarise such a run expose `run_summary`.
-    metrics.update(getattr(objects["module"], "run_summary", {}))
-    _write_metrics_json(cfg, metrics)
-    return metrics, objects
+    metrics.update(getattr(module, "run_summary", {}))
+    return metrics
 
 
 def _is_scalar(value: Any) -> bool:

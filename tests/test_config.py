@@ -112,11 +112,6 @@ def test_callbacks_none_leaves_no_callbacks(compose: ComposeFn) -> None:
     assert not compose(["callbacks=none"]).get("callbacks")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="conf/debug/fdr.yaml: `logger: {}` merges into the logger dict and removes nothing; "
-    "use `defaults: [override /logger: none]`",
-)
 def test_fast_dev_run_turns_loggers_off(compose: ComposeFn) -> None:
     cfg = compose(["debug=fdr"])
     assert cfg.trainer.fast_dev_run is True

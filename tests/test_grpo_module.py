@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.grpo.config import GRPOConfig
-from bbuqc_lightning.grpo.forward import output_embedding, run_frozen_prefix, run_suffix
+from bbuqc_lightning.grpo.forward import run_frozen_prefix, run_suffix
 from bbuqc_lightning.grpo.module import GRPOModule
+from bbuqc_lightning.models.decoder import output_embedding
 from bbuqc_lightning.models.factory import ModelBundle, build_tokenizer, load_model
 from bbuqc_lightning.stage_b.datamodule import StageBDataModule
 from bbuqc_lightning.stage_b.rewards import format_reward, label_reward

@@ -414,13 +414,6 @@ def test_batched_greedy_with_images_of_different_sizes(varied_bundle: ModelBundl
         assert batched[index][0].token_ids == single.token_ids
 
 
-PREFIX_SHARING_BUG = (
-    "engine.py _generate_shared_prefix: the prefill forward gets no position_ids, so left-padded rows are "
-    "cached at positions shifted by their padding, while generate() continues at attention-mask positions"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=PREFIX_SHARING_BUG)
 @pytest.mark.parametrize("which", ["vl", "text"])
 def test_prefix_sharing_matches_plain_generate(which: str, request: pytest.FixtureRequest) -> None:
     bundle = request.getfixturevalue("varied_bundle" if which == "vl" else "varied_text_bundle")

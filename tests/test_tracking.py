@@ -93,12 +93,6 @@ def test_wandb_offline_truth_table(
     assert wandb_offline() is offline
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracking/wandb.py wandb_offline: netrc.netrc() without a path applies Python's ~/.netrc "
-    "permission check, the NETRC variable and WANDB_BASE_URL are ignored, and an entry without a "
-    "password counts as a key - wandb's own lookup (wandb.sdk.lib.wbauth.wbnetrc) disagrees on each",
-)
 @pytest.mark.parametrize(
     "case", ["group_readable_netrc", "NETRC_variable", "self_hosted_server", "entry_without_password"]
 )

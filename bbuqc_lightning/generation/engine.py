@@ -9,8 +9,10 @@ What it does beyond a plain ``generate`` call:
 2. **Prefix sharing** for ``num_return_sequences > 1`` (GRPO's G rollouts, the runner's K samples): each
    prompt is prefilled once and its KV cache is repeated G times, instead of HF's default of expanding
    the prompt G times before the prefill.
-3. A static KV cache and a compiled decode step on CUDA (``cache_implementation="static"``); the
-   dynamic cache on CPU, where compilation costs more than it saves for tiny models.
+3. ``backend="static"`` (the default on CUDA): a static KV cache and a fixed-shape decode step compiled
+   into a CUDA graph (:mod:`~bbuqc_lightning.generation.static_decode`); ``backend="hf"`` (the default
+   on CPU, where compiling costs more than it saves for tiny models) is HF ``generate``. Both give the
+   same greedy tokens (tested).
 
 Example::
 
@@ -30,6 +32,8 @@ from PIL import Image
 from transformers import DynamicCache
 
 from bbuqc_lightning.constants import THINK_CLOSE
+from bbuqc_lightning.generation.static_decode import StaticDecoder
+from bbuqc_lightning.models.decoder import language_model, position_ids_from_mask, uses_mrope
 
 
 @dataclass(frozen=True)
@@ -73,17 +77,22 @@ class GenerationEngine:
         self,
         model: torch.nn.Module,
         processor: Any,
-        static_cache: bool | None = None,
+        backend: str = "auto",
+        compile: bool | None = None,
         prefix_sharing: bool = True,
         enable_thinking: bool = False,
     ) -> None:
+        if backend not in ("auto", "hf", "static"):
+            raise ValueError(f"generation backend must be auto | hf | static, got {backend!r}")
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.static_cache = static_cache
+        self.backend = backend
+        self.compile = compile
         self.prefix_sharing = prefix_sharing
         self.enable_thinking = enable_thinking
         self.eos_token_ids = self._eos_ids()
+        self._static: StaticDecoder | None = None
 
     # ------------------------------------------------------------------ encoding
     def render(self, conversation: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -134,6 +143,15 @@ class GenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            if self._use_static():
+                return self._static_decoder().generate(
+                    encoded.inputs,
+                    params.num_return_sequences,
+                    params.max_new_tokens,
+                    make_sampler(params, self.eos_token_ids),
+                    self.eos_token_ids,
+                    self.tokenizer.pad_token_id,
+                )
             kwargs = self._generate_kwargs(params)
             n = params.num_return_sequences
             if n > 1 and self.prefix_sharing and "pixel_values" not in encoded.inputs:
@@ -141,6 +159,15 @@ class GenerationEngine:
             return self.model.generate(**encoded.inputs, num_return_sequences=n, **kwargs)
         finally:
             self.model.train(was_training)
+
+    def _use_static(self) -> bool:
+        return self.backend == "static" or (self.backend == "auto" and self.device.type == "cuda")
+
+    def _static_decoder(self) -> StaticDecoder:
+        if self._static is None:
+            compile_step = self.compile if self.compile is not None else self.device.type == "cuda"
+            self._static = StaticDecoder(self.model, compile=compile_step)
+        return self._static
 
     def _generate_shared_prefix(self, encoded: EncodedPrompts, n: int, kwargs: dict) -> torch.Tensor:
         """Prefill every prompt once, then decode its ``n`` continuations from a repeated KV cache.
@@ -151,14 +178,14 @@ class GenerationEngine:
         inputs = encoded.inputs
         cache = DynamicCache(config=self._config())
         prefix = {k: v[:, :-1] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        if "mm_token_type_ids" in inputs:
-            prefix["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :-1]
+        # Explicit positions: left-padded rows must be cached at the positions generate() continues from.
+        positions = position_ids_from_mask(prefix["attention_mask"])
+        prefix["position_ids"] = positions[None].expand(4, -1, -1) if self._mrope() else positions
         self._set_rope_deltas(lambda _: None)  # stale offsets of an earlier batch must not be reused
         self.model(**prefix, past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(n)
         self._set_rope_deltas(lambda deltas: deltas.repeat_interleave(n, dim=0))
         repeated = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
-        kwargs = {k: v for k, v in kwargs.items() if k != "cache_implementation"}
         return self.model.generate(**repeated, past_key_values=cache, **kwargs)
 
     def _set_rope_deltas(self, update: Any) -> None:
@@ -168,6 +195,9 @@ class GenerationEngine:
             if "rope_deltas" in vars(module):
                 deltas = vars(module)["rope_deltas"]
                 module.rope_deltas = None if deltas is None else update(deltas)
+
+    def _mrope(self) -> bool:
+        return uses_mrope(language_model(self.model))
 
     def _config(self) -> Any:
         config = self.model.config
@@ -185,9 +215,6 @@ class GenerationEngine:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        use_static = self.static_cache if self.static_cache is not None else self.device.type == "cuda"
-        if use_static:
-            kwargs["cache_implementation"] = "static"
         return kwargs
 
     # ------------------------------------------------------------------ decoding
@@ -217,3 +244,35 @@ def strip_think(text: str) -> str:
     """Drop a leading Qwen3 ``<think>…</think>`` block (the Teacher's, or an empty one)."""
     head, sep, tail = text.partition(THINK_CLOSE)
     return tail if sep and "<think>" in head else text
+
+
+def make_sampler(params: SamplingParams, eos_token_ids: Sequence[int]) -> Any:
+    """``(logits (N, V) fp32, step) -> tokens (N,)`` with HF's order: temperature, top-k, top-p, sample.
+
+    End-of-sequence tokens are forbidden before ``min_new_tokens``.
+    """
+    eos = torch.tensor(list(eos_token_ids))
+
+    def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
+        if step < params.min_new_tokens:
+            logits = logits.index_fill(-1, eos.to(logits.device), float("-inf"))
+        if not params.do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / params.temperature
+        if params.top_k:
+            kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            logits = _top_p(logits, params.top_p)
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+
+    return sample
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches ``top_p`` (HF's TopPLogitsWarper)."""
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1:] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
 from torch import nn
 from transformers.masking_utils import create_causal_mask
+
+from bbuqc_lightning.models.decoder import language_model, position_ids_from_mask, uses_mrope
 
 
 @dataclass
@@ -33,24 +34,6 @@ class PrefixState:
     start_layer: int
 
 
-def language_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``) of a VL or text model."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    inner = base.model
-    return getattr(inner, "language_model", inner)
-
-
-def output_embedding(model: nn.Module) -> nn.Module:
-    """The ``lm_head`` (tied to the embedding in the 2B/4B models)."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return base.lm_head
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Text positions that start at 0 on each row's first real token (left padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def run_frozen_prefix(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_frozen: int
@@ -60,7 +43,7 @@ def run_frozen_prefix(
     hidden = lm.embed_tokens(input_ids)
     positions = position_ids_from_mask(attention_mask)
     # Qwen3-VL uses 3 rotary sections (t, h, w); for text they all equal the text position.
-    rope_positions = positions[None].expand(3, *positions.shape) if _is_mrope(lm) else positions
+    rope_positions = positions[None].expand(3, *positions.shape) if uses_mrope(lm) else positions
     mask = create_causal_mask(
         config=lm.config,
         inputs_embeds=hidden,
@@ -91,10 +74,6 @@ def _run_layers(lm: nn.Module, state: PrefixState, stop: int) -> PrefixState:
             position_embeddings=state.position_embeddings,
         )
     return PrefixState(hidden, state.causal_mask, state.text_position_ids, state.position_embeddings, stop)
-
-
-def _is_mrope(lm: nn.Module) -> bool:
-    return hasattr(lm.config, "rope_parameters") and "mrope_section" in (lm.config.rope_parameters or {})
 
 
 def select_rows(prefix: PrefixState, rows: slice) -> PrefixState:

@@ -36,7 +36,6 @@ from bbuqc_lightning.grpo.advantages import combine_rewards, compute_advantages,
 from bbuqc_lightning.grpo.config import GRPOConfig
 from bbuqc_lightning.grpo.forward import (
     PrefixState,
-    output_embedding,
     run_frozen_prefix,
     run_suffix,
     select_rows,
@@ -44,6 +43,7 @@ from bbuqc_lightning.grpo.forward import (
 from bbuqc_lightning.grpo.logprobs import completion_logprobs
 from bbuqc_lightning.grpo.loss import grpo_loss
 from bbuqc_lightning.grpo.rollout import Rollout, generate_rollout
+from bbuqc_lightning.models.decoder import output_embedding
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.models.lora import apply_last_k_lora, num_text_layers
 from bbuqc_lightning.stage_b.contract import parse_verdict

@@ -206,6 +206,7 @@ def load_model(
             processor.chat_template = QWEN3_VL_CHAT_TEMPLATE
             processor.image_processor.min_pixels = min_pixels
             processor.image_processor.max_pixels = max_pixels
+            processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelBundle(model, processor, tokenizer, kind, name or model_name_or_path or f"random-{kind}")
 
@@ -261,7 +262,13 @@ def _pretrained(
 
 def _not_found_message(path: str, err: Exception) -> str:
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-    where = f"the local folder {Path(path).resolve()}" if Path(path).exists() else f"the hub cache ({cache})"
+    local = Path(path).expanduser()
+    if local.exists():
+        where = f"the local folder {local.resolve()}"
+    elif path.startswith(("/", ".", "~")):
+        where = f"the local folder {local} (it does not exist)"
+    else:
+        where = f"the hub cache ({cache}) for the hub id {path!r}"
     return (
         f"Could not load model.model_name_or_path={path!r}: looked in {where} "
         f"(offline={os.environ.get('HF_HUB_OFFLINE', '0')}). Download the checkpoint where you have network "

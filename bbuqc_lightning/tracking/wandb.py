@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
@@ -18,17 +19,27 @@ log = logging.getLogger(__name__)
 
 
 def wandb_offline() -> bool:
-    """True unless the user configured W&B: ``WANDB_MODE=online``, ``WANDB_API_KEY`` or a netrc entry."""
+    """True unless the user configured W&B: ``WANDB_MODE=online``, ``WANDB_API_KEY`` or a netrc key.
+
+    Reads the netrc file the way W&B does: ``$NETRC`` or ``~/.netrc``, the host of ``WANDB_BASE_URL``
+    (default ``api.wandb.ai``), and only an entry with a password counts as a key.
+    """
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "disabled", "dryrun"):
         return True
     if mode == "online" or os.environ.get("WANDB_API_KEY"):
         return False
+    return not _netrc_has_key()
+
+
+def _netrc_has_key() -> bool:
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
     try:
-        auth = netrc.netrc().authenticators("api.wandb.ai")
+        auth = netrc.netrc(str(path)).authenticators(host)
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        auth = None
-    return auth is None
+        return False
+    return bool(auth and auth[2])
 
 
 def configure_wandb_env() -> None:
