@@ -47,6 +47,7 @@ class SamplingParams:
     top_k: int = 0
     num_return_sequences: int = 1
     min_new_tokens: int = 0
+    suppress_token_ids: tuple[int, ...] = ()  # never generated (e.g. line breaks for one-line summaries)
 
 
 @dataclass
@@ -211,6 +212,8 @@ class GenerationEngine:
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.eos_token_ids,
         }
+        if params.suppress_token_ids:
+            kwargs["suppress_tokens"] = list(params.suppress_token_ids)
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
@@ -240,6 +243,11 @@ class GenerationEngine:
         return [t for t in ids if t != pad], True
 
 
+def line_break_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Every vocabulary entry that contains a line break (byte-level BPE spells them ``Ċ`` / ``č``)."""
+    return tuple(sorted(i for token, i in tokenizer.get_vocab().items() if "Ċ" in token or "č" in token))
+
+
 def strip_think(text: str) -> str:
     """Drop a leading Qwen3 ``<think>…</think>`` block (the Teacher's, or an empty one)."""
     head, sep, tail = text.partition(THINK_CLOSE)
@@ -252,8 +260,11 @@ def make_sampler(params: SamplingParams, eos_token_ids: Sequence[int]) -> Any:
     End-of-sequence tokens are forbidden before ``min_new_tokens``.
     """
     eos = torch.tensor(list(eos_token_ids))
+    suppressed = torch.tensor(list(params.suppress_token_ids), dtype=torch.long)
 
     def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
+        if suppressed.numel():
+            logits = logits.index_fill(-1, suppressed.to(logits.device), float("-inf"))
         if step < params.min_new_tokens:
             logits = logits.index_fill(-1, eos.to(logits.device), float("-inf"))
         if not params.do_sample:

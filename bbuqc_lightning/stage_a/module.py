@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 
-from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.stage_a.records import clean_summary
 from bbuqc_lightning.tracking.wandb import log_table
@@ -35,8 +35,13 @@ class StageAModule(L.LightningModule):
             raise ValueError(f"Stage-A needs a vision-language model (model.kind=vl), got {bundle.kind!r}")
         self.model = bundle.model
         self.engine = GenerationEngine(bundle.model, bundle.processor)
+        # A summary is one line: line-break tokens are never generated (clean_summary still guards).
         self.sampling = SamplingParams(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            suppress_token_ids=line_break_token_ids(bundle.tokenizer),
         )
         self.num_table_samples = num_table_samples
         self.run_summary: dict[str, float] = {}
