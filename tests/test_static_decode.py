@@ -55,7 +55,7 @@ def test_greedy_images_of_different_sizes(varied: ModelBundle) -> None:
 def test_prefix_sharing_repeats_each_prompt(varied: ModelBundle) -> None:
     # top_k=1 sampling is deterministic, so every shared-prefix sample must equal the greedy answer.
     shared = SamplingParams(max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3)
-    greedy, static = both(varied, TEXT, SamplingParams(max_new_tokens=8))
+    greedy, _ = both(varied, TEXT, SamplingParams(max_new_tokens=8))
     _, samples = both(varied, TEXT, shared)
     assert samples == [greedy[0]] * 3 + [greedy[1]] * 3
 
