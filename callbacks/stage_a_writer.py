@@ -20,11 +20,14 @@ DataModule filters in ``predict_dataloader``). Whatever the wiring, a group alre
 written again (counted in ``groups_already_written``). A torn last line is cut before appending.
 
 DDP: each rank must receive *whole* groups (``use_distributed_sampler=False`` and a DataModule that
-splits records by rank). Rank ``k`` appends to ``<output>.rank<k>.jsonl``; in ``on_predict_end``, after a
-barrier, rank 0 appends every shard line whose ``ticket_key`` is not yet in the output, then deletes the
-shards (also any shards of an earlier killed run, whatever its world size). A kill during the merge is
-harmless: the rerun re-reads main + shards and merges with the same dedupe. Pass
-``trainer.predict(..., return_predictions=False)`` so predictions are not also kept in memory.
+splits records by rank). Rank ``k`` appends to ``<output>.rank<k>.jsonl``; at the end, after a barrier,
+rank 0 appends every shard line whose ``ticket_key`` is not yet in the output, then deletes the shards
+(also any shards of an earlier killed run, whatever its world size). A kill during the merge is
+harmless: the rerun re-reads main + shards and merges with the same dedupe. The merge runs in
+``teardown``, not ``on_predict_end``: Lightning skips the predict loop, and all its hooks, on a rank whose
+dataloader is empty (a resumed run with nothing left for that rank, or nothing left at all), and the
+leftover shards must still be merged. Pass ``trainer.predict(..., return_predictions=False)`` so
+predictions are not also kept in memory.
 """
 
 from __future__ import annotations
@@ -158,10 +161,18 @@ class StageAJsonlWriter(BasePredictionWriter):
             self.add(meta["record"], int(meta["image_index"]), int(meta["num_images"]), summary)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()  # this rank's lines are all durable; the merge waits for every rank (teardown)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Merge the shards (rank 0) once every rank is done; every rank gets here, batches or not."""
+        if stage != "predict":
+            return
         self._close()
         trainer.strategy.barrier("stage_a_writer_shards_done")
         if trainer.is_global_zero:
             self.groups_merged = merge_shards(self.output, fsync=self.fsync)
+            with JsonlAppender(self.output, fsync=self.fsync):  # an empty output is still an output
+                pass
         trainer.strategy.barrier("stage_a_writer_merged")
         log.info(
             "Stage-A writer (rank %d): %d groups / %d images written, %d already written, %d merged -> %s",

@@ -109,6 +109,9 @@ class GenerationEngine:
         """Render and tokenise a batch with left padding; images in conversation order."""
         texts = [self.render(conv) for conv in conversations]
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if self._use_static():
+            # Prompt lengths in buckets of 64: the compiled decode step then sees few distinct shapes.
+            kwargs["pad_to_multiple_of"] = 64
         flat_images = [img for group in images for img in group] if images else []
         if flat_images:
             kwargs["images"] = flat_images

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 from bbuqc_lightning.models.decoder import (
     language_model,
@@ -38,7 +38,9 @@ class StaticDecoder:
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model
         self.compile = compile
-        self._compiled: dict[tuple, StepFn] = {}
+        # One cache + step per (rows, cache length), reused across calls: a compiled step keeps its graph
+        # only while the cache tensors it closes over stay the same objects.
+        self._slots: dict[tuple[int, int], tuple[StaticCache, StepFn]] = {}
 
     @torch.no_grad()
     def generate(
@@ -57,9 +59,8 @@ class StaticDecoder:
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         batch, prompt_len = input_ids.shape
         rows = batch * num_samples
-        cache = StaticCache(config=self.model.config, max_cache_len=prompt_len + max_new_tokens)
-        logits, offsets = self._prefill(inputs, cache)
-        _repeat_cache(cache, num_samples)
+        cache, step_fn = self._slot(rows, prompt_len + max_new_tokens)
+        logits, offsets = self._prefill(inputs, cache, num_samples)
         offsets = offsets.repeat_interleave(num_samples, dim=0)
         mask = torch.zeros(
             rows, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=input_ids.device
@@ -69,7 +70,6 @@ class StaticDecoder:
         eos = torch.tensor(eos_token_ids, device=input_ids.device)
         out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
         finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        step_fn = self._step_fn(cache, rows, mask.shape[1])
         for t in range(max_new_tokens):
             tokens = sample(logits, t)
             out[:, t] = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
@@ -81,8 +81,15 @@ class StaticDecoder:
             logits = step_fn(out[:, t : t + 1].clone(), positions, mask)
         return torch.cat([input_ids.repeat_interleave(num_samples, dim=0), out], dim=1)
 
+    def _slot(self, rows: int, length: int) -> tuple[StaticCache, StepFn]:
+        key = (rows, length)
+        if key not in self._slots:
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            self._slots[key] = (cache, self._step_fn(cache))
+        return self._slots[key]
+
     def _prefill(
-        self, inputs: dict[str, torch.Tensor], cache: StaticCache
+        self, inputs: dict[str, torch.Tensor], cache: StaticCache, num_samples: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompts once; return last-position logits and each row's first decode position.
 
@@ -91,17 +98,19 @@ class StaticDecoder:
         """
         attention_mask = inputs["attention_mask"]
         _clear_rope_deltas(self.model)
-        kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+        prefill_cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        kwargs: dict[str, Any] = {"past_key_values": prefill_cache, "use_cache": True, "logits_to_keep": 1}
         if "pixel_values" not in inputs:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         out = self.model(**inputs, **kwargs)
+        _load_static(cache, prefill_cache, num_samples)
         valid = attention_mask.sum(dim=1).long()
         deltas = _rope_deltas(self.model)
         if deltas is not None:
             valid = valid + deltas.view(-1).to(valid.device).long()
         return out.logits[:, -1].float(), valid
 
-    def _step_fn(self, cache: StaticCache, rows: int, length: int) -> StepFn:
+    def _step_fn(self, cache: StaticCache) -> StepFn:
         lm = language_model(self.model)
         head = output_embedding(self.model)
         mrope = uses_mrope(lm)
@@ -115,20 +124,26 @@ class StaticDecoder:
 
         if not self.compile:
             return step
-        # One compiled graph per (rows, length): GRPO and Stage-A batches repeat the same shapes.
+        # One compiled graph per slot: GRPO and Stage-A batches repeat the same shapes.
         return torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
 
 
-def _repeat_cache(cache: StaticCache, n: int) -> None:
-    """Repeat every layer's keys/values ``n`` times along the batch (prefix sharing)."""
-    if n == 1:
-        return
-    for layer in cache.layers:
-        layer.keys = layer.keys.repeat_interleave(n, dim=0)
-        layer.values = layer.values.repeat_interleave(n, dim=0)
-        layer.batch_size = layer.keys.shape[0]
-        torch._dynamo.mark_static_address(layer.keys)
-        torch._dynamo.mark_static_address(layer.values)
+def _load_static(cache: StaticCache, prefill: DynamicCache, n: int) -> None:
+    """Copy the prefilled keys/values into the static cache, each prompt's rows repeated ``n`` times.
+
+    Copies happen in place, so the static tensors keep their addresses (CUDA graphs depend on it).
+    """
+    for static, dynamic in zip(cache.layers, prefill.layers, strict=True):
+        keys = dynamic.keys.repeat_interleave(n, dim=0)
+        values = dynamic.values.repeat_interleave(n, dim=0)
+        if not static.is_initialized:
+            static.lazy_initialization(keys, values)
+        length = keys.shape[2]
+        static.keys.zero_()
+        static.values.zero_()
+        static.keys[:, :, :length].copy_(keys)
+        static.values[:, :, :length].copy_(values)
+        static.cumulative_length.fill_(length)
 
 
 def _inner_with_deltas(model: nn.Module) -> list[nn.Module]:

@@ -46,7 +46,12 @@ from bbuqc_lightning.grpo.rollout import Rollout, generate_rollout
 from bbuqc_lightning.models.decoder import output_embedding
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.models.lora import apply_last_k_lora, num_text_layers
-from bbuqc_lightning.stage_b.contract import parse_verdict
+from bbuqc_lightning.stage_b.evaluation import (
+    TABLE_COLUMNS,
+    evaluate_greedy,
+    score_outputs,
+    update_verdict_metrics,
+)
 from bbuqc_lightning.stage_b.metrics import VerdictMetrics
 from bbuqc_lightning.tracking.rng import rng_state, set_rng_state
 from bbuqc_lightning.tracking.wandb import log_table
@@ -241,38 +246,15 @@ class GRPOModule(L.LightningModule):
         self.log_dict(
             {k: v.float() for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=len(rewards)
         )
-        self._update_verdicts(self.train_verdicts, rollout.texts, rollout.samples)
+        update_verdict_metrics(self.train_verdicts, score_outputs(rollout.samples, rollout.texts))
         self.log_dict(self.train_verdicts.compute(), on_step=True, batch_size=len(rewards))
         self.train_verdicts.reset()
 
     # --------------------------------------------------------------- evaluation
     def _greedy_step(self, batch: list[dict[str, Any]], metric: VerdictMetrics) -> None:
-        outputs = self.engine.generate([s["messages"] for s in batch], self.greedy)
-        texts = [out[0].text for out in outputs]
-        verdicts = self._update_verdicts(metric, texts, batch)
-        for sample, text, verdict in zip(batch, texts, verdicts, strict=True):
-            if len(self._val_rows) < self.num_table_samples:
-                self._val_rows.append(
-                    [
-                        sample["ticket_key"],
-                        sample["task_type"],
-                        sample["group_label"],
-                        text,
-                        verdict.verdict,
-                        verdict.valid,
-                    ]
-                )
-
-    @staticmethod
-    def _update_verdicts(metric: VerdictMetrics, texts: list[str], samples: list[dict[str, Any]]) -> list:
-        verdicts = [parse_verdict(t, s.get("summaries")) for t, s in zip(texts, samples, strict=True)]
-        metric.update(
-            [v.verdict for v in verdicts],
-            [s["group_label"] for s in samples],
-            [s["task_type"] for s in samples],
-            [v.valid for v in verdicts],
-        )
-        return verdicts
+        answers = evaluate_greedy(self.engine, batch, self.greedy, metric)
+        room = self.num_table_samples - len(self._val_rows)
+        self._val_rows.extend(answer.table_row() for answer in answers[: max(room, 0)])
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         self._greedy_step(batch, self.val_verdicts)
@@ -289,8 +271,7 @@ class GRPOModule(L.LightningModule):
     def _end_eval(self, metric: VerdictMetrics, split: str) -> None:
         self.log_dict(metric.compute())
         metric.reset()
-        columns = ["ticket_key", "mission", "label", "output", "verdict", "valid"]
-        log_table(self.trainer, f"{split}/completions", columns, self._val_rows)
+        log_table(self.trainer, f"{split}/completions", TABLE_COLUMNS, self._val_rows)
         self._val_rows = []
 
     # -------------------------------------------------------------- plumbing

@@ -5,6 +5,12 @@ Each dataset item is one image of one group. Batches carry ``meta`` (per image: 
 group's line once all its images are summarised. Under DDP every rank gets whole groups (a group is never
 split across ranks), so each rank can complete and write its own groups; run with
 ``use_distributed_sampler=False`` (the stage_a experiment sets it).
+
+The groups still to do (not yet in the output) are split across ranks when the dataloader is built, after
+the writer has filled :attr:`StageADataModule.skip_ticket_keys`: a resumed DDP run shares the remaining
+work evenly, and a rank left with nothing (everything done, or fewer groups than ranks) gets an empty
+dataloader, which Lightning accepts (``allow_zero_length_dataloader_with_multiple_devices``) and the
+writer and module handle (their cross-rank steps run in ``teardown``, which every rank reaches).
 """
 
 from __future__ import annotations
@@ -88,8 +94,14 @@ class StageADataModule(L.LightningDataModule):
         self.synthetic = synthetic
         # Filled by the JSONL writer callback on resume: groups already in the output file.
         self.skip_ticket_keys: set[str] = set()
-        self.records: list[GroupRecord] = []
-        self.skipped: list[tuple[str, str]] = []  # (path, reason) of groups skipped with strict=false
+        # Under DDP a rank may have no group left to do: an empty dataloader is fine (see module docstring).
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+        self.scanned: list[GroupRecord] = []  # every group of the tree (same on every rank)
+        self.records: list[GroupRecord] = []  # this rank's groups to summarise in this run (valid images)
+        # (path, reason) of groups skipped with strict=false: the scan's (the same on every rank) first,
+        # then this rank's groups with a bad image. `scan_skipped` counts the former.
+        self.skipped: list[tuple[str, str]] = []
+        self.scan_skipped = 0
         self.dataset: StageAImages | None = None
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
@@ -106,15 +118,10 @@ class StageADataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         scan = scan_tree(self.root, strict=self.strict)
+        self.scanned = scan.records
         self.skipped = [(str(s.path), s.reason) for s in scan.skipped]
-        # Split by rank first so each rank decodes only its own groups while validating them.
-        self.records = [r for r in self._this_rank(scan.records) if self._images_ok(r)]
-        log.info(
-            "Stage-A: %d groups on this rank (%d scanned, %d skipped)",
-            len(self.records),
-            len(scan.records),
-            len(self.skipped),
-        )
+        self.scan_skipped = len(self.skipped)
+        log.info("Stage-A: %d groups scanned, %d folders skipped", len(scan.records), len(self.skipped))
 
     def _images_ok(self, record: GroupRecord) -> bool:
         """Strict: raise on the first bad image. Non-strict: skip the whole group, named and counted."""
@@ -138,14 +145,20 @@ class StageADataModule(L.LightningDataModule):
         return getattr(self, "trainer", None) is not None
 
     def predict_dataloader(self) -> DataLoader:
-        # Built after every setup hook, so the writer callback has filled skip_ticket_keys (resume).
-        todo = [r for r in self.records if r.ticket_key not in self.skip_ticket_keys]
-        items = [ImageItem(r, i) for r in todo for i in range(len(r.image_paths))]
+        # Built after every setup hook, so the writer callback has filled skip_ticket_keys (resume). Only the
+        # groups still to do are split across ranks, then this rank's are validated (images decoded once).
+        todo = [r for r in self.scanned if r.ticket_key not in self.skip_ticket_keys]
+        del self.skipped[self.scan_skipped :]  # a second call must not count this rank's skips twice
+        self.records = [r for r in self._this_rank(todo) if self._images_ok(r)]
+        items = [ImageItem(r, i) for r in self.records for i in range(len(r.image_paths))]
         log.info(
-            "Stage-A: %d groups already written, %d groups / %d images to summarise",
-            len(self.records) - len(todo),
+            "Stage-A: %d groups already written, %d to do; this rank: %d groups / %d images to summarise "
+            "(%d skipped)",
+            len(self.scanned) - len(todo),
             len(todo),
+            len(self.records),
             len(items),
+            len(self.skipped) - self.scan_skipped,
         )
         self.dataset = StageAImages(items, self.prompts, self.min_pixels, self.max_pixels)
         return DataLoader(

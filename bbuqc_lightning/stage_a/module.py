@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
 from bbuqc_lightning.models.factory import ModelBundle
@@ -19,7 +20,12 @@ from bbuqc_lightning.tracking.wandb import log_table
 
 
 class StageAModule(L.LightningModule):
-    """Image -> one-line summary. Returns ``{"ticket_key", "image_index", "summary"}`` per batch."""
+    """Image -> one-line summary. Returns ``{"ticket_key", "image_index", "summary"}`` per batch.
+
+    ``run_summary`` (in metrics.json, the loggers and ``trainer.callback_metrics``), summed over ranks:
+    ``stage_a/images`` and ``stage_a/groups`` summarised in this run (a resumed run counts only what it
+    did), ``stage_a/skipped_groups`` (``data.strict=false``), ``stage_a/images_per_s``.
+    """
 
     def __init__(
         self,
@@ -77,17 +83,38 @@ class StageAModule(L.LightningModule):
             if len(self._samples) < self.num_table_samples:
                 self._samples.append((image, meta["ticket_key"], summary))
 
-    def on_predict_epoch_end(self) -> None:
-        datamodule = self.trainer.datamodule
-        self.run_summary = {
-            "stage_a/images": float(self._images),
-            "stage_a/images_per_s": self._images / self._seconds if self._seconds else 0.0,
-            "stage_a/groups": float(len(getattr(datamodule, "records", []))),
-            "stage_a/skipped_groups": float(len(getattr(datamodule, "skipped", []))),
-        }
+    def teardown(self, stage: str) -> None:
+        """The run summary, over all ranks: every rank reaches ``teardown``, even one that had no batch
+        (a resumed run may leave a rank nothing to do), which ``on_predict_epoch_end`` does not guarantee.
+        """
+        if stage != "predict" or self._trainer is None:
+            return
+        self.run_summary = self._global_summary()
+        # Spawned/forked DDP ranks run in child processes: train() in the parent reads callback_metrics,
+        # which Lightning carries back from rank 0 (the module's attributes stay behind).
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.run_summary.items()})
         for logger in self.trainer.loggers:
             logger.log_metrics(self.run_summary, step=0)
         self._log_samples()
+
+    def _global_summary(self) -> dict[str, float]:
+        datamodule = self.trainer.datamodule
+        skipped = len(getattr(datamodule, "skipped", []))
+        shared = getattr(datamodule, "scan_skipped", 0)  # found by the scan on every rank: count once
+        groups = len(getattr(datamodule, "records", []))
+        strategy = self.trainer.strategy
+        device = strategy.root_device
+        sums = torch.tensor([self._images, groups, skipped - shared], dtype=torch.float64, device=device)
+        images, groups, skipped = strategy.reduce(sums, reduce_op="sum").tolist()
+        # Ranks generate in parallel: throughput is all images over the slowest rank's generation time.
+        seconds_t = torch.tensor(self._seconds, dtype=torch.float64, device=device)
+        seconds = float(strategy.reduce(seconds_t, reduce_op="max"))
+        return {
+            "stage_a/images": images,
+            "stage_a/images_per_s": images / seconds if seconds else 0.0,
+            "stage_a/groups": groups,
+            "stage_a/skipped_groups": skipped + shared,
+        }
 
     def _log_samples(self) -> None:
         if not self._samples:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -67,6 +67,18 @@ def log_table(
     if logger is None or not trainer.is_global_zero or not rows:
         return
     logger.log_table(key=key, columns=list(columns), data=[list(r) for r in rows], step=trainer.global_step)
+
+
+def log_images(trainer: Trainer | None, images: Mapping[str, str | Path]) -> None:
+    """Log image files as W&B media, one key each (rank 0 only); a no-op without a W&B logger.
+
+    >>> log_images(trainer, {"test/confusion/bbu_grounding": "run/confusion/bbu_grounding.png"})  # doctest: +SKIP
+    """
+    logger = find_wandb_logger(trainer)
+    if logger is None or not trainer.is_global_zero:
+        return
+    for key, path in images.items():
+        logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
 
 
 def log_artifact(trainer: Trainer | None, path: str | Path, name: str, artifact_type: str) -> None:

@@ -1,0 +1,157 @@
+"""The fusion sampler: SPEC §9 quotas per epoch, seeded by ``(seed, epoch)``, DDP-sliced, resumable.
+
+Quotas (fixed for a run, since they depend only on data sizes and ratios):
+
+- a target contributes ``round(len x ratio)`` rows per epoch;
+- a source contributes ``round(ratio x sum of target quotas)`` rows per epoch;
+- ``round`` is Python's (half to even); a zero quota switches an entry off.
+
+Drawing (a fresh ``numpy.random.default_rng([seed, epoch])`` per epoch, entries in file order):
+
+- with replacement (the default): ``quota`` rows drawn i.i.d.; a row's probability is proportional to
+  its weight, ``fail_oversample`` for rows labelled ``fail`` and 1 otherwise — so oversampling changes
+  the *share* of fail rows inside an entry's quota, never the quota (the mix stays as configured);
+- ``sample_without_replacement: true``: ``quota // len`` full passes over the rows plus
+  ``quota % len`` distinct rows (weighted the same way). With ratio 1 every row is seen exactly once,
+  and ``fail_oversample`` then only matters for the partial pass.
+
+The drawn rows of all entries are concatenated and shuffled together, so every batch mixes entries.
+
+DDP: the epoch's list is cut to a multiple of the world size (at most ``world - 1`` rows are dropped;
+which ones changes every epoch) and rank ``r`` takes ``list[r::world]``: disjoint, equal-length slices.
+
+Resume: :meth:`FusionSampler.resume` makes the next iteration of ``epoch`` start at ``position`` (this
+rank's rows already consumed). Because slices are strided, a checkpoint written with one world size
+resumes under another one at the same global position (exactly when the positions divide evenly).
+
+Example::
+
+    >>> pools = [Pool("summary", "target", 10, 1.0), Pool("chat", "source", 50, 0.5)]
+    >>> epoch_quotas(pools)
+    {'summary': 10, 'chat': 5}
+    >>> s = FusionSampler(pools, seed=0)
+    >>> len(s), sorted(s.epoch_order(0)) == sorted(s.epoch_order(0))
+    (15, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class Pool:
+    """What the sampler needs to know of one entry's training rows."""
+
+    name: str
+    role: str  # "target" | "source"
+    size: int
+    ratio: float
+    without_replacement: bool = False
+    weights: tuple[float, ...] | None = None  # per-row draw weight (fail oversampling); None = uniform
+
+
+def epoch_quotas(pools: Sequence[Pool]) -> dict[str, int]:
+    """Rows per epoch for every pool (SPEC §9); raises ``ValueError`` for a quota on an empty pool."""
+    quotas = {p.name: round(p.size * p.ratio) for p in pools if p.role == "target"}
+    total = sum(quotas.values())
+    quotas |= {p.name: round(p.ratio * total) for p in pools if p.role == "source"}
+    empty = [p.name for p in pools if p.size == 0 and (p.role == "source" and quotas[p.name] > 0)]
+    if empty:
+        raise ValueError(f"fusion sources {empty} have a quota but no rows")
+    return {p.name: quotas[p.name] for p in pools}
+
+
+def draw(pool: Pool, quota: int, rng: np.random.Generator) -> np.ndarray:
+    """``quota`` row indices of ``pool`` (see the module docstring for the two modes)."""
+    if quota <= 0 or pool.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    p = None
+    if pool.weights is not None:
+        weights = np.asarray(pool.weights, dtype=np.float64)
+        p = weights / weights.sum()
+    if not pool.without_replacement:
+        return rng.choice(pool.size, size=quota, replace=True, p=p)
+    full, rest = divmod(quota, pool.size)
+    parts = [np.tile(np.arange(pool.size), full)]
+    if rest:
+        # A weighted draw without replacement needs at least `rest` rows of non-zero weight.
+        if p is not None and np.count_nonzero(p) < rest:
+            p = None
+        parts.append(rng.choice(pool.size, size=rest, replace=False, p=p))
+    return np.concatenate(parts).astype(np.int64)
+
+
+class FusionSampler(Sampler[int]):
+    """Yields global row indices (pools laid end to end, in order) for one rank, one epoch at a time.
+
+    Lightning calls :meth:`set_epoch` before every epoch; ``len`` is this rank's full epoch length (also
+    after a resume, when the first ``position`` rows are skipped), which is what Lightning expects.
+    """
+
+    def __init__(self, pools: Sequence[Pool], seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.pools = list(pools)
+        self.seed = int(seed)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.quotas = epoch_quotas(self.pools)
+        self.offsets = np.cumsum([0] + [p.size for p in self.pools])[:-1]
+        self.total = sum(self.quotas.values())
+        self.num_samples = self.total // num_replicas
+        if self.num_samples == 0:
+            raise ValueError(
+                f"the fusion epoch has {self.total} rows for {num_replicas} rank(s); quotas: {self.quotas}"
+            )
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The whole epoch's global indices, shuffled (all ranks compute the same list)."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        parts = [
+            self.offsets[i] + draw(pool, self.quotas[pool.name], rng) for i, pool in enumerate(self.pools)
+        ]
+        order = np.concatenate(parts)[rng.permutation(self.total)]
+        return order.tolist()
+
+    def rank_indices(self, epoch: int) -> list[int]:
+        """This rank's slice of the epoch (strided, equal lengths on every rank)."""
+        order = self.epoch_order(epoch)[: self.num_samples * self.num_replicas]
+        return order[self.rank :: self.num_replicas]
+
+    def resume(self, epoch: int, position: int, num_replicas: int | None = None) -> None:
+        """Start the next iteration of ``epoch`` after ``position`` rows (counted on ``num_replicas`` ranks)."""
+        if num_replicas and num_replicas != self.num_replicas:
+            position = position * num_replicas // self.num_replicas
+        self.epoch = int(epoch)
+        self._resume = (int(epoch), max(0, int(position)))
+
+    def __iter__(self) -> Iterator[int]:
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        yield from self.rank_indices(self.epoch)[start:]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def state(self, position: int) -> dict[str, Any]:
+        """What a checkpoint needs to resume this epoch after ``position`` consumed rows."""
+        return {
+            "epoch": self.epoch,
+            "position": int(position),
+            "num_replicas": self.num_replicas,
+            "seed": self.seed,
+            "quotas": dict(self.quotas),
+        }

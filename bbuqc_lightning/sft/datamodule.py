@@ -1,0 +1,232 @@
+"""Fusion DataModule: named JSONL data sets mixed by ratio per epoch (SPEC §9) -> SFT batches.
+
+- ``prepare_data``: checks every file the fusion file names; when some are missing and the embedded
+  synthetic data is configured, generates the synthetic tree and its fusion JSONL files first.
+- ``setup``: reads every entry's rows (:mod:`bbuqc_lightning.fusion.rows`), located errors on bad rows.
+- training: one :class:`~bbuqc_lightning.fusion.sampler.FusionSampler` over all entries (quotas per
+  epoch, reseeded by ``(seed, epoch)``, this rank's slice), in a :class:`FusionLoader` whose state
+  (epoch, rows consumed) is saved in Lightning checkpoints, so ``ckpt_path=...`` resumes mid-epoch on
+  the exact next batch. The sampler splits ranks itself: run with ``trainer.use_distributed_sampler=false``
+  (the ``fusion_sft`` experiment sets it).
+- validation: one loader per target that has a ``val_jsonl`` (sources are never validated), each row
+  once, so the module logs ``val/loss/<target>``.
+
+Example::
+
+    dm = FusionDataModule("default", processor=bundle.processor, templates=cfg.data.templates,
+                          variables={"synthetic_dir": "data/synthetic"})
+    dm.prepare_data(); dm.setup("fit"); batch = next(iter(dm.train_dataloader()))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bbuqc_lightning.fusion.config import FusionConfig, FusionEntry, load_fusion_config
+from bbuqc_lightning.fusion.rows import read_entry_samples
+from bbuqc_lightning.fusion.sampler import FusionSampler, Pool
+from bbuqc_lightning.sft.collator import SFTCollator
+from bbuqc_lightning.stage_a.prompts import stage_a_prompt
+
+log = logging.getLogger(__name__)
+
+
+class FusionLoader(DataLoader):
+    """A DataLoader over a :class:`FusionSampler` whose ``state_dict`` Lightning stores in checkpoints.
+
+    ``progress()`` returns the batches this epoch already *trained on* (Lightning's counter, which is
+    right even when worker processes have fetched ahead); without it, batches handed out are counted.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._handed_out = 0
+
+    def __iter__(self) -> Any:
+        self._handed_out = 0
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if not isinstance(self.sampler, FusionSampler):  # Lightning swapped it (overfit_batches): no state
+            return {}
+        done = self.progress() if self.progress is not None else None
+        batches = self._handed_out if done is None else done
+        return self.sampler.state(position=batches * int(self.batch_size or 1))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        sampler = self.sampler
+        if not state or not isinstance(sampler, FusionSampler):
+            return
+        if state.get("seed") != sampler.seed or dict(state.get("quotas", {})) != sampler.quotas:
+            log.warning(
+                "the checkpoint's fusion sampler (seed %s, quotas %s) differs from this run's (seed %s, "
+                "quotas %s): resuming at the same position of a different epoch order",
+                state.get("seed"),
+                state.get("quotas"),
+                sampler.seed,
+                sampler.quotas,
+            )
+        sampler.resume(int(state["epoch"]), int(state["position"]), state.get("num_replicas"))
+
+
+class FusionDataModule(L.LightningDataModule):
+    """Reads a fusion file and serves ratio-mixed training batches and per-target validation batches."""
+
+    def __init__(
+        self,
+        fusion: str,
+        processor: Any,
+        templates: Mapping[str, Mapping[str, Any]],
+        variables: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        batch_size: int = 4,
+        val_batch_size: int = 8,
+        num_workers: int = 0,
+        max_length: int | None = 2048,
+        on_overflow: Literal["error", "truncate"] = "error",
+        strict: bool = True,
+        min_pixels: int = 4096,
+        max_pixels: int = 1024 * 768,
+        synthetic: Mapping[str, Any] | None = None,
+        synthetic_sources: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.fusion = fusion
+        self.templates = {name: dict(block) for name, block in templates.items()}
+        # Variables come from the run config, so relative paths there mean the working directory (a
+        # relative path written in a fusion file itself is relative to that file).
+        self.variables = {k: _absolute(v) for k, v in (variables or {}).items()}
+        self.seed = seed
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.strict = strict
+        self.synthetic = synthetic
+        self.synthetic_sources = synthetic_sources
+        self.collator = SFTCollator(processor, max_length, on_overflow, min_pixels, max_pixels)
+        self.config: FusionConfig | None = None
+        self.train_rows: list[dict[str, Any]] = []
+        self.pools: list[Pool] = []
+        self.val_rows: dict[str, list[dict[str, Any]]] = {}
+        self.skipped = 0
+
+    # ------------------------------------------------------------------ reading
+    def load_config(self) -> FusionConfig:
+        return load_fusion_config(self.fusion, self.variables, bbu_templates=self.templates)
+
+    def prepare_data(self) -> None:
+        missing = _missing_files(self.load_config())
+        if missing and self.synthetic and self.synthetic_sources:
+            from bbuqc_lightning.data.synthetic import ensure_synthetic
+            from bbuqc_lightning.fusion.synthetic_sources import ensure_fusion_sources
+
+            root = ensure_synthetic(**self.synthetic)
+            ensure_fusion_sources(synthetic_dir=root, **self.synthetic_sources)
+            missing = _missing_files(self.load_config())
+        if missing:
+            raise FileNotFoundError("fusion data not found: " + "; ".join(missing))
+
+    def prompt(self, template: str, mission: str) -> str:
+        """The ``template``'s prompt for ``mission`` (``dataset: bbu`` rows)."""
+        return stage_a_prompt(self.templates[template], mission)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.config is not None:
+            return
+        self.config = config = self.load_config()
+        self.train_rows, self.pools = [], []
+        for entry in config.entries:
+            rows = self._read(entry, "train") if entry.ratio > 0 else []
+            self.pools.append(_pool(entry, rows))
+            self.train_rows += rows
+        self.val_rows = {e.name: self._read(e, "val") for e in config.targets if e.val_jsonl is not None}
+        sizes = {p.name: p.size for p in self.pools}
+        log.info("fusion %s: rows %s, quotas per epoch %s", config.path, sizes, self._sampler().quotas)
+
+    def _read(self, entry: FusionEntry, split: str) -> list[dict[str, Any]]:
+        rows, skipped = read_entry_samples(entry, split, self.prompt, strict=self.strict)
+        self.skipped += skipped
+        return rows
+
+    # --------------------------------------------------------------- loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _sampler(self) -> FusionSampler:
+        world, rank = self._world()
+        return FusionSampler(self.pools, seed=self.seed, num_replicas=world, rank=rank)
+
+    def _batches_done(self) -> int | None:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> FusionLoader:
+        world, _ = self._world()
+        trainer = self.trainer
+        if world > 1 and trainer is not None and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "the fusion sampler splits ranks itself: set trainer.use_distributed_sampler=false"
+            )
+        return FusionLoader(
+            self.train_rows,
+            batch_size=self.batch_size,
+            sampler=self._sampler(),
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            progress=self._batches_done,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        world, rank = self._world()
+        loaders = []
+        for rows in self.val_rows.values():
+            sampler = DistributedSampler(rows, world, rank, shuffle=False) if world > 1 else None
+            loaders.append(
+                DataLoader(
+                    rows,
+                    batch_size=self.val_batch_size,
+                    sampler=sampler,
+                    collate_fn=self.collator,
+                    num_workers=self.num_workers,
+                )
+            )
+        return loaders
+
+    @property
+    def dataset_names(self) -> list[str]:
+        """Every entry's name, targets first (the keys of ``train/loss/<name>``)."""
+        return [p.name for p in self.pools]
+
+
+def _pool(entry: FusionEntry, rows: list[dict[str, Any]]) -> Pool:
+    """The sampler's view of an entry: fail rows weigh ``fail_oversample`` (uniform when none is fail)."""
+    weights = None
+    if entry.fail_oversample != 1.0 and any(r["label"] == "fail" for r in rows):
+        weights = tuple(entry.fail_oversample if r["label"] == "fail" else 1.0 for r in rows)
+    return Pool(entry.name, entry.role, len(rows), entry.ratio, entry.sample_without_replacement, weights)
+
+
+def _absolute(value: Any) -> Any:
+    return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value else value
+
+
+def _missing_files(config: FusionConfig) -> list[str]:
+    missing = []
+    for entry in config.entries:
+        paths: list[Path | None] = [entry.train_jsonl if entry.ratio > 0 else None]
+        paths += [entry.val_jsonl] if entry.role == "target" else []
+        missing += [f"{p} ({entry.where}, {entry.name})" for p in paths if p is not None and not p.is_file()]
+    return missing

@@ -1,0 +1,63 @@
+"""Where the fusion SFT starts from, and its trainable boundary (LoRA on the top K LLM layers).
+
+Three starting points (SPEC §9: "init from an existing checkpoint, the summary model"):
+
+1. a base folder or hub id: ``model.model_name_or_path=/models/Qwen3-VL-4B-Instruct``;
+2. a merged folder (``tools/export.py`` output): the same key, the folder loads like a base;
+3. a base + a peft adapter: ``module.init.adapter=/runs/summary/adapter`` with
+   ``module.init.adapter_mode``:
+   - ``merge`` (default): the adapter is merged into the weights, then fresh LoRA is added on the last
+     K layers — the summary model becomes the new base, and the output adapter applies to it;
+   - ``continue``: the adapter itself keeps training (its own layers and rank; ``module.lora`` is not
+     used), so base + one adapter stays the deployable pair.
+
+Either way only LoRA weights train: the vision tower and the aligner (``merger``,
+``deepstack_merger_list``) stay frozen, and a ``continue`` adapter that touches them is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from bbuqc_lightning.models.lora import apply_last_k_lora, trainable_parameter_names
+
+log = logging.getLogger(__name__)
+
+ADAPTER_MODES = ("merge", "continue")
+
+
+def build_trainable_model(
+    model: PreTrainedModel,
+    lora: Mapping[str, Any] | None = None,
+    adapter: str | None = None,
+    adapter_mode: str = "merge",
+) -> PeftModel:
+    """``model`` wrapped for SFT: LoRA on the last K layers (``lora``), optionally from an adapter."""
+    if adapter_mode not in ADAPTER_MODES:
+        raise ValueError(f"module.init.adapter_mode must be one of {ADAPTER_MODES}, got {adapter_mode!r}")
+    lora = dict(lora or {})
+    if adapter is None:
+        return apply_last_k_lora(model, **lora)
+    if adapter_mode == "merge":
+        log.info("merging the init adapter %s into the base, then adding LoRA %s", adapter, lora)
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        return apply_last_k_lora(merged, **lora)
+    log.info("continuing to train the init adapter %s (module.lora is not used)", adapter)
+    peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    touched = [n for n in trainable_parameter_names(peft_model) if _in_vision(n)]
+    if touched:
+        raise ValueError(
+            f"the init adapter {adapter} trains vision/aligner weights ({touched[:3]}...); they must stay "
+            "frozen: use module.init.adapter_mode=merge"
+        )
+    return peft_model
+
+
+def _in_vision(name: str) -> bool:
+    parts = name.split(".")
+    return "visual" in parts

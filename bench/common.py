@@ -1,0 +1,72 @@
+"""Shared benchmark helpers: a real-size Qwen3-VL with random weights built directly on the GPU, timers.
+
+Not a test: run on a GPU machine, results go to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import Qwen3VLForConditionalGeneration
+
+from bbuqc_lightning.models.factory import ModelBundle, build_tokenizer, build_vl_processor, vl_config_from_architecture
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def random_bundle(preset: str, device: str, dtype: torch.dtype = torch.bfloat16, max_pixels: int = 786432) -> ModelBundle:
+    """The preset's architecture with random weights, initialised on ``device`` (fast, no CPU copy)."""
+    arch = yaml.safe_load((CONF / f"{preset}.yaml").read_text())["architecture"]
+    config = vl_config_from_architecture(arch)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    tokenizer = build_tokenizer()
+    processor = build_vl_processor(tokenizer, min_pixels=4096, max_pixels=max_pixels)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return ModelBundle(model, processor, tokenizer, "vl", f"random-{preset}")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timer(out: dict[str, float], key: str):
+    sync()
+    start = time.perf_counter()
+    yield
+    sync()
+    out[key] = time.perf_counter() - start
+
+
+def device_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    return info
+
+
+def write(path: str | None, payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text)

@@ -1,0 +1,209 @@
+"""GRPO step speed: our GRPOModule vs TRL 1.16 GRPOTrainer, same model and workload.
+
+Qwen3-VL-4B shape, random bf16 weights, LoRA r16 on the last 4 blocks, beta 0.04, G 8, 8 prompts of
+~1000 tokens (Stage-B prompts), 64 forced new tokens. Run each implementation in its own process so each
+peak-memory figure is its own:
+
+    python bench/grpo.py --impl ours --out grpo_ours.json
+    python bench/grpo.py --impl trl --out grpo_trl.json
+    python bench/grpo.py --impl ours --preset tiny --device cpu --prompt-tokens 200 --steps 2   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import device_info, random_bundle, sync, write  # noqa: E402
+from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE  # noqa: E402
+from bbuqc_lightning.stage_b.builder import build_stage_b_samples, normalise_stage_a_record  # noqa: E402
+from bbuqc_lightning.stage_b.rewards import format_reward, label_reward  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY = "BBU设备/华为,显示完整,机柜空间充足需要安装/这个BBU设备按要求配备了挡风板×1，螺丝、光纤插头/BBU安装螺丝,显示完整,符合要求×3"
+
+
+def prompt_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text).input_ids)
+
+
+def samples(tokenizer: Any, n: int, prompt_tokens: int) -> list[dict[str, Any]]:
+    """``n`` Stage-B samples whose prompts are about ``prompt_tokens`` long."""
+    templates = yaml.safe_load((ROOT / "conf" / "prompts" / "stage_b.yaml").read_text())
+    out = []
+    for i in range(n):
+        images = 1
+        while True:
+            record = normalise_stage_a_record(
+                {
+                    "group_id": f"QC-TEMP-20250101-{i:07d}",
+                    "mission": "挡风板安装检查",
+                    "label": "fail" if i % 2 else "pass",
+                    "per_image": {f"图片_{k + 1}": SUMMARY for k in range(images)},
+                }
+            )
+            sample = build_stage_b_samples([record], templates, None)[0][0]
+            length = prompt_length(tokenizer, sample["messages"])
+            if length >= prompt_tokens:
+                break
+            images += 1
+        out.append(sample)
+    return out
+
+
+def run_ours(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) -> list[float]:
+    import functools
+
+    import lightning as L
+
+    from bbuqc_lightning.grpo.config import GRPOConfig
+    from bbuqc_lightning.grpo.module import GRPOModule
+
+    config = GRPOConfig(
+        num_generations=8, max_new_tokens=args.new_tokens, temperature=0.7, beta=0.04, learning_rate=5e-6
+    )
+    module = GRPOModule(
+        bundle,
+        config,
+        {"label": label_reward, "format": format_reward},
+        functools.partial(torch.optim.AdamW, lr=5e-6),
+        lora={"k": 4, "r": 16, "alpha": 32, "dropout": 0.05},
+        micro_batch_size=args.micro_batch,
+    )
+    module.sampling = replace(module.sampling, min_new_tokens=args.new_tokens)
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *a: Any) -> None:
+            sync()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *a: Any) -> None:
+            sync()
+            times.append(time.perf_counter() - self.start)
+            print(f"ours step {len(times)}: {times[-1]:.2f} s", flush=True)
+
+    loader = torch.utils.data.DataLoader(data, batch_size=len(data), collate_fn=lambda b: b)
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Timer()],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return times
+
+
+def run_trl(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = bundle.tokenizer
+    tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    rows = [{"prompt": s["messages"], "group_label": s["group_label"], "summaries": s["summaries"]} for s in data]
+    config = GRPOConfig(
+        output_dir=str(Path(args.workdir) / "trl"),
+        per_device_train_batch_size=len(data) * 8,
+        num_generations=8,
+        max_completion_length=args.new_tokens,
+        temperature=0.7,
+        beta=0.04,
+        learning_rate=5e-6,
+        bf16=args.device == "cuda",
+        use_cpu=args.device != "cuda",
+        max_steps=args.steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        generation_kwargs={"min_new_tokens": args.new_tokens},
+    )
+    n_layers = bundle.model.config.text_config.num_hidden_layers
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        layers_to_transform=list(range(n_layers - 4, n_layers)),
+        layers_pattern="layers",
+        task_type="CAUSAL_LM",
+    )
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            sync()
+            times.append(time.perf_counter() - self.start)
+            print(f"trl step {len(times)}: {times[-1]:.2f} s", flush=True)
+
+    trainer = GRPOTrainer(
+        model=bundle.model,
+        reward_funcs=[label_reward, format_reward],
+        args=config,
+        train_dataset=Dataset.from_list(rows * args.steps),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", choices=["ours", "trl"], required=True)
+    parser.add_argument("--preset", default="qwen3_vl_4b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--workdir", default="/tmp/bench_grpo")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    bundle = random_bundle(args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+    data = samples(bundle.tokenizer, args.prompts, args.prompt_tokens)
+    prompt_len = prompt_length(bundle.tokenizer, data[0]["messages"])
+    times = (run_ours if args.impl == "ours" else run_trl)(args, bundle, data)
+    steady = times[1:] if len(times) > 1 else times
+    step = statistics.median(steady)
+    completions = args.prompts * 8
+    result = {
+        "impl": args.impl,
+        "config": vars(args),
+        "prompt_tokens": prompt_len,
+        "device": device_info(),
+        "step_seconds": times,
+        "median_step_seconds_after_first": step,
+        "completions_per_s": completions / step,
+    }
+    if torch.cuda.is_available():
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    write(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

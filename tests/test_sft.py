@@ -1,0 +1,252 @@
+"""Fusion SFT with the real tiny Qwen3-VL: assistant-only labels (text and image rows), mixed batches,
+the length guard, init from base + adapter, a training run (every trainable weight moves, nothing else),
+and the ``+experiment=fusion_sft`` entry point end to end."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from bbuqc_lightning.config import config_dir
+from bbuqc_lightning.models.factory import ModelBundle, load_model
+from bbuqc_lightning.models.lora import apply_last_k_lora
+from bbuqc_lightning.sft.collator import IGNORE_INDEX, SFTCollator, SFTLengthError
+from bbuqc_lightning.sft.datamodule import FusionDataModule
+from bbuqc_lightning.sft.loss import weighted_token_mean
+from bbuqc_lightning.sft.module import FusionSFTModule
+from bbuqc_lightning.train import train
+
+IMAGE_PAD_ID = 151655
+PROMPTS = {"common": "描述照片。", "missions": {"BBU接地线检查": "任务：{mission}。"}}
+LORA = {"k": 2, "r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def image(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), color).save(path)
+    return str(path)
+
+
+def text_sample(
+    answer: str = "不通过\n理由: 图片_2螺丝生锈。", source: str = "chat.jsonl:1"
+) -> dict[str, Any]:
+    messages = [
+        {"role": "system", "content": "你是审核员。"},
+        {"role": "user", "content": "请审核工单。"},
+        {"role": "assistant", "content": answer},
+    ]
+    return {
+        "messages": messages,
+        "images": [],
+        "dataset": "chat",
+        "weight": 1.0,
+        "label": None,
+        "source": source,
+    }
+
+
+def image_sample(paths: list[str], answer: str = "电线/捆扎整齐×2") -> dict[str, Any]:
+    content = [{"type": "image"} for _ in paths] + [{"type": "text", "text": "描述照片。"}]
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return {
+        "messages": messages,
+        "images": paths,
+        "dataset": "bbu",
+        "weight": 1.0,
+        "label": None,
+        "source": "bbu:1",
+    }
+
+
+def learnt_text(bundle: ModelBundle, batch: dict[str, Any], row: int) -> str:
+    labels = batch["labels"][row]
+    return bundle.tokenizer.decode(labels[labels != IGNORE_INDEX])
+
+
+# --------------------------------------------------------------------------- collator
+def test_text_sample_learns_only_the_assistant_answer(tiny_bundle: ModelBundle) -> None:
+    batch = SFTCollator(tiny_bundle.processor)([text_sample()])
+    assert learnt_text(tiny_bundle, batch, 0) == "不通过\n理由: 图片_2螺丝生锈。<|im_end|>"
+    prompt = tiny_bundle.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] == IGNORE_INDEX])
+    assert "你是审核员。" in prompt and "请审核工单。" in prompt and "<|im_start|>assistant\n" in prompt
+    assert "pixel_values" not in batch
+
+
+def test_image_sample_learns_only_the_answer_and_keeps_the_image_tokens(
+    tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    batch = SFTCollator(tiny_bundle.processor, min_pixels=4096, max_pixels=65536)(
+        [image_sample([image(tmp_path / "a.jpg")])]
+    )
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert learnt_text(tiny_bundle, batch, 0) == "电线/捆扎整齐×2<|im_end|>"
+    n_image_tokens = int(batch["image_grid_thw"][0].prod()) // 4  # 2x2 patches merge into one token
+    assert int((ids == IMAGE_PAD_ID).sum()) == n_image_tokens == 4
+    assert bool((labels[ids == IMAGE_PAD_ID] == IGNORE_INDEX).all())
+    assert bool((batch["mm_token_type_ids"][0][ids == IMAGE_PAD_ID] == 1).all())
+
+
+def test_mixed_batch_rows_lose_nothing_to_padding(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    red, blue = image(tmp_path / "r.jpg"), image(tmp_path / "b.png", (0, 0, 250))
+    samples = [image_sample([red]), text_sample(), image_sample([red, blue], "标签/可以识别×1")]
+    collate = SFTCollator(tiny_bundle.processor, min_pixels=4096, max_pixels=65536)
+    batch = collate(samples)
+    assert batch["image_grid_thw"].shape == (3, 3)  # 1 + 0 + 2 photos, in row order
+    assert batch["datasets"] == ["bbu", "chat", "bbu"]
+    lengths = batch["attention_mask"].sum(dim=1)
+    for row in range(3):  # right padding: real tokens first
+        assert bool(batch["attention_mask"][row, : lengths[row]].all())
+    module = FusionSFTModule(tiny(), functools.partial(torch.optim.SGD, lr=0.0), lora=LORA)
+    with torch.no_grad():
+        sums, counts = module.token_losses(batch)
+        alone = [module.token_losses(collate([s])) for s in samples]
+    assert torch.isfinite(sums).all()
+    for row, (s, c) in enumerate(alone):
+        assert int(counts[row]) == int(c[0])
+        torch.testing.assert_close(sums[row], s[0], rtol=1e-4, atol=1e-4)
+
+
+def test_length_guard_errors_with_the_row_or_truncates_and_counts(
+    tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    long = text_sample("通过\n理由: " + "螺丝齐全" * 40, source="distill.jsonl:7")
+    with pytest.raises(SFTLengthError, match=r"distill\.jsonl:7 \(chat\): \d+ tokens > data.max_length=40"):
+        SFTCollator(tiny_bundle.processor, max_length=40)([long])
+    batch = SFTCollator(tiny_bundle.processor, max_length=40, on_overflow="truncate")([long, text_sample()])
+    assert batch["input_ids"].shape[1] == 40 and int(batch["num_truncated"]) == 1
+    assert learnt_text(tiny_bundle, batch, 0).startswith("通过\n理由: 螺丝")
+    photo = image_sample([image(tmp_path / "p.jpg")])
+    with pytest.raises(SFTLengthError, match="would cut image tokens"):
+        SFTCollator(tiny_bundle.processor, max_length=6, on_overflow="truncate", max_pixels=65536)([photo])
+
+
+# --------------------------------------------------------------------------- module
+def tiny(seed: int = 0) -> ModelBundle:
+    arch = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "tiny.yaml").architecture)
+    return load_model(kind="vl", random_init=True, architecture=arch, seed=seed, max_pixels=65536)
+
+
+def randomise_lora(model: torch.nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def test_init_from_base_plus_adapter_merges_it_or_keeps_training_it(tmp_path: Path) -> None:
+    adapter_model = apply_last_k_lora(tiny().model, k=2, r=4, alpha=8, dropout=0.0)
+    randomise_lora(adapter_model)
+    adapter_model.save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.tensor([[151644, 872, 198, 108386, 151645, 198]])
+    with torch.no_grad():
+        expected = adapter_model(input_ids=ids).logits
+    sgd = functools.partial(torch.optim.SGD, lr=0.0)
+    merged = FusionSFTModule(tiny(), sgd, lora=LORA, init={"adapter": str(tmp_path / "adapter")})
+    with torch.no_grad(), merged.model.disable_adapter():  # the fresh LoRA off: the merged init itself
+        torch.testing.assert_close(merged.model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    cont = FusionSFTModule(
+        tiny(), sgd, init={"adapter": str(tmp_path / "adapter"), "adapter_mode": "continue"}
+    )
+    trainable = {n for n, p in cont.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        torch.testing.assert_close(cont.model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def write_rows(tmp_path: Path) -> Path:
+    photos = [image(tmp_path / "img" / f"{i}.jpg", (40 * i, 90, 160)) for i in range(3)]
+    bbu = [
+        {"images": [f"img/{i}.jpg"], "mission": "BBU接地线检查", "summary": f"电线/捆扎整齐×{i + 1}"}
+        for i in range(len(photos))
+    ]
+    chat = [text_sample(f"通过\n理由: 第{i}张。")["messages"] for i in range(4)]
+    files = {
+        "bbu.jsonl": bbu,
+        "chat.jsonl": [{"messages": m, "label": "fail", "weight": 0.5} for m in chat],
+        "coig.jsonl": [{"instruction": "你好", "input": "", "output": "你好！"}],
+    }
+    for name, rows in files.items():
+        (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    fusion = tmp_path / "mix.yaml"
+    fusion.write_text(
+        "targets:\n"
+        "  - {name: summary, dataset: bbu, train_jsonl: bbu.jsonl, val_jsonl: bbu.jsonl, template: s,"
+        " mode: summary, ratio: 1.0}\n"
+        "  - {name: verdicts, dataset: chat, train_jsonl: chat.jsonl, val_jsonl: chat.jsonl,"
+        " template: chatml, ratio: 1.0, fail_oversample: 2.0}\n"
+        "sources:\n  - {name: coig, dataset: chat, train_jsonl: coig.jsonl, template: chatml, ratio: 0.3}\n",
+        encoding="utf-8",
+    )
+    return fusion
+
+
+def test_training_moves_every_lora_weight_and_nothing_else(tmp_path: Path) -> None:
+    bundle = tiny()
+    module = FusionSFTModule(bundle, functools.partial(torch.optim.AdamW, lr=1e-2), lora=LORA)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    data = FusionDataModule(
+        str(write_rows(tmp_path)), bundle.processor, {"s": PROMPTS}, batch_size=3, max_pixels=65536
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        val_check_interval=3,
+        use_distributed_sampler=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, data)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert {"val/loss", "val/loss/summary", "val/loss/verdicts"} <= set(metrics)
+    assert any(key.startswith("train/loss/") for key in metrics)
+    assert data.pools[1].weights == (2.0,) * 4  # every verdict row is a fail row
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".visual." not in n for n in trainable)
+    for name, param in module.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        assert changed == (name in trainable), f"{name}: changed={changed}"
+
+
+def test_fusion_sft_experiment_runs_and_writes_an_adapter(
+    compose: Callable[[list[str]], DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose(
+        [
+            "+experiment=fusion_sft",
+            "logger=csv",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+            "data.batch_size=2",
+            "data.val_batch_size=2",
+        ]
+    )
+    metrics, objects = train(cfg)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert {"val/loss/bbu_summary", "val/loss/stage_b_distill"} <= set(metrics)
+    assert objects["datamodule"].dataset_names == ["bbu_summary", "stage_b_distill", "bbu_dense", "lang_chat"]
+
+
+def test_row_weights_scale_tokens_in_the_loss() -> None:
+    sums, counts = torch.tensor([6.0, 40.0, 3.0]), torch.tensor([3.0, 10.0, 1.0])
+    assert weighted_token_mean(sums, counts, torch.tensor([1.0, 1.0, 1.0])) == pytest.approx(49 / 14)
+    assert weighted_token_mean(sums, counts, torch.tensor([1.0, 0.5, 0.0])) == pytest.approx(26 / 8)
+    assert weighted_token_mean(sums, counts, torch.zeros(3)) == 0.0

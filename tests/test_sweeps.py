@@ -1,0 +1,231 @@
+"""W&B sweep files (``conf/sweeps/*.yaml``): each is a valid sweep whose parameters exist in the composed
+experiment, one sampled configuration runs through the exact command a W&B agent would build, and a Hydra
+multirun over the same parameters writes one run folder per value."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import PIPE
+from typing import Any
+
+import pytest
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+from bbuqc_lightning.config import config_dir
+from bbuqc_lightning.data.synthetic import ensure_synthetic
+
+REPO_ROOT = config_dir().parent
+SWEEPS = sorted(path.stem for path in (config_dir() / "sweeps").glob("*.yaml"))
+ENTRY = ["${env}", "${interpreter}", "-m", "bbuqc_lightning.train"]
+METHODS = ("grid", "random", "bayes")
+DISTRIBUTIONS = {
+    "uniform",
+    "log_uniform_values",
+    "int_uniform",
+    "q_uniform",
+    "q_log_uniform_values",
+    "normal",
+}
+
+# Tiny limits appended after the sampled parameters (later overrides win). The learning-rate monitor is
+# dropped because it refuses to run without a logger.
+TINY_COMMON = [
+    "logger=none",
+    "++callbacks.learning_rate_monitor=null",
+    "trainer.max_steps=1",
+    "trainer.val_check_interval=1",
+    "trainer.limit_val_batches=1",
+    "extras.print_config=false",
+]
+TINY = {
+    "grpo": [
+        "module.grpo.max_new_tokens=4",
+        "data.limit_samples=4",
+        "data.batch_size=2",
+        "data.val_batch_size=4",
+    ],
+    "fusion_sft": [],
+}
+MULTIRUN_SWEEP = "grpo"
+
+
+def load_sweep(name: str) -> dict[str, Any]:
+    sweep = yaml.safe_load((config_dir() / "sweeps" / f"{name}.yaml").read_text(encoding="utf-8"))
+    assert isinstance(sweep, dict)
+    return sweep
+
+
+def experiment_of(sweep: dict[str, Any]) -> str:
+    [token] = [t for t in sweep["command"] if str(t).startswith("+experiment=")]
+    return token.split("=", 1)[1]
+
+
+def parameter_problems(name: str, spec: Any, method: str) -> list[str]:
+    """W&B's parameter forms: ``value``, ``values`` (non-empty list), or a distribution with min < max."""
+    if not isinstance(spec, dict):
+        return [f"{name}: expected a mapping, got {spec!r}"]
+    if "value" in spec:
+        return []
+    if "values" in spec:
+        return [] if isinstance(spec["values"], list) and spec["values"] else [f"{name}: empty values"]
+    if method == "grid":
+        return [f"{name}: grid search needs value or values"]
+    problems = []
+    if spec.get("distribution", "uniform") not in DISTRIBUTIONS:
+        problems.append(f"{name}: unknown distribution {spec.get('distribution')!r}")
+    if not ("min" in spec and "max" in spec and spec["min"] < spec["max"]):
+        problems.append(f"{name}: needs min < max")
+    return problems
+
+
+def sample(spec: dict[str, Any]) -> Any:
+    """A deterministic draw: the fixed value, the first of the values, or the low end of the range."""
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return spec["values"][0]
+    return spec["min"]
+
+
+def agent_command(sweep: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """The command a W&B agent runs for ``params`` (wandb's own argument formatting, macros expanded)."""
+    sweep_vars: dict[str, list[str]] = create_sweep_command_args(
+        {"args": {k: {"value": v} for k, v in params.items()}}
+    )
+    sweep_vars.update(env=["/usr/bin/env"], interpreter=[sys.executable], program=[sweep["program"]])
+    command: list[str] = []
+    for token in map(str, sweep["command"]):
+        command += sweep_vars[token[2:-1]] if token.startswith("${") and token.endswith("}") else [token]
+    return command
+
+
+# --------------------------------------------------------------------------- the files
+def test_there_is_a_sweep_per_trained_experiment() -> None:
+    assert {"grpo", "fusion_sft"} <= set(SWEEPS)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_file_is_a_valid_wandb_sweep(name: str) -> None:
+    sweep = load_sweep(name)
+    assert {"program", "method", "metric", "parameters", "command"} <= set(sweep)
+    assert sweep["method"] in METHODS
+    assert isinstance(sweep["metric"]["name"], str) and sweep["metric"]["name"].startswith("val/")
+    assert sweep["metric"]["goal"] in ("minimize", "maximize")
+    problems = [
+        p for key, spec in sweep["parameters"].items() for p in parameter_problems(key, spec, sweep["method"])
+    ]
+    assert not problems
+    command = list(map(str, sweep["command"]))
+    assert command[: len(ENTRY)] == ENTRY
+    assert command[-1] == "${args_no_hyphens}"
+    assert (config_dir() / "experiment" / f"{experiment_of(sweep)}.yaml").is_file()
+    assert (REPO_ROOT / sweep["program"]).is_file()
+    text = (config_dir() / "sweeps" / f"{name}.yaml").read_text(encoding="utf-8")
+    assert text.startswith("#") and f"wandb sweep conf/sweeps/{name}.yaml" in text  # says how to run it
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_parameter_exists_in_the_composed_config(
+    name: str, compose: Callable[[list[str]], DictConfig]
+) -> None:
+    sweep = load_sweep(name)
+    cfg = compose([f"+experiment={experiment_of(sweep)}"])
+    missing = [
+        key for key in sweep["parameters"] if OmegaConf.select(cfg, key, default="<missing>") == "<missing>"
+    ]
+    assert not missing, f"{name}: not in the composed config (a typo would fail every agent run): {missing}"
+
+
+# --------------------------------------------------------------------------- running them
+@dataclass(frozen=True)
+class Run:
+    command: list[str]
+    returncode: int
+    output: str
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Run]:
+    """One sampled configuration per sweep and one Hydra multirun, run side by side in scratch folders."""
+    synthetic = OmegaConf.load(config_dir() / "train.yaml").synthetic
+    ensure_synthetic(  # generated once here, not raced by the parallel runs
+        data_dir / "synthetic", synthetic.seed, dict(synthetic.groups_per_split), list(synthetic.image_size)
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PROJECT_ROOT", "WANDB_SWEEP_ID")}
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+        BBUQC_DATA_DIR=str(data_dir),
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",  # three runs share the cores: threads would only wait on each other
+        HYDRA_FULL_ERROR="1",
+    )
+    commands: dict[str, tuple[list[str], Path]] = {}
+    for name in SWEEPS:
+        sweep = load_sweep(name)
+        folder = tmp_path_factory.mktemp(f"sweep_{name}")
+        params = {key: sample(spec) for key, spec in sweep["parameters"].items()}
+        tiny = [*TINY_COMMON, *TINY.get(experiment_of(sweep), []), f"hydra.run.dir={folder / 'run'}"]
+        commands[name] = (agent_command(sweep, params) + tiny, folder / "run")
+    commands["multirun"] = multirun_command(tmp_path_factory.mktemp("multirun"))
+    procs = {
+        name: subprocess.Popen(
+            command, cwd=folder.parent, env=env, stdout=PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for name, (command, folder) in commands.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=240)
+        results[name] = Run(commands[name][0], proc.returncode, output, commands[name][1])
+    return results
+
+
+def multirun_command(folder: Path) -> tuple[list[str], Path]:
+    """``-m`` with two values of the learning rate (the range ends), every other parameter sampled."""
+    sweep = load_sweep(MULTIRUN_SWEEP)
+    params = {key: sample(spec) for key, spec in sweep["parameters"].items()}
+    lr = sweep["parameters"]["module.grpo.learning_rate"]
+    params["module.grpo.learning_rate"] = f"{lr['min']},{lr['max']}"
+    overrides = [f"{key}={value}" for key, value in params.items()]
+    command = [sys.executable, "-m", "bbuqc_lightning.train", "-m", f"+experiment={experiment_of(sweep)}"]
+    tiny = [*TINY_COMMON, *TINY[MULTIRUN_SWEEP], f"hydra.sweep.dir={folder / 'multirun'}"]
+    return command + overrides + tiny, folder / "multirun"
+
+
+def metrics_of(folder: Path) -> dict[str, float]:
+    return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sampled_configuration_runs_and_logs_the_sweep_metric(name: str, runs: dict[str, Run]) -> None:
+    run = runs[name]
+    assert run.returncode == 0, f"{' '.join(run.command)}\n{run.output[-4000:]}"
+    metric = load_sweep(name)["metric"]["name"]
+    assert metric in metrics_of(run.folder), sorted(metrics_of(run.folder))
+    overrides = yaml.safe_load((run.folder / ".hydra" / "overrides.yaml").read_text(encoding="utf-8"))
+    assert set(load_sweep(name)["parameters"]) <= {o.split("=", 1)[0] for o in overrides}
+
+
+def test_hydra_multirun_over_a_sweep_parameter_writes_a_folder_per_value(runs: dict[str, Run]) -> None:
+    run = runs["multirun"]
+    assert run.returncode == 0, f"{' '.join(run.command)}\n{run.output[-4000:]}"
+    metric = load_sweep(MULTIRUN_SWEEP)["metric"]["name"]
+    lr = load_sweep(MULTIRUN_SWEEP)["parameters"]["module.grpo.learning_rate"]
+    seen = []
+    for job in ("0", "1"):
+        assert metric in metrics_of(run.folder / job)
+        config = OmegaConf.load(run.folder / job / ".hydra" / "config.yaml")
+        seen.append(config.module.grpo.learning_rate)
+    assert seen == [lr["min"], lr["max"]]
+    assert not (run.folder / "2").exists()

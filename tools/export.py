@@ -1,0 +1,133 @@
+"""Merge LoRA adapter(s) into their base and save one folder that plain ``transformers`` loads.
+
+Production holds one model (SPEC §9): the merged folder has the weights (safetensors), the processor
+(tokenizer, image processor, the project's chat template) and the generation config, and loads with::
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+
+Commands::
+
+    python tools/export.py --base /models/Qwen3-VL-4B-Instruct \\
+        --adapter outputs/fusion_sft/runs/<run>/adapter --out /models/bbuqc-fused
+    # fusion SFT started from base + summary adapter (module.init.adapter_mode=merge): merge both, in order
+    python tools/export.py --base /models/Qwen3-VL-4B-Instruct --adapter /runs/summary/adapter \\
+        --adapter outputs/fusion_sft/runs/<run>/adapter --out /models/bbuqc-fused
+    # the tiny demo model: --base names a preset of conf/model/ (random weights from --seed, as in training)
+    python tools/export.py --base tiny --adapter outputs/fusion_sft/runs/<run>/adapter --out /tmp/tiny-fused
+
+``--base`` is a folder (a base or an earlier merged export) or a ``conf/model`` preset name. Weights are
+merged in the base's dtype unless ``--dtype`` says otherwise (``float32`` merges without rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if importlib.util.find_spec("bbuqc_lightning") is None:
+    # `python tools/export.py` from a checkout that is not pip-installed: use the checkout.
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf
+from peft import PeftModel
+
+from bbuqc_lightning.config import config_dir
+from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
+from bbuqc_lightning.models.factory import ModelBundle, load_model
+
+log = logging.getLogger("export")
+
+
+def load_base(base: str, seed: int = 0, dtype: str | None = None) -> ModelBundle:
+    """A base folder (its own dtype unless ``dtype``) or a ``conf/model/<base>.yaml`` preset."""
+    folder = Path(base).expanduser()
+    if folder.is_dir():
+        # Keep the folder's processor (pixel bounds included); ship the project's chat template, the one
+        # the adapters were trained with.
+        bundle = load_model(
+            kind="vl",
+            model_name_or_path=str(folder),
+            dtype=dtype or _folder_dtype(folder),
+            use_project_chat_template=False,
+        )
+        bundle.processor.chat_template = QWEN3_VL_CHAT_TEMPLATE
+        return bundle
+    preset = config_dir() / "model" / f"{base}.yaml"
+    if not preset.is_file():
+        known = sorted(p.stem for p in preset.parent.glob("*.yaml"))
+        raise SystemExit(f"error: --base {base!r} is neither a folder nor a model preset ({known})")
+    root = OmegaConf.create({"seed": seed, "model": OmegaConf.load(preset)})
+    kwargs: dict[str, Any] = OmegaConf.to_container(root.model, resolve=True)  # type: ignore[assignment]
+    kwargs.pop("_target_", None)
+    if kwargs.get("kind", "vl") != "vl":
+        raise SystemExit(f"error: preset {base!r} is not a Qwen3-VL model (kind={kwargs.get('kind')})")
+    if dtype:
+        kwargs["dtype"] = dtype
+    return load_model(**kwargs)
+
+
+def _folder_dtype(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or {}
+    value = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    return value if value in ("float32", "bfloat16", "float16") else "float32"
+
+
+def merge_adapters(bundle: ModelBundle, adapters: Sequence[str | Path]) -> Any:
+    """The base with every adapter merged in, in order (each adapter was trained on the previous merge)."""
+    model = bundle.model
+    for adapter in adapters:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise SystemExit(f"error: {adapter} is not a peft adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model
+
+
+def export(
+    base: str, adapters: Sequence[str | Path], out: str | Path, seed: int = 0, dtype: str | None = None
+) -> Path:
+    """Merge and save; returns the output folder."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: --out {out} exists and is not empty")
+    bundle = load_base(base, seed, dtype)
+    model = merge_adapters(bundle, adapters)
+    model.generation_config.pad_token_id = bundle.tokenizer.pad_token_id
+    if model.generation_config.eos_token_id is None:  # random-init presets have none; real ones do
+        model.generation_config.eos_token_id = bundle.tokenizer.eos_token_id
+    model.save_pretrained(str(out))
+    bundle.processor.save_pretrained(str(out))
+    provenance = {"base": str(base), "adapters": [str(a) for a in adapters], "seed": seed}
+    (out / "bbuqc_export.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    log.info("merged %s + %s -> %s", base, list(map(str, adapters)), out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="base model folder or conf/model preset name")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="peft adapter folder (repeat to merge several, in order)",
+    )
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random-init preset (the run's seed)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merge/save dtype")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    export(args.base, args.adapter, args.out, args.seed, args.dtype)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
