@@ -141,7 +141,12 @@ def main(cfg: DictConfig) -> float | None:
     if not metric_name:
         return None
     if metric_name not in metrics:
-        raise KeyError(f"optimized_metric {metric_name!r} was not logged; logged: {sorted(metrics)}")
+        print(
+            f"error: optimized_metric {metric_name!r} was not logged (was validation switched off?); "
+            f"logged: {', '.join(sorted(metrics))}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     return metrics[metric_name]
 
 
