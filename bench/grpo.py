@@ -80,6 +80,7 @@ def run_ours(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) 
         functools.partial(torch.optim.AdamW, lr=5e-6),
         lora={"k": 4, "r": 16, "alpha": 32, "dropout": 0.05},
         micro_batch_size=args.micro_batch,
+        generation={"compile": not args.no_compile},
     )
     module.sampling = replace(module.sampling, min_new_tokens=args.new_tokens)
     times: list[float] = []
@@ -89,10 +90,11 @@ def run_ours(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) 
             sync()
             self.start = time.perf_counter()
 
-        def on_train_batch_end(self, *a: Any) -> None:
+        def on_train_batch_end(self, trainer: Any, *a: Any) -> None:
             sync()
             times.append(time.perf_counter() - self.start)
-            print(f"ours step {len(times)}: {times[-1]:.2f} s", flush=True)
+            generation = float(trainer.callback_metrics.get("train/generation_seconds", float("nan")))
+            print(f"ours step {len(times)}: {times[-1]:.2f} s (generation {generation:.2f} s)", flush=True)
 
     loader = torch.utils.data.DataLoader(data, batch_size=len(data), collate_fn=lambda b: b)
     trainer = L.Trainer(
@@ -181,6 +183,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--workdir", default="/tmp/bench_grpo")
+    parser.add_argument("--no-compile", action="store_true", help="static cache without CUDA graphs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 

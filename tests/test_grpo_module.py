@@ -221,3 +221,14 @@ def test_mean_reward_rises_on_a_learnable_reward(tmp_path: Path) -> None:
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     print(f"mean reward: first 10 steps {first:.3f}, last 10 steps {last:.3f}")
     assert last > first + 0.1
+
+
+def test_padded_causal_mask_leaves_no_query_blind() -> None:
+    from bbuqc_lightning.grpo.forward import padded_causal_mask
+
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    additive = padded_causal_mask(mask, torch.float32)[:, 0]
+    allowed = additive == 0
+    assert allowed.any(dim=-1).all()  # every query row attends to something: no NaN rows on CUDA
+    assert not allowed[0, 3, :2].any()  # real tokens never see padding
+    assert allowed[0, 3, 2:].all() and not allowed[1].triu(1).any()  # causal

@@ -5,11 +5,14 @@ batched greedy generation equals batch-1 generation when a batch mixes image siz
 the SPEC §4 JSONL in the scanner's order with the right metrics; a real ``python -m bbuqc_lightning.train``
 killed with ``kill -9`` resumes without loss, duplicates or regeneration; a corrupt image is a logged skip
 (``data.strict=false``) or one located error (``data.strict=true``); DDP over 2 CPU ranks merges its
-shards into one file.
+shards into one file, also when a resumed run leaves a rank (or every rank) nothing to generate.
+
+Every run here shares one tiny synthetic tree and one uninterrupted reference run (module fixtures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +32,7 @@ from PIL import Image
 
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import LABEL_DIR_NAMES, MISSIONS, image_key
+from bbuqc_lightning.data.jsonl import dumps_line
 from bbuqc_lightning.data.synthetic import ensure_synthetic
 from bbuqc_lightning.data.tree import GroupRecord, scan_tree
 from bbuqc_lightning.models.factory import load_model
@@ -38,10 +42,9 @@ from bbuqc_lightning.stage_a.records import STAGE_A_FIELDS
 from bbuqc_lightning.train import train
 from callbacks.stage_a_writer import list_shards, shard_path
 
-REPO = Path(__file__).resolve().parents[1]
-
 # Tiny synthetic data: 1 group per mission in the test split. Seed 16 gives small groups (2+2+3+2 = 9
-# images of 64x48, one group merged from two folders): every generated token costs ~0.1 s on a busy CPU.
+# images of 64x48, one group merged from two folders): each decode step of the HF backend costs ~0.1 s on
+# a busy CPU, most of it in transformers' SuppressTokensLogitsProcessor (torch.isin over the vocabulary).
 SYNTHETIC_SEED = 16
 GROUPS_PER_SPLIT = {"train": 0, "val": 0, "test": 1}
 IMAGE_SIZE = (64, 48)
@@ -105,10 +108,15 @@ def cli_env(root_dir: Path, data_dir: Path) -> dict[str, str]:
     return env
 
 
-def cli(overrides: list[str], run_dir: Path, env: dict[str, str], **kwargs: Any) -> subprocess.Popen:
-    """``python -m bbuqc_lightning.train <overrides>`` in its own process group (killable as a whole)."""
-    args = [sys.executable, "-m", "bbuqc_lightning.train", *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(args, cwd=env["PROJECT_ROOT"], env=env, start_new_session=True, **kwargs)
+def cli_args(overrides: list[str], run_dir: Path) -> list[str]:
+    """``python -m bbuqc_lightning.train <overrides>`` with a known run folder (for its metrics.json)."""
+    return [sys.executable, "-m", "bbuqc_lightning.train", *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def run_cli(overrides: list[str], run_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cli_args(overrides, run_dir), cwd=env["PROJECT_ROOT"], env=env, capture_output=True, timeout=180
+    )
 
 
 def record_images(records: list[GroupRecord]) -> int:
@@ -132,13 +140,13 @@ def stage_a_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_root(stage_a_data: Path) -> Path:
+def tree_root(stage_a_data: Path) -> Path:
     return stage_a_data / "synthetic" / "test"
 
 
 @pytest.fixture(scope="module")
-def records(test_root: Path) -> list[GroupRecord]:
-    recs = scan_tree(test_root).records
+def records(tree_root: Path) -> list[GroupRecord]:
+    recs = scan_tree(tree_root).records
     assert len(recs) == len(MISSIONS) and record_images(recs) == 9
     assert any(len(r.folders) > 1 for r in recs)  # a 补拍 folder merged into its group
     return recs
@@ -146,14 +154,14 @@ def records(test_root: Path) -> list[GroupRecord]:
 
 @pytest.fixture(scope="module")
 def reference(
-    compose_at: ComposeAt, stage_a_data: Path, test_root: Path, tmp_path_factory: pytest.TempPathFactory
+    compose_at: ComposeAt, stage_a_data: Path, tree_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[list[dict[str, Any]], dict, Path]:
     """One uninterrupted in-process run (CSV logger): ``(rows, metrics, run root)``."""
     root = tmp_path_factory.mktemp("reference")
     out = root / "stage_a.jsonl"
     metrics = run_in_process(
         compose_at,
-        overrides_for(test_root, "logger=csv", f"stage_a.output_jsonl={out}"),
+        overrides_for(tree_root, "logger=csv", f"stage_a.output_jsonl={out}"),
         root,
         stage_a_data,
     )
@@ -248,35 +256,41 @@ def test_images_match_the_synthetic_reference_order(
 
 @pytest.fixture(scope="module")
 def killed_then_resumed(
-    stage_a_data: Path, test_root: Path, tmp_path_factory: pytest.TempPathFactory
+    stage_a_data: Path, tree_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     """Run the CLI, ``kill -9`` its process group after the first line(s), add a torn line, rerun."""
     root = tmp_path_factory.mktemp("killed")
     out = root / "stage_a.jsonl"
     env = cli_env(root, stage_a_data)
-    overrides = overrides_for(test_root, f"stage_a.output_jsonl={out}")
-    total = len(scan_tree(test_root).records)
-    proc = cli(overrides, root / "run1", env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while complete_lines(out) < 1 and proc.poll() is None:
-        assert time.monotonic() < deadline, "no Stage-A line within 60 s"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    rc = proc.wait(timeout=30)
-    stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-    assert rc == -signal.SIGKILL, f"the run ended before it was killed (rc={rc}):\n{stderr[-3000:]}"
+    overrides = overrides_for(tree_root, f"stage_a.output_jsonl={out}")
+    total = len(scan_tree(tree_root).records)
+    err = root / "run1.stderr"
+    with open(err, "wb") as stderr:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(  # its own process group: kill -9 takes every process of the run at once
+            cli_args(overrides, root / "run1"),
+            cwd=root,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while complete_lines(out) < 1 and proc.poll() is None:
+                assert time.monotonic() < deadline, "no Stage-A line within 60 s"
+                time.sleep(0.01)
+        finally:  # also when the wait above fails: never leave the run behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait(timeout=30)
+    tail = err.read_text(encoding="utf-8", errors="replace")[-3000:]
+    assert rc == -signal.SIGKILL, f"the run ended before it was killed (rc={rc}):\n{tail}"
     before = jsonl_rows(out)
     assert 1 <= len(before) < total, f"killed too late: {len(before)}/{total} lines written"
     with open(out, "ab") as f:  # a kill in the middle of the next line's write
         f.write(TORN_TAIL)
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "bbuqc_lightning.train", *overrides, f"hydra.run.dir={root / 'run2'}"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
+    resumed = run_cli(overrides, root / "run2", env)
     assert resumed.returncode == 0, resumed.stderr.decode("utf-8", "replace")[-3000:]
     metrics = json.loads((root / "run2" / "metrics.json").read_text(encoding="utf-8"))
     return {"before": before, "after": jsonl_rows(out), "metrics": metrics, "out": out}
@@ -307,13 +321,13 @@ def test_resume_does_not_regenerate_written_groups(
 
 @pytest.fixture(scope="module")
 def corrupt_tree(
-    test_root: Path, records: list[GroupRecord], tmp_path_factory: pytest.TempPathFactory
+    tree_root: Path, records: list[GroupRecord], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, GroupRecord, Path]:
     """A copy of the tree whose second group's second image is garbage: ``(root, record, bad file)``."""
     root = tmp_path_factory.mktemp("corrupt") / "test"
-    shutil.copytree(test_root, root)
+    shutil.copytree(tree_root, root)
     victim = records[1]
-    bad = root / victim.image_paths[1].relative_to(test_root)
+    bad = root / victim.image_paths[1].relative_to(tree_root)
     bad.write_bytes(b"this is not a JPEG \x00\xff" * 20)
     return root, victim, bad
 
@@ -351,13 +365,7 @@ def test_strict_run_exits_with_a_located_error(
     out = tmp_path / "stage_a.jsonl"
     env = cli_env(tmp_path, stage_a_data)
     args = overrides_for(root, "data.strict=true", f"stage_a.output_jsonl={out}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bbuqc_lightning.train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
+    proc = run_cli(args, tmp_path / "run", env)
     stderr = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode != 0
     assert str(bad) in stderr and victim.ticket_key in stderr
@@ -384,14 +392,14 @@ def test_ddp_two_cpu_ranks_write_every_group_once(
     strategy: str,
     compose_at: ComposeAt,
     stage_a_data: Path,
-    test_root: Path,
+    tree_root: Path,
     reference: tuple[list[dict[str, Any]], dict, Path],
     records: list[GroupRecord],
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "stage_a.jsonl"
     extra = ["trainer=ddp_cpu", f"trainer.strategy={strategy}", f"stage_a.output_jsonl={out}"]
-    metrics = run_in_process(compose_at, overrides_for(test_root, *extra), tmp_path, stage_a_data)
+    metrics = run_in_process(compose_at, overrides_for(tree_root, *extra), tmp_path, stage_a_data)
     _assert_one_file(out)
     assert by_ticket(jsonl_rows(out)) == by_ticket(reference[0])  # each group once, same summaries
     # Summed over both ranks, and back in the parent process that spawned/forked them.
@@ -402,7 +410,7 @@ def test_ddp_two_cpu_ranks_write_every_group_once(
 def test_ddp_resume_with_a_rank_left_nothing_to_do(
     compose_at: ComposeAt,
     stage_a_data: Path,
-    test_root: Path,
+    tree_root: Path,
     reference: tuple[list[dict[str, Any]], dict, Path],
     tmp_path: Path,
 ) -> None:
@@ -410,11 +418,11 @@ def test_ddp_resume_with_a_rank_left_nothing_to_do(
     rerun has one group to do, so rank 1 gets an empty dataloader, and must neither fail nor hang."""
     rows = reference[0]
     out = tmp_path / "stage_a.jsonl"
-    dump = [(json.dumps(row, ensure_ascii=False) + "\n").encode() for row in rows]
+    dump = [dumps_line(row) for row in rows]
     out.write_bytes(dump[0] + TORN_TAIL)
     shard_path(out, 3).write_bytes(dump[1] + dump[2])
     extra = ["trainer=ddp_cpu", "trainer.strategy=ddp_fork", f"stage_a.output_jsonl={out}"]
-    metrics = run_in_process(compose_at, overrides_for(test_root, *extra), tmp_path, stage_a_data)
+    metrics = run_in_process(compose_at, overrides_for(tree_root, *extra), tmp_path, stage_a_data)
     _assert_one_file(out)
     after = jsonl_rows(out)
     assert by_ticket(after) == by_ticket(rows) and after[0] == rows[0]
@@ -425,7 +433,7 @@ def test_ddp_resume_with_a_rank_left_nothing_to_do(
 def test_rerun_with_nothing_left_still_merges_leftover_shards(
     compose_at: ComposeAt,
     stage_a_data: Path,
-    test_root: Path,
+    tree_root: Path,
     reference: tuple[list[dict[str, Any]], dict, Path],
     tmp_path: Path,
 ) -> None:
@@ -433,11 +441,11 @@ def test_rerun_with_nothing_left_still_merges_leftover_shards(
     (Lightning skips the predict loop) but must still merge the shards, and report zero work."""
     rows = reference[0]
     out = tmp_path / "stage_a.jsonl"
-    dump = [(json.dumps(row, ensure_ascii=False) + "\n").encode() for row in rows]
+    dump = [dumps_line(row) for row in rows]
     shard_path(out, 0).write_bytes(dump[0] + dump[2])
     shard_path(out, 1).write_bytes(dump[1] + dump[3])
     metrics = run_in_process(
-        compose_at, overrides_for(test_root, f"stage_a.output_jsonl={out}"), tmp_path, stage_a_data
+        compose_at, overrides_for(tree_root, f"stage_a.output_jsonl={out}"), tmp_path, stage_a_data
     )
     _assert_one_file(out)
     assert by_ticket(jsonl_rows(out)) == by_ticket(rows)

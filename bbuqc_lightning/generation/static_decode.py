@@ -78,7 +78,9 @@ class StaticDecoder:
                 break
             mask[:, prompt_len + t] = 1
             positions = (offsets + t).view(rows, 1)
-            logits = step_fn(out[:, t : t + 1].clone(), positions, mask)
+            if self.compile:  # the previous step's logits are consumed: the graph may reuse their memory
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step_fn(out[:, t : t + 1].clone(), positions, mask).clone()
         return torch.cat([input_ids.repeat_interleave(num_samples, dim=0), out], dim=1)
 
     def _slot(self, rows: int, length: int) -> tuple[StaticCache, StepFn]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from bbuqc_lightning.models.decoder import language_model, position_ids_from_mask, uses_mrope
 
@@ -44,16 +43,25 @@ def run_frozen_prefix(
     positions = position_ids_from_mask(attention_mask)
     # Qwen3-VL uses 3 rotary sections (t, h, w); for text they all equal the text position.
     rope_positions = positions[None].expand(3, *positions.shape) if uses_mrope(lm) else positions
-    mask = create_causal_mask(
-        config=lm.config,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=positions,
-    )
+    mask = padded_causal_mask(attention_mask, hidden.dtype)
     embeddings = lm.rotary_emb(hidden, rope_positions)
     state = PrefixState(hidden, mask, positions, embeddings, start_layer=0)
     return _run_layers(lm, state, stop=num_frozen)
+
+
+def padded_causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``(B, 1, T, T)`` mask: causal, padding keys hidden, and every query sees at least itself.
+
+    A left-padding query row with every key masked makes CUDA's attention kernels return NaN for it, and
+    ``0 * NaN`` then leaks into real rows through the value matmul; letting pads see themselves avoids it.
+    """
+    length = attention_mask.shape[1]
+    device = attention_mask.device
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    allowed |= torch.eye(length, dtype=torch.bool, device=device)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def run_suffix(model: nn.Module, prefix: PrefixState) -> torch.Tensor:
