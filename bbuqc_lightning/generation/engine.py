@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from bbuqc_lightning.constants import THINK_CLOSE
 from bbuqc_lightning.generation.static_decode import StaticDecoder
@@ -186,7 +186,9 @@ class GenerationEngine:
         positions = position_ids_from_mask(prefix["attention_mask"])
         prefix["position_ids"] = positions[None].expand(4, -1, -1) if self._mrope() else positions
         self._set_rope_deltas(lambda _: None)  # stale offsets of an earlier batch must not be reused
-        self.model(**prefix, past_key_values=cache, use_cache=True)
+        self.model(
+            **prefix, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )  # only the cache matters
         cache.batch_repeat_interleave(n)
         self._set_rope_deltas(lambda deltas: deltas.repeat_interleave(n, dim=0))
         repeated = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
@@ -216,7 +218,8 @@ class GenerationEngine:
             "eos_token_id": self.eos_token_ids,
         }
         if params.suppress_token_ids:
-            kwargs["suppress_tokens"] = list(params.suppress_token_ids)
+            # HF's SuppressTokensLogitsProcessor runs isin() over the whole vocabulary every step.
+            kwargs["logits_processor"] = LogitsProcessorList([_Suppress(params.suppress_token_ids)])
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
@@ -255,6 +258,16 @@ def strip_think(text: str) -> str:
     """Drop a leading Qwen3 ``<think>…</think>`` block (the Teacher's, or an empty one)."""
     head, sep, tail = text.partition(THINK_CLOSE)
     return tail if sep and "<think>" in head else text
+
+
+class _Suppress(LogitsProcessor):
+    """Never generate these tokens (an index fill, not a vocabulary-wide membership test)."""
+
+    def __init__(self, token_ids: Sequence[int]) -> None:
+        self.token_ids = torch.tensor(list(token_ids), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.index_fill(-1, self.token_ids.to(scores.device), float("-inf"))
 
 
 def make_sampler(params: SamplingParams, eos_token_ids: Sequence[int]) -> Any:
