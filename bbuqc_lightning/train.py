@@ -116,6 +116,23 @@ def _print_config(cfg: DictConfig) -> None:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
 
 
+def train_or_exit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """``train(cfg)`` for command lines: configuration and input errors print one ``error:`` line and exit 2.
+
+    The traceback goes to ``<run folder>/error.log``; ``HYDRA_FULL_ERROR=1`` raises it instead.
+    """
+    try:
+        return train(cfg)
+    except (ValueError, OSError, OmegaConfBaseException, InstantiationException) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        trace = Path(cfg.paths.output_dir) / "error.log"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text(traceback.format_exc(), encoding="utf-8")
+        print(f"error: {err}\n(traceback in {trace}; HYDRA_FULL_ERROR=1 raises it)", file=sys.stderr)
+        sys.exit(2)
+
+
 register_resolvers()
 
 
@@ -125,18 +142,7 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.get("extras", {}).get("ignore_warnings", False):
         warnings.filterwarnings("ignore")
     _print_config(cfg)
-    try:
-        metrics, _ = train(cfg)
-    except (ValueError, OSError, OmegaConfBaseException, InstantiationException) as err:
-        # Configuration and input errors get one clear message instead of a stack dump; the traceback
-        # goes to the run folder for whoever needs it.
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        trace = Path(cfg.paths.output_dir) / "error.log"
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        trace.write_text(traceback.format_exc(), encoding="utf-8")
-        print(f"error: {err}\n(traceback in {trace}; HYDRA_FULL_ERROR=1 raises it)", file=sys.stderr)
-        sys.exit(2)
+    metrics, _ = train_or_exit(cfg)
     metric_name = cfg.get("optimized_metric")
     if not metric_name:
         return None

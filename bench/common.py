@@ -16,12 +16,19 @@ import torch
 import yaml
 from transformers import Qwen3VLForConditionalGeneration
 
-from bbuqc_lightning.models.factory import ModelBundle, build_tokenizer, build_vl_processor, vl_config_from_architecture
+from bbuqc_lightning.models.factory import (
+    ModelBundle,
+    build_tokenizer,
+    build_vl_processor,
+    vl_config_from_architecture,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
-def random_bundle(preset: str, device: str, dtype: torch.dtype = torch.bfloat16, max_pixels: int = 786432) -> ModelBundle:
+def random_bundle(
+    preset: str, device: str, dtype: torch.dtype = torch.bfloat16, max_pixels: int = 786432
+) -> ModelBundle:
     """The preset's architecture with random weights, initialised on ``device`` (fast, no CPU copy)."""
     arch = yaml.safe_load((CONF / f"{preset}.yaml").read_text())["architecture"]
     config = vl_config_from_architecture(arch)

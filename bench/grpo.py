@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +20,11 @@ from typing import Any
 
 import torch
 import yaml
+from common import device_info, random_bundle, sync, write
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import device_info, random_bundle, sync, write  # noqa: E402
-from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE  # noqa: E402
-from bbuqc_lightning.stage_b.builder import build_stage_b_samples, normalise_stage_a_record  # noqa: E402
-from bbuqc_lightning.stage_b.rewards import format_reward, label_reward  # noqa: E402
+from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
+from bbuqc_lightning.stage_b.builder import build_stage_b_samples, normalise_stage_a_record
+from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = "BBU设备/华为,显示完整,机柜空间充足需要安装/这个BBU设备按要求配备了挡风板×1，螺丝、光纤插头/BBU安装螺丝,显示完整,符合要求×3"
@@ -120,7 +117,9 @@ def run_trl(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) -
 
     tokenizer = bundle.tokenizer
     tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE
-    rows = [{"prompt": s["messages"], "group_label": s["group_label"], "summaries": s["summaries"]} for s in data]
+    rows = [
+        {"prompt": s["messages"], "group_label": s["group_label"], "summaries": s["summaries"]} for s in data
+    ]
     config = GRPOConfig(
         output_dir=str(Path(args.workdir) / "trl"),
         per_device_train_batch_size=len(data) * 8,
@@ -187,7 +186,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    bundle = random_bundle(args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+    bundle = random_bundle(
+        args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32
+    )
     data = samples(bundle.tokenizer, args.prompts, args.prompt_tokens)
     prompt_len = prompt_length(bundle.tokenizer, data[0]["messages"])
     times = (run_ours if args.impl == "ours" else run_trl)(args, bundle, data)

@@ -11,20 +11,18 @@ real Stage-A prompt. Both run in this one process on the same model, side by sid
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import device_info, random_bundle, timer, write
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.stage_a.prompts import image_conversation
 
-from bench.common import device_info, random_bundle, timer, write  # noqa: E402
-from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams  # noqa: E402
-from bbuqc_lightning.stage_a.prompts import image_conversation  # noqa: E402
-
-PROMPT = "你是BBU安装质检助手。请用一行中文客观描述这张现场照片中与质检相关的物体。本次任务：BBU线缆布放要求。"
+PROMPT = (
+    "你是BBU安装质检助手。请用一行中文客观描述这张现场照片中与质检相关的物体。本次任务：BBU线缆布放要求。"
+)
 
 
 def images(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
@@ -32,7 +30,9 @@ def images(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def throughput(engine: GenerationEngine, pics: list[Image.Image], batch: int, params: SamplingParams) -> float:
+def throughput(
+    engine: GenerationEngine, pics: list[Image.Image], batch: int, params: SamplingParams
+) -> float:
     """images/s over ``pics`` in batches of ``batch`` (after one warm-up batch, which also compiles)."""
     conv = image_conversation(PROMPT)
     engine.generate([conv] * batch, params, images=[[p] for p in pics[:batch]])  # warm-up / compile

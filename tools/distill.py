@@ -20,9 +20,7 @@ every visible GPU (``CUDA_VISIBLE_DEVICES=0,1``) when one is not enough. Any ove
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
-import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,13 +30,11 @@ if importlib.util.find_spec("bbuqc_lightning") is None:
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import hydra
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from bbuqc_lightning.config import config_dir, register_resolvers
 from bbuqc_lightning.data.jsonl import read_jsonl
-from bbuqc_lightning.train import train
+from bbuqc_lightning.train import train_or_exit
 
 EXPERIMENT = "+experiment=distill"
 
@@ -91,16 +87,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def run(cfg: DictConfig) -> None:
-    try:
-        metrics, objects = train(cfg)
-    except (ValueError, OSError, OmegaConfBaseException, InstantiationException) as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        trace = Path(cfg.paths.output_dir) / "error.log"
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        trace.write_text(traceback.format_exc(), encoding="utf-8")
-        print(f"error: {err}\n(traceback in {trace}; HYDRA_FULL_ERROR=1 raises it)", file=sys.stderr)
-        sys.exit(2)
+    metrics, objects = train_or_exit(cfg)
     print(report(objects, metrics, cfg.paths.output_dir))
 
 

@@ -53,11 +53,11 @@ from bbuqc_lightning.stage_b.evaluation import (
     update_verdict_metrics,
 )
 from bbuqc_lightning.stage_b.metrics import VerdictMetrics
-from bbuqc_lightning.tracking.rng import rng_state, set_rng_state
+from bbuqc_lightning.tracking.checkpoint import TrainableStateCheckpointing
 from bbuqc_lightning.tracking.wandb import log_table
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
     """GRPO on Stage-B prompts with LoRA on the last K LLM blocks; vision and aligner frozen."""
 
     def __init__(
@@ -279,12 +279,3 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return self.optimizer_factory(params=params)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_state" in checkpoint:
-            set_rng_state(checkpoint["rng_state"])

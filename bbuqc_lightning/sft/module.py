@@ -33,12 +33,12 @@ from bbuqc_lightning.models.decoder import base_model, output_embedding
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.sft.init import build_trainable_model
 from bbuqc_lightning.sft.loss import group_token_means, per_sample_token_losses, weighted_token_mean
-from bbuqc_lightning.tracking.rng import rng_state, set_rng_state
+from bbuqc_lightning.tracking.checkpoint import TrainableStateCheckpointing
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
-class FusionSFTModule(L.LightningModule):
+class FusionSFTModule(TrainableStateCheckpointing, L.LightningModule):
     """Supervised fine-tuning on fusion batches with LoRA on the last K LLM layers."""
 
     def __init__(
@@ -124,12 +124,3 @@ class FusionSFTModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_state" in checkpoint:
-            set_rng_state(checkpoint["rng_state"])
