@@ -232,3 +232,40 @@ def test_padded_causal_mask_leaves_no_query_blind() -> None:
     assert allowed.any(dim=-1).all()  # every query row attends to something: no NaN rows on CUDA
     assert not allowed[0, 3, :2].any()  # real tokens never see padding
     assert allowed[0, 3, 2:].all() and not allowed[1].triu(1).any()  # causal
+
+
+class _RankReport(L.Callback):
+    """Each rank writes how many prompts/rollouts it saw and a fingerprint of its trainable weights."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rows: list[int] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch: Any, *a: Any
+    ) -> None:
+        self.rows.append(len(batch))
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        weights = [p.detach().double().sum().item() for p in module.parameters() if p.requires_grad]
+        report = {
+            "prompts": self.rows,
+            "weights": weights,
+            "loss": float(trainer.callback_metrics["train/loss"]),
+        }
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def test_ddp_two_cpu_processes_keep_groups_whole_and_weights_in_sync(tmp_path: Path) -> None:
+    bundle = tiny(init=0.3)
+    module = make_module(bundle, {"length": char_length_reward}, scale_rewards="batch", loss_type="dapo")
+    before = [p.detach().double().sum().item() for p in module.parameters() if p.requires_grad]
+    t = trainer(tmp_path, max_steps=2, devices=2, strategy="ddp_fork", callbacks=[_RankReport(tmp_path)])
+    t.fit(module, make_data(bundle, tmp_path, n=8, batch_size=2))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Each rank sampled its own prompts (2 per step) with all G rollouts: a group never straddles ranks.
+    assert ranks[0]["prompts"] == ranks[1]["prompts"] == [2, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in ranks)
+    # DDP averaged the gradients: both ranks hold the same adapters, and they moved.
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=1e-6, abs=1e-9)
+    assert ranks[0]["weights"] != pytest.approx(before, rel=1e-9, abs=1e-12)
