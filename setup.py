@@ -8,7 +8,10 @@ finds ``<repo>/conf`` first.
 from setuptools import find_packages, setup
 
 setup(
-    packages=[*find_packages(include=["bbuqc_lightning", "bbuqc_lightning.*", "callbacks"]), "bbuqc_lightning.conf"],
+    packages=[
+        *find_packages(include=["bbuqc_lightning", "bbuqc_lightning.*", "callbacks"]),
+        "bbuqc_lightning.conf",
+    ],
     package_dir={"bbuqc_lightning.conf": "conf"},
     package_data={"bbuqc_lightning.conf": ["*.yaml", "**/*.yaml"]},
 )

@@ -17,8 +17,8 @@ import torch
 from common import device_info, random_bundle, timer, write
 from PIL import Image
 
+from bbuqc_lightning.data.summary_prompts import image_conversation
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
-from bbuqc_lightning.stage_a.prompts import image_conversation
 
 PROMPT = (
     "你是BBU安装质检助手。请用一行中文客观描述这张现场照片中与质检相关的物体。本次任务：BBU线缆布放要求。"

@@ -29,11 +29,11 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from bbuqc_lightning.data.summary_prompts import stage_a_prompt
 from bbuqc_lightning.fusion.config import FusionConfig, FusionEntry, load_fusion_config
 from bbuqc_lightning.fusion.rows import read_entry_samples
 from bbuqc_lightning.fusion.sampler import FusionSampler, Pool
 from bbuqc_lightning.sft.collator import SFTCollator
-from bbuqc_lightning.stage_a.prompts import stage_a_prompt
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from bbuqc_lightning.data.images import load_image, validate_group_images
+from bbuqc_lightning.data.summary_prompts import image_conversation, stage_a_prompt
 from bbuqc_lightning.data.tree import GroupRecord, scan_tree
-from bbuqc_lightning.stage_a.prompts import image_conversation, stage_a_prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Stage-A prompt selection: the mission of a group picks its prompt (texts live in conf/prompts)."""
+"""Image summary prompts (Stage-A and the fusion SFT summary mode); the texts live in conf/prompts/stage_a.yaml."""
 
 from __future__ import annotations
 
