@@ -102,7 +102,7 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                 return
             if not raw.strip():
                 continue
-            yield _parse(path, number, raw)
+            yield parse_line(path, number, raw)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -179,10 +179,15 @@ class JsonlAppender:
 
 
 def atomic_write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]], fsync: bool = True) -> int:
-    """Replace ``path`` with ``rows`` atomically (temp file in the same folder + ``os.replace``).
+    """Replace ``path`` with ``rows`` atomically; returns the number of rows written (see :func:`atomic_write`)."""
+    return atomic_write(path, (dumps_line(row) for row in rows), fsync=fsync)
+
+
+def atomic_write(path: str | Path, chunks: Iterable[bytes], fsync: bool = True) -> int:
+    """Replace ``path`` with the concatenated ``chunks`` atomically (temp file in the same folder + ``os.replace``).
 
     A crash at any moment leaves the old file untouched (and at worst a stray ``.<name>.*.tmp`` file
-    next to it, which readers never open). Returns the number of rows written.
+    next to it, which readers never open). Returns the number of chunks written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,8 +195,8 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]], fsyn
     count = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            for row in rows:
-                f.write(dumps_line(row))
+            for chunk in chunks:
+                f.write(chunk)
                 count += 1
             f.flush()
             if fsync:
@@ -206,7 +211,8 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]], fsyn
     return count
 
 
-def _parse(path: Path, number: int, raw: bytes) -> dict[str, Any]:
+def parse_line(path: Path, number: int, raw: bytes) -> dict[str, Any]:
+    """One JSONL line as a dict; a :class:`JsonlError` naming ``path:number`` otherwise."""
     try:
         row = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

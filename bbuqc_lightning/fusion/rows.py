@@ -34,7 +34,6 @@ A sample is a plain dict (DataLoader-friendly)::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bbuqc_lightning.constants import LABELS
+from bbuqc_lightning.data.jsonl import JsonlError, parse_line
 from bbuqc_lightning.fusion.config import FusionEntry
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,9 @@ def _sample(
 ) -> dict[str, Any]:
     source = f"{path}:{number}"
     try:
-        row = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FusionDataError(f"{source}: not valid JSON ({err})") from err
-    if not isinstance(row, dict):
-        raise FusionDataError(f"{source}: expected a JSON object, got {type(row).__name__}")
+        row = parse_line(path, number, raw)
+    except JsonlError as err:
+        raise FusionDataError(str(err)) from err
     try:
         if entry.dataset == "chat":
             messages, images = chat_messages(row), []

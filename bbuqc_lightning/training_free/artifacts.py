@@ -18,17 +18,14 @@ from it (versions keep counting, snapshots never clash).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bbuqc_lightning.constants import MISSIONS
-from bbuqc_lightning.data.jsonl import JsonlAppender, atomic_write_jsonl
+from bbuqc_lightning.data.jsonl import JsonlAppender, atomic_write, atomic_write_jsonl
 from bbuqc_lightning.training_free.guidance import GuidanceLimits, MissionGuidance
 
 log = logging.getLogger(__name__)
@@ -51,19 +48,8 @@ def mission_slug(mission: str) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` (temp file in the same folder, fsync, ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replace ``path`` with ``text`` atomically (temp file, fsync, ``os.replace``)."""
+    atomic_write(path, [text.encode("utf-8")])
 
 
 def snapshot_versions(folder: Path) -> list[int]:
