@@ -33,7 +33,7 @@ from PIL import Image
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import LABEL_DIR_NAMES, MISSIONS, image_key
 from bbuqc_lightning.data.jsonl import dumps_line
-from bbuqc_lightning.data.synthetic import ensure_synthetic
+from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
 from bbuqc_lightning.data.tree import GroupRecord, scan_tree
 from bbuqc_lightning.models.factory import load_model
 from bbuqc_lightning.stage_a.datamodule import StageADataModule

@@ -19,18 +19,17 @@ from bbuqc_lightning.constants import (
     MISSIONS,
     SLUG_TO_MISSION,
 )
-from bbuqc_lightning.data import render
+from bbuqc_lightning.data import synthetic_tree
 from bbuqc_lightning.data.render import render_image
 from bbuqc_lightning.data.synthetic import (
     ImageScene,
     SceneObject,
     Vocab,
-    ensure_synthetic,
     generate_group,
-    generate_synthetic,
     judge_group,
     parse_summary,
 )
+from bbuqc_lightning.data.synthetic_tree import ensure_synthetic, generate_synthetic
 
 INSTALL, GROUND, CABLING, BAFFLE = (SLUG_TO_MISSION[s] for s in MISSIONS.values())
 SIZE = (40, 30)
@@ -259,14 +258,14 @@ def test_ensure_generates_once_and_survives_interruption(
 ) -> None:
     out, kwargs = tmp_path / "syn", {"groups_per_split": {"val": 1}, "image_size": (16, 16)}
     calls = iter(range(100))
-    real = render.render_image
+    real = synthetic_tree.render_image
 
     def flaky(*args: object, **kw: object) -> Image.Image:
         if next(calls) == 3:
             raise KeyboardInterrupt  # an interrupted run
         return real(*args, **kw)
 
-    monkeypatch.setattr(render, "render_image", flaky)
+    monkeypatch.setattr(synthetic_tree, "render_image", flaky)
     with pytest.raises(KeyboardInterrupt):
         ensure_synthetic(out, **kwargs)
     assert not out.exists() and not list(tmp_path.iterdir())  # nothing that looks complete, no debris

@@ -23,7 +23,7 @@ import bbuqc_lightning.training_free.module as runner_module
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import MISSIONS
 from bbuqc_lightning.data.jsonl import read_jsonl
-from bbuqc_lightning.data.synthetic import ensure_synthetic
+from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
 from bbuqc_lightning.generation.engine import Completion, SamplingParams
 from bbuqc_lightning.stage_b.prompts import format_summaries
 from bbuqc_lightning.train import train

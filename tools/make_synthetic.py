@@ -18,7 +18,7 @@ if importlib.util.find_spec("bbuqc_lightning") is None:
     # `python tools/make_synthetic.py` from a checkout that is not pip-installed: use the checkout.
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from bbuqc_lightning.data.synthetic import DEFAULT_GROUPS_PER_SPLIT, generate_synthetic
+from bbuqc_lightning.data.synthetic_tree import DEFAULT_GROUPS_PER_SPLIT, generate_synthetic
 
 
 def _parser() -> argparse.ArgumentParser:

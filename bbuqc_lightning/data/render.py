@@ -8,33 +8,23 @@ upside-down baffle's arrow points down; scattered wires cross. Partial views are
 band, and the uncertainty remarks blur (模糊), occlude (遮挡) or darken (无法判断) the photo.
 Everything comes from a ``random.Random`` seeded per image: no global random state.
 
-:func:`write_synthetic_tree` (behind :func:`bbuqc_lightning.data.synthetic.generate_synthetic`) saves
+:func:`write_synthetic_tree` (in :mod:`bbuqc_lightning.data.synthetic_tree`) saves
 the photos in the SPEC §3 tree, with the naming quirks of field data, next to the Stage-A JSONL.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import random
-import re
-import shutil
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Final
+from collections.abc import Callable
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from bbuqc_lightning.constants import LABEL_DIR_NAMES, LABELS, MISSIONS, image_key, ticket_key
 from bbuqc_lightning.data.synthetic import (
-    DEFAULT_GROUPS_PER_SPLIT,
-    GroupScene,
     ImageScene,
     SceneObject,
     Vocab,
-    generate_group,
 )
 
 Box = tuple[int, int, int, int]
@@ -305,139 +295,3 @@ def _draw_scene(scene: ImageScene, size: tuple[int, int], rng: random.Random) ->
     if "无法判断" in remark:
         image = image.point(lambda v: v // 3)
     return image
-
-
-# ---------------------------------------------------------------- the SPEC §3 tree on disk
-# (Here rather than in synthetic.py only to keep both files short; generate_synthetic is the API.)
-
-_FOLDER_SUFFIXES: Final = ("补拍", "复检")  # resubmission folders: <id>-补拍
-_NO_ID_FOLDER: Final = "现场照片"  # folders named without the id: the id is in the image names
-_GENERATOR: Final = "bbuqc_lightning.data.synthetic"
-
-
-def _natural_key(name: str) -> list[tuple[int, int | str]]:
-    """Case-insensitive natural order (IMG_2 before IMG_10), the order the tree scanner uses."""
-    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", name.lower()) if t]
-
-
-def _folders(rng: random.Random, group_id: str, n_images: int, serial: int) -> list[tuple[str, list[str]]]:
-    """Folder and image names of one ticket in scanner order, with the quirks of field data."""
-    style = rng.random()
-    if style < 0.12:
-        names = [f"{group_id}_{n}.jpeg" for n in rng.sample(range(1_000_000, 10_000_000), n_images)]
-        return [(f"{_NO_ID_FOLDER}{serial}", sorted(names, key=_natural_key))]
-    exts = rng.choices((".jpg", ".png", ".JPG"), weights=(8, 1, 1), k=n_images)
-    names = [f"IMG_{n}{ext}" for n, ext in zip(rng.sample(range(1, 13), n_images), exts, strict=True)]
-    if style < 0.27:  # one ticket split over <id> and <id>-补拍: folders in name order, not a global sort
-        cut = rng.randint(1, n_images - 1)
-        pairs = [(group_id, names[:cut]), (f"{group_id}-{_FOLDER_SUFFIXES[0]}", names[cut:])]
-    else:
-        pairs = [(f"{group_id}-{rng.choice(_FOLDER_SUFFIXES)}" if style < 0.42 else group_id, names)]
-    return sorted(((f, sorted(n, key=_natural_key)) for f, n in pairs), key=lambda p: _natural_key(p[0]))
-
-
-def _save(image: Image.Image, path: Path) -> None:
-    """Fixed encoder settings and no metadata, so the same seed gives byte-identical files."""
-    if path.suffix.lower() == ".png":
-        image.save(path, format="PNG")
-    else:
-        image.save(path, format="JPEG", quality=90)
-
-
-def _write_group(
-    label_dir: Path,
-    group: GroupScene,
-    group_id: str,
-    files: list[tuple[str, str]],
-    size: tuple[int, int],
-    seed: int,
-) -> dict:
-    """Draws and saves one ticket's photos; returns its Stage-A reference record (SPEC §4)."""
-    for k, ((folder, name), image) in enumerate(zip(files, group.images, strict=True)):
-        (label_dir / folder).mkdir(parents=True, exist_ok=True)
-        _save(render_image(image, size, seed=f"{seed}:{group_id}:{k}"), label_dir / folder / name)
-    return {
-        "group_id": group_id,
-        "ticket_key": ticket_key(group_id, group.label),
-        "mission": group.mission,
-        "label": group.label,
-        "images": [name for _, name in files],
-        "per_image": {image_key(k + 1): s for k, s in enumerate(group.summaries())},
-    }
-
-
-def _write_split(root: Path, split: str, n: int, seed: int, size: tuple[int, int], serial: int) -> dict:
-    """Writes ``n`` groups per mission of one split and its JSONL; pass/fail targets alternate."""
-    counts = {mission: dict.fromkeys(LABELS, 0) for mission in MISSIONS}
-    lines: list[str] = []
-    for m, (mission, slug) in enumerate(MISSIONS.items()):
-        for i in range(n):
-            rng = random.Random(f"{seed}:{split}:{slug}:{i}")
-            group = generate_group(mission, LABELS[(i + m) % 2], rng)
-            number = serial + len(lines)
-            group_id = f"QC-TEMP-2025{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}-{number:07d}"
-            folders = _folders(rng, group_id, len(group.images), number)
-            files = [(folder, name) for folder, names in folders for name in names]
-            label_dir = root / split / mission / LABEL_DIR_NAMES[group.label]
-            record = _write_group(label_dir, group, group_id, files, size, seed)
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-            counts[mission][group.label] += 1
-    (root / f"stage_a_{split}.jsonl").write_text("".join(lines), encoding="utf-8")
-    n_images = sum(1 for p in (root / split).rglob("*") if p.is_file())
-    jsonl = f"stage_a_{split}.jsonl"
-    return {"root": split, "stage_a_jsonl": jsonl, "groups": len(lines), "images": n_images, "labels": counts}
-
-
-def _read_manifest(out: Path) -> dict | None:
-    """The manifest of a tree this generator wrote, else ``None`` (so foreign folders are never deleted)."""
-    try:
-        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("generator") == _GENERATOR else None
-
-
-def _publish(tmp: Path, out: Path, replace_existing: bool) -> bool:
-    """Renames the finished ``tmp`` tree to ``out``; False when a complete tree there is kept instead."""
-    if out.exists():
-        if _read_manifest(out) is None and any(out.iterdir()):
-            shutil.rmtree(tmp)
-            raise FileExistsError(f"{out} exists and is not a generated synthetic tree; not replacing it")
-        if _read_manifest(out) is not None and not replace_existing:
-            shutil.rmtree(tmp)  # another process finished first: keep its tree
-            return False
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-        return True
-    tmp.rename(out)
-    return True
-
-
-def write_synthetic_tree(
-    out: Path,
-    seed: int,
-    groups_per_split: Mapping[str, int] | None,
-    image_size: Sequence[int],
-    replace_existing: bool,
-) -> dict:
-    """Implements :func:`~bbuqc_lightning.data.synthetic.generate_synthetic` (see there)."""
-    splits = {str(k): int(v) for k, v in (groups_per_split or DEFAULT_GROUPS_PER_SPLIT).items()}
-    size = (int(image_size[0]), int(image_size[1]))
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    manifest: dict = {"generator": _GENERATOR, "version": 1, "seed": seed, "image_size": list(size)}
-    manifest |= {"groups_per_split": splits, "missions": dict(MISSIONS), "splits": {}}
-    serial = 10_000  # group serials run on over all splits, so ids never collide between splits
-    try:
-        for split, n in splits.items():
-            manifest["splits"][split] = _write_split(tmp, split, n, seed, size, serial)
-            serial += manifest["splits"][split]["groups"]
-        text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
-        (tmp / "manifest.json").write_text(text, encoding="utf-8")  # last: its presence means complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest if _publish(tmp, out, replace_existing) else (_read_manifest(out) or manifest)

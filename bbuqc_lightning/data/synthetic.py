@@ -11,12 +11,10 @@ matching Stage-A reference JSONL.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Final, NamedTuple
 
 from bbuqc_lightning.constants import (
@@ -398,41 +396,3 @@ def generate_group(mission: str, target: str, rng: random.Random, max_images: in
         if judge_group(mission, group.summaries()) == target:
             return group
     raise RuntimeError(f"could not generate a {target} group for {mission}")  # pragma: no cover
-
-
-# ---------------------------------------------------------------- the data set on disk
-
-DEFAULT_GROUPS_PER_SPLIT: Final[dict[str, int]] = {"train": 8, "val": 4, "test": 4}
-
-
-def generate_synthetic(
-    out_dir: str | os.PathLike[str],
-    seed: int = 0,
-    groups_per_split: Mapping[str, int] | None = None,
-    image_size: Sequence[int] = (320, 240),
-) -> dict:
-    """Writes the synthetic data set to ``out_dir`` and returns its manifest (also ``manifest.json``).
-
-    Layout: ``<split>/<mission>/<审核通过|审核不通过>/<group_dir>/<images>`` plus ``stage_a_<split>.jsonl``
-    (reference summaries, SPEC §4). ``groups_per_split`` counts groups per mission per split. The tree
-    is built in a sibling temp folder and renamed into place with the manifest written last, so an
-    interrupted run never looks complete; an earlier generated tree at ``out_dir`` is replaced.
-    """
-    from bbuqc_lightning.data.render import write_synthetic_tree  # render imports this module
-
-    return write_synthetic_tree(Path(out_dir), seed, groups_per_split, image_size, replace_existing=True)
-
-
-def ensure_synthetic(
-    out_dir: str | os.PathLike[str],
-    seed: int = 0,
-    groups_per_split: Mapping[str, int] | None = None,
-    image_size: Sequence[int] = (320, 240),
-) -> Path:
-    """Generates the data set only when ``<out_dir>/manifest.json`` is missing; returns ``out_dir``."""
-    out = Path(out_dir)
-    if not (out / "manifest.json").exists():
-        from bbuqc_lightning.data.render import write_synthetic_tree  # render imports this module
-
-        write_synthetic_tree(out, seed, groups_per_split, image_size, replace_existing=False)
-    return out

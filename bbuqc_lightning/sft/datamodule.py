@@ -127,7 +127,7 @@ class FusionDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         missing = _missing_files(self.load_config())
         if missing and self.synthetic and self.synthetic_sources:
-            from bbuqc_lightning.data.synthetic import ensure_synthetic
+            from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
             from bbuqc_lightning.fusion.synthetic_sources import ensure_fusion_sources
 
             root = ensure_synthetic(**self.synthetic)

@@ -110,7 +110,7 @@ class StageADataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic and not self.root.exists():
-            from bbuqc_lightning.data.synthetic import ensure_synthetic
+            from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
 
             ensure_synthetic(**self.synthetic)
         if not self.root.is_dir():
