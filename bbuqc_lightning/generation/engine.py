@@ -31,9 +31,13 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from bbuqc_lightning.constants import THINK_CLOSE
 from bbuqc_lightning.generation.static_decode import StaticDecoder
-from bbuqc_lightning.models.decoder import language_model, position_ids_from_mask, uses_mrope
+from bbuqc_lightning.models.decoder import (
+    language_model,
+    position_ids_from_mask,
+    update_rope_deltas,
+    uses_mrope,
+)
 
 
 @dataclass(frozen=True)
@@ -185,22 +189,14 @@ class GenerationEngine:
         # Explicit positions: left-padded rows must be cached at the positions generate() continues from.
         positions = position_ids_from_mask(prefix["attention_mask"])
         prefix["position_ids"] = positions[None].expand(4, -1, -1) if self._mrope() else positions
-        self._set_rope_deltas(lambda _: None)  # stale offsets of an earlier batch must not be reused
+        update_rope_deltas(self.model, lambda _: None)  # stale offsets of an earlier batch must not be reused
         self.model(
             **prefix, past_key_values=cache, use_cache=True, logits_to_keep=1
         )  # only the cache matters
         cache.batch_repeat_interleave(n)
-        self._set_rope_deltas(lambda deltas: deltas.repeat_interleave(n, dim=0))
+        update_rope_deltas(self.model, lambda deltas: deltas.repeat_interleave(n, dim=0))
         repeated = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
         return self.model.generate(**repeated, past_key_values=cache, **kwargs)
-
-    def _set_rope_deltas(self, update: Any) -> None:
-        """Qwen3-VL caches per-row M-RoPE offsets after a prefill; the repeated rows need theirs."""
-        for module in self.model.modules():
-            # vars(): the outer model exposes the same tensor through a property; update it only once.
-            if "rope_deltas" in vars(module):
-                deltas = vars(module)["rope_deltas"]
-                module.rope_deltas = None if deltas is None else update(deltas)
 
     def _mrope(self) -> bool:
         return uses_mrope(language_model(self.model))
@@ -252,12 +248,6 @@ class GenerationEngine:
 def line_break_token_ids(tokenizer: Any) -> tuple[int, ...]:
     """Every vocabulary entry that contains a line break (byte-level BPE spells them ``Ċ`` / ``č``)."""
     return tuple(sorted(i for token, i in tokenizer.get_vocab().items() if "Ċ" in token or "č" in token))
-
-
-def strip_think(text: str) -> str:
-    """Drop a leading Qwen3 ``<think>…</think>`` block (the Teacher's, or an empty one)."""
-    head, sep, tail = text.partition(THINK_CLOSE)
-    return tail if sep and "<think>" in head else text
 
 
 class _Suppress(LogitsProcessor):

@@ -26,6 +26,8 @@ from bbuqc_lightning.models.decoder import (
     language_model,
     output_embedding,
     position_ids_from_mask,
+    rope_deltas,
+    update_rope_deltas,
     uses_mrope,
 )
 
@@ -99,7 +101,7 @@ class StaticDecoder:
         and Qwen3-VL's delta accounts for image tokens sharing M-RoPE positions (0 for text).
         """
         attention_mask = inputs["attention_mask"]
-        _clear_rope_deltas(self.model)
+        update_rope_deltas(self.model, lambda _: None)
         prefill_cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         kwargs: dict[str, Any] = {"past_key_values": prefill_cache, "use_cache": True, "logits_to_keep": 1}
         if "pixel_values" not in inputs:
@@ -107,7 +109,7 @@ class StaticDecoder:
         out = self.model(**inputs, **kwargs)
         _load_static(cache, prefill_cache, num_samples)
         valid = attention_mask.sum(dim=1).long()
-        deltas = _rope_deltas(self.model)
+        deltas = rope_deltas(self.model)
         if deltas is not None:
             valid = valid + deltas.view(-1).to(valid.device).long()
         return out.logits[:, -1].float(), valid
@@ -146,19 +148,3 @@ def _load_static(cache: StaticCache, prefill: DynamicCache, n: int) -> None:
         static.keys[:, :, :length].copy_(keys)
         static.values[:, :, :length].copy_(values)
         static.cumulative_length.fill_(length)
-
-
-def _inner_with_deltas(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if "rope_deltas" in vars(m)]
-
-
-def _clear_rope_deltas(model: nn.Module) -> None:
-    for module in _inner_with_deltas(model):
-        module.rope_deltas = None
-
-
-def _rope_deltas(model: nn.Module) -> torch.Tensor | None:
-    for module in _inner_with_deltas(model):
-        if isinstance(module.rope_deltas, torch.Tensor):
-            return module.rope_deltas
-    return None

@@ -5,6 +5,8 @@ Used by the shared-prefix GRPO forward and the static decoder, which call the de
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from peft import PeftModel
 from torch import nn
@@ -35,3 +37,23 @@ def uses_mrope(decoder: nn.Module) -> bool:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Text positions that start at 0 on each row's first real token (left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _modules_with_rope_deltas(model: nn.Module) -> list[nn.Module]:
+    # vars(): the outer Qwen3-VL model exposes the inner tensor through a property; touch it only once.
+    return [m for m in model.modules() if "rope_deltas" in vars(m)]
+
+
+def rope_deltas(model: nn.Module) -> torch.Tensor | None:
+    """The per-row M-RoPE offsets Qwen3-VL cached at its last prefill (None for text prompts / Qwen3)."""
+    for module in _modules_with_rope_deltas(model):
+        if isinstance(module.rope_deltas, torch.Tensor):
+            return module.rope_deltas
+    return None
+
+
+def update_rope_deltas(model: nn.Module, update: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+    """Replace the cached M-RoPE offsets (``lambda _: None`` clears stale ones before a new prefill)."""
+    for module in _modules_with_rope_deltas(model):
+        deltas = module.rope_deltas
+        module.rope_deltas = None if deltas is None else update(deltas)
