@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.grpo.config import GRPOConfig
-from bbuqc_lightning.grpo.forward import run_frozen_prefix, run_suffix
+from bbuqc_lightning.grpo.forward import run_frozen_prefix, run_suffix, select_rows
 from bbuqc_lightning.grpo.module import GRPOModule
 from bbuqc_lightning.models.decoder import output_embedding
 from bbuqc_lightning.models.factory import ModelBundle, build_tokenizer, load_model
@@ -121,27 +121,76 @@ def test_only_last_k_lora_parameters_train() -> None:
     assert not any("visual" in n for n, p in module.named_parameters() if p.requires_grad)
 
 
-def test_shared_prefix_forward_equals_full_forward() -> None:
+def _grouped_batch(groups: int, g: int, prompt: int, completion: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows grouped by prompt (left padding differs per prompt), distinct completions padded after EOS."""
+    torch.manual_seed(0)
+    prompts = torch.randint(0, 5000, (groups, prompt)).repeat_interleave(g, dim=0)
+    completions = torch.randint(0, 5000, (groups * g, completion))
+    ids = torch.cat([prompts, completions], dim=1)
+    mask = torch.ones_like(ids)
+    mask[:g, :3] = 0  # left padding of the first prompt
+    mask[1, prompt + 2 :] = 0  # a completion that ended early (right padding)
+    return ids, mask
+
+
+def _policy_with_nonzero_adapters() -> GRPOModule:
     module = make_module(tiny(init=0.3), {"length": char_length_reward})
-    model = module.model
-    for name, param in model.named_parameters():  # non-zero adapters, so policy != reference
+    for name, param in module.model.named_parameters():  # non-zero adapters, so policy != reference
         if "lora_B" in name:
             param.data.normal_(0, 0.1)
-    model.eval()
-    ids = torch.randint(0, 5000, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding
-    prefix = run_frozen_prefix(model, ids, mask, module.num_frozen)
+    module.model.eval()
+    return module
+
+
+def test_shared_prefix_forward_equals_full_forward() -> None:
+    module = _policy_with_nonzero_adapters()
+    model = module.model
+    g, completion = 3, 5
+    ids, mask = _grouped_batch(groups=2, g=g, prompt=10, completion=completion)
+    prefix = run_frozen_prefix(model, ids, mask, completion, g, module.num_frozen)
     with torch.no_grad():
         policy = output_embedding(model)(run_suffix(model, prefix))
-        full = model(input_ids=ids, attention_mask=mask).logits
+        full = model(input_ids=ids, attention_mask=mask).logits[:, -completion - 1 : -1]
         with model.disable_adapter():
             reference = output_embedding(model)(run_suffix(model, prefix))
-            full_reference = model(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool()
+            full_reference = model(input_ids=ids, attention_mask=mask).logits[:, -completion - 1 : -1]
+    real = mask[:, -completion - 1 : -1].bool()  # the positions that predict a real completion token
     torch.testing.assert_close(policy[real], full[real], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(reference[real], full_reference[real], rtol=1e-4, atol=1e-4)
     assert (policy[real] - reference[real]).abs().max() > 1e-2  # the adapters do matter
+
+
+def test_shared_prefix_gradients_equal_full_forward_gradients() -> None:
+    """Micro-batches that split a group (2 rows of a 3-row group) still give the full forward's gradients."""
+    module = _policy_with_nonzero_adapters()
+    model = module.model
+    g, completion = 3, 4
+    ids, mask = _grouped_batch(groups=2, g=g, prompt=9, completion=completion)
+    weights = torch.randn(ids.shape[0], completion, model.config.text_config.vocab_size)
+    weights *= mask[:, -completion - 1 : -1, None]  # padded positions differ by design (they see themselves)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [x.clone() for x in torch.autograd.grad(loss, trainable)]
+
+    full = model(input_ids=ids, attention_mask=mask).logits[:, -completion - 1 : -1]
+    expected = grads((full * weights).sum())
+    prefix = run_frozen_prefix(model, ids, mask, completion, g, module.num_frozen)
+    total = [torch.zeros_like(p) for p in trainable]
+    for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
+        logits = output_embedding(model)(run_suffix(model, select_rows(prefix, rows)))
+        for acc, grad in zip(total, grads((logits * weights[rows]).sum()), strict=True):
+            acc += grad
+    for got, want in zip(total, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert any(grad.abs().max() > 0 for grad in total)
+
+
+def test_shared_prefix_rejects_rows_not_grouped_by_prompt() -> None:
+    module = _policy_with_nonzero_adapters()
+    ids, mask = _grouped_batch(groups=2, g=2, prompt=6, completion=2)
+    with pytest.raises(ValueError, match="share their prompt"):
+        run_frozen_prefix(module.model, ids[[0, 2, 1, 3]], mask, 2, 2, module.num_frozen)
 
 
 def test_training_changes_every_trainable_parameter_and_no_frozen_one(tmp_path: Path) -> None:

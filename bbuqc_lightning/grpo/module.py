@@ -5,7 +5,8 @@ prefilled once), score them with the reward functions, turn rewards into group a
 ``num_iterations`` optimiser steps over micro-batches with TRL 1.16's loss (``grpo/loss.py``).
 
 Speed by design:
-1. the frozen first L-K layers run once per generation batch, shared by the policy, the old-policy and
+1. each prompt runs once per group in every forward pass (its G rollouts attend to its keys/values), and
+   the frozen first L-K layers run once per generation batch, shared by the policy, the old-policy and
    the reference passes (``grpo/forward.py``); only the last K LoRA layers run per pass;
 2. the reference is the same weights with adapters disabled (no second copy of the model);
 3. log-probs are computed at completion positions only, in chunks of ``logprob_chunk_size`` tokens
@@ -116,7 +117,14 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             rewards, self.grpo.num_generations, self.grpo.scale_rewards, all_gather=gather
         )
         loss_mask = self._loss_mask(rollout, rewards)
-        prefix = run_frozen_prefix(self.model, rollout.input_ids, rollout.attention_mask, self.num_frozen)
+        prefix = run_frozen_prefix(
+            self.model,
+            rollout.input_ids,
+            rollout.attention_mask,
+            completion_length=rollout.completion_ids.shape[1],
+            group_size=self.grpo.num_generations,
+            num_frozen=self.num_frozen,
+        )
         ref, old = self._reference_and_old(prefix, rollout)
         losses, loss_metrics = self._optimise(prefix, rollout, loss_mask, advantages, ref, old)
         self._log_train(
@@ -150,9 +158,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         return torch.cat([self._completion_logps(select_rows(prefix, s), rollout, s) for s in rows])
 
     def _completion_logps(self, prefix: PrefixState, rollout: Rollout, rows: slice) -> torch.Tensor:
-        hidden = run_suffix(self.model, prefix)
-        # The state at position t predicts token t+1: completion tokens are predicted from P-1 .. end-1.
-        hidden = hidden[:, rollout.prompt_length - 1 : -1]
+        hidden = run_suffix(self.model, prefix)  # (rows, C, H): position t predicts completion token t
         return completion_logprobs(
             hidden,
             output_embedding(self.model).weight,
