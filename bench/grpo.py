@@ -59,7 +59,9 @@ def samples(tokenizer: Any, n: int, prompt_tokens: int) -> list[dict[str, Any]]:
     return out
 
 
-def run_ours(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) -> list[float]:
+def run_ours(
+    args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]], extra: dict[str, Any]
+) -> list[float]:
     import functools
 
     import lightning as L
@@ -91,6 +93,7 @@ def run_ours(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) 
             sync()
             times.append(time.perf_counter() - self.start)
             generation = float(trainer.callback_metrics.get("train/generation_seconds", float("nan")))
+            extra.setdefault("generation_seconds", []).append(generation)
             print(f"ours step {len(times)}: {times[-1]:.2f} s (generation {generation:.2f} s)", flush=True)
 
     loader = torch.utils.data.DataLoader(data, batch_size=len(data), collate_fn=lambda b: b)
@@ -109,7 +112,9 @@ def run_ours(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) 
     return times
 
 
-def run_trl(args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]]) -> list[float]:
+def run_trl(
+    args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]], extra: dict[str, Any]
+) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -191,7 +196,8 @@ def main() -> None:
     )
     data = samples(bundle.tokenizer, args.prompts, args.prompt_tokens)
     prompt_len = prompt_length(bundle.tokenizer, data[0]["messages"])
-    times = (run_ours if args.impl == "ours" else run_trl)(args, bundle, data)
+    extra: dict[str, Any] = {}
+    times = (run_ours if args.impl == "ours" else run_trl)(args, bundle, data, extra)
     steady = times[1:] if len(times) > 1 else times
     step = statistics.median(steady)
     completions = args.prompts * 8
@@ -203,6 +209,7 @@ def main() -> None:
         "step_seconds": times,
         "median_step_seconds_after_first": step,
         "completions_per_s": completions / step,
+        **extra,
     }
     if torch.cuda.is_available():
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9

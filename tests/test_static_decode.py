@@ -78,3 +78,40 @@ def test_sampling_draws_from_the_generator(varied: ModelBundle) -> None:
     torch.manual_seed(0)
     again = [c.token_ids for c in engine.generate(TEXT[:1], params)[0]]
     assert first == again and len({tuple(ids) for ids in first}) > 1
+
+
+def test_grouped_decode_attention_equals_repeated_kv_sdpa() -> None:
+    """``bbuqc_sdpa`` on one query token with grouped KV heads: same output as sdpa over repeated heads."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from bbuqc_lightning.models.attention import grouped_decode_sdpa
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 8, 2, 11, 16
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = torch.randn(2, batch, kv_heads, length, dim)
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding
+    mask[2, ..., 9:] = False  # cache slots not written yet
+    out, _ = grouped_decode_sdpa(module, query, key, value, mask, scaling=0.25)
+    groups = heads // kv_heads
+    want = F.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=0.25
+    )
+    assert out.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_static_decoder_runs_grouped_decode_attention(tiny_architecture: dict[str, Any]) -> None:
+    bundle = load_model(kind="vl", random_init=True, architecture=tiny_architecture, seed=0)
+    assert bundle.model.config.text_config._attn_implementation == "sdpa"
+    GenerationEngine(bundle.model, bundle.processor, backend="static").generate(
+        TEXT, SamplingParams(max_new_tokens=2)
+    )
+    assert bundle.model.config.text_config._attn_implementation == "bbuqc_sdpa"
+    assert bundle.model.config.vision_config._attn_implementation == "bbuqc_sdpa"  # delegates to sdpa

@@ -4,7 +4,8 @@ HF ``generate`` spends most of a decode step in Python (logits processors, stopp
 bookkeeping) once the model is small relative to the GPU. Here the decode step is one function of
 fixed-shape tensors — ``(tokens, positions, attention_mask) -> logits`` over a pre-allocated
 :class:`~transformers.StaticCache` — so ``torch.compile(mode="reduce-overhead")`` can capture it as a CUDA
-graph, and sampling is a few tensor ops outside it.
+graph, and sampling is a few tensor ops outside it. Attention runs ``bbuqc_sdpa``
+(:mod:`~bbuqc_lightning.models.attention`), which keeps grouped-query decoding grouped under compile.
 
 Prefix sharing: the prompts are prefilled once at batch ``B``; the cache is then repeated to ``B * n``
 rows for ``n`` samples per prompt. Positions follow Qwen3-VL's M-RoPE: the decode position of a row is
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
 
+from bbuqc_lightning.models.attention import use_grouped_decode_attention
 from bbuqc_lightning.models.decoder import (
     language_model,
     output_embedding,
@@ -40,6 +42,8 @@ class StaticDecoder:
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model
         self.compile = compile
+        # Compiled sdpa would copy the KV cache per step for grouped-query heads (models/attention.py).
+        use_grouped_decode_attention(model)
         # One cache + step per (rows, cache length), reused across calls: a compiled step keeps its graph
         # only while the cache tensors it closes over stay the same objects.
         self._slots: dict[tuple[int, int], tuple[StaticCache, StepFn]] = {}
