@@ -1,7 +1,9 @@
 """Save the LoRA adapter in peft format (``adapter_model.safetensors``) and log it as a W&B artifact.
 
 The folder loads with ``PeftModel.from_pretrained(base_model, dirpath)``. Saved after every validation
-and at the end of training, overwriting the same folder (Lightning checkpoints keep the history).
+and at the end of training, overwriting the same folder (Lightning checkpoints keep the history). A module
+without adapters (fusion SFT with ``module.finetune=full``) is left to
+``callbacks.model_folder.ModelFolderCheckpoint``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from peft import PeftModel
 
 from bbuqc_lightning.tracking.wandb import log_artifact
 
@@ -21,8 +24,13 @@ class AdapterCheckpoint(Callback):
         self.dirpath = Path(dirpath)
         self.artifact_name = artifact_name
 
+    @staticmethod
+    def applies_to(module: L.LightningModule) -> bool:
+        """True when the module trains peft adapters."""
+        return isinstance(getattr(module, "model", None), PeftModel)
+
     def _save(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.applies_to(module):
             return
         module.model.save_pretrained(str(self.dirpath))
 
@@ -31,5 +39,5 @@ class AdapterCheckpoint(Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._save(trainer, module)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.applies_to(module):
             log_artifact(trainer, self.dirpath, self.artifact_name, "model")

@@ -264,6 +264,24 @@ def test_valid_tiny_architecture_passes_the_shape_check(tiny_architecture: dict[
     assert config.text_config.hidden_size == config.vision_config.out_hidden_size == 64
 
 
+def test_small_preset_builds_and_reads_a_synthetic_size_photo() -> None:
+    """``model=small`` (the learning proof's from-scratch model): the sizes its file states, a finite forward
+    on a 320x240 photo (80 image tokens: rounded up to 320x256, not scaled down)."""
+    preset = OmegaConf.load(config_dir() / "model" / "small.yaml")
+    bundle = load_model(
+        kind="vl", random_init=True, architecture=preset_architecture("small"), max_pixels=preset.max_pixels
+    )
+    total = sum(p.numel() for p in bundle.model.parameters())
+    vision = sum(p.numel() for p in bundle.model.model.visual.parameters())
+    assert 100e6 < total < 110e6 and vision < 2e6
+    engine = GenerationEngine(bundle.model, bundle.processor)
+    encoded = engine.encode([IMAGE_CONV], images=[[noise_image(320, 240)]])
+    assert int((encoded.input_ids == IMAGE_PAD_ID).sum()) == 80
+    with torch.no_grad():
+        logits = bundle.model(**encoded.inputs).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+
 # MODEL_NOTES.md table: text hidden / inter / layers / heads / kv / head_dim, tied, vision depth / hidden /
 # out_hidden, deepstack indexes.
 REAL_PRESETS = {

@@ -1,6 +1,7 @@
 """Fusion SFT with the real tiny Qwen3-VL: assistant-only labels (text and image rows), mixed batches,
-the length guard, init from base + adapter, a training run (every trainable weight moves, nothing else),
-and the ``+experiment=fusion_sft`` entry point end to end."""
+the length guard, init from base + adapter, training runs with LoRA and with full fine-tuning (every
+trainable weight moves, nothing else), and the ``+experiment=fusion_sft`` entry point end to end,
+including a fully fine-tuned model folder that GRPO and eval start from."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from safetensors.torch import load_file
 
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.models.factory import ModelBundle, load_model
 from bbuqc_lightning.models.lora import apply_last_k_lora
 from bbuqc_lightning.sft.collator import IGNORE_INDEX, SFTCollator, SFTLengthError
 from bbuqc_lightning.sft.datamodule import FusionDataModule
+from bbuqc_lightning.sft.init import build_trainable_model
 from bbuqc_lightning.sft.loss import weighted_token_mean
 from bbuqc_lightning.sft.module import FusionSFTModule
 from bbuqc_lightning.train import train
@@ -190,10 +194,8 @@ def write_rows(tmp_path: Path) -> Path:
     return fusion
 
 
-def test_training_moves_every_lora_weight_and_nothing_else(tmp_path: Path) -> None:
-    bundle = tiny()
-    module = FusionSFTModule(bundle, functools.partial(torch.optim.AdamW, lr=1e-2), lora=LORA)
-    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+def fit_on_rows(module: FusionSFTModule, bundle: ModelBundle, tmp_path: Path) -> FusionDataModule:
+    """Three steps on :func:`write_rows`, validation at the end; returns the DataModule."""
     data = FusionDataModule(
         str(write_rows(tmp_path)), bundle.processor, {"s": PROMPTS}, batch_size=3, max_pixels=65536
     )
@@ -214,12 +216,44 @@ def test_training_moves_every_lora_weight_and_nothing_else(tmp_path: Path) -> No
     assert torch.isfinite(metrics["train/loss"])
     assert {"val/loss", "val/loss/summary", "val/loss/verdicts"} <= set(metrics)
     assert any(key.startswith("train/loss/") for key in metrics)
+    return data
+
+
+def test_training_moves_every_lora_weight_and_nothing_else(tmp_path: Path) -> None:
+    bundle = tiny()
+    module = FusionSFTModule(bundle, functools.partial(torch.optim.AdamW, lr=1e-2), lora=LORA)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    data = fit_on_rows(module, bundle, tmp_path)
     assert data.pools[1].weights == (2.0,) * 4  # every verdict row is a fail row
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and ".visual." not in n for n in trainable)
     for name, param in module.named_parameters():
         changed = not torch.equal(param.detach(), before[name])
         assert changed == (name in trainable), f"{name}: changed={changed}"
+
+
+def test_full_finetuning_moves_every_language_model_weight_and_no_vision_weight(tmp_path: Path) -> None:
+    bundle = tiny()
+    module = FusionSFTModule(bundle, functools.partial(torch.optim.AdamW, lr=1e-3), finetune="full")
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    assert "model.model.language_model.embed_tokens.weight" in trainable  # tied: lm_head is this weight
+    assert not any("lora_" in n for n in before)  # module.lora is not used
+    assert frozen and all(".visual." in n for n in frozen)  # vision tower and aligner (merger, deepstack)
+    assert any(".merger." in n for n in frozen) and any(".deepstack_merger_list." in n for n in frozen)
+    assert all(n.startswith("model.model.language_model.") for n in trainable)
+    fit_on_rows(module, bundle, tmp_path)
+    for name, param in module.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        assert changed == (name in trainable), f"{name}: changed={changed}"
+
+
+def test_finetune_mode_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match=r"module.finetune must be one of \('lora', 'full'\), got 'ful'"):
+        build_trainable_model(tiny().model, finetune="ful")
+    with pytest.raises(ValueError, match="no adapter to continue"):
+        build_trainable_model(tiny().model, adapter="any/adapter", adapter_mode="continue", finetune="full")
 
 
 def test_fusion_sft_experiment_runs_and_writes_an_adapter(
@@ -250,3 +284,44 @@ def test_row_weights_scale_tokens_in_the_loss() -> None:
     assert weighted_token_mean(sums, counts, torch.tensor([1.0, 1.0, 1.0])) == pytest.approx(49 / 14)
     assert weighted_token_mean(sums, counts, torch.tensor([1.0, 0.5, 0.0])) == pytest.approx(26 / 8)
     assert weighted_token_mean(sums, counts, torch.zeros(3)) == 0.0
+
+
+def test_full_sft_model_folder_starts_grpo_and_eval(
+    compose_at: Callable[[list[str], Path, Path], DictConfig], tmp_path: Path, data_dir: Path
+) -> None:
+    """``module.finetune=full`` writes ``<run>/model``; GRPO and eval load it with ``model.random_init=false``."""
+
+    def run(overrides: list[str], root: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        cfg = compose_at([*overrides, "logger=csv", "trainer.enable_progress_bar=false"], root, data_dir)
+        try:
+            return train(cfg)
+        finally:
+            HydraConfig.instance().cfg = None
+
+    sft_overrides = ["+experiment=fusion_sft", "module.finetune=full", "module.optimizer.lr=1e-3"]
+    limits = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+    _, sft = run([*sft_overrides, *limits, "data.batch_size=2", "data.val_batch_size=2"], tmp_path / "sft")
+    folder = tmp_path / "sft" / "run" / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert not (tmp_path / "sft" / "run" / "adapter").exists()
+    trained = sft["module"].model.state_dict()
+    saved = load_file(folder / "model.safetensors")
+    name = "model.language_model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(saved[name], trained[name])
+    assert not torch.equal(saved[name], tiny().model.state_dict()[name])  # not the random init
+
+    start = [f"model.model_name_or_path={folder}", "model.random_init=false"]
+    metrics, grpo = run(["+experiment=grpo", *start, "trainer.max_steps=1"], tmp_path / "grpo")
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    base = grpo["module"].model.get_base_model().state_dict()
+    torch.testing.assert_close(base[name], saved[name])  # GRPO started from the SFT weights
+    adapter = tmp_path / "grpo" / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+    metrics, _ = run(
+        ["+experiment=eval", *start, f"module.adapter_path={adapter}", "data.limit_samples=4"],
+        tmp_path / "eval",
+    )
+    assert metrics["test/groups"] == 4 and 0.0 <= metrics["test/format_valid_rate"] <= 1.0

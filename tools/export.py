@@ -40,7 +40,7 @@ from peft import PeftModel
 
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
-from bbuqc_lightning.models.factory import ModelBundle, load_model
+from bbuqc_lightning.models.factory import ModelBundle, load_model, save_model_folder
 
 log = logging.getLogger("export")
 
@@ -99,11 +99,7 @@ def export(
         raise SystemExit(f"error: --out {out} exists and is not empty")
     bundle = load_base(base, seed, dtype)
     model = merge_adapters(bundle, adapters)
-    model.generation_config.pad_token_id = bundle.tokenizer.pad_token_id
-    if model.generation_config.eos_token_id is None:  # random-init presets have none; real ones do
-        model.generation_config.eos_token_id = bundle.tokenizer.eos_token_id
-    model.save_pretrained(str(out))
-    bundle.processor.save_pretrained(str(out))
+    save_model_folder(model, bundle.processor, out)
     provenance = {"base": str(base), "adapters": [str(a) for a in adapters], "seed": seed}
     (out / "bbuqc_export.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     log.info("merged %s + %s -> %s", base, list(map(str, adapters)), out)

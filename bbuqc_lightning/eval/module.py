@@ -72,6 +72,7 @@ class EvalModule(L.LightningModule):
         missions: Mapping[str, str] | None = None,
         table_rows: int | None = None,
         fsync: bool = True,
+        generation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         model = bundle.model
@@ -79,7 +80,7 @@ class EvalModule(L.LightningModule):
             model = attach_adapter(model, adapter_path, merge=merge_adapter)
         model.eval()
         self.model = model
-        self.engine = GenerationEngine(model, bundle.processor)
+        self.engine = GenerationEngine(model, bundle.processor, **dict(generation or {}))
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens)
         self.output_dir = Path(output_dir)
         self.missions = dict(missions or MISSIONS)

@@ -13,6 +13,9 @@ Example::
 
     bundle = load_model(kind="vl", random_init=True, architecture=TINY_VL, seed=0)
     bundle.model, bundle.processor, bundle.tokenizer
+
+:func:`save_model_folder` is the inverse: one folder that ``load_model(model_name_or_path=...)`` and plain
+``from_pretrained`` load (``tools/export.py``, the ``model/`` folder of a full fine-tuning run).
 """
 
 from __future__ import annotations
@@ -209,6 +212,23 @@ def load_model(
             processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelBundle(model, processor, tokenizer, kind, name or model_name_or_path or f"random-{kind}")
+
+
+def save_model_folder(model: PreTrainedModel, processor: Any, out: str | os.PathLike[str]) -> Path:
+    """Save ``model`` (weights, config, generation config) and its ``processor`` (tokenizer, image
+    processor, chat template) to ``out``; returns the folder.
+
+    Random-init models have no pad / eos ids in their generation config: the tokenizer's are filled in,
+    so plain ``generate`` on the loaded folder stops where the project's engine stops.
+    """
+    out = Path(out)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.eos_token_id is None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out
 
 
 def _processor_for(kind: str, tokenizer: PreTrainedTokenizerBase, min_pixels: int, max_pixels: int) -> Any:

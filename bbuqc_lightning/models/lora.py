@@ -1,10 +1,14 @@
-"""Freezing and last-K LoRA: the trainable boundary of GRPO and fusion SFT.
+"""Freezing, last-K LoRA and full fine-tuning: the trainable boundary of GRPO and fusion SFT.
 
-Only the last ``k`` decoder blocks of the language model get LoRA adapters; the vision tower
-(``model.visual``), the aligner (``merger`` and ``deepstack_merger_list``) and everything else stay
-frozen. peft's ``layers_to_transform`` + ``layers_pattern="layers"`` selects
-``model.language_model.layers.{L-k..L-1}``; the vision linears are named ``qkv``/``proj``/``linear_fc*``
-and never match the LLM projection names.
+LoRA (:func:`apply_last_k_lora`, GRPO and the default fusion SFT): only the last ``k`` decoder blocks of
+the language model get LoRA adapters; the vision tower (``model.visual``), the aligner (``merger`` and
+``deepstack_merger_list``) and everything else stay frozen. peft's ``layers_to_transform`` +
+``layers_pattern="layers"`` selects ``model.language_model.layers.{L-k..L-1}``; the vision linears are
+named ``qkv``/``proj``/``linear_fc*`` and never match the LLM projection names.
+
+Full fine-tuning (:func:`train_language_model`, fusion SFT with ``module.finetune=full``): every weight of
+the language model trains (embeddings, every decoder block, the final norm, ``lm_head``); the vision tower
+and the aligner stay frozen, as with LoRA.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from collections.abc import Sequence
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
+
+from bbuqc_lightning.models.decoder import language_model, output_embedding
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -49,6 +55,19 @@ def apply_last_k_lora(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def train_language_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Freeze ``model``, then let every language-model weight train (``lm_head`` included); returns it.
+
+    The vision tower and the aligner stay frozen. For a text-only Qwen3 that is every weight.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in (language_model(model), output_embedding(model)):
+        for param in module.parameters():
+            param.requires_grad_(True)
+    return model
 
 
 def trainable_parameter_names(model: PreTrainedModel) -> list[str]:

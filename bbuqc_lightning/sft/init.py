@@ -1,9 +1,10 @@
-"""Where the fusion SFT starts from, and its trainable boundary (LoRA on the top K LLM layers).
+"""Where the fusion SFT starts from, and its trainable boundary (LoRA on the top K LLM layers, or full).
 
 Three starting points (SPEC §9: "init from an existing checkpoint, the summary model"):
 
 1. a base folder or hub id: ``model.model_name_or_path=/models/Qwen3-VL-4B-Instruct``;
-2. a merged folder (``tools/export.py`` output): the same key, the folder loads like a base;
+2. a merged folder (``tools/export.py`` output, or the ``model/`` folder of a full fine-tuning run): the
+   same key, the folder loads like a base;
 3. a base + a peft adapter: ``module.init.adapter=/runs/summary/adapter`` with
    ``module.init.adapter_mode``:
    - ``merge`` (default): the adapter is merged into the weights, then fresh LoRA is added on the last
@@ -11,8 +12,16 @@ Three starting points (SPEC §9: "init from an existing checkpoint, the summary 
    - ``continue``: the adapter itself keeps training (its own layers and rank; ``module.lora`` is not
      used), so base + one adapter stays the deployable pair.
 
-Either way only LoRA weights train: the vision tower and the aligner (``merger``,
-``deepstack_merger_list``) stay frozen, and a ``continue`` adapter that touches them is refused.
+Two trainable boundaries (``module.finetune``):
+
+- ``lora`` (default): only LoRA weights train (``module.lora``: the last K layers, rank, alpha);
+- ``full``: every language-model weight trains — embeddings, every decoder layer, the final norm and
+  ``lm_head`` — and ``module.lora`` is not used. For models that LoRA cannot move far enough, e.g. a
+  random-init model trained from scratch (``bench/learning_proof.py``). An init adapter is merged first;
+  ``continue`` is refused (there is no adapter left to continue).
+
+Either way the vision tower and the aligner (``merger``, ``deepstack_merger_list``) stay frozen, and a
+``continue`` adapter that touches them is refused.
 """
 
 from __future__ import annotations
@@ -24,11 +33,12 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from bbuqc_lightning.models.lora import apply_last_k_lora, trainable_parameter_names
+from bbuqc_lightning.models.lora import apply_last_k_lora, train_language_model, trainable_parameter_names
 
 log = logging.getLogger(__name__)
 
 ADAPTER_MODES = ("merge", "continue")
+FINETUNE_MODES = ("lora", "full")
 
 
 def build_trainable_model(
@@ -36,10 +46,16 @@ def build_trainable_model(
     lora: Mapping[str, Any] | None = None,
     adapter: str | None = None,
     adapter_mode: str = "merge",
-) -> PeftModel:
-    """``model`` wrapped for SFT: LoRA on the last K layers (``lora``), optionally from an adapter."""
+    finetune: str = "lora",
+) -> PeftModel | PreTrainedModel:
+    """``model`` ready for SFT: LoRA on the last K layers (``lora``) or, with ``finetune="full"``, the whole
+    language model trainable; optionally starting from an adapter."""
     if adapter_mode not in ADAPTER_MODES:
         raise ValueError(f"module.init.adapter_mode must be one of {ADAPTER_MODES}, got {adapter_mode!r}")
+    if finetune not in FINETUNE_MODES:
+        raise ValueError(f"module.finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
+    if finetune == "full":
+        return _full(model, adapter, adapter_mode)
     lora = dict(lora or {})
     if adapter is None:
         return apply_last_k_lora(model, **lora)
@@ -56,6 +72,19 @@ def build_trainable_model(
             "frozen: use module.init.adapter_mode=merge"
         )
     return peft_model
+
+
+def _full(model: PreTrainedModel, adapter: str | None, adapter_mode: str) -> PreTrainedModel:
+    if adapter is not None:
+        if adapter_mode == "continue":
+            raise ValueError(
+                "module.finetune=full trains the whole language model: there is no adapter to continue; "
+                "use module.init.adapter_mode=merge (the adapter is folded into the weights first)"
+            )
+        log.info("merging the init adapter %s into the base before full fine-tuning", adapter)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    log.info("full fine-tuning: every language-model weight trains (module.lora is not used)")
+    return train_language_model(model)
 
 
 def _in_vision(name: str) -> bool:

@@ -3,15 +3,19 @@
 One model learns several tasks at once from a ratio-weighted mix (:mod:`bbuqc_lightning.sft.datamodule`):
 Stage-A summaries and dense captions (image + text), Stage-B verdicts distilled from the Teacher and
 general chat (text only). Loss on assistant tokens only (:mod:`.loss`), row weights honoured; LoRA on the
-last K LLM layers, vision tower and aligner frozen; start from a base, a merged folder, or a base + an
-adapter (:mod:`.init`). Automatic optimisation: gradient clipping and accumulation come from the trainer
-(``trainer.gradient_clip_val``, ``trainer.accumulate_grad_batches``).
+last K LLM layers (or, with ``finetune="full"``, every language-model weight), vision tower and aligner
+frozen; start from a base, a merged folder, or a base + an adapter (:mod:`.init`). Automatic optimisation:
+gradient clipping and accumulation come from the trainer (``trainer.gradient_clip_val``,
+``trainer.accumulate_grad_batches``).
 
 Logged: ``train/loss`` (the optimised, row-weighted loss), ``train/loss/<name>`` (token-mean CE of the
 batch's rows of data set ``name``; rank-local under DDP), ``train/tokens``, ``train/truncated``;
 ``val/loss/<target>`` and ``val/loss`` (token means over each target's whole val set, summed over ranks).
-Checkpoints hold only the trainable (LoRA) weights, the RNG states and the sampler position (exact
-mid-epoch resume); the adapter itself is written by ``callbacks.adapter_checkpoint.AdapterCheckpoint``.
+Checkpoints hold only the trainable weights (LoRA, or the whole language model when ``full``), the RNG
+states and the sampler position (exact mid-epoch resume). The result is written by callbacks: the LoRA
+adapter by ``callbacks.adapter_checkpoint.AdapterCheckpoint`` (``adapter/``), a fully fine-tuned model as
+one ``from_pretrained`` folder with its processor by ``callbacks.model_folder.ModelFolderCheckpoint``
+(``model/``, usable as ``model.model_name_or_path`` of a later run).
 
 Commands::
 
@@ -19,6 +23,7 @@ Commands::
     python -m bbuqc_lightning.train +experiment=fusion_sft model=qwen3_vl_4b trainer=gpu \\
         model.model_name_or_path=/models/summary-merged data.fusion=/data/fusion/bbu_stageb.yaml
     python -m bbuqc_lightning.train +experiment=fusion_sft module.lora.k=36     # LoRA on every layer
+    python -m bbuqc_lightning.train +experiment=fusion_sft module.finetune=full  # the whole LLM trains
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
 
 
 class FusionSFTModule(TrainableStateCheckpointing, L.LightningModule):
-    """Supervised fine-tuning on fusion batches with LoRA on the last K LLM layers."""
+    """Supervised fine-tuning on fusion batches: LoRA on the last K LLM layers, or the whole LLM."""
 
     def __init__(
         self,
@@ -49,18 +54,20 @@ class FusionSFTModule(TrainableStateCheckpointing, L.LightningModule):
         init: Mapping[str, Any] | None = None,
         scheduler: Callable[..., Any] | None = None,
         gradient_checkpointing: bool = False,
+        finetune: str = "lora",
     ) -> None:
         super().__init__()
         init = dict(init or {})
         self.model = build_trainable_model(
-            bundle.model, lora, init.get("adapter"), init.get("adapter_mode", "merge")
+            bundle.model, lora, init.get("adapter"), init.get("adapter_mode", "merge"), finetune
         )
+        self.processor = bundle.processor  # saved beside a fully fine-tuned model (ModelFolderCheckpoint)
         if gradient_checkpointing:
             self.model.enable_input_require_grads()
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.strict_loading = False  # checkpoints hold only the trainable (LoRA) weights
+        self.strict_loading = False  # checkpoints hold only the trainable weights
         self._val_sums: dict[str, list[torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- forward
