@@ -19,8 +19,10 @@ that concerns the loss):
    of ``micro_batch_size`` rows play TRL's gradient-accumulation role within it.
 2. ``dynamic_sampling`` (DAPO) drops groups whose G rewards are equal from the loss mask instead of
    re-sampling new prompts to refill the batch.
-3. The reference forward shares the policy's frozen-prefix hidden states (exactly equal in value).
-4. Generation uses HF ``generate`` through the engine (static cache on GPU), not vLLM.
+3. The reference forward shares the policy's frozen-prefix hidden states, and every pass runs each prompt once
+   for its G rollouts (equal in value and gradient to TRL's full per-row forward up to rounding, tested).
+4. Generation runs through the project's engine (HF ``generate`` on CPU, a static cache with a CUDA-graph
+   decode step and grouped-query attention on GPU), not vLLM.
 """
 
 from __future__ import annotations
