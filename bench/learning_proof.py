@@ -68,7 +68,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "grpo_steps": 100,
         "grpo_prompts": 16,
         "grpo_generations": 8,
-        "grpo_lr": 5e-5,
+        "grpo_lr": 1e-4,
         "grpo_lora_r": 16,
         "grpo_temperature": 1.0,
         "grpo_beta": 0.04,
