@@ -25,7 +25,8 @@ Commands::
     python bench/learning_proof.py --device cpu --out outputs/learning_proof_cpu       # CPU rehearsal
     python bench/learning_proof.py --device cpu --out /tmp/lp --sft-steps 20 --grpo-steps 2 \\
         --train 8 --val 4 --test 4                                                     # smoke run, ~2 min
-    python bench/learning_proof.py --device cuda --out outputs/lp_penalty --false-pass-penalty 0.5
+    python bench/learning_proof.py --device cuda --out outputs/lp_penalty --false-pass-penalty 0.5 \
+        --reuse-sft outputs/learning_proof            # a second GRPO arm from the same SFT model
 
 Every knob has a per-device default (``PROFILES``); ``--sft-override``, ``--grpo-override`` and
 ``--eval-override`` append raw Hydra overrides (repeatable), e.g. ``--grpo-override module.grpo.beta=0``.
@@ -52,19 +53,34 @@ from bbuqc_lightning.constants import MISSIONS
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("format_valid_rate", "accuracy", "false_pass_rate", "false_fail_rate")
 CLAIM_MAX_FALSE_FAIL = 0.05
+SFT_STEPS = ("data", "sft", "eval_sft")
+# Settings that define the data, the SFT model and its evaluation: --reuse-sft takes them from that run.
+SFT_SETTINGS = (
+    "model",
+    "seed",
+    "train",
+    "val",
+    "test",
+    "sft_steps",
+    "sft_batch",
+    "sft_lr",
+    "sft_workers",
+    "stage_b_ratio",
+    "max_new_tokens",
+)
 
 # Per-device defaults. cuda: sized for one H100 (whole pipeline ~8 min); cpu: a rehearsal on 2 cores.
 PROFILES: dict[str, dict[str, Any]] = {
     "cuda": {
         "model": "small",
-        "train": 500,  # groups per mission: 2000 train tickets, ~8000 photos
+        "train": 1000,  # groups per mission: 4000 train tickets, ~16000 photos
         "val": 25,
         "test": 100,  # 400 held-out tickets (200 pass / 200 fail)
         "sft_steps": 1200,
-        "sft_batch": 32,
+        "sft_batch": 64,  # 1200 x 64 rows: ~38k Stage-B rows, each train ticket seen ~10 times
         "sft_lr": 5e-4,
-        "sft_workers": 6,  # collation (tokenising, image processing) off the training loop
-        "stage_b_ratio": 4.0,  # Stage-B rows per epoch = 4 x tickets: about half of every batch
+        "sft_workers": 8,  # collation (tokenising, image processing) off the training loop
+        "stage_b_ratio": 6.0,  # Stage-B rows per epoch = 6 x tickets: about half of every batch
         "grpo_steps": 100,
         "grpo_prompts": 16,
         "grpo_generations": 8,
@@ -110,7 +126,7 @@ class Step:
 
     @property
     def command(self) -> str:
-        """The command as typed from the repository root (``python`` for this interpreter)."""
+        """The command as typed in the folder the script runs from (``python``: this interpreter)."""
         return shlex.join(["python", *self.argv[1:]])
 
     def record(self) -> dict[str, Any]:
@@ -128,7 +144,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=sorted(PROFILES), required=True)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--seed", type=int, default=0, help="data, weights and sampling seed")
+    parser.add_argument("--seed", type=int, help="data, weights and sampling seed (default 0)")
     knobs = parser.add_argument_group("scale (defaults per --device: see PROFILES)")
     knobs.add_argument("--model", help="conf/model preset with random_init (small | tiny | ...)")
     for split in ("train", "val", "test"):
@@ -159,14 +175,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="compile the decode step on CUDA (GRPO, eval); off: a short run of a small model does not earn "
         "back the compile time of each new batch shape",
     )
+    parser.add_argument(
+        "--reuse-sft",
+        metavar="EARLIER_OUT",
+        help="run only GRPO and its eval, from the data and SFT model of an earlier --out (its SFT settings "
+        "and SFT results are taken over)",
+    )
     parser.add_argument("--sft-override", action="append", default=[], help="extra Hydra override (SFT)")
     parser.add_argument("--grpo-override", action="append", default=[], help="extra Hydra override (GRPO)")
     parser.add_argument("--eval-override", action="append", default=[], help="extra Hydra override (evals)")
     args = parser.parse_args(argv)
-    for key, value in PROFILES[args.device].items():
+    problems = []
+    args.earlier = None
+    if args.reuse_sft:
+        args.earlier, problem = earlier_report(Path(args.reuse_sft))
+        if problem:
+            parser.error(problem)
+        for key in SFT_SETTINGS:
+            value, given = args.earlier["settings"][key], getattr(args, key)
+            if given is not None and given != value:
+                option = "--" + key.replace("_", "-")
+                problems.append(f"{option} comes from the reused run ({value!r}), not {given!r}: drop it")
+            setattr(args, key, value)
+    for key, value in {**PROFILES[args.device], "seed": 0}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    problems = [
+    problems += [
         f"--{key.replace('_', '-')} must be positive"
         for key in ("train", "val", "test", "sft_batch", "grpo_prompts", "eval_batch")
         if getattr(args, key) < 1
@@ -191,6 +225,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if problems:
         parser.error("; ".join(problems))
     return args
+
+
+def earlier_report(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The ``learning_proof.json`` of an earlier run whose SFT model can be reused, or a problem."""
+    path = folder / "learning_proof.json"
+    if not path.is_file():
+        return None, f"--reuse-sft {folder}: no learning_proof.json there"
+    report = read_json(path)
+    done = {step["name"] for step in report.get("steps", [])}
+    if not set(SFT_STEPS) <= done or "sft" not in report.get("results", {}):
+        return None, f"--reuse-sft {folder}: that run did not finish {', '.join(SFT_STEPS)}"
+    if not (folder / "runs" / "sft" / "model" / "config.json").is_file():
+        return None, f"--reuse-sft {folder}: no SFT model folder at runs/sft/model"
+    return report, None
 
 
 def num_layers(model: str) -> int:
@@ -219,12 +267,14 @@ def common_overrides(args: argparse.Namespace, run_dir: Path, data_dir: Path, ta
 
 
 def build_steps(args: argparse.Namespace) -> dict[str, Step]:
+    """Every step to run, in order (without data / SFT / SFT eval when ``--reuse-sft`` is given)."""
     out = Path(args.out)
-    data_dir = out / "data"
+    base = Path(args.reuse_sft) if args.reuse_sft else out  # where the data and the SFT run live
+    data_dir = base / "data"
     runs = out / "runs"
     train = [sys.executable, "-m", "bbuqc_lightning.train"]
     model = [f"model={args.model}"]
-    sft_dir, grpo_dir = runs / "sft", runs / "grpo"
+    sft_dir, grpo_dir = base / "runs" / "sft", runs / "grpo"
     from_sft = [*model, "model.random_init=false", f"model.model_name_or_path={sft_dir / 'model'}"]
     no_ckpt = ["callbacks.model_checkpoint=null", "++trainer.enable_checkpointing=false"]
     sft_val_every = max(1, args.sft_steps // 4)
@@ -278,6 +328,8 @@ def build_steps(args: argparse.Namespace) -> dict[str, Step]:
             "eval_sft", eval_argv(args, train, from_sft, runs / "eval_sft", data_dir, None), runs / "eval_sft"
         ),
     }
+    if args.reuse_sft:
+        steps = {}
     if args.grpo_steps == 0:
         return steps
     rewards = f"[1.0,0.2,{args.false_pass_penalty}]"
@@ -574,7 +626,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     ]
     for step in report["steps"]:
         wandb_runs = ", ".join(step["wandb_runs"]) or "—"
-        lines.append(f"| {step['name']} | {step['seconds']:.0f} | {step['run_dir'] or '—'} | {wandb_runs} |")
+        name = step["name"] + (" (reused)" if step.get("reused") else "")
+        lines.append(f"| {name} | {step['seconds']:.0f} | {step['run_dir'] or '—'} | {wandb_runs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -598,13 +651,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     steps = build_steps(args)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "earlier")}
     report: dict[str, Any] = {
         "settings": {**settings, "out": str(out), "device_name": device_name(args.device)},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "total_seconds": 0.0,
         "steps": [],
     }
+    if args.earlier is not None:  # the reused data, SFT run and its eval, as that run recorded them
+        earlier = args.earlier
+        report["steps"] = [{**s, "reused": True} for s in earlier["steps"] if s["name"] in SFT_STEPS]
+        report["data"] = earlier["data"]
+        report["training"] = {"sft": earlier["training"]["sft"]}
+        report["results"] = {"sft": earlier["results"]["sft"]}
     start = time.perf_counter()
     for step in steps.values():
         run_step(step, out / "logs")

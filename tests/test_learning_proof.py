@@ -113,6 +113,40 @@ def test_a_used_output_folder_is_refused(
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def test_reuse_sft_runs_only_grpo_from_the_earlier_data_and_model(
+    proof: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    earlier = tmp_path / "earlier"
+    with pytest.raises(SystemExit):
+        proof.parse_args(["--device", "cpu", "--out", str(tmp_path / "a"), "--reuse-sft", str(earlier)])
+    assert "no learning_proof.json there" in capsys.readouterr().err
+    (earlier / "runs" / "sft" / "model").mkdir(parents=True)
+    (earlier / "runs" / "sft" / "model" / "config.json").write_text("{}", encoding="utf-8")
+    settings = {key: 7 for key in proof.SFT_SETTINGS} | {"model": "tiny", "max_new_tokens": 40}
+    steps = [{"name": name} for name in proof.SFT_STEPS]
+    report = {"settings": settings, "steps": steps[:2], "results": {"sft": {}}}
+    (earlier / "learning_proof.json").write_text(json.dumps(report), encoding="utf-8")
+    with pytest.raises(SystemExit):  # no eval of the SFT model: nothing to compare GRPO with
+        proof.parse_args(["--device", "cpu", "--out", str(tmp_path / "a"), "--reuse-sft", str(earlier)])
+    assert "did not finish data, sft, eval_sft" in capsys.readouterr().err
+    (earlier / "learning_proof.json").write_text(json.dumps({**report, "steps": steps}), encoding="utf-8")
+
+    with pytest.raises(SystemExit):
+        proof.parse_args(
+            ["--device", "cpu", "--out", str(tmp_path / "b"), "--reuse-sft", str(earlier), "--test", "99"]
+        )
+    assert "--test comes from the reused run (7), not 99: drop it" in capsys.readouterr().err
+    args = proof.parse_args(["--device", "cpu", "--out", str(tmp_path / "b"), "--reuse-sft", str(earlier)])
+    assert (args.test, args.max_new_tokens, args.model) == (7, 40, "tiny")  # the earlier run's settings
+    built = proof.build_steps(args)
+    assert list(built) == ["grpo", "eval_grpo"]
+    grpo = built["grpo"].argv
+    assert f"model.model_name_or_path={earlier / 'runs' / 'sft' / 'model'}" in grpo
+    assert f"paths.data_dir={earlier / 'data'}" in grpo
+    assert f"hydra.run.dir={tmp_path / 'b' / 'runs' / 'grpo'}" in grpo
+    assert "module.max_new_tokens=40" in built["eval_grpo"].argv
+
+
 def write_eval_run(folder: Path, rows: list[tuple[str, str, str | None, bool]], metrics: dict) -> Path:
     """An eval run folder: ``rows`` of (mission slug, label, verdict, valid) and its ``metrics.json``."""
     folder.mkdir(parents=True)
