@@ -8,7 +8,8 @@ rehearsal) goes through the project's own entry points, each run as a subprocess
    the auxiliary sources of ``conf/fusion/default.yaml``), every LLM weight trains, writes ``<run>/model``;
 3. ``+experiment=eval`` of that folder on the test split;
 4. ``+experiment=grpo`` from that folder (``model.random_init=false``): LoRA on every layer, rewards label
-   1.0 + format 0.2 (+ the false-pass penalty when ``--false-pass-penalty`` is set; off by default);
+   1.0 + format 0.2 (+ the false-pass penalty when ``--false-pass-penalty`` is set; off by default, and
+   only effective with ``--scale-rewards batch`` or ``none``: group standardisation cancels it);
 5. ``+experiment=eval`` of the folder + the GRPO adapter on the test split.
 
 Writes to ``--out``: ``learning_proof.json`` (settings, every command with its run folder, W&B run folder
@@ -26,7 +27,7 @@ Commands::
     python bench/learning_proof.py --device cpu --out /tmp/lp --sft-steps 20 --grpo-steps 2 \\
         --train 8 --val 4 --test 4                                                     # smoke run, ~2 min
     python bench/learning_proof.py --device cuda --out outputs/lp_penalty --false-pass-penalty 0.5 \
-        --reuse-sft outputs/learning_proof            # a second GRPO arm from the same SFT model
+        --scale-rewards batch --reuse-sft outputs/learning_proof    # a second GRPO arm, same SFT model
 
 Every knob has a per-device default (``PROFILES``); ``--sft-override``, ``--grpo-override`` and
 ``--eval-override`` append raw Hydra overrides (repeatable), e.g. ``--grpo-override module.grpo.beta=0``.
@@ -167,7 +168,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--false-pass-penalty",
         type=float,
         default=0.0,
-        help="weight of the false-pass penalty reward in GRPO (default 0: label + format only)",
+        help="weight of the false-pass penalty reward in GRPO (default 0: label + format only); needs "
+        "--scale-rewards batch or none",
+    )
+    parser.add_argument(
+        "--scale-rewards",
+        choices=("group", "batch", "none"),
+        default="group",
+        help="GRPO advantage scaling (default: group, the project's default)",
     )
     parser.add_argument(
         "--compile",
@@ -215,6 +223,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         problems.append("--grpo-generations must be >= 2 (GRPO compares completions of one ticket)")
     if args.false_pass_penalty < 0:
         problems.append("--false-pass-penalty is a weight >= 0 (the reward itself is -1 for a false pass)")
+    if args.false_pass_penalty > 0 and args.scale_rewards == "group":
+        # In a fail ticket's group the penalty only stretches the gap between right and wrong verdicts;
+        # dividing by the group's std undoes that, so the advantages (and the run) barely change.
+        problems.append(
+            "--false-pass-penalty has next to no effect with --scale-rewards group (each group's rewards "
+            "are standardised, which cancels it): add --scale-rewards batch or none"
+        )
     if not (REPO / "conf" / "model" / f"{args.model}.yaml").is_file():
         problems.append(f"--model {args.model!r}: no conf/model/{args.model}.yaml")
     elif not yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text()).get("random_init"):
@@ -351,6 +366,7 @@ def build_steps(args: argparse.Namespace) -> dict[str, Step]:
             f"module.grpo.beta={args.grpo_beta}",
             f"module.grpo.max_new_tokens={args.max_new_tokens}",
             f"module.grpo.reward_weights={rewards}",
+            f"module.grpo.scale_rewards={args.scale_rewards}",
             f"module.micro_batch_size={args.grpo_prompts * args.grpo_generations}",
             f"module.generation.compile={str(args.compile).lower()}",
             f"data.batch_size={args.grpo_prompts}",

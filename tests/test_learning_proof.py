@@ -71,6 +71,7 @@ def test_every_command_composes_with_the_intended_settings(
         assert not cfgs[name].model.random_init and cfgs[name].model.model_name_or_path == folder
     assert grpo.module.lora.k == proof.num_layers(args.model)
     assert list(grpo.module.grpo.reward_weights) == [1.0, 0.2, 0.0]  # the false-pass penalty is off
+    assert grpo.module.grpo.scale_rewards == "group"
     assert cfgs["eval_grpo"].module.adapter_path == str(tmp_path / "out" / "runs" / "grpo" / "adapter")
     assert cfgs["eval_sft"].module.adapter_path is None
 
@@ -92,6 +93,7 @@ def test_every_command_composes_with_the_intended_settings(
         (["--model", "qwen3_vl_4b"], "not a random-init preset"),
         (["--model", "nope"], "no conf/model/nope.yaml"),
         (["--sft-steps", "3", "--test", "0"], "--test must be positive; --sft-steps must be >= 4"),
+        (["--false-pass-penalty", "0.5"], "next to no effect with --scale-rewards group"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(
@@ -101,6 +103,30 @@ def test_bad_arguments_are_one_clear_error(
         proof.parse_args(["--device", "cpu", "--out", str(tmp_path / "out"), *extra])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_group_scaling_cancels_the_false_pass_penalty() -> None:
+    """Why the script refuses ``--false-pass-penalty`` with group scaling: within a fail ticket's group the
+    penalty only stretches the gap between right and wrong verdicts, and standardising undoes it."""
+    from bbuqc_lightning.grpo.advantages import combine_rewards, compute_advantages
+    from bbuqc_lightning.stage_b.rewards import false_pass_penalty, format_reward, label_reward
+
+    answers = ["通过\n理由: 齐全。", "不通过\n理由: 缺螺丝。", "不通过\n理由: 生锈。", "通过\n理由: 好。"]
+    labels = ["fail"] * 4 + ["pass"] * 4  # two tickets, G = 4 each
+    completions = answers + answers
+    columns = {"completions": completions, "group_label": labels}
+    per_func = torch.tensor(
+        [f(**columns) for f in (label_reward, format_reward, false_pass_penalty)], dtype=torch.float32
+    ).T
+
+    def advantages(penalty: float, scale: str) -> torch.Tensor:
+        return compute_advantages(combine_rewards(per_func, [1.0, 0.2, penalty]), 4, scale)[0]
+
+    # equal up to the 1e-4 added to the std
+    torch.testing.assert_close(advantages(0.5, "group"), advantages(0.0, "group"), atol=1e-3, rtol=1e-3)
+    for scale in ("batch", "none"):
+        with_penalty, without = advantages(0.5, scale), advantages(0.0, scale)
+        assert with_penalty[:4].abs().sum() > without[:4].abs().sum()  # the fail ticket pulls harder
 
 
 def test_a_used_output_folder_is_refused(
