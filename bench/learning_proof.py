@@ -23,10 +23,10 @@ no more than 5 %. Invalid answers count in neither rate (SPEC §6), so read them
 Commands::
 
     python bench/learning_proof.py --device cuda --out outputs/learning_proof          # one H100, ~8 min
-    python bench/learning_proof.py --device cpu --out outputs/learning_proof_cpu       # CPU rehearsal
-    python bench/learning_proof.py --device cpu --out /tmp/lp --sft-steps 20 --grpo-steps 2 \\
+    python bench/learning_proof.py --device cpu --out outputs/learning_proof_cpu       # CPU rehearsal, ~8 min
+    python bench/learning_proof.py --device cpu --out outputs/lp_smoke --sft-steps 20 --grpo-steps 2 \\
         --train 8 --val 4 --test 4                                                     # smoke run, ~2 min
-    python bench/learning_proof.py --device cuda --out outputs/lp_penalty --false-pass-penalty 0.5 \
+    python bench/learning_proof.py --device cuda --out outputs/lp_penalty --false-pass-penalty 0.5 \\
         --scale-rewards batch --reuse-sft outputs/learning_proof    # a second GRPO arm, same SFT model
 
 Every knob has a per-device default (``PROFILES``); ``--sft-override``, ``--grpo-override`` and
