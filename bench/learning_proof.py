@@ -570,6 +570,11 @@ def claim_check(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     known = None not in (fp_sft, fp_grpo, ff_grpo)
     lowered = known and fp_grpo < fp_sft
     within = known and ff_grpo <= CLAIM_MAX_FALSE_FAIL
+    fv_sft, fv_grpo = sft["format_valid_rate"], grpo["format_valid_rate"]
+    caveat = None
+    if None not in (fv_sft, fv_grpo) and fv_grpo < fv_sft:
+        # An invalid answer is neither a false pass nor a false fail: fewer valid answers can lower both.
+        caveat = f"format-valid rate fell from {fv_sft:.3f} to {fv_grpo:.3f}; invalid answers count in neither rate"
     return {
         "false_pass_rate_sft": fp_sft,
         "false_pass_rate_grpo": fp_grpo,
@@ -577,6 +582,9 @@ def claim_check(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "false_pass_lowered": lowered,
         "false_fail_at_most_5pct": within,
         "holds": bool(lowered and within),
+        "format_valid_rate_sft": fv_sft,
+        "format_valid_rate_grpo": fv_grpo,
+        "caveat": caveat,
     }
 
 
@@ -612,7 +620,9 @@ def markdown(report: Mapping[str, Any]) -> str:
             "",
             f"Claim (GRPO lowers the false-pass rate at a false-fail rate <= 5 %): **{verdict}** — false-pass "
             f"{fmt(claim['false_pass_rate_sft'])} -> {fmt(claim['false_pass_rate_grpo'])}, false-fail after "
-            f"GRPO {fmt(claim['false_fail_rate_grpo'])}.",
+            f"GRPO {fmt(claim['false_fail_rate_grpo'])}; format-valid {fmt(claim['format_valid_rate_sft'])} -> "
+            f"{fmt(claim['format_valid_rate_grpo'])}."
+            + (f" Caveat: {claim['caveat']}." if claim["caveat"] else ""),
         ]
     lines += ["", "## Training (mean of the first / last 10 % of logged steps)", ""]
     lines += ["| run | metric | first | last | logged |", "|---|---|---|---|---|"]

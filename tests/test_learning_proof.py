@@ -219,6 +219,11 @@ def test_report_counts_rates_and_the_claim(proof: ModuleType, tmp_path: Path) ->
     )
     claim = proof.claim_check({"sft": sft, "grpo": grpo})
     assert claim["false_pass_lowered"] and claim["false_fail_at_most_5pct"] and claim["holds"]
+    assert claim["caveat"] is None  # as many valid answers as before
+    worse = proof.claim_check({"sft": grpo, "grpo": sft})
+    assert not worse["holds"] and worse["caveat"] is None
+    sft_all_valid = {"all": {**sft["all"], "format_valid_rate": 1.0}}
+    assert "fell from 1.000 to 0.750" in proof.claim_check({"sft": sft_all_valid, "grpo": sft})["caveat"]
     report = {
         "settings": {"device": "cpu", "model": "tiny"},
         "started": "now",
