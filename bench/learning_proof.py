@@ -81,6 +81,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sft_batch": 64,  # 1200 x 64 rows: ~38k Stage-B rows, each train ticket seen ~10 times
         "sft_lr": 5e-4,
         "sft_workers": 8,  # collation (tokenising, image processing) off the training loop
+        "sft_max_minutes": 3.5,  # safety caps: the whole script stays inside a 10-minute GPU session
+        "grpo_max_minutes": 2.5,
         "stage_b_ratio": 6.0,  # Stage-B rows per epoch = 6 x tickets: about half of every batch
         "grpo_steps": 100,
         "grpo_prompts": 16,
@@ -101,6 +103,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sft_batch": 8,
         "sft_lr": 3e-3,
         "sft_workers": 0,  # 2 cores: worker processes would compete with torch's threads
+        "sft_max_minutes": 0.0,  # 0: no time cap
+        "grpo_max_minutes": 0.0,
         "stage_b_ratio": 4.0,
         "grpo_steps": 10,
         "grpo_prompts": 4,
@@ -154,6 +158,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     knobs.add_argument("--sft-batch", type=int, help="fusion rows per SFT step")
     knobs.add_argument("--sft-lr", type=float, help="peak learning rate (one-cycle: 5 %% warm-up, cosine)")
     knobs.add_argument("--sft-workers", type=int, help="DataLoader worker processes of the SFT run")
+    knobs.add_argument(
+        "--sft-max-minutes", type=float, help="stop SFT training after this long (0: never; reported)"
+    )
+    knobs.add_argument(
+        "--grpo-max-minutes", type=float, help="stop GRPO training after this long (0: never; reported)"
+    )
     knobs.add_argument("--stage-b-ratio", type=float, help="Stage-B target ratio of the fusion mix")
     knobs.add_argument("--grpo-steps", type=int, help="GRPO steps (one generation batch each)")
     knobs.add_argument("--grpo-prompts", type=int, help="tickets per GRPO step")
@@ -215,6 +225,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ]
     if args.sft_workers < 0:
         problems.append("--sft-workers must be >= 0")
+    if min(args.sft_max_minutes, args.grpo_max_minutes) < 0:
+        problems.append("--sft-max-minutes and --grpo-max-minutes must be >= 0 (0: no cap)")
     if args.sft_steps < 4:
         problems.append("--sft-steps must be >= 4 (warm-up and decay of the learning-rate schedule)")
     if args.grpo_steps < 0:
@@ -267,6 +279,14 @@ def trainer_overrides(device: str, precision: str | None) -> list[str]:
     if device == "cpu":
         return ["trainer=default"]
     return ["trainer=gpu", *([f"trainer.precision={precision}"] if precision else [])]
+
+
+def max_time(minutes: float) -> list[str]:
+    """Lightning's ``max_time`` ("DD:HH:MM:SS"): training stops there even before ``max_steps``."""
+    if minutes <= 0:
+        return []
+    seconds = round(minutes * 60)
+    return [f"++trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
 
 
 def common_overrides(args: argparse.Namespace, run_dir: Path, data_dir: Path, tag: str) -> list[str]:
@@ -334,6 +354,7 @@ def build_steps(args: argparse.Namespace) -> dict[str, Step]:
                 "trainer.max_epochs=-1",
                 f"trainer.val_check_interval={sft_val_every}",
                 "trainer.limit_val_batches=4",
+                *max_time(args.sft_max_minutes),
                 *no_ckpt,
                 *args.sft_override,
             ],
@@ -375,6 +396,7 @@ def build_steps(args: argparse.Namespace) -> dict[str, Step]:
             "trainer.max_epochs=-1",
             f"trainer.val_check_interval={grpo_val_every}",
             "trainer.limit_val_batches=1",
+            *max_time(args.grpo_max_minutes),
             *no_ckpt,
             *args.grpo_override,
         ],
@@ -527,6 +549,7 @@ SFT_SERIES = (
     "val/loss/stage_b_distill",
 )
 GRPO_SERIES = (
+    "train/loss",
     "train/reward",
     "train/rewards/label/mean",
     "train/rewards/format/mean",
@@ -535,6 +558,8 @@ GRPO_SERIES = (
     "train/false_fail_rate",
     "train/completion_length/mean",
     "train/kl",
+    "train/step_seconds",
+    "train/generation_seconds",
     "val/accuracy",
     "val/false_pass_rate",
 )
@@ -624,6 +649,11 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{fmt(claim['format_valid_rate_grpo'])}."
             + (f" Caveat: {claim['caveat']}." if claim["caveat"] else ""),
         ]
+    wanted = {"sft": settings["sft_steps"], "grpo": settings["grpo_steps"]}
+    for run, steps in wanted.items():
+        done = report.get("training", {}).get(run, {}).get("train/loss", {}).get("n", steps)
+        if done < steps:
+            lines += ["", f"**{run.upper()} trained {done} of {steps} steps** (stopped by its time cap)."]
     lines += ["", "## Training (mean of the first / last 10 % of logged steps)", ""]
     lines += ["| run | metric | first | last | logged |", "|---|---|---|---|---|"]
     for run in ("sft", "grpo"):

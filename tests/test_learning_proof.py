@@ -65,6 +65,10 @@ def test_every_command_composes_with_the_intended_settings(
     sft, grpo = cfgs["sft"], cfgs["grpo"]
     assert sft.module.finetune == "full" and sft.model.random_init
     assert sft.trainer.precision == ("bf16-mixed" if device == "cuda" else "32-true")
+    if device == "cuda":  # time caps keep the whole script inside one 10-minute GPU session
+        assert (sft.trainer.max_time, grpo.trainer.max_time) == ("00:00:03:30", "00:00:02:30")
+    else:
+        assert "max_time" not in sft.trainer and "max_time" not in grpo.trainer
     assert sft.callbacks.model_folder.dirpath.endswith("model") and sft.callbacks.model_checkpoint is None
     folder = str(tmp_path / "out" / "runs" / "sft" / "model")
     for name in ("eval_sft", "grpo", "eval_grpo"):
@@ -225,7 +229,7 @@ def test_report_counts_rates_and_the_claim(proof: ModuleType, tmp_path: Path) ->
     sft_all_valid = {"all": {**sft["all"], "format_valid_rate": 1.0}}
     assert "fell from 1.000 to 0.750" in proof.claim_check({"sft": sft_all_valid, "grpo": sft})["caveat"]
     report = {
-        "settings": {"device": "cpu", "model": "tiny"},
+        "settings": {"device": "cpu", "model": "tiny", "sft_steps": 300, "grpo_steps": 10},
         "started": "now",
         "total_seconds": 1.0,
         "steps": [
@@ -233,8 +237,10 @@ def test_report_counts_rates_and_the_claim(proof: ModuleType, tmp_path: Path) ->
         ],
         "results": {"sft": sft, "grpo": grpo},
         "claim": claim,
+        "training": {"sft": {"train/loss": {"first": 9.0, "last": 1.0, "n": 120}}},
     }
     table = proof.markdown(report)
+    assert "**SFT trained 120 of 300 steps** (stopped by its time cap)" in table
     assert "| all | SFT | 0.750 (3/4) | 0.250 (1/4) | 0.500 (1/2) | 0.500 (1/2) |" in table
     assert "**holds**" in table
 
