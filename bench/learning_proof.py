@@ -275,7 +275,7 @@ def num_layers(model: str) -> int:
 
 # --------------------------------------------------------------------------- commands
 def trainer_overrides(device: str, precision: str | None) -> list[str]:
-    """CPU: the default trainer (fp32). CUDA: ``trainer=gpu`` (bf16-true) unless ``precision`` is given."""
+    """CPU: the default trainer (fp32). CUDA: ``trainer=gpu`` (bf16-mixed) unless ``precision`` is given."""
     if device == "cpu":
         return ["trainer=default"]
     return ["trainer=gpu", *([f"trainer.precision={precision}"] if precision else [])]

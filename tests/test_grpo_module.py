@@ -211,6 +211,26 @@ def test_training_changes_every_trainable_parameter_and_no_frozen_one(tmp_path: 
         assert changed == param.requires_grad, f"{name}: changed={changed}, trainable={param.requires_grad}"
 
 
+def test_gpu_trainer_precision_keeps_lora_weights_in_fp32(tmp_path: Path) -> None:
+    """``trainer=gpu`` (bf16-mixed) over a bf16 base: LoRA weights stay fp32 and every one of them trains.
+
+    Under bf16-true Lightning would cast them to bf16, where small AdamW steps round away.
+    """
+    gpu = OmegaConf.load(config_dir() / "trainer" / "gpu.yaml")
+    bundle = tiny(init=0.3)
+    bundle.model.to(torch.bfloat16)
+    module = make_module(bundle, {"length": char_length_reward}, lr=1e-5)
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    assert before and all(p.dtype == torch.float32 for p in before.values())
+    trainer(tmp_path, max_steps=2, precision=gpu.precision).fit(module, make_data(bundle, tmp_path))
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            assert param.dtype == torch.float32, name
+            assert not torch.equal(before[name], param.detach()), f"{name} did not change at lr 1e-5"
+        else:
+            assert param.dtype == torch.bfloat16, name
+
+
 def test_validation_logs_verdict_metrics(tmp_path: Path) -> None:
     bundle = tiny()
     module = make_module(bundle, {"label": label_reward, "format": format_reward}, reward_weights=[1.0, 0.2])
