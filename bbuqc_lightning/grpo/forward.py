@@ -25,7 +25,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -174,30 +174,22 @@ class _PromptKV:
 
 def _run_layers(lm: nn.Module, state: PrefixState, stop: int) -> PrefixState:
     prompts, tails = state.prompts, state.tails
-    prompt_hidden, tail_hidden = prompts.hidden, tails.hidden
     for layer in lm.layers[state.start_layer : stop]:
         captured = _CaptureKV()
-        prompt_hidden = layer(
-            prompt_hidden,
-            attention_mask=prompts.mask,
-            position_ids=prompts.positions,
-            past_key_values=captured,
-            position_embeddings=prompts.embeddings,
-        )
-        shared = _PromptKV(captured.keys[state.owner], captured.values[state.owner])
-        tail_hidden = layer(
-            tail_hidden,
-            attention_mask=tails.mask,
-            position_ids=tails.positions,
-            past_key_values=shared,
-            position_embeddings=tails.embeddings,
-        )
-    return PrefixState(
-        Part(prompt_hidden, prompts.mask, prompts.positions, prompts.embeddings),
-        Part(tail_hidden, tails.mask, tails.positions, tails.embeddings),
-        state.owner,
-        stop,
+        prompts = _through(layer, prompts, captured)
+        tails = _through(layer, tails, _PromptKV(captured.keys[state.owner], captured.values[state.owner]))
+    return PrefixState(prompts, tails, state.owner, stop)
+
+
+def _through(layer: nn.Module, part: Part, cache: _CaptureKV | _PromptKV) -> Part:
+    hidden = layer(
+        part.hidden,
+        attention_mask=part.mask,
+        position_ids=part.positions,
+        past_key_values=cache,
+        position_embeddings=part.embeddings,
     )
+    return replace(part, hidden=hidden)
 
 
 def select_rows(prefix: PrefixState, rows: slice) -> PrefixState:
