@@ -90,16 +90,17 @@ def run_frozen_prefix(
     positions = position_ids_from_mask(attention_mask)
     prompt_hidden = lm.embed_tokens(prompt_ids)
     tail_hidden = lm.embed_tokens(input_ids[:, split:-1])
+    prompt_positions = positions[::group_size, :split]
     prompts = Part(
         prompt_hidden,
         padded_causal_mask(prompt_attention, prompt_hidden.dtype),
-        positions[::group_size, :split],
-        _rotary(lm, prompt_hidden, positions[::group_size, :split]),
+        prompt_positions,
+        _rotary(lm, prompt_hidden, prompt_positions),
     )
     tail_positions = positions[:, split:-1]
     tails = Part(
         tail_hidden,
-        _tail_mask(attention_mask[:, :-1], split, tail_hidden.dtype),
+        padded_causal_mask(attention_mask[:, :-1], tail_hidden.dtype, first_query=split),
         tail_positions,
         _rotary(lm, tail_hidden, tail_positions),
     )
@@ -107,31 +108,20 @@ def run_frozen_prefix(
     return _run_layers(lm, PrefixState(prompts, tails, owner, start_layer=0), stop=num_frozen)
 
 
-def padded_causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive ``(B, 1, T, T)`` mask: causal, padding keys hidden, and every query sees at least itself.
+def padded_causal_mask(
+    attention_mask: torch.Tensor, dtype: torch.dtype, first_query: int = 0
+) -> torch.Tensor:
+    """Additive ``(B, 1, T - first_query, T)`` mask: causal, padding keys hidden, every query sees itself.
 
+    Rows are the queries ``first_query..T-1`` (0: the whole square mask; the tails use the last rows only).
     A left-padding query row with every key masked makes CUDA's attention kernels return NaN for it, and
     ``0 * NaN`` then leaks into real rows through the value matmul; letting pads see themselves avoids it.
     """
-    return _allowed_to_additive(_allowed(attention_mask, 0), dtype)
-
-
-def _tail_mask(attention_mask: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(N, 1, T - start, T)``: the rows of :func:`padded_causal_mask` for queries ``start..T-1``."""
-    return _allowed_to_additive(_allowed(attention_mask, start), dtype)
-
-
-def _allowed(attention_mask: torch.Tensor, start: int) -> torch.Tensor:
     length = attention_mask.shape[1]
-    device = attention_mask.device
-    keys = torch.arange(length, device=device)
-    queries = torch.arange(start, length, device=device)
-    causal = keys[None, :] <= queries[:, None]
-    allowed = causal[None] & attention_mask.bool()[:, None, :]
-    return allowed | (keys[None, :] == queries[:, None])[None]
-
-
-def _allowed_to_additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    keys = torch.arange(length, device=attention_mask.device)
+    queries = torch.arange(first_query, length, device=attention_mask.device)
+    allowed = (keys[None, :] <= queries[:, None])[None] & attention_mask.bool()[:, None, :]
+    allowed |= (keys[None, :] == queries[:, None])[None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 

@@ -66,14 +66,9 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def use_grouped_decode_attention(model: nn.Module) -> bool:
-    """Switch a model that runs ``sdpa`` to ``bbuqc_sdpa``; returns whether it now runs it."""
+def use_grouped_decode_attention(model: nn.Module) -> None:
+    """Switch a model that runs ``sdpa`` to ``bbuqc_sdpa``; any other attention is left as it is."""
     inner = base_model(model)
-    current = inner.config._attn_implementation
-    if current == NAME:
-        return True
-    if current != "sdpa":
-        return False
-    register()
-    inner.set_attn_implementation(NAME)
-    return True
+    if inner.config._attn_implementation == "sdpa":
+        register()
+        inner.set_attn_implementation(NAME)
