@@ -47,7 +47,11 @@ class _Slot:
 
 
 class PromptTooLongError(ValueError):
-    """A prompt longer than ``generation.max_prompt_len`` (the message names it)."""
+    """A prompt longer than ``generation.max_prompt_len``; ``index`` is its position in the call."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 def next_bucket(value: int, buckets: Sequence[int]) -> int:
@@ -136,7 +140,8 @@ class ContinuousBatcher:
                 raise PromptTooLongError(
                     f"generation: prompt {request.name} has {request.length} tokens, more than "
                     f"generation.max_prompt_len={self.layout.max_prompt_len}; raise it (the KV pool then "
-                    "holds fewer prompts at once) or shorten the prompt"
+                    "holds fewer prompts at once) or shorten the prompt",
+                    request.index,
                 )
 
     def _admit(
