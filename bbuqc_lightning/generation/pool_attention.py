@@ -96,15 +96,22 @@ def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scal
 
 def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``q @ k^T`` with fp32 scores (bf16 operands accumulate and return in fp32 on CUDA)."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    global _FP32_OUT
+    if _FP32_OUT and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         batch = q.shape[:-2]
-        out = torch.bmm(
-            q.reshape(-1, *q.shape[-2:]),
-            k.reshape(-1, *k.shape[-2:]).transpose(1, 2),
-            out_dtype=torch.float32,
-        )
-        return out.view(*batch, q.shape[-2], k.shape[-2])
+        try:
+            out = torch.bmm(
+                q.reshape(-1, *q.shape[-2:]),
+                k.reshape(-1, *k.shape[-2:]).transpose(1, 2),
+                out_dtype=torch.float32,
+            )
+            return out.view(*batch, q.shape[-2], k.shape[-2])
+        except (TypeError, RuntimeError):  # a PyTorch without bmm(out_dtype=): round scores to bf16 first
+            _FP32_OUT = False
     return torch.matmul(q, k.transpose(-1, -2)).float()
+
+
+_FP32_OUT = True
 
 
 def _to_slots(x: torch.Tensor, slots: int, group: int) -> torch.Tensor:
