@@ -30,6 +30,7 @@ import yaml
 from common import device_info, random_bundle, sync, write
 from PIL import Image
 
+from bbuqc_lightning.data.images import resize_within
 from bbuqc_lightning.data.summary_prompts import image_conversation, stage_a_prompt
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 
@@ -101,7 +102,12 @@ def main() -> None:
 
     bundle = random_bundle(args.preset, args.device, max_pixels=786432 if args.preset != "tiny" else 65536)
     sizes = field_sizes(args.images) if args.mixed else [(1024, 768)] * args.images
-    distinct = {s: [photo(s, seed) for seed in range(4)] for s in set(sizes)}
+    # Bounded to the preset's pixel budget as the Stage-A DataModule does in its loader workers (load_image),
+    # so the engine's main thread does not resize 12-megapixel photos.
+    bound = functools.partial(
+        resize_within, min_pixels=4096, max_pixels=bundle.processor.image_processor.max_pixels
+    )
+    distinct = {s: [bound(photo(s, seed)) for seed in range(4)] for s in set(sizes)}
     pics = [distinct[s][i % 4] for i, s in enumerate(sizes)]
     prompts = stage_a_prompts()
     results: dict[str, object] = {"config": vars(args), "device": device_info(), "hf": {}}

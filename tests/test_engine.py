@@ -220,3 +220,32 @@ def test_cuda_graphs_give_the_eager_tokens(varied: ModelBundle) -> None:
         assert graphs.decode_step.captures >= 1
     finally:
         model.cpu()
+
+
+@pytest.mark.gpu
+def test_fused_parts_equal_the_matrix_product_path_on_cuda() -> None:
+    """The CUDA kernel path (two efficient-attention parts merged by log-sum-exp) == the matmul path."""
+    import bbuqc_lightning.generation.pool_attention as pa
+
+    torch.manual_seed(0)
+    slots, group, kv_heads, per_kv, dim = 3, 4, 2, 4, 64
+    layout = PoolLayout(1, kv_heads, dim, slots, 256, slots * group, 64, 2)
+    pool = KVPool(layout, torch.bfloat16, "cuda")
+    for t in pool.tensors():
+        t.normal_()
+    prompt_lens = torch.tensor([5, 256, 17], device="cuda")
+    steps = torch.randint(0, 64, (slots * group,), device="cuda")
+    query = torch.randn(slots * group, kv_heads * per_kv, 1, dim, device="cuda", dtype=torch.bfloat16)
+    batch = DecodeBatch(
+        pool, slots, group, 256, 64, steps,
+        torch.where(torch.arange(256, device="cuda")[None] < prompt_lens[:, None], 0.0, -1e30)[:, None, None],
+        torch.where(torch.arange(64, device="cuda")[None] <= steps[:, None], 0.0, -1e30)[:, None, None],
+    )  # fmt: skip
+    fused = pool_attention(0, query, batch, scaling=dim**-0.5)
+    assert pa._FUSED, "the fused kernel path fell back"
+    pa._FUSED = False
+    try:
+        plain = pool_attention(0, query, batch, scaling=dim**-0.5)
+    finally:
+        pa._FUSED = True
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)

@@ -141,7 +141,10 @@ def _layer_forward(
     )
 
 
+MASKED = -1e30  # finite: a row with every key masked (a free slot) stays finite, so no NaN reaches the pool
+
+
 def _bias(allowed: torch.Tensor) -> torch.Tensor:
-    """Boolean ``(n, keys)`` -> additive fp32 ``(n, 1, 1, keys)``: 0 where allowed, -inf elsewhere."""
+    """Boolean ``(n, keys)`` -> additive fp32 ``(n, 1, 1, keys)``: 0 where allowed, a huge negative elsewhere."""
     bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-    return bias.masked_fill(~allowed, float("-inf"))[:, None, None]
+    return bias.masked_fill(~allowed, MASKED)[:, None, None]

@@ -81,8 +81,21 @@ def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scal
     # (rows, H, D) -> (slots, kv_heads, group * per_kv, D): a slot's samples share its prompt keys.
     q = query.view(slots, group, kv_heads, per_kv, dim).transpose(1, 2).reshape(slots, kv_heads, -1, dim)
     q = q.to(pool.dtype)
-    s1 = _scores(q, prompt_k) * scaling + batch.prompt_bias  # (slots, kv, group*per_kv, Lb)
     qd = query.view(rows, kv_heads, per_kv, dim).to(pool.dtype)
+    if _fused_ok(q):
+        try:
+            o1, l1 = _attend(q, prompt_k, prompt_v, batch.prompt_bias, scaling)
+            o2, l2 = _attend(qd, decode_k, decode_v, batch.decode_bias, scaling)
+        except RuntimeError:  # shapes the kernel refuses (alignment): the matrix-product path below
+            global _FUSED
+            _FUSED = False
+        else:
+            l1 = _to_rows(l1, slots, group)
+            total = torch.logaddexp(l1, l2)
+            out = _to_rows(o1, slots, group) * torch.exp(l1 - total).unsqueeze(-1)
+            out = out + o2 * torch.exp(l2 - total).unsqueeze(-1)
+            return out.reshape(rows, 1, heads, dim).to(query.dtype)
+    s1 = _scores(q, prompt_k) * scaling + batch.prompt_bias  # (slots, kv, group*per_kv, Lb)
     s2 = _scores(qd, decode_k) * scaling + batch.decode_bias  # (rows, kv, per_kv, Tb)
     m = torch.maximum(s1.amax(-1), _to_slots(s2.amax(-1), slots, group))  # (slots, kv, group*per_kv)
     p1 = torch.exp(s1 - m.unsqueeze(-1))
@@ -92,6 +105,29 @@ def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scal
     o2 = torch.matmul(p2.to(pool.dtype), decode_v)  # (rows, kv, per_kv, D)
     out = (_to_rows(o1, slots, group).float() + o2.float()) / total.unsqueeze(-1)
     return out.reshape(rows, 1, heads, dim).to(query.dtype)
+
+
+_FUSED = True
+
+
+def _fused_ok(q: torch.Tensor) -> bool:
+    return _FUSED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part on CUDA: PyTorch's memory-efficient attention kernel, output (fp32) and log-sum-exp.
+
+    The kernel returns the log-sum-exp that merging the two parts needs (public ``scaled_dot_product_attention``
+    does not), and reads each key/value block once per (slot, KV head) for all the queries stacked there.
+    """
+    batch, heads, queries, _ = q.shape
+    full_bias = bias.to(q.dtype).expand(batch, heads, queries, bias.shape[-1])
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, full_bias, True, 0.0, False, scale=scaling
+    )
+    return out.float(), lse[..., :queries]
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
