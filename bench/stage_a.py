@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    bundle = random_bundle(args.preset, args.device, max_pixels=786432 if args.preset != "tiny" else 65536)
+    preset = yaml.safe_load((ROOT / "conf" / "model" / f"{args.preset}.yaml").read_text())
+    bundle = random_bundle(args.preset, args.device, max_pixels=preset["max_pixels"])
     sizes = field_sizes(args.images) if args.mixed else [(1024, 768)] * args.images
     # Bounded to the preset's pixel budget as the Stage-A DataModule does in its loader workers (load_image),
     # so the engine's main thread does not resize 12-megapixel photos.
