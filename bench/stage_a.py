@@ -105,9 +105,7 @@ def main() -> None:
     sizes = field_sizes(args.images) if args.mixed else [(1024, 768)] * args.images
     # Bounded to the preset's pixel budget as the Stage-A DataModule does in its loader workers (load_image),
     # so the engine's main thread does not resize 12-megapixel photos.
-    bound = functools.partial(
-        resize_within, min_pixels=4096, max_pixels=bundle.processor.image_processor.max_pixels
-    )
+    bound = functools.partial(resize_within, min_pixels=preset["min_pixels"], max_pixels=preset["max_pixels"])
     distinct = {s: [bound(photo(s, seed)) for seed in range(4)] for s in set(sizes)}
     pics = [distinct[s][i % 4] for i, s in enumerate(sizes)]
     prompts = stage_a_prompts()
