@@ -170,7 +170,8 @@ def run_trl(
     ]
     config = GRPOConfig(
         output_dir=str(Path(args.workdir) / "trl"),
-        per_device_train_batch_size=args.prompts * 8,
+        per_device_train_batch_size=args.trl_micro_batch or args.prompts * 8,
+        gradient_accumulation_steps=(args.prompts * 8) // (args.trl_micro_batch or args.prompts * 8),
         shuffle_dataset=False,  # the same prompts per step as ours
         num_generations=8,
         max_completion_length=args.new_tokens,
@@ -240,6 +241,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--workdir", default="/tmp/bench_grpo")
+    parser.add_argument(
+        "--trl-micro-batch",
+        type=int,
+        default=None,
+        help="TRL: completions per forward/backward (gradient accumulation over the 64); default all 64 at once",
+    )
     parser.add_argument("--mixed", action="store_true", help="tickets of 1..24 photos, a new draw per step")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--out", default=None)
