@@ -156,15 +156,21 @@ def records(tree_root: Path) -> list[GroupRecord]:
 def reference(
     compose_at: ComposeAt, stage_a_data: Path, tree_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[list[dict[str, Any]], dict, Path]:
-    """One uninterrupted in-process run (CSV logger): ``(rows, metrics, run root)``."""
+    """One uninterrupted in-process run (CSV logger): ``(rows, metrics, run root)``.
+
+    Without the ``wandb`` package importable: a CSV run must not need it (a GPU image without wandb once
+    failed at the very end, after writing every line, on the W&B sample table).
+    """
     root = tmp_path_factory.mktemp("reference")
     out = root / "stage_a.jsonl"
-    metrics = run_in_process(
-        compose_at,
-        overrides_for(tree_root, "logger=csv", f"stage_a.output_jsonl={out}"),
-        root,
-        stage_a_data,
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+        metrics = run_in_process(
+            compose_at,
+            overrides_for(tree_root, "logger=csv", f"stage_a.output_jsonl={out}"),
+            root,
+            stage_a_data,
+        )
     return jsonl_rows(out), metrics, root
 
 

@@ -17,7 +17,7 @@ import torch
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.stage_a.records import clean_summary
-from bbuqc_lightning.tracking.wandb import log_table
+from bbuqc_lightning.tracking.wandb import find_wandb_logger, log_table
 
 
 class StageAModule(L.LightningModule):
@@ -122,8 +122,8 @@ class StageAModule(L.LightningModule):
         }
 
     def _log_samples(self) -> None:
-        if not self._samples:
-            return
+        if not self._samples or find_wandb_logger(self.trainer) is None:
+            return  # wandb is imported only for a W&B run: logger=csv / none runs without the package
         import wandb
 
         rows = [(wandb.Image(img), key, text) for img, key, text in self._samples]
