@@ -247,6 +247,7 @@ def main() -> None:
         default=None,
         help="TRL: completions per forward/backward (gradient accumulation over the 64); default all 64 at once",
     )
+    parser.add_argument("--max-photos", type=int, default=24, help="--mixed: photos per ticket, 1 to this")
     parser.add_argument("--mixed", action="store_true", help="tickets of 1..24 photos, a new draw per step")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--out", default=None)
@@ -256,7 +257,7 @@ def main() -> None:
         args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32
     )
     if args.mixed:
-        data = mixed_samples(args.prompts * args.steps)
+        data = mixed_samples(args.prompts * args.steps, max_photos=args.max_photos)
     else:
         data = samples(bundle.tokenizer, args.prompts, args.prompt_tokens) * args.steps
     lengths = [prompt_length(bundle.tokenizer, d["messages"]) for d in data]

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: graph replay, sampling, and the top GPU kernels of one generate call.
 
 python bench/profile_decode.py                       # one H100: GRPO-shaped and Stage-A-shaped buckets
-python bench/profile_decode.py --preset tiny --device cpu --iters 2   # CPU smoke run
+python bench/profile_decode.py --preset tiny --device cpu --iters 1 --prompt-tokens 300   # CPU smoke
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--preset", default="qwen3_vl_4b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--prompt-tokens", type=int, default=1000)
     args = parser.parse_args()
     bundle = random_bundle(
         args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -40,7 +41,7 @@ def main() -> None:
     engine = GenerationEngine(
         bundle.model, bundle.processor, max_rows=64, prompt_slots=64, max_prompt_len=2048, max_new_tokens=128
     )
-    data = samples(bundle.tokenizer, 8, 1000)
+    data = samples(bundle.tokenizer, 8, args.prompt_tokens)
     params = SamplingParams(
         max_new_tokens=64, min_new_tokens=64, do_sample=True, temperature=0.7, num_return_sequences=8
     )
