@@ -21,8 +21,8 @@ that concerns the loss):
    re-sampling new prompts to refill the batch.
 3. The reference forward shares the policy's frozen-prefix hidden states, and every pass runs each prompt once
    for its G rollouts (equal in value and gradient to TRL's full per-row forward up to rounding, tested).
-4. Generation runs through the project's engine (HF ``generate`` on CPU, a static cache with a CUDA-graph
-   decode step and grouped-query attention on GPU), not vLLM.
+4. Generation runs through the project's engine (``conf/generation/``: continuous batching over a fixed KV pool,
+   CUDA-graph decode per bucket, each prompt's keys/values shared by its G rollouts), not vLLM.
 """
 
 from __future__ import annotations

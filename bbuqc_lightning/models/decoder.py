@@ -1,6 +1,7 @@
 """Where the parts of a (possibly peft-wrapped) Qwen3-VL / Qwen3 decoder live.
 
-Used by the shared-prefix GRPO forward and the static decoder, which call the decoder stack directly.
+Used by the shared-prefix GRPO forward and the generation engine's decode step, which call the decoder stack
+directly.
 """
 
 from __future__ import annotations
