@@ -12,6 +12,7 @@ import pytest
 
 from bbuqc_lightning.stage_a.evaluation import (
     StageAScores,
+    read_summaries,
     resolve_reference,
     score_line,
     score_stage_a_files,
@@ -159,3 +160,14 @@ def test_stage_a_experiment_scores_itself_against_the_synthetic_references(
     assert report["reference"].endswith("stage_a_test.jsonl") and len(report["worst"]) > 0
     on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text(encoding="utf-8"))
     assert on_disk["stage_a/object_f1"] == metrics["stage_a/object_f1"]
+    # The reference against itself: every synthetic summary parses into objects (nothing left unparsed).
+    itself = score_stage_a_files(report["reference"], report["reference"]).metrics()
+    assert (
+        itself["stage_a/object_f1"]
+        == itself["stage_a/exact_match"]
+        == itself["stage_a/irrelevant_accuracy"]
+        == 1.0
+    )
+    lines = [s for row in read_summaries(report["reference"]).values() for s in row["per_image"].values()]
+    assert not any(parse_summary(s).unparsed for s in lines)
+    assert any(parse_summary(s).irrelevant for s in lines) and any(parse_summary(s).remark for s in lines)
