@@ -29,6 +29,9 @@ Commands::
     python bench/learning_proof.py --device cuda --out outputs/lp_penalty --false-pass-penalty 0.5 \\
         --scale-rewards batch --reuse-sft outputs/learning_proof    # a second GRPO arm, same SFT model
 
+The step runner, the result readers and the report live in ``bench/proof/`` (shared with
+``bench/drift_and_cure.py``, which goes on from here: drift, then two cures).
+
 Every knob has a per-device default (``PROFILES``); ``--sft-override``, ``--grpo-override`` and
 ``--eval-override`` append raw Hydra overrides (repeatable), e.g. ``--grpo-override module.grpo.beta=0``.
 """
@@ -36,24 +39,24 @@ Every knob has a per-device default (``PROFILES``); ``--sft-override``, ``--grpo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from proof.learning_report import (
+    GRPO_SERIES,
+    SFT_SERIES,
+    claim_check,
+    markdown,
+    write_report,
+)
+from proof.results import data_summary, eval_results, training_summary
+from proof.runs import REPO, Step, device_name, max_time, read_json, run_step, trainer_overrides
 
-from bbuqc_lightning.constants import MISSIONS
-
-REPO = Path(__file__).resolve().parents[1]
-METRICS = ("format_valid_rate", "accuracy", "false_pass_rate", "false_fail_rate")
-CLAIM_MAX_FALSE_FAIL = 0.05
 SFT_STEPS = ("data", "sft", "eval_sft")
 # Settings that define the data, the SFT model and its evaluation: --reuse-sft takes them from that run.
 SFT_SETTINGS = (
@@ -117,31 +120,6 @@ PROFILES: dict[str, dict[str, Any]] = {
         "eval_batch": 32,
     },
 }
-
-
-@dataclass
-class Step:
-    """One subprocess of the pipeline and what it left behind."""
-
-    name: str
-    argv: list[str]
-    run_dir: Path | None = None
-    seconds: float = 0.0
-    wandb_runs: list[str] = field(default_factory=list)
-
-    @property
-    def command(self) -> str:
-        """The command as typed in the folder the script runs from (``python``: this interpreter)."""
-        return shlex.join(["python", *self.argv[1:]])
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "command": self.command,
-            "run_dir": None if self.run_dir is None else str(self.run_dir),
-            "wandb_runs": self.wandb_runs,
-            "seconds": round(self.seconds, 1),
-        }
 
 
 # --------------------------------------------------------------------------- arguments
@@ -274,21 +252,6 @@ def num_layers(model: str) -> int:
 
 
 # --------------------------------------------------------------------------- commands
-def trainer_overrides(device: str, precision: str | None) -> list[str]:
-    """CPU: the default trainer (fp32). CUDA: ``trainer=gpu`` (bf16-mixed) unless ``precision`` is given."""
-    if device == "cpu":
-        return ["trainer=default"]
-    return ["trainer=gpu", *([f"trainer.precision={precision}"] if precision else [])]
-
-
-def max_time(minutes: float) -> list[str]:
-    """Lightning's ``max_time`` ("DD:HH:MM:SS"): training stops there even before ``max_steps``."""
-    if minutes <= 0:
-        return []
-    seconds = round(minutes * 60)
-    return [f"++trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
-
-
 def common_overrides(args: argparse.Namespace, run_dir: Path, data_dir: Path, tag: str) -> list[str]:
     return [
         f"hydra.run.dir={run_dir}",
@@ -430,276 +393,6 @@ def eval_argv(
         f"data.batch_size={args.eval_batch}",
         *args.eval_override,
     ]
-
-
-def run_step(step: Step, logs: Path) -> None:
-    """Run ``step`` (from the current folder), its output in ``logs/<name>.log``; exit on failure."""
-    log_path = logs / f"{step.name}.log"
-    print(f"[{time.strftime('%H:%M:%S')}] {step.name}: {step.command}", flush=True)
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    start = time.perf_counter()
-    with log_path.open("w", encoding="utf-8") as log:
-        code = subprocess.call(step.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    step.seconds = time.perf_counter() - start
-    if code != 0:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
-        sys.exit(f"error: step {step.name} failed (exit {code}); log {log_path}:\n" + "\n".join(tail))
-    if step.run_dir is not None:
-        step.wandb_runs = sorted(str(p) for p in step.run_dir.glob("wandb/offline-run-*"))
-    print(f"  done in {step.seconds:.0f} s", flush=True)
-
-
-# --------------------------------------------------------------------------- results
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def verdict_counts(predictions: Path) -> dict[str, dict[str, int]]:
-    """Counts behind the rates, per mission slug and ``all``, from an eval run's ``predictions.jsonl``."""
-    names = (
-        "groups",
-        "valid",
-        "truncated",
-        "correct",
-        "label_fail",
-        "false_pass",
-        "label_pass",
-        "false_fail",
-    )
-    counts = {scope: dict.fromkeys(names, 0) for scope in ("all", *MISSIONS.values())}
-    for line in predictions.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        verdict = row["verdict"] if row["valid"] else None
-        for scope in ("all", MISSIONS.get(row["mission"])):
-            if scope is None:
-                continue
-            c = counts[scope]
-            c["groups"] += 1
-            c["valid"] += bool(row["valid"])
-            c["truncated"] += bool(row["truncated"])  # hit max_new_tokens (may still parse as valid)
-            c["correct"] += verdict is not None and verdict == row["label"]
-            c["label_fail"] += row["label"] == "fail"
-            c["false_pass"] += row["label"] == "fail" and verdict == "pass"
-            c["label_pass"] += row["label"] == "pass"
-            c["false_fail"] += row["label"] == "pass" and verdict == "fail"
-    return counts
-
-
-_FRACTIONS = {
-    "format_valid_rate": ("valid", "groups"),
-    "accuracy": ("correct", "groups"),
-    "false_pass_rate": ("false_pass", "label_fail"),
-    "false_fail_rate": ("false_fail", "label_pass"),
-}
-
-
-def eval_results(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """``{scope: {metric: rate, metric_n: "k/n", ...}}`` from ``metrics.json``, checked against the counts."""
-    metrics = read_json(run_dir / "metrics.json")
-    counts = verdict_counts(run_dir / "predictions.jsonl")
-    out: dict[str, dict[str, Any]] = {}
-    for scope, c in counts.items():
-        row: dict[str, Any] = {"counts": c}
-        for name in METRICS:
-            key = f"test/{name}" if scope == "all" else f"test/{name}/{scope}"
-            num, den = _FRACTIONS[name]
-            value = metrics.get(key)
-            if value is not None and den and abs(value - c[num] / c[den]) > 1e-6:
-                raise RuntimeError(f"{run_dir}: {key}={value} disagrees with predictions.jsonl")
-            row[name] = value
-            row[f"{name}_n"] = f"{c[num]}/{c[den]}"
-        out[scope] = row
-    return out
-
-
-def csv_series(run_dir: Path, keys: Sequence[str]) -> dict[str, list[float]]:
-    """Logged values of ``keys`` in step order from the run's ``csv/metrics.csv``."""
-    import csv
-
-    path = run_dir / "csv" / "metrics.csv"
-    series: dict[str, list[float]] = {k: [] for k in keys}
-    if not path.is_file():
-        return series
-    with path.open(encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            for key in keys:
-                if row.get(key) not in (None, ""):
-                    series[key].append(float(row[key]))
-    return series
-
-
-def head_tail(values: Sequence[float], share: float = 0.1) -> dict[str, float | None]:
-    """Mean of the first and the last ``share`` of ``values`` (at least one each)."""
-    if not values:
-        return {"first": None, "last": None, "n": 0}
-    k = max(1, round(len(values) * share))
-    return {"first": sum(values[:k]) / k, "last": sum(values[-k:]) / k, "n": len(values)}
-
-
-SFT_SERIES = (
-    "train/loss",
-    "train/loss/stage_b_distill",
-    "train/loss/bbu_summary",
-    "val/loss/stage_b_distill",
-)
-GRPO_SERIES = (
-    "train/loss",
-    "train/reward",
-    "train/rewards/label/mean",
-    "train/rewards/format/mean",
-    "train/frac_reward_zero_std",
-    "train/false_pass_rate",
-    "train/false_fail_rate",
-    "train/completion_length/mean",
-    "train/kl",
-    "train/step_seconds",
-    "train/generation_seconds",
-    "val/accuracy",
-    "val/false_pass_rate",
-)
-
-
-def training_summary(run_dir: Path, keys: Sequence[str]) -> dict[str, Any]:
-    series = csv_series(run_dir, keys)
-    return {key: head_tail(values) for key, values in series.items()}
-
-
-def data_summary(data_dir: Path) -> dict[str, Any]:
-    """Groups per split and how many test tickets repeat a training ticket word for word."""
-    synthetic = data_dir / "synthetic"
-    manifest = read_json(synthetic / "manifest.json")
-
-    def keys(split: str) -> list[tuple[str, tuple[str, ...]]]:
-        lines = (synthetic / f"stage_a_{split}.jsonl").read_text(encoding="utf-8").splitlines()
-        rows = [json.loads(line) for line in lines]
-        return [(r["mission"], tuple(r["per_image"].values())) for r in rows]
-
-    train = set(keys("train"))
-    test = keys("test")
-    return {
-        "splits": {s: {"groups": v["groups"], "images": v["images"]} for s, v in manifest["splits"].items()},
-        "test_tickets_seen_in_train": sum(k in train for k in test),
-    }
-
-
-def claim_check(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """GRPO lowers the overall false-pass rate, with a false-fail rate of at most 5 %."""
-    sft, grpo = results["sft"]["all"], results["grpo"]["all"]
-    fp_sft, fp_grpo, ff_grpo = sft["false_pass_rate"], grpo["false_pass_rate"], grpo["false_fail_rate"]
-    known = None not in (fp_sft, fp_grpo, ff_grpo)
-    lowered = known and fp_grpo < fp_sft
-    within = known and ff_grpo <= CLAIM_MAX_FALSE_FAIL
-    fv_sft, fv_grpo = sft["format_valid_rate"], grpo["format_valid_rate"]
-    caveat = None
-    if None not in (fv_sft, fv_grpo) and fv_grpo < fv_sft:
-        # An invalid answer is neither a false pass nor a false fail: fewer valid answers can lower both.
-        caveat = f"format-valid rate fell from {fv_sft:.3f} to {fv_grpo:.3f}; invalid answers count in neither rate"
-    return {
-        "false_pass_rate_sft": fp_sft,
-        "false_pass_rate_grpo": fp_grpo,
-        "false_fail_rate_grpo": ff_grpo,
-        "false_pass_lowered": lowered,
-        "false_fail_at_most_5pct": within,
-        "holds": bool(lowered and within),
-        "format_valid_rate_sft": fv_sft,
-        "format_valid_rate_grpo": fv_grpo,
-        "caveat": caveat,
-    }
-
-
-# --------------------------------------------------------------------------- report
-def fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def markdown(report: Mapping[str, Any]) -> str:
-    settings = report["settings"]
-    lines = [
-        f"# Learning proof ({settings['device']}, model={settings['model']})",
-        "",
-        f"Started {report['started']}; total wall time {report['total_seconds']:.0f} s.",
-        "",
-        "## Held-out test split",
-        "",
-        "| mission | after | format-valid | accuracy | false-pass | false-fail |",
-        "|---|---|---|---|---|---|",
-    ]
-    results = report.get("results", {})
-    for scope in ("all", *MISSIONS.values()):
-        for stage in ("sft", "grpo"):
-            if stage not in results:
-                continue
-            row = results[stage][scope]
-            cells = [f"{fmt(row[m])} ({row[f'{m}_n']})" for m in METRICS]
-            lines.append(f"| {scope} | {stage.upper()} | " + " | ".join(cells) + " |")
-    if "claim" in report:
-        claim = report["claim"]
-        verdict = "holds" if claim["holds"] else "does not hold"
-        lines += [
-            "",
-            f"Claim (GRPO lowers the false-pass rate at a false-fail rate <= 5 %): **{verdict}** — false-pass "
-            f"{fmt(claim['false_pass_rate_sft'])} -> {fmt(claim['false_pass_rate_grpo'])}, false-fail after "
-            f"GRPO {fmt(claim['false_fail_rate_grpo'])}; format-valid {fmt(claim['format_valid_rate_sft'])} -> "
-            f"{fmt(claim['format_valid_rate_grpo'])}."
-            + (f" Caveat: {claim['caveat']}." if claim["caveat"] else ""),
-        ]
-    wanted = {"sft": settings["sft_steps"], "grpo": settings["grpo_steps"]}
-    for run, steps in wanted.items():
-        done = report.get("training", {}).get(run, {}).get("train/loss", {}).get("n", steps)
-        if done < steps:
-            lines += ["", f"**{run.upper()} trained {done} of {steps} steps** (stopped by its time cap)."]
-    lines += ["", "## Training (mean of the first / last 10 % of logged steps)", ""]
-    lines += ["| run | metric | first | last | logged |", "|---|---|---|---|---|"]
-    for run in ("sft", "grpo"):
-        for key, value in report.get("training", {}).get(run, {}).items():
-            if value["n"]:
-                lines.append(
-                    f"| {run} | `{key}` | {fmt(value['first'])} | {fmt(value['last'])} | {value['n']} |"
-                )
-    data = report.get("data", {})
-    if data:
-        splits = ", ".join(f"{s} {v['groups']} tickets" for s, v in data["splits"].items())
-        lines += [
-            "",
-            f"Data: {splits}; test tickets identical to a train ticket: "
-            f"{data['test_tickets_seen_in_train']}.",
-        ]
-    lines += ["", "## Commands", "", "```bash"]
-    lines += [step["command"] for step in report["steps"]]
-    lines += [
-        "```",
-        "",
-        "## Run folders",
-        "",
-        "| step | seconds | run folder | W&B run |",
-        "|---|---|---|---|",
-    ]
-    for step in report["steps"]:
-        wandb_runs = ", ".join(step["wandb_runs"]) or "—"
-        name = step["name"] + (" (reused)" if step.get("reused") else "")
-        lines.append(f"| {name} | {step['seconds']:.0f} | {step['run_dir'] or '—'} | {wandb_runs} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out: Path, report: Mapping[str, Any]) -> None:
-    (out / "learning_proof.json").write_text(
-        json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    (out / "learning_proof.md").write_text(markdown(report), encoding="utf-8")
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores)" if device == "cpu" else "cuda (not visible to this process)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,12 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from bbuqc_lightning.config import validate_config
 from bbuqc_lightning.constants import SLUG_TO_MISSION
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "learning_proof.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPT = BENCH / "learning_proof.py"
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic.py"
 ComposeAt = Callable[[list[str], Path, Path], DictConfig]
 
 
 def load(path: Path, name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:  # bench scripts import their sibling modules (bench/proof/), as when run
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,95 @@
+"""Running the project's entry points as the proof scripts' steps: one subprocess per step, logged.
+
+A :class:`Step` is one command line (``python -m bbuqc_lightning.train ...`` or a ``tools/`` script) with
+the run folder it writes; :func:`run_step` runs it offline (W&B offline, no hub access) with its output in
+``logs/<name>.log`` and exits with the log's tail when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Step:
+    """One subprocess of the pipeline and what it left behind."""
+
+    name: str
+    argv: list[str]
+    run_dir: Path | None = None
+    seconds: float = 0.0
+    wandb_runs: list[str] = field(default_factory=list)
+
+    @property
+    def command(self) -> str:
+        """The command as typed in the folder the script runs from (``python``: this interpreter)."""
+        return shlex.join(["python", *self.argv[1:]])
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "command": self.command,
+            "run_dir": None if self.run_dir is None else str(self.run_dir),
+            "wandb_runs": self.wandb_runs,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def trainer_overrides(device: str, precision: str | None) -> list[str]:
+    """CPU: the default trainer (fp32). CUDA: ``trainer=gpu`` (bf16-mixed) unless ``precision`` is given."""
+    if device == "cpu":
+        return ["trainer=default"]
+    return ["trainer=gpu", *([f"trainer.precision={precision}"] if precision else [])]
+
+
+def max_time(minutes: float) -> list[str]:
+    """Lightning's ``max_time`` ("DD:HH:MM:SS"): training stops there even before ``max_steps``."""
+    if minutes <= 0:
+        return []
+    seconds = round(minutes * 60)
+    return [f"++trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
+
+
+def run_step(step: Step, logs: Path) -> None:
+    """Run ``step`` (from the current folder), its output in ``logs/<name>.log``; exit on failure."""
+    log_path = logs / f"{step.name}.log"
+    print(f"[{time.strftime('%H:%M:%S')}] {step.name}: {step.command}", flush=True)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    start = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as log:
+        code = subprocess.call(step.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    step.seconds = time.perf_counter() - start
+    if code != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
+        sys.exit(f"error: step {step.name} failed (exit {code}); log {log_path}:\n" + "\n".join(tail))
+    if step.run_dir is not None:
+        step.wandb_runs = sorted(str(p) for p in step.run_dir.glob("wandb/offline-run-*"))
+    print(f"  done in {step.seconds:.0f} s", flush=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)" if device == "cpu" else "cuda (not visible to this process)"
