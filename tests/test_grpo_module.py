@@ -242,7 +242,13 @@ def test_validation_logs_verdict_metrics(tmp_path: Path) -> None:
     assert float(metrics["val/false_pass_rate"]) == 0.0
     assert float(metrics["val/accuracy"]) == 0.0
     assert "val/invalid_rate/bbu_grounding" in metrics
-    for key in ("train/reward", "train/rewards/label/mean", "train/frac_reward_zero_std", "train/kl"):
+    for key in (
+        "train/reward",
+        "train/rewards/label/mean",
+        "train/frac_reward_zero_std",
+        "train/kl",
+        "train/fail_groups_without_fail",
+    ):
         assert key in metrics
 
 

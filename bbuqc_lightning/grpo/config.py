@@ -85,6 +85,13 @@ class GRPOConfig:
             "help": "Skip groups whose G rewards are all equal (zero advantage); not a TRL 1.16 option."
         },
     )
+    fail_rescue: bool = field(
+        default=False,
+        metadata={
+            "help": "In a fail ticket's group with no valid 不通过 sample, rewrite one valid answer's verdict to "
+            "不通过 and train only its verdict tokens (grpo/rescue.py); not a TRL option."
+        },
+    )
     reward_weights: list[float] | None = field(
         default=None,
         metadata={"help": "Per-reward-function weights summed into one reward; None weights all by 1.0."},

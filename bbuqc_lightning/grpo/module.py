@@ -23,6 +23,9 @@ that concerns the loss):
    for its G rollouts (equal in value and gradient to TRL's full per-row forward up to rounding, tested).
 4. Generation runs through the project's engine (``conf/generation/``: continuous batching over a fixed KV pool,
    CUDA-graph decode per bucket, each prompt's keys/values shared by its G rollouts), not vLLM.
+5. ``fail_rescue`` (off by default): a fail ticket whose G samples never say 不通过 gets one of its valid
+   answers rewritten to 不通过, only the verdict tokens trained (``grpo/rescue.py``); how often a fail
+   ticket's group is that blind is logged every step either way (``train/fail_groups_without_fail``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from bbuqc_lightning.constants import IM_END_ID
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 from bbuqc_lightning.grpo.advantages import combine_rewards, compute_advantages, equal_reward_groups_mask
 from bbuqc_lightning.grpo.config import GRPOConfig
@@ -45,6 +49,7 @@ from bbuqc_lightning.grpo.forward import (
 )
 from bbuqc_lightning.grpo.logprobs import completion_logprobs
 from bbuqc_lightning.grpo.loss import grpo_loss
+from bbuqc_lightning.grpo.rescue import blind_fail_groups, rescue_fail_groups
 from bbuqc_lightning.grpo.rollout import Rollout, generate_rollout
 from bbuqc_lightning.models.decoder import output_embedding
 from bbuqc_lightning.models.factory import ModelBundle
@@ -113,12 +118,14 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         start = time.perf_counter()
         rollout = generate_rollout(self.engine, batch, self.sampling, self.reward_funcs)
         gen_seconds = time.perf_counter() - start
+        sampled_texts = list(rollout.texts)  # what the policy said (train/* verdict rates), before any rescue
+        rescued, blind_stats = self._rescue(rollout)
         rewards = combine_rewards(rollout.rewards_per_func, self.grpo.reward_weights)
         gather = self.all_gather if self.trainer.world_size > 1 else None
         advantages, stats = compute_advantages(
             rewards, self.grpo.num_generations, self.grpo.scale_rewards, all_gather=gather
         )
-        loss_mask = self._loss_mask(rollout, rewards)
+        loss_mask = self._loss_mask(rollout, rewards, rescued)
         prefix = run_frozen_prefix(
             self.model,
             rollout.input_ids,
@@ -129,13 +136,40 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         )
         ref, old = self._reference_and_old(prefix, rollout)
         losses, loss_metrics = self._optimise(prefix, rollout, loss_mask, advantages, ref, old)
+        stats = {**stats, **blind_stats}
         self._log_train(
-            rollout, rewards, advantages, stats, loss_metrics, losses, loss_mask, start, gen_seconds
+            rollout,
+            rewards,
+            advantages,
+            stats,
+            loss_metrics,
+            losses,
+            loss_mask,
+            start,
+            gen_seconds,
+            sampled_texts,
         )
         return torch.stack(losses).mean()
 
-    def _loss_mask(self, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
+    def _rescue(self, rollout: Rollout) -> tuple[dict[int, int], dict[str, torch.Tensor]]:
+        """Fail groups with no 不通过 sample: counted, and rewritten when ``grpo.fail_rescue`` (rescue.py)."""
+        g = self.grpo.num_generations
+        fail_groups, blind = blind_fail_groups(rollout.texts, rollout.samples, g)
+        rescued: dict[int, int] = {}
+        if self.grpo.fail_rescue and blind:
+            ids = self.engine.eos_token_ids
+            eos = IM_END_ID if IM_END_ID in ids else ids[0]  # answers end their chat turn with <|im_end|>
+            rescued = rescue_fail_groups(rollout, blind, self.engine.tokenizer, eos, self.reward_funcs, g)
+        share = len(blind) / fail_groups if fail_groups else 0.0
+        return rescued, {
+            "fail_groups_without_fail": torch.tensor(share),
+            "fail_groups_rescued": torch.tensor(float(len(rescued))),
+        }
+
+    def _loss_mask(self, rollout: Rollout, rewards: torch.Tensor, rescued: dict[int, int]) -> torch.Tensor:
         mask = rollout.completion_mask.clone()
+        for row, verdict_tokens in rescued.items():  # a rewritten answer trains its verdict line only
+            mask[row, verdict_tokens:] = 0
         if self.grpo.mask_truncated_completions:
             mask = mask * (~rollout.truncated).unsqueeze(1).int()
         if self.grpo.dynamic_sampling:
@@ -230,6 +264,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         loss_mask: torch.Tensor,
         start: float,
         gen_seconds: float,
+        sampled_texts: list[str],
     ) -> None:
         lengths = rollout.completion_mask.sum(dim=1).float()
         seconds = time.perf_counter() - start
@@ -246,6 +281,8 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             "train/tokens_per_s": torch.tensor(float(lengths.sum()) / max(seconds, 1e-9)),
             "train/generation_seconds": torch.tensor(gen_seconds),
             "train/step_seconds": torch.tensor(seconds),
+            "train/fail_groups_without_fail": stats["fail_groups_without_fail"],
+            "train/fail_groups_rescued": stats["fail_groups_rescued"],
         }
         for i, name in enumerate(self.reward_funcs):
             column = rollout.rewards_per_func[:, i]
@@ -255,7 +292,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         self.log_dict(
             {k: v.float() for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=len(rewards)
         )
-        update_verdict_metrics(self.train_verdicts, score_outputs(rollout.samples, rollout.texts))
+        update_verdict_metrics(self.train_verdicts, score_outputs(rollout.samples, sampled_texts))
         self.log_dict(self.train_verdicts.compute(), on_step=True, batch_size=len(rewards))
         self.train_verdicts.reset()
 

@@ -1,0 +1,204 @@
+"""The data side of the drift/cure pipeline: the seed's negative items, the lenient verdict source, the fusion
+files of each step, the Teacher's input and output, and false passes split by negative item.
+
+The five negative items of the seed (``../shared/seeds/002``: the unified model "对负项不敏感")::
+
+    弯曲半径不合理 · 不符合要求 · 无保护措施 · 标签/无法识别 · 未按要求配备挡风板
+
+A *lenient source* is a reviewer (or a pseudo-labeller) blind to exactly those items: it passes a ticket
+whose every failure reason under the SPEC §2 rules is one of them, and judges everything else as the rules
+do (:func:`lenient_label`). Its verdicts are what the ``lenient`` drift trains on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bbuqc_lightning.constants import MISSIONS, REASON_PREFIXES, VERDICT_PASS
+from bbuqc_lightning.data.synthetic import explain_group
+
+# Seed negative item -> how it shows in a summary line (substring).
+NEGATIVE_ITEMS: dict[str, str] = {
+    "弯曲半径不合理": "弯曲半径不合理",
+    "不符合要求": "不符合要求",
+    "无保护措施": "无保护措施",
+    "标签无法识别": "标签/无法识别",
+    "未按要求配备挡风板": "未按要求配备挡风板",
+}
+BAFFLE = "挡风板"
+
+
+def negative_items(summaries: Sequence[str]) -> list[str]:
+    """The seed's negative items present in a ticket's summaries, in :data:`NEGATIVE_ITEMS` order.
+
+    >>> negative_items(["光纤/无保护措施,弯曲半径合理/蛇形管×1", "标签/无法识别×2"])
+    ['无保护措施', '标签无法识别']
+    """
+    text = "\n".join(summaries)
+    return [name for name, mark in NEGATIVE_ITEMS.items() if mark in text]
+
+
+# What a reviewer blind to the negative items reads instead (the compliant wording of the same object).
+_BLIND_READING: dict[str, str] = {
+    "不符合要求": "符合要求",
+    "弯曲半径不合理": "弯曲半径合理",
+    "无保护措施": "有保护措施",
+    "标签/无法识别": "标签/可以识别",
+    "未按要求配备挡风板": "按要求配备了挡风板",
+}
+
+
+def blind_reading(summary: str) -> str:
+    """A summary as the lenient source reads it: every negative item in its compliant wording.
+
+    >>> blind_reading("螺丝、光纤插头/BBU安装螺丝,显示完整,不符合要求/生锈×3")
+    '螺丝、光纤插头/BBU安装螺丝,显示完整,符合要求/生锈×3'
+    """
+    for negative, compliant in _BLIND_READING.items():
+        summary = summary.replace(negative, compliant)
+    return summary
+
+
+def lenient_label(mission: str, summaries: Sequence[str]) -> str:
+    """The lenient source's label: the SPEC §2 rules applied to :func:`blind_reading` of the summaries.
+
+    A baffle that was never fitted is also not missed (the source does not see 未按要求配备挡风板, so it
+    does not look for the baffle); every other failure (a missing or partial key element, an uncertain
+    remark, 分布散乱, 安装方向错误, ...) fails as the rules say.
+
+    >>> lenient_label("BBU线缆布放要求", ["螺丝、光纤插头/BBU端光纤插头,显示完整,符合要求×1",
+    ...     "螺丝、光纤插头/ODF端光纤插头,显示完整,符合要求×1", "光纤/有保护措施,弯曲半径不合理/铠装×1"])
+    'pass'
+    """
+    codes = explain_group(mission, [blind_reading(s) for s in summaries])
+    if "未按要求配备挡风板" in negative_items(summaries):
+        codes = [code for code in codes if code != f"missing:{BAFFLE}"]
+    return "fail" if codes else "pass"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    path.write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
+
+def summaries_by_ticket(stage_a_jsonl: Path) -> dict[str, dict[str, Any]]:
+    """``{ticket_key: {"mission", "label", "summaries"}}`` of a Stage-A reference file."""
+    out = {}
+    for row in read_jsonl(stage_a_jsonl):
+        summaries = [
+            row["per_image"][key] for key in sorted(row["per_image"], key=lambda k: int(k.split("_")[1]))
+        ]
+        out[row["ticket_key"]] = {"mission": row["mission"], "label": row["label"], "summaries": summaries}
+    return out
+
+
+def pass_answer(repo: Path) -> str:
+    """The synthetic data's own pass answer (``conf/data/fusion.yaml`` reason texts), e.g. ``通过\\n理由: …。``."""
+    texts = yaml.safe_load((repo / "conf" / "data" / "fusion.yaml").read_text(encoding="utf-8"))
+    texts = texts["synthetic_sources"]["texts"]
+    reason = texts["reason_template"].format(reasons=texts["reasons"]["pass"])
+    return f"{VERDICT_PASS}\n{REASON_PREFIXES[0]} {reason}"
+
+
+def write_lenient_stage_b(stage_b_rows: Path, stage_a_jsonl: Path, out: Path, answer: str) -> dict[str, Any]:
+    """The Stage-B chat rows with the lenient source's verdicts: a fail ticket that only carries negative
+    items gets ``answer`` (the pass answer) and ``label: pass`` (``human_label`` keeps the truth)."""
+    tickets = summaries_by_ticket(stage_a_jsonl)
+    rows, flipped = [], Counter()
+    for row in read_jsonl(stage_b_rows):
+        ticket = tickets[row["ticket_key"]]
+        lenient = lenient_label(ticket["mission"], ticket["summaries"])
+        new = {**row, "human_label": row["label"], "label": lenient}
+        if lenient != row["label"]:
+            new["messages"] = [*row["messages"][:-1], {"role": "assistant", "content": answer}]
+            flipped[MISSIONS[ticket["mission"]]] += 1
+        rows.append(new)
+    write_jsonl(out, rows)
+    fails = sum(r["human_label"] == "fail" for r in rows)
+    return {
+        "rows": len(rows),
+        "fail_rows": fails,
+        "passed_by_lenient": dict(flipped),
+        "total_passed": sum(flipped.values()),
+    }
+
+
+def fusion_file(
+    path: Path, targets: Sequence[Mapping[str, Any]], sources: Sequence[Mapping[str, Any]]
+) -> Path:
+    """Write a fusion YAML (SPEC §9 shape) with absolute paths; returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"fail_oversample": 1.0, "targets": list(targets), "sources": list(sources)}
+    path.write_text(yaml.safe_dump(body, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def stratified_subset(stage_a_jsonl: Path, per_cell: int, seed: int, out: Path) -> dict[str, int]:
+    """``per_cell`` tickets per (mission, label), drawn with ``seed``: the Teacher's distillation input."""
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in read_jsonl(stage_a_jsonl):
+        cells[(row["mission"], row["label"])].append(row)
+    rng = random.Random(seed)
+    chosen = []
+    for key in sorted(cells):
+        rows = cells[key]
+        chosen += rng.sample(rows, min(per_cell, len(rows)))
+    write_jsonl(out, chosen)
+    return {f"{MISSIONS[m]}/{label}": min(per_cell, len(cells[(m, label)])) for m, label in sorted(cells)}
+
+
+def collect_distill(runner_dir: Path, out: Path) -> dict[str, Any]:
+    """Concatenate every mission's ``distill_chatml.jsonl`` into ``out``; size and agreement with the labels.
+
+    ``teacher_agreement``: share of rows whose Teacher verdict equals the human label (before the conflict
+    policy); ``label_agreement``: the same for the verdict the file teaches (after it).
+    """
+    rows = [row for path in sorted(runner_dir.glob("*/distill_chatml.jsonl")) for row in read_jsonl(path)]
+    write_jsonl(out, rows)
+    n = len(rows)
+
+    def share(field: str) -> float | None:
+        return sum(r.get(field) == r.get("label") for r in rows) / n if n else None
+
+    return {
+        "rows": n,
+        "bytes": out.stat().st_size,
+        "teacher_agreement": share("teacher_verdict"),
+        "label_agreement": share("verdict"),
+        "conflicts": sum(bool(r.get("conflict")) for r in rows),
+        "flipped": sum(bool(r.get("flipped")) for r in rows),
+        "verdicts": dict(Counter(str(r.get("verdict")) for r in rows)),
+        "per_mission": dict(Counter(MISSIONS.get(r.get("mission"), "other") for r in rows)),
+    }
+
+
+def false_pass_by_negative_item(predictions: Path, stage_a_jsonl: Path) -> dict[str, dict[str, Any]]:
+    """False passes among fail tickets with a seed negative item (``negative``) and without (``other``),
+    and per item: where the false passes sit. Read from an eval run's ``predictions.jsonl``."""
+    tickets = summaries_by_ticket(stage_a_jsonl)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for row in read_jsonl(predictions):
+        if row["label"] != "fail" or row["ticket_key"] not in tickets:
+            continue
+        items = negative_items(tickets[row["ticket_key"]]["summaries"])
+        false_pass = bool(row["valid"]) and row["verdict"] == "pass"
+        for scope in [("negative" if items else "other"), *(f"item/{i}" for i in items)]:
+            counts[scope]["fail"] += 1
+            counts[scope]["false_pass"] += false_pass
+    return {
+        scope: {"false_pass_rate": c["false_pass"] / c["fail"], "n": f"{c['false_pass']}/{c['fail']}"}
+        for scope, c in sorted(counts.items())
+    }

@@ -1,0 +1,418 @@
+"""The drift/cure pipeline as named, resumable steps (``bench/drift_and_cure.py`` runs them).
+
+Shared steps: ``data`` (the synthetic benchmark), ``teacher`` (a Teacher trained from scratch on correct
+verdicts; skipped with ``--teacher base``), ``distill`` (``tools/distill.py`` with the Teacher, the mission
+files concatenated into ``distill/distill_chatml.jsonl``). Per seed ``k``, under ``s<k>/``:
+
+- ``base``: fusion SFT from scratch, correct verdicts (the learning proof's model: it reads summaries well);
+- ``drift``: continued fusion SFT of ``base`` under the chosen mechanism (``summary``: summary-heavy data, no
+  verdicts; ``lenient``: summary data + verdicts of a lenient source blind to the seed's negative items);
+- ``cure_a``: fusion SFT of the drifted model, LoRA on the top K layers, summary data + the distill file as a
+  ``dataset: chat`` target (by ratio), then ``tools/export.py`` -> ``cure_a/model``;
+- ``cure_b``: GRPO of the drifted model, label + format rewards, then export;
+- ``cure_b_penalty``: the same with the false-pass penalty and batch-scaled advantages, then export;
+- ``eval_<stage>``: ``+experiment=eval`` (Stage-B from reference summaries, ``test/*``) and ``+experiment=e2e``
+  (own summaries, ``e2e/*`` and ``stage_a/*``) of that stage's model folder.
+
+Each step reads only earlier steps' folders, so one GPU call can run any prefix of what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proof import drift_commands as cmd
+from proof import drift_data as dd
+from proof.runs import REPO, Step
+
+STAGES = ("base", "drift", "cure_a", "cure_b", "cure_b_penalty")
+DRIFTS = ("summary", "lenient")
+
+# Per-device defaults. cuda: the `small` preset on one H100 (minutes are estimates, each step < 10 min);
+# cpu: a smoke run of the tiny model that only shows the plumbing works.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cuda": {
+        "model": "small",
+        "teacher_model": "small",
+        "train": 1000,
+        "val": 25,
+        "test": 100,
+        "sft_batch": 64,
+        "sft_workers": 8,
+        "stage_b_ratio": 6.0,
+        "base_steps": 650,
+        "base_lr": 5e-4,
+        "base_max_minutes": 3.5,
+        "teacher_steps": 1200,
+        "teacher_max_minutes": 6.0,
+        "drift_steps": 300,
+        "drift_lr": 2e-4,
+        "drift_max_minutes": 3.0,
+        "lenient_ratio": 6.0,
+        "distill_per_cell": 75,
+        "distill_rollouts": 4,
+        "distill_epochs": 2,
+        "reflection_tokens": 256,
+        "cure_a_steps": 300,
+        "cure_a_lr": 2e-4,
+        "cure_a_k": 4,
+        "cure_a_share": 0.5,
+        "cure_a_max_minutes": 3.0,
+        "lora_r": 16,
+        "grpo_steps": 60,
+        "grpo_prompts": 16,
+        "grpo_generations": 8,
+        "grpo_lr": 1e-4,
+        "grpo_temperature": 1.0,
+        "grpo_beta": 0.04,
+        "grpo_max_minutes": 3.0,
+        "fail_rescue": True,
+        "max_new_tokens": 64,
+        "summary_tokens": 128,
+        "eval_batch": 100,
+        "e2e_batch": 32,
+    },
+    "cpu": {
+        "model": "tiny",
+        "teacher_model": "tiny",
+        "train": 2,
+        "val": 1,
+        "test": 1,
+        "sft_batch": 4,
+        "sft_workers": 0,
+        "stage_b_ratio": 2.0,
+        "base_steps": 6,
+        "base_lr": 3e-3,
+        "base_max_minutes": 0.0,
+        "teacher_steps": 4,
+        "teacher_max_minutes": 0.0,
+        "drift_steps": 4,
+        "drift_lr": 1e-3,
+        "drift_max_minutes": 0.0,
+        "lenient_ratio": 2.0,
+        "distill_per_cell": 1,
+        "distill_rollouts": 2,
+        "distill_epochs": 1,
+        "reflection_tokens": 16,
+        "cure_a_steps": 4,
+        "cure_a_lr": 1e-3,
+        "cure_a_k": 2,
+        "cure_a_share": 0.5,
+        "cure_a_max_minutes": 0.0,
+        "lora_r": 4,
+        "grpo_steps": 2,
+        "grpo_prompts": 2,
+        "grpo_generations": 2,
+        "grpo_lr": 5e-4,
+        "grpo_temperature": 1.0,
+        "grpo_beta": 0.04,
+        "grpo_max_minutes": 0.0,
+        "fail_rescue": True,
+        "max_new_tokens": 12,
+        "summary_tokens": 12,
+        "eval_batch": 8,
+        "e2e_batch": 4,
+    },
+}
+# Estimated minutes on one H100 per step (process start-up included); `--plan` prints them.
+MINUTES = {"data": 0.7, "teacher": 7.0, "distill": 3.0, "base": 4.5, "drift": 3.5, "cure_a": 4.0}
+MINUTES |= {"cure_b": 4.0, "cure_b_penalty": 4.0, "eval": 2.5}
+
+
+@dataclass
+class PlannedStep:
+    """One resumable step: optional preparation (input files), commands in order, optional collection."""
+
+    name: str
+    commands: list[Step]
+    minutes: float
+    needs: list[Path] = field(default_factory=list)
+    prepare: Callable[[], dict[str, Any]] | None = None
+    finish: Callable[[], dict[str, Any]] | None = None
+
+
+def paths(s: Mapping[str, Any]) -> dict[str, Path]:
+    out = Path(s["out"])
+    synthetic = Path(s["data_dir"]) / "synthetic"
+    return {
+        "out": out,
+        "runs": out / "runs",
+        "synthetic": synthetic,
+        "fusion_data": synthetic / "fusion",
+        "mixes": out / "fusion",
+        "distill": out / "distill",
+    }
+
+
+def stage_dir(s: Mapping[str, Any], seed: int, stage: str) -> Path:
+    """Run folder of a stage; the drift's names its mechanism (both can live side by side)."""
+    name = f"drift_{s['drift']}" if stage == "drift" else stage
+    return paths(s)["runs"] / f"s{seed}" / name
+
+
+def stage_model(s: Mapping[str, Any], seed: int, stage: str) -> Path:
+    return stage_dir(s, seed, stage) / "model"
+
+
+def teacher_folder(s: Mapping[str, Any]) -> Path:
+    if s["teacher"] == "base":
+        return stage_model(s, s["seeds"][0], "base")
+    return paths(s)["runs"] / "teacher" / "model"
+
+
+def _summary_entries(p: Mapping[str, Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    fusion = p["fusion_data"]
+    summary = {
+        "name": "bbu_summary",
+        "dataset": "bbu",
+        "train_jsonl": str(fusion / "bbu_train.jsonl"),
+        "val_jsonl": str(fusion / "bbu_val.jsonl"),
+        "template": "summary_bbu",
+        "mode": "summary",
+        "ratio": 1.0,
+    }
+    dense = {
+        "name": "bbu_dense",
+        "dataset": "bbu",
+        "train_jsonl": str(fusion / "bbu_train.jsonl"),
+        "template": "target_dense_bbu",
+        "mode": "dense",
+        "ratio": 0.1,
+    }
+    return summary, dense
+
+
+def drift_mix(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the drift step's fusion file (and, for ``lenient``, the lenient verdict file)."""
+    p = paths(s)
+    summary, dense = _summary_entries(p)
+    stats: dict[str, Any] = {"mechanism": s["drift"]}
+    targets = [summary]
+    if s["drift"] == "lenient":
+        lenient = p["mixes"] / "stage_b_lenient.jsonl"
+        stats["lenient"] = dd.write_lenient_stage_b(
+            p["fusion_data"] / "stage_b_train.jsonl",
+            p["synthetic"] / "stage_a_train.jsonl",
+            lenient,
+            dd.pass_answer(REPO),
+        )
+        targets.append(
+            {
+                "name": "stage_b_lenient",
+                "dataset": "chat",
+                "train_jsonl": str(lenient),
+                "val_jsonl": str(p["fusion_data"] / "stage_b_val.jsonl"),
+                "template": "chatml",
+                "ratio": s["lenient_ratio"],
+            }
+        )
+    stats["fusion"] = str(dd.fusion_file(p["mixes"] / f"drift_{s['drift']}.yaml", targets, [dense]))
+    return stats
+
+
+def cure_a_mix(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Summary target + the distill file as a chat target sized to ``cure_a_share`` of the targets' rows."""
+    p = paths(s)
+    summary, dense = _summary_entries(p)
+    distill = p["distill"] / "distill_chatml.jsonl"
+    n_distill = len(dd.read_jsonl(distill))
+    if not n_distill:
+        raise RuntimeError(
+            f"{distill} is empty: the Teacher gave no valid answer (see the distill run's log)"
+        )
+    n_summary = len(dd.read_jsonl(Path(summary["train_jsonl"])))
+    share = s["cure_a_share"]
+    ratio = round(share / (1 - share) * n_summary / n_distill, 4)
+    target = {
+        "name": "stage_b_distill",
+        "dataset": "chat",
+        "train_jsonl": str(distill),
+        "val_jsonl": str(p["fusion_data"] / "stage_b_val.jsonl"),
+        "template": "chatml",
+        "ratio": ratio,
+        "fail_oversample": 2.0,
+    }
+    fusion = dd.fusion_file(p["mixes"] / "cure_a.yaml", [summary, target], [dense])
+    return {"fusion": str(fusion), "distill_rows": n_distill, "distill_ratio": ratio}
+
+
+def _step(name: str, argv: list[str], run_dir: Path | None) -> Step:
+    return Step(name, argv, run_dir)
+
+
+def shared_steps(s: Mapping[str, Any]) -> list[PlannedStep]:
+    p = paths(s)
+    steps = [PlannedStep("data", [_step("data", cmd.data_argv(s), None)], MINUTES["data"])]
+    if s["teacher"] == "train":
+        run = p["runs"] / "teacher"
+        argv = cmd.sft_argv(
+            s,
+            run,
+            s["seeds"][0],
+            "teacher",
+            model=[f"model={s['teacher_model']}"],
+            steps=s["teacher_steps"],
+            lr=s["base_lr"],
+            max_minutes=s["teacher_max_minutes"],
+        )
+        steps.append(PlannedStep("teacher", [_step("teacher", argv, run)], MINUTES["teacher"]))
+    run, inputs = p["runs"] / "distill", p["distill"] / "input.jsonl"
+    steps.append(
+        PlannedStep(
+            "distill",
+            [_step("distill", cmd.distill_argv(s, run, teacher_folder(s), inputs), run)],
+            MINUTES["distill"],
+            needs=[teacher_folder(s) / "config.json"],
+            prepare=lambda: {
+                "input": dd.stratified_subset(
+                    p["synthetic"] / "stage_a_train.jsonl", s["distill_per_cell"], s["data_seed"], inputs
+                )
+            },
+            finish=lambda: dd.collect_distill(run / "stage_b", p["distill"] / "distill_chatml.jsonl"),
+        )
+    )
+    return steps
+
+
+def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
+    p, model = paths(s), s["model"]
+    d = {stage: stage_dir(s, seed, stage) for stage in STAGES}
+    drifted = cmd.from_folder(model, stage_model(s, seed, "drift"))
+    steps = [
+        PlannedStep(
+            f"s{seed}/base",
+            [
+                _step(
+                    "base",
+                    cmd.sft_argv(
+                        s,
+                        d["base"],
+                        seed,
+                        "base",
+                        model=[f"model={model}"],
+                        steps=s["base_steps"],
+                        lr=s["base_lr"],
+                        max_minutes=s["base_max_minutes"],
+                    ),
+                    d["base"],
+                )
+            ],
+            MINUTES["base"],
+            needs=[p["synthetic"] / "manifest.json"],
+        ),
+        PlannedStep(
+            f"s{seed}/drift",
+            [
+                _step(
+                    "drift",
+                    cmd.sft_argv(
+                        s,
+                        d["drift"],
+                        seed,
+                        f"drift_{s['drift']}",
+                        model=cmd.from_folder(model, stage_model(s, seed, "base")),
+                        steps=s["drift_steps"],
+                        lr=s["drift_lr"],
+                        fusion=p["mixes"] / f"drift_{s['drift']}.yaml",
+                        max_minutes=s["drift_max_minutes"],
+                    ),
+                    d["drift"],
+                )
+            ],
+            MINUTES["drift"],
+            needs=[stage_model(s, seed, "base") / "config.json"],
+            prepare=lambda: drift_mix(s),
+        ),
+        PlannedStep(
+            f"s{seed}/cure_a",
+            [
+                _step(
+                    "cure_a",
+                    cmd.sft_argv(
+                        s,
+                        d["cure_a"],
+                        seed,
+                        "cure_a",
+                        model=drifted,
+                        steps=s["cure_a_steps"],
+                        lr=s["cure_a_lr"],
+                        fusion=p["mixes"] / "cure_a.yaml",
+                        lora_k=s["cure_a_k"],
+                        max_minutes=s["cure_a_max_minutes"],
+                    ),
+                    d["cure_a"],
+                ),
+                _step(
+                    "export",
+                    cmd.export_argv(
+                        stage_model(s, seed, "drift"), d["cure_a"] / "adapter", d["cure_a"] / "model"
+                    ),
+                    None,
+                ),
+            ],
+            MINUTES["cure_a"],
+            needs=[stage_model(s, seed, "drift") / "config.json", p["distill"] / "distill_chatml.jsonl"],
+            prepare=lambda: cure_a_mix(s),
+        ),
+    ]
+    for stage, penalty, scale in (("cure_b", 0.0, "group"), ("cure_b_penalty", 1.0, "batch")):
+        grpo = cmd.grpo_argv(s, d[stage], seed, stage, model=drifted, penalty=penalty, scale=scale)
+        export = cmd.export_argv(stage_model(s, seed, "drift"), d[stage] / "adapter", d[stage] / "model")
+        steps.append(
+            PlannedStep(
+                f"s{seed}/{stage}",
+                [_step(stage, grpo, d[stage]), _step("export", export, None)],
+                MINUTES[stage],
+                needs=[stage_model(s, seed, "drift") / "config.json"],
+            )
+        )
+    evals = []
+    for stage in STAGES:
+        folder = cmd.from_folder(model, stage_model(s, seed, stage))
+        run = p["runs"] / f"s{seed}" / f"eval_{stage_dir(s, seed, stage).name}"
+        evals.append(
+            PlannedStep(
+                f"s{seed}/eval_{stage}",
+                [
+                    _step(
+                        "eval",
+                        cmd.eval_argv(s, run / "stage_b", seed, folder, f"eval_{stage}"),
+                        run / "stage_b",
+                    ),
+                    _step("e2e", cmd.e2e_argv(s, run / "e2e", seed, folder, f"e2e_{stage}"), run / "e2e"),
+                ],
+                MINUTES["eval"],
+                needs=[stage_model(s, seed, stage) / "config.json"],
+            )
+        )
+    # Order: each stage, then its evaluation (so a call that stops early has numbers for what it trained).
+    order = [
+        steps[0],
+        evals[0],
+        steps[1],
+        evals[1],
+        steps[2],
+        evals[2],
+        steps[3],
+        evals[3],
+        steps[4],
+        evals[4],
+    ]
+    return order
+
+
+def build_plan(s: Mapping[str, Any]) -> list[PlannedStep]:
+    """Every step, in order: shared ``data``, then per seed base/drift (+ evals), then Teacher + distill
+    (they need the first seed's base when ``teacher=base``), then the cures per seed."""
+    shared = {step.name: step for step in shared_steps(s)}
+    per_seed = {seed: seed_steps(s, seed) for seed in s["seeds"]}
+    plan = [shared["data"]]
+    for seed in s["seeds"]:
+        plan += per_seed[seed][:4]  # base, eval_base, drift, eval_drift
+    plan += [shared[name] for name in ("teacher", "distill") if name in shared]
+    for seed in s["seeds"]:
+        plan += per_seed[seed][4:]
+    return plan

@@ -1,0 +1,218 @@
+"""Results of the drift/cure pipeline: per stage and seed, then mean and spread over seeds, as JSON, markdown
+and one plot (false-pass rate by stage and mission).
+
+Per stage (``base``, ``drift``, ``cure_a``, ``cure_b``, ``cure_b_penalty``) and seed, from the stage's eval
+folders: Stage-B from reference summaries (``test/*`` of ``+experiment=eval``), end to end (``e2e/*`` of
+``+experiment=e2e``), Stage-A object F1 / exact match of the model's own summaries (``stage_a/*`` of the
+same e2e run), and false passes split by the seed's negative items (where the drift should show).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bbuqc_lightning.constants import MISSIONS
+from proof import drift_data as dd
+from proof.drift_plan import STAGES, paths, stage_dir
+from proof.results import METRICS, eval_results, fmt
+from proof.runs import read_json
+
+STAGE_A_KEYS = ("object_f1", "exact_match", "irrelevant_accuracy")
+TARGETS = {"drift_false_pass_min": 0.20, "cure_false_pass_max": 0.05, "cure_false_fail_max": 0.05}
+TARGETS |= {"cure_format_valid_min": 0.98, "cure_object_f1_drop_max": 0.01}
+
+
+def stage_result(s: Mapping[str, Any], seed: int, stage: str) -> dict[str, Any] | None:
+    """What one stage of one seed measured, or None before its evaluation ran."""
+    run = paths(s)["runs"] / f"s{seed}" / f"eval_{stage_dir(s, seed, stage).name}"
+    if not (run / "e2e" / "metrics.json").is_file() or not (run / "stage_b" / "metrics.json").is_file():
+        return None
+    reference = paths(s)["synthetic"] / "stage_a_test.jsonl"
+    e2e_metrics = read_json(run / "e2e" / "metrics.json")
+    return {
+        "stage_b": eval_results(run / "stage_b", "test"),
+        "e2e": eval_results(run / "e2e", "e2e"),
+        "stage_a": {
+            k.removeprefix("stage_a/"): v for k, v in e2e_metrics.items() if k.startswith("stage_a/")
+        },
+        "negative_items": {
+            "stage_b": dd.false_pass_by_negative_item(run / "stage_b" / "predictions.jsonl", reference),
+            "e2e": dd.false_pass_by_negative_item(run / "e2e" / "predictions.jsonl", reference),
+        },
+    }
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def aggregate(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean / min / max / std over seeds of every rate, per view (stage_b, e2e) and scope (all, slugs)."""
+    seeds = [r for r in per_seed.values() if r is not None]
+    if not seeds:
+        return {}
+    out: dict[str, Any] = {}
+    for view in ("stage_b", "e2e"):
+        for scope in ("all", *MISSIONS.values()):
+            for name in METRICS:
+                values = [r[view][scope][name] for r in seeds if r[view][scope][name] is not None]
+                if values:
+                    out[f"{view}/{name}/{scope}"] = _spread(values)
+    for name in STAGE_A_KEYS:
+        values = [r["stage_a"][name] for r in seeds if name in r["stage_a"]]
+        if values:
+            out[f"stage_a/{name}"] = _spread(values)
+    return out
+
+
+def collect(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Every stage's per-seed results and their aggregate, plus the targets of the issue checked."""
+    results: dict[str, Any] = {}
+    for stage in STAGES:
+        per_seed = {seed: stage_result(s, seed, stage) for seed in s["seeds"]}
+        results[stage] = {"seeds": per_seed, "aggregate": aggregate(per_seed)}
+    return {"results": results, "checks": checks(results)}
+
+
+def _mean(results: Mapping[str, Any], stage: str, key: str) -> float | None:
+    value = results.get(stage, {}).get("aggregate", {}).get(key)
+    return None if value is None else value["mean"]
+
+
+def checks(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The issue's "done means", on seed means, for what has been measured (None: not measured yet)."""
+    out: dict[str, Any] = {}
+    fp = _mean(results, "drift", "stage_b/false_pass_rate/all")
+    out["drift_false_pass_at_least_20pct"] = None if fp is None else fp >= TARGETS["drift_false_pass_min"]
+    f1_drift = _mean(results, "drift", "stage_a/object_f1")
+    for cure in ("cure_a", "cure_b", "cure_b_penalty"):
+        for view in ("stage_b", "e2e"):
+            fp = _mean(results, cure, f"{view}/false_pass_rate/all")
+            ff = _mean(results, cure, f"{view}/false_fail_rate/all")
+            fv = _mean(results, cure, f"{view}/format_valid_rate/all")
+            known = None not in (fp, ff, fv)
+            out[f"{cure}/{view}"] = (
+                None
+                if not known
+                else (
+                    fp <= TARGETS["cure_false_pass_max"]
+                    and ff <= TARGETS["cure_false_fail_max"]
+                    and fv >= TARGETS["cure_format_valid_min"]
+                )
+            )
+        f1 = _mean(results, cure, "stage_a/object_f1")
+        out[f"{cure}/stage_a_f1_kept"] = (
+            None if None in (f1, f1_drift) else f1 >= f1_drift - TARGETS["cure_object_f1_drop_max"]
+        )
+    return out
+
+
+def _cell(agg: Mapping[str, Any], key: str) -> str:
+    value = agg.get(key)
+    if value is None:
+        return "—"
+    if value["n"] == 1:
+        return fmt(value["mean"])
+    return f"{value['mean']:.3f} ± {value['std']:.3f}"
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """Tables: overall per stage (Stage-B from references, end to end, Stage-A); false-pass per mission."""
+    s, results = report["settings"], report["results"]
+    lines = [
+        f"# Drift and cure ({s['device']}, model={s['model']}, drift={s['drift']}, seeds={s['seeds']})",
+        "",
+        "Mean ± std over seeds. Stage-B = verdicts from the reference summaries of the held-out split; "
+        "e2e = verdicts from the model's own summaries of the held-out photos; Stage-A = those summaries "
+        "against the references.",
+        "",
+        "| stage | view | false-pass | false-fail | accuracy | format-valid |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in STAGES:
+        agg = results[stage]["aggregate"]
+        for view in ("stage_b", "e2e"):
+            cells = [
+                _cell(agg, f"{view}/{m}/all")
+                for m in ("false_pass_rate", "false_fail_rate", "accuracy", "format_valid_rate")
+            ]
+            lines.append(f"| {stage} | {view} | " + " | ".join(cells) + " |")
+    lines += ["", "| stage | Stage-A object F1 | exact match | 无关图片 accuracy |", "|---|---|---|---|"]
+    for stage in STAGES:
+        agg = results[stage]["aggregate"]
+        lines.append(f"| {stage} | " + " | ".join(_cell(agg, f"stage_a/{k}") for k in STAGE_A_KEYS) + " |")
+    slugs = list(MISSIONS.values())
+    lines += ["", "False-pass rate per mission (Stage-B from references / e2e):", ""]
+    lines += ["| stage | " + " | ".join(slugs) + " |", "|---" * (len(slugs) + 1) + "|"]
+    for stage in STAGES:
+        agg = results[stage]["aggregate"]
+        cells = [
+            f"{_cell(agg, f'stage_b/false_pass_rate/{m}')} / {_cell(agg, f'e2e/false_pass_rate/{m}')}"
+            for m in slugs
+        ]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "False passes on fail tickets with / without a seed negative item (Stage-B, per seed):", ""]
+    for stage in STAGES:
+        for seed, r in results[stage]["seeds"].items():
+            if r is not None:
+                split = r["negative_items"]["stage_b"]
+                text = ", ".join(f"{k} {v['false_pass_rate']:.3f} ({v['n']})" for k, v in split.items())
+                lines.append(f"- {stage}, seed {seed}: {text}")
+    lines += ["", "Checks (on seed means; — not measured yet):", ""]
+    lines += [f"- `{k}`: {'—' if v is None else ('yes' if v else 'no')}" for k, v in report["checks"].items()]
+    if report.get("plot"):
+        lines += ["", f"![false-pass by stage and mission]({report['plot']})"]
+    elif report.get("plot_note"):
+        lines += ["", report["plot_note"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Mapping[str, Any], out: Path) -> tuple[Path | None, str | None]:
+    """One PNG: false-pass rate (Stage-B from references, seed mean) by stage, a bar per mission."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (
+            None,
+            "No plot: matplotlib is not installed (pip install matplotlib, then rerun with --report-only).",
+        )
+    results, slugs = report["results"], [*MISSIONS.values(), "all"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(slugs)
+    for i, slug in enumerate(slugs):
+        values = [_mean(results, stage, f"stage_b/false_pass_rate/{slug}") or 0.0 for stage in STAGES]
+        ax.bar([x + i * width for x in range(len(STAGES))], values, width, label=slug)
+    ax.axhline(0.05, color="black", linestyle="--", linewidth=0.8, label="5 % target")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(STAGES))], STAGES)
+    ax.set_ylabel("false-pass rate (held-out, Stage-B)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out, None
+
+
+def write_report(s: Mapping[str, Any], done: Mapping[str, Any]) -> dict[str, Any]:
+    """Collect, plot and write ``drift_and_cure.json`` / ``.md`` into the output folder."""
+    out = paths(s)["out"]
+    report = {"settings": dict(s), "steps": dict(done), **collect(s)}
+    png, note = plot(report, out / "false_pass.png")
+    report["plot"], report["plot_note"] = (png.name if png else None), note
+    (out / "drift_and_cure.json").write_text(
+        json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+    )
+    (out / "drift_and_cure.md").write_text(markdown(report), encoding="utf-8")
+    return report
