@@ -3,7 +3,7 @@ GRPO, and check that Stage-A summaries survive — through the project's own ent
 
 The successor of ``bench/learning_proof.py`` (whose fusion SFT is this pipeline's ``base``). Steps
 (``bench/proof/drift_plan.py`` says what each does): ``data``; per seed ``s<k>/base``, ``s<k>/eval_base``,
-``s<k>/drift``, ``s<k>/eval_drift``; ``teacher`` (unless ``--teacher base``) and ``distill``; per seed
+``s<k>/drift_<mechanism>``, ``s<k>/eval_drift_<mechanism>``; ``teacher`` (unless ``--teacher base``) and ``distill``; per seed
 ``s<k>/cure_a``, ``s<k>/cure_b``, ``s<k>/cure_b_penalty`` and their ``eval_*``. Every step is one or more
 subprocesses (``python -m bbuqc_lightning.train ...``, ``tools/distill.py``, ``tools/export.py``) whose model
 folder feeds the next step; ``<out>/state.json`` records what is done, so a rerun with the same ``--out``
@@ -22,7 +22,8 @@ Commands::
     python bench/drift_and_cure.py --device cuda --out outputs/drift --report-only
     python bench/drift_and_cure.py --device cpu --out /tmp/drift_smoke --seeds 0 --teacher base   # CPU smoke
 
-Settings are fixed by the first call (``state.json``); later calls take them from there.
+Settings are fixed by the first call (``state.json``); later calls take them from there, except ``--drift``,
+which may switch to the other mechanism until a cure has run (both drifts then sit side by side).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proof.drift_plan import DRIFTS, PROFILES, PlannedStep, build_plan
+from proof.drift_plan import DRIFTS, PlannedStep, build_plan
+from proof.drift_profiles import PROFILES
 from proof.drift_report import markdown, write_report
 from proof.runs import device_name, run_step
 
@@ -59,7 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a profile value (see bench/proof/drift_plan.py PROFILES), repeatable",
+        help="override a profile value (see bench/proof/drift_profiles.py), repeatable",
     )
     parser.add_argument("--steps", help="comma-separated step names to run now (default: every step left)")
     parser.add_argument(
@@ -76,13 +78,21 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     state = out / STATE
     if state.is_file():
         saved = json.loads(state.read_text(encoding="utf-8"))["settings"]
-        given = {"seeds": args.seeds, "drift": args.drift, "teacher": args.teacher, "set": args.set or None}
+        given = {"seeds": args.seeds, "teacher": args.teacher, "set": args.set or None}
         changed = [k for k, v in given.items() if v is not None and v != saved["_given"].get(k)]
         if changed or saved["device"] != args.device:
             sys.exit(
                 f"error: {out} was started with other settings ({', '.join(changed) or 'device'}); "
                 "drop those options or pick a new --out"
             )
+        if args.drift and args.drift != saved["drift"]:
+            cured = [name for name in load_done(out) if "/cure_" in name or "/eval_cure_" in name]
+            if cured:
+                sys.exit(
+                    f"error: --drift {args.drift}: cures of the {saved['drift']} drift already ran "
+                    f"({', '.join(cured)}); pick a new --out"
+                )
+            saved["drift"] = args.drift  # another mechanism from the same base models
         return saved
     s: dict[str, Any] = dict(PROFILES[args.device])
     for item in args.set:

@@ -185,6 +185,16 @@ def collect_distill(runner_dir: Path, out: Path) -> dict[str, Any]:
     }
 
 
+def reference_distill(stage_b_rows: Path, inputs: Path, out: Path) -> dict[str, Any]:
+    """Smoke-mode stand-in for an empty distill file: the rule-derived answers of the Teacher's input tickets,
+    each marked ``fallback: true`` (the tiny random Teacher writes no valid answer; a real run never does this)."""
+    wanted = {row["ticket_key"] for row in read_jsonl(inputs)}
+    rows = [{**row, "verdict": row["label"], "teacher_verdict": None, "fallback": True}
+            for row in read_jsonl(stage_b_rows) if row["ticket_key"] in wanted]  # fmt: skip
+    write_jsonl(out, rows)
+    return {"rows": len(rows), "fallback": True}
+
+
 def false_pass_by_negative_item(predictions: Path, stage_a_jsonl: Path) -> dict[str, dict[str, Any]]:
     """False passes among fail tickets with a seed negative item (``negative``) and without (``other``),
     and per item: where the false passes sit. Read from an eval run's ``predictions.jsonl``."""

@@ -5,16 +5,18 @@ verdicts; skipped with ``--teacher base``), ``distill`` (``tools/distill.py`` wi
 files concatenated into ``distill/distill_chatml.jsonl``). Per seed ``k``, under ``s<k>/``:
 
 - ``base``: fusion SFT from scratch, correct verdicts (the learning proof's model: it reads summaries well);
-- ``drift``: continued fusion SFT of ``base`` under the chosen mechanism (``summary``: summary-heavy data, no
+- ``drift_<mechanism>``: continued fusion SFT of ``base`` under the chosen mechanism (``summary``: summary-heavy data, no
   verdicts; ``lenient``: summary data + verdicts of a lenient source blind to the seed's negative items);
 - ``cure_a``: fusion SFT of the drifted model, LoRA on the top K layers, summary data + the distill file as a
   ``dataset: chat`` target (by ratio), then ``tools/export.py`` -> ``cure_a/model``;
 - ``cure_b``: GRPO of the drifted model, label + format rewards, then export;
 - ``cure_b_penalty``: the same with the false-pass penalty and batch-scaled advantages, then export;
-- ``eval_<stage>``: ``+experiment=eval`` (Stage-B from reference summaries, ``test/*``) and ``+experiment=e2e``
+- ``eval_<stage>`` (``eval_drift_<mechanism>``): ``+experiment=eval`` (Stage-B from reference summaries, ``test/*``) and ``+experiment=e2e``
   (own summaries, ``e2e/*`` and ``stage_a/*``) of that stage's model folder.
 
-Each step reads only earlier steps' folders, so one GPU call can run any prefix of what is left.
+Each step reads only earlier steps' folders, so one GPU call can run any prefix of what is left. The drift
+steps carry their mechanism in their name: a second mechanism can be tried from the same base models
+(``--drift summary`` on a later call) as long as no cure has run from the first one.
 """
 
 from __future__ import annotations
@@ -26,100 +28,11 @@ from typing import Any
 
 from proof import drift_commands as cmd
 from proof import drift_data as dd
+from proof.drift_profiles import MINUTES
 from proof.runs import REPO, Step
 
 STAGES = ("base", "drift", "cure_a", "cure_b", "cure_b_penalty")
 DRIFTS = ("summary", "lenient")
-
-# Per-device defaults. cuda: the `small` preset on one H100 (minutes are estimates, each step < 10 min);
-# cpu: a smoke run of the tiny model that only shows the plumbing works.
-PROFILES: dict[str, dict[str, Any]] = {
-    "cuda": {
-        "model": "small",
-        "teacher_model": "small",
-        "train": 1000,
-        "val": 25,
-        "test": 100,
-        "sft_batch": 64,
-        "sft_workers": 8,
-        "stage_b_ratio": 6.0,
-        "base_steps": 650,
-        "base_lr": 5e-4,
-        "base_max_minutes": 3.5,
-        "teacher_steps": 1200,
-        "teacher_max_minutes": 6.0,
-        "drift_steps": 300,
-        "drift_lr": 2e-4,
-        "drift_max_minutes": 3.0,
-        "lenient_ratio": 6.0,
-        "distill_per_cell": 75,
-        "distill_rollouts": 4,
-        "distill_epochs": 2,
-        "reflection_tokens": 256,
-        "cure_a_steps": 300,
-        "cure_a_lr": 2e-4,
-        "cure_a_k": 4,
-        "cure_a_share": 0.5,
-        "cure_a_max_minutes": 3.0,
-        "lora_r": 16,
-        "grpo_steps": 60,
-        "grpo_prompts": 16,
-        "grpo_generations": 8,
-        "grpo_lr": 1e-4,
-        "grpo_temperature": 1.0,
-        "grpo_beta": 0.04,
-        "grpo_max_minutes": 3.0,
-        "fail_rescue": True,
-        "max_new_tokens": 64,
-        "summary_tokens": 128,
-        "eval_batch": 100,
-        "e2e_batch": 32,
-    },
-    "cpu": {
-        "model": "tiny",
-        "teacher_model": "tiny",
-        "train": 2,
-        "val": 1,
-        "test": 1,
-        "sft_batch": 4,
-        "sft_workers": 0,
-        "stage_b_ratio": 2.0,
-        "base_steps": 6,
-        "base_lr": 3e-3,
-        "base_max_minutes": 0.0,
-        "teacher_steps": 4,
-        "teacher_max_minutes": 0.0,
-        "drift_steps": 4,
-        "drift_lr": 1e-3,
-        "drift_max_minutes": 0.0,
-        "lenient_ratio": 2.0,
-        "distill_per_cell": 1,
-        "distill_rollouts": 2,
-        "distill_epochs": 1,
-        "reflection_tokens": 16,
-        "cure_a_steps": 4,
-        "cure_a_lr": 1e-3,
-        "cure_a_k": 2,
-        "cure_a_share": 0.5,
-        "cure_a_max_minutes": 0.0,
-        "lora_r": 4,
-        "grpo_steps": 2,
-        "grpo_prompts": 2,
-        "grpo_generations": 2,
-        "grpo_lr": 5e-4,
-        "grpo_temperature": 1.0,
-        "grpo_beta": 0.04,
-        "grpo_max_minutes": 0.0,
-        "fail_rescue": True,
-        "max_new_tokens": 12,
-        "summary_tokens": 12,
-        "eval_batch": 8,
-        "e2e_batch": 4,
-    },
-}
-# Estimated minutes on one H100 per step (process start-up included); `--plan` prints them.
-MINUTES = {"data": 0.7, "teacher": 7.0, "distill": 3.0, "base": 4.5, "drift": 3.5, "cure_a": 4.0}
-MINUTES |= {"cure_b": 4.0, "cure_b_penalty": 4.0, "eval": 2.5}
 
 
 @dataclass
@@ -239,6 +152,17 @@ def cure_a_mix(s: Mapping[str, Any]) -> dict[str, Any]:
     return {"fusion": str(fusion), "distill_rows": n_distill, "distill_ratio": ratio}
 
 
+def collect_distill(s: Mapping[str, Any], run: Path, inputs: Path) -> dict[str, Any]:
+    """The mission files as one ``distill/distill_chatml.jsonl`` with its size and label agreement; an empty
+    result is replaced by the reference answers only where the profile allows it (the CPU smoke run)."""
+    p = paths(s)
+    out = p["distill"] / "distill_chatml.jsonl"
+    stats = dd.collect_distill(run / "stage_b", out)
+    if not stats["rows"] and s["distill_fallback"]:
+        stats["smoke_fallback"] = dd.reference_distill(p["fusion_data"] / "stage_b_train.jsonl", inputs, out)
+    return stats
+
+
 def _step(name: str, argv: list[str], run_dir: Path | None) -> Step:
     return Step(name, argv, run_dir)
 
@@ -271,7 +195,7 @@ def shared_steps(s: Mapping[str, Any]) -> list[PlannedStep]:
                     p["synthetic"] / "stage_a_train.jsonl", s["distill_per_cell"], s["data_seed"], inputs
                 )
             },
-            finish=lambda: dd.collect_distill(run / "stage_b", p["distill"] / "distill_chatml.jsonl"),
+            finish=lambda: collect_distill(s, run, inputs),
         )
     )
     return steps
@@ -304,7 +228,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             needs=[p["synthetic"] / "manifest.json"],
         ),
         PlannedStep(
-            f"s{seed}/drift",
+            f"s{seed}/drift_{s['drift']}",
             [
                 _step(
                     "drift",
@@ -375,7 +299,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
         run = p["runs"] / f"s{seed}" / f"eval_{stage_dir(s, seed, stage).name}"
         evals.append(
             PlannedStep(
-                f"s{seed}/eval_{stage}",
+                f"s{seed}/eval_{stage_dir(s, seed, stage).name}",
                 [
                     _step(
                         "eval",

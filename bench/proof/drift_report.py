@@ -18,6 +18,7 @@ from typing import Any
 from bbuqc_lightning.constants import MISSIONS
 from proof import drift_data as dd
 from proof.drift_plan import STAGES, paths, stage_dir
+from proof.drift_plot import draw
 from proof.results import METRICS, eval_results, fmt
 from proof.runs import read_json
 
@@ -171,46 +172,29 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "Checks (on seed means; — not measured yet):", ""]
     lines += [f"- `{k}`: {'—' if v is None else ('yes' if v else 'no')}" for k, v in report["checks"].items()]
     if report.get("plot"):
-        lines += ["", f"![false-pass by stage and mission]({report['plot']})"]
-    elif report.get("plot_note"):
-        lines += ["", report["plot_note"]]
+        lines += [
+            "",
+            f"![false-pass by stage and mission]({report['plot']}) (drawn with {report['plot_drawn_by']})",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def plot(report: Mapping[str, Any], out: Path) -> tuple[Path | None, str | None]:
-    """One PNG: false-pass rate (Stage-B from references, seed mean) by stage, a bar per mission."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return (
-            None,
-            "No plot: matplotlib is not installed (pip install matplotlib, then rerun with --report-only).",
-        )
-    results, slugs = report["results"], [*MISSIONS.values(), "all"]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(slugs)
-    for i, slug in enumerate(slugs):
-        values = [_mean(results, stage, f"stage_b/false_pass_rate/{slug}") or 0.0 for stage in STAGES]
-        ax.bar([x + i * width for x in range(len(STAGES))], values, width, label=slug)
-    ax.axhline(0.05, color="black", linestyle="--", linewidth=0.8, label="5 % target")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(STAGES))], STAGES)
-    ax.set_ylabel("false-pass rate (held-out, Stage-B)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out, None
+def plot(report: Mapping[str, Any], out: Path) -> tuple[Path, str]:
+    """One PNG: false-pass rate (Stage-B from references, seed mean) by stage, a bar per mission and overall."""
+    results = report["results"]
+    series = {
+        slug: [_mean(results, stage, f"stage_b/false_pass_rate/{slug}") for stage in STAGES]
+        for slug in [*MISSIONS.values(), "all"]
+    }
+    return draw(STAGES, series, out)
 
 
 def write_report(s: Mapping[str, Any], done: Mapping[str, Any]) -> dict[str, Any]:
     """Collect, plot and write ``drift_and_cure.json`` / ``.md`` into the output folder."""
     out = paths(s)["out"]
     report = {"settings": dict(s), "steps": dict(done), **collect(s)}
-    png, note = plot(report, out / "false_pass.png")
-    report["plot"], report["plot_note"] = (png.name if png else None), note
+    png, drawn_by = plot(report, out / "false_pass.png")
+    report["plot"], report["plot_drawn_by"] = png.name, drawn_by
     (out / "drift_and_cure.json").write_text(
         json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
     )

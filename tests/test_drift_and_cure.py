@@ -1,0 +1,201 @@
+"""``bench/drift_and_cure.py`` without training: every command composes against ``conf/`` with the intended
+settings (CPU and CUDA profiles), the lenient source is blind to exactly the seed's negative items, settings
+are fixed by the first call, and the report turns eval folders into tables and checks. The slow test runs
+the whole pipeline on the tiny model (the CPU smoke mode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from bbuqc_lightning.config import validate_config
+from bbuqc_lightning.constants import SLUG_TO_MISSION
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+if str(BENCH) not in sys.path:  # bench scripts import their sibling package (bench/proof/), as when run
+    sys.path.insert(0, str(BENCH))
+
+import drift_and_cure as pipeline  # noqa: E402
+from proof import drift_data, drift_plan, drift_report  # noqa: E402
+
+ComposeAt = Callable[[list[str], Path, Path], DictConfig]
+
+
+def plan_for(tmp_path: Path, *extra: str) -> tuple[dict, list]:
+    s = pipeline.settings(pipeline.parse_args(["--out", str(tmp_path / "out"), *extra]))
+    return s, drift_plan.build_plan(s)
+
+
+def compose_train(compose_at: ComposeAt, argv: list[str], where: Path, data_dir: Path) -> DictConfig:
+    overrides = (
+        argv[3:] if argv[1:3] == ["-m", "bbuqc_lightning.train"] else [*argv[2:], "+experiment=distill"]
+    )
+    try:
+        cfg = compose_at(overrides, where, data_dir)
+        validate_config(cfg)
+        OmegaConf.to_container(cfg.module, resolve=True)
+        return cfg
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_command_composes_with_the_intended_settings(
+    compose_at: ComposeAt, tmp_path: Path, data_dir: Path, device: str
+) -> None:
+    s, plan = plan_for(tmp_path, "--device", device)
+    names = [step.name for step in plan]
+    assert names[:5] == ["data", "s0/base", "s0/eval_base", "s0/drift_lenient", "s0/eval_drift_lenient"]
+    assert names[9:11] == ["teacher", "distill"] and names[-1] == "s1/eval_cure_b_penalty"
+    cfgs: dict[str, DictConfig] = {}
+    for step in plan:
+        for i, command in enumerate(step.commands):
+            if "bbuqc_lightning.train" in command.argv or command.argv[1].endswith("distill.py"):
+                cfgs[f"{step.name}:{i}"] = compose_train(compose_at, command.argv, tmp_path / "c", data_dir)
+    runs = Path(s["out"]) / "runs" / "s0"
+    base, drift = cfgs["s0/base:0"], cfgs["s0/drift_lenient:0"]
+    assert base.module.finetune == "full" and base.model.random_init
+    assert drift.module.finetune == "full" and not drift.model.random_init
+    assert drift.model.model_name_or_path == str(runs / "base" / "model")
+    assert drift.data.fusion == str(Path(s["out"]) / "fusion" / "drift_lenient.yaml")
+    cure_a = cfgs["s0/cure_a:0"]
+    assert cure_a.module.finetune == "lora" and cure_a.module.lora.k == s["cure_a_k"]
+    assert cure_a.model.model_name_or_path == str(runs / "drift_lenient" / "model")
+    assert plan[names.index("s0/cure_a")].commands[1].argv[-2] == f"--out={runs / 'cure_a' / 'model'}"
+    grpo, penalty = cfgs["s0/cure_b:0"].module.grpo, cfgs["s0/cure_b_penalty:0"].module.grpo
+    assert (list(grpo.reward_weights), grpo.scale_rewards, grpo.fail_rescue) == (
+        [1.0, 0.2, 0.0],
+        "group",
+        True,
+    )
+    assert (list(penalty.reward_weights), penalty.scale_rewards) == ([1.0, 0.2, 1.0], "batch")
+    e2e = cfgs["s0/eval_cure_b:1"]
+    assert e2e.task_name == "e2e" and e2e.model.model_name_or_path == str(runs / "cure_b" / "model")
+    distill = cfgs["distill:0"]
+    assert distill.stage_b_distillation.enabled and distill.stage_b_distillation.conflict_policy == "flip"
+    assert distill.model.model_name_or_path == str(Path(s["out"]) / "runs" / "teacher" / "model")
+    assert cfgs["teacher:0"].module.finetune == "full"
+    assert (base.trainer.precision == "bf16-mixed") == (device == "cuda")
+
+
+def test_teacher_base_skips_the_teacher_and_settings_are_fixed_by_the_first_call(tmp_path: Path) -> None:
+    s, plan = plan_for(tmp_path, "--device", "cpu", "--teacher", "base", "--seeds", "3", "--drift", "summary")
+    assert "teacher" not in [p.name for p in plan] and s["seeds"] == [3]
+    assert drift_plan.teacher_folder(s) == Path(s["out"]) / "runs" / "s3" / "base" / "model"
+    pipeline.save_state(s, {})
+    again = pipeline.settings(pipeline.parse_args(["--device", "cpu", "--out", str(tmp_path / "out")]))
+    assert again == s
+    with pytest.raises(SystemExit, match="other settings"):
+        pipeline.settings(pipeline.parse_args(["--device", "cpu", "--out", s["out"], "--seeds", "0"]))
+    # the other drift mechanism, from the same base models, until a cure has run
+    other = pipeline.settings(
+        pipeline.parse_args(["--device", "cpu", "--out", s["out"], "--drift", "lenient"])
+    )
+    assert other["drift"] == "lenient" and "s3/drift_lenient" in [
+        p.name for p in drift_plan.build_plan(other)
+    ]
+    pipeline.save_state(s, {"s3/cure_a": {}})
+    with pytest.raises(SystemExit, match="cures of the summary drift already ran"):
+        pipeline.settings(pipeline.parse_args(["--device", "cpu", "--out", s["out"], "--drift", "lenient"]))
+
+
+@pytest.mark.parametrize(
+    ("mission", "summaries", "rules", "lenient"),
+    [
+        ("BBU线缆布放要求", ["螺丝、光纤插头/BBU端光纤插头,显示完整,符合要求×1", "螺丝、光纤插头/ODF端光纤插头,显示完整,符合要求×1",
+                          "光纤/无保护措施,弯曲半径不合理/铠装×1"], "fail", "pass"),
+        ("BBU线缆布放要求", ["螺丝、光纤插头/BBU端光纤插头,显示完整,符合要求×1", "光纤/有保护措施,弯曲半径合理/铠装×1",
+                          "标签/无法识别×2"], "fail", "fail"),  # the missing ODF plug is not a negative item
+        ("BBU安装方式检查（正装）", ["BBU设备/华为,显示完整×1", "螺丝、光纤插头/BBU安装螺丝,显示完整,不符合要求/生锈×2"], "fail", "pass"),
+        ("BBU安装方式检查（正装）", ["BBU设备/华为,只显示部分×1", "螺丝、光纤插头/BBU安装螺丝,显示完整,不符合要求/生锈×2"], "fail", "fail"),
+        ("挡风板安装检查", ["BBU设备/华为,显示完整,机柜空间充足需要安装/这个BBU设备未按要求配备挡风板×1"], "fail", "pass"),
+        ("挡风板安装检查", ["BBU设备/华为,显示完整,机柜空间充足需要安装/这个BBU设备按要求配备了挡风板×1",
+                        "挡风板/华为,显示完整,安装方向错误×1"], "fail", "fail"),  # 安装方向错误: not in the seed's list
+        ("BBU接地线检查", ["螺丝、光纤插头/机柜处接地螺丝,显示完整,符合要求×1", "螺丝、光纤插头/地排处接地螺丝,显示完整,符合要求×1",
+                       "电线/捆扎整齐×2", "标签/可以识别×1"], "pass", "pass"),
+    ],
+)  # fmt: skip
+def test_the_lenient_source_is_blind_to_exactly_the_seed_negative_items(
+    mission: str, summaries: list[str], rules: str, lenient: str
+) -> None:
+    from bbuqc_lightning.data.synthetic import judge_group
+
+    assert judge_group(mission, summaries) == rules
+    assert drift_data.lenient_label(mission, summaries) == lenient
+
+
+def _eval_folder(
+    folder: Path, prefix: str, rows: list[tuple[str, str, str]], extra: dict | None = None
+) -> None:
+    """``rows``: (mission slug, label, verdict) -> predictions.jsonl and the matching metrics.json."""
+    folder.mkdir(parents=True)
+    lines = [{"ticket_key": f"QC-A-20250101-{i}::{label}", "mission": SLUG_TO_MISSION[slug], "label": label,
+              "verdict": verdict, "valid": True, "truncated": False} for i, (slug, label, verdict) in enumerate(rows)]  # fmt: skip
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    fails = [r for r in rows if r[1] == "fail"]
+    metrics = {f"{prefix}/false_pass_rate": sum(r[2] == "pass" for r in fails) / len(fails), **(extra or {})}
+    (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+
+
+def test_report_means_spreads_checks_and_negative_item_split(tmp_path: Path) -> None:
+    s, _ = plan_for(tmp_path, "--device", "cpu")
+    reference = Path(s["data_dir"]) / "synthetic" / "stage_a_test.jsonl"
+    reference.parent.mkdir(parents=True)
+    ref_rows = [{"group_id": f"QC-A-20250101-{i}", "ticket_key": f"QC-A-20250101-{i}::fail", "mission": "BBU线缆布放要求",
+                 "label": "fail", "images": ["a.jpg"], "per_image": {"图片_1": summary}}
+                for i, summary in enumerate(["光纤/无保护措施,弯曲半径合理/铠装×1", "电线/分布散乱×1"])]  # fmt: skip
+    reference.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ref_rows), encoding="utf-8"
+    )
+    verdicts = {0: ["pass", "fail", "pass"], 1: ["pass", "pass", "pass"]}  # drift: seed 0 one FP, seed 1 two
+    for seed, (v0, v1, v2) in verdicts.items():
+        run = Path(s["out"]) / "runs" / f"s{seed}" / "eval_drift_lenient"
+        rows = [("bbu_cabling", "fail", v0), ("bbu_cabling", "fail", v1), ("bbu_cabling", "pass", v2)]
+        _eval_folder(run / "stage_b", "test", rows)
+        _eval_folder(run / "e2e", "e2e", rows, {"stage_a/object_f1": 0.5 + seed / 10})
+    report = drift_report.write_report(s, {})
+    agg = report["results"]["drift"]["aggregate"]
+    assert agg["stage_b/false_pass_rate/all"]["mean"] == pytest.approx(0.75)
+    assert agg["stage_b/false_pass_rate/all"]["std"] == pytest.approx(0.3536, abs=1e-4)
+    assert agg["stage_a/object_f1"]["mean"] == pytest.approx(0.55)
+    assert (
+        report["checks"]["drift_false_pass_at_least_20pct"] is True and report["checks"]["cure_a/e2e"] is None
+    )
+    split = report["results"]["drift"]["seeds"][0]["negative_items"]["stage_b"]
+    assert (
+        split["negative"]["n"] == "1/1"
+        and split["other"]["n"] == "0/1"
+        and split["item/无保护措施"]["n"] == "1/1"
+    )
+    text = (Path(s["out"]) / "drift_and_cure.md").read_text(encoding="utf-8")
+    assert "| drift | stage_b | 0.750 ± 0.354 |" in text and "| base | stage_b | — |" in text
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_step_on_the_tiny_model(tmp_path: Path) -> None:
+    """The whole pipeline, one seed, Teacher = the base model: every entry point runs and feeds the next."""
+    out = tmp_path / "smoke"
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent), "WANDB_MODE": "offline"}
+    argv = [sys.executable, str(BENCH / "drift_and_cure.py"), "--device", "cpu", "--out", str(out), "--seeds", "0",
+            "--teacher", "base"]  # fmt: skip
+    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "drift_and_cure.json").read_text(encoding="utf-8"))
+    for stage in drift_plan.STAGES:
+        measured = report["results"][stage]["seeds"]["0"]
+        assert measured is not None and "object_f1" in measured["stage_a"], stage
+    assert (out / "distill" / "distill_chatml.jsonl").is_file()
+    assert "steps left: none" in result.stdout
+
+
+def test_module_is_loaded_from_the_bench_folder() -> None:
+    assert isinstance(pipeline, ModuleType) and Path(pipeline.__file__).parent == BENCH
