@@ -11,7 +11,8 @@ goes on where the last call stopped (a step cut off mid-way is rerun from scratc
 to run now (default: everything left), ``--max-minutes`` stops before a step whose estimate would not fit.
 
 Writes to ``--out``: ``drift_and_cure.json`` / ``.md`` (tables per stage, overall and per mission, mean and
-spread over seeds, the issue's checks), ``false_pass.png``, ``logs/``, ``runs/`` (Hydra run folders with
+spread over seeds, the issue's checks), ``false_pass.png``, ``wandb/`` (an offline run with the results table
+and the plot), ``logs/``, ``runs/`` (Hydra run folders with
 their offline W&B runs), ``fusion/`` (the mixes), ``distill/`` (Teacher input and the distill file).
 
 Commands::
@@ -39,7 +40,7 @@ from typing import Any
 
 from proof.drift_plan import DRIFTS, PlannedStep, build_plan
 from proof.drift_profiles import PROFILES
-from proof.drift_report import markdown, write_report
+from proof.drift_report import log_to_wandb, markdown, write_report
 from proof.runs import device_name, run_step
 
 STATE = "state.json"
@@ -194,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_report({**s, "device_name": device_name(s["device"])}, done)
     report = write_report({**s, "device_name": device_name(s["device"])}, done)
     print(markdown(report))
+    print(f"W&B (offline) run of the results table: {log_to_wandb(report, out)}")
     left = [n for n in names if n not in done]
     print(f"steps left: {', '.join(left) if left else 'none'}; report: {out / 'drift_and_cure.md'}")
     return 0

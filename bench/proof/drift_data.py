@@ -173,9 +173,14 @@ def collect_distill(runner_dir: Path, out: Path) -> dict[str, Any]:
     def share(field: str) -> float | None:
         return sum(r.get(field) == r.get("label") for r in rows) / n if n else None
 
+    guidance = {path.parent.name: len(json.loads(path.read_text(encoding="utf-8"))["experiences"])
+                for path in sorted(runner_dir.glob("*/guidance.json"))}  # fmt: skip
     return {
         "rows": n,
         "bytes": out.stat().st_size,
+        # experiences in the Teacher's converged guidance: > 0 means the distilled prompts carry guidance text
+        # that the evaluations (no guidance) do not show the student
+        "guidance_experiences": guidance,
         "teacher_agreement": share("teacher_verdict"),
         "label_agreement": share("verdict"),
         "conflicts": sum(bool(r.get("conflict")) for r in rows),

@@ -200,3 +200,39 @@ def write_report(s: Mapping[str, Any], done: Mapping[str, Any]) -> dict[str, Any
     )
     (out / "drift_and_cure.md").write_text(markdown(report), encoding="utf-8")
     return report
+
+
+def table_rows(report: Mapping[str, Any]) -> list[list[Any]]:
+    """One row per stage, view and scope: the aggregate rates (mean, std, seeds) as a W&B table holds them."""
+    rows = []
+    for stage in STAGES:
+        agg = report["results"][stage]["aggregate"]
+        for key, value in sorted(agg.items()):
+            rows.append([stage, key, value["mean"], value["std"], value["n"]])
+    return rows
+
+
+def log_to_wandb(report: Mapping[str, Any], out: Path) -> str | None:
+    """The results table and the plot as one offline W&B run (``wandb sync`` uploads it); its folder, or None."""
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(
+        project="bbuqc_lightning",
+        name="drift_and_cure",
+        dir=str(out),
+        mode="offline",
+        tags=["drift_and_cure", "report"],
+        config={k: v for k, v in report["settings"].items() if not k.startswith("_")},
+    )
+    try:
+        columns = ["stage", "metric", "mean", "std", "seeds"]
+        run.log({"drift_and_cure/results": wandb.Table(columns=columns, data=table_rows(report))})
+        if report.get("plot"):
+            run.log({"drift_and_cure/false_pass": wandb.Image(str(out / report["plot"]))})
+        run.summary.update({f"checks/{k}": v for k, v in report["checks"].items() if v is not None})
+        return run.dir
+    finally:
+        run.finish()
