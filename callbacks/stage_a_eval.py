@@ -7,7 +7,8 @@ see :mod:`bbuqc_lightning.stage_a.evaluation`) to every logger, to ``metrics.jso
 ``stage_a/worst_lines`` of the lines furthest from their reference.
 
 ``reference_jsonl``: ``auto`` (default) scores against the synthetic ``stage_a_<split>.jsonl`` when the run
-reads the embedded synthetic tree and does nothing on another tree; a path scores against that file;
+reads the embedded synthetic tree and does nothing on another tree; a path scores against that file (a
+Stage-A JSONL, or a team's one-row-per-photo summary file such as a fusion ``val_jsonl``, matched by photo path);
 ``null`` switches scoring off. Put this callback *after* the writer in the callbacks list: teardown hooks
 run in list order and the writer merges its shards in its own teardown.
 """
@@ -59,7 +60,8 @@ class StageAEvaluation(Callback):
         if not self.reference.is_file():
             log.warning("Stage-A scoring skipped: reference %s not found", self.reference)
             return
-        scores = score_stage_a_files(self.output, self.reference)
+        records = getattr(trainer.datamodule, "scanned", ())  # a per-photo summary file matches by path
+        scores = score_stage_a_files(self.output, self.reference, records=records)
         if scores.groups == 0:
             log.warning("Stage-A scoring: no generated ticket has a reference in %s", self.reference)
         self.metrics = scores.metrics()

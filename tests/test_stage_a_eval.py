@@ -123,6 +123,32 @@ def test_files_count_missing_and_unreferenced_tickets(tmp_path: Path) -> None:
     assert (m["stage_a/missing_groups"], m["stage_a/unreferenced_groups"]) == (1.0, 1.0)
 
 
+def test_a_per_photo_summary_file_is_a_reference_matched_by_photo_path(tmp_path: Path) -> None:
+    """A team's summary ``val_jsonl`` (fusion ``dataset: bbu`` rows) references the tickets whose photos it has."""
+    from bbuqc_lightning.data.tree import GroupRecord
+    from bbuqc_lightning.stage_a.evaluation import read_reference
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    a, b, c = (photos / f"{n}.jpg" for n in "abc")
+    records = [
+        GroupRecord("QC-A-20250101-1", "QC-A-20250101-1::fail", "BBU线缆布放要求", "fail", (a, b), ("t1",)),
+        GroupRecord("QC-A-20250101-2", "QC-A-20250101-2::pass", "BBU线缆布放要求", "pass", (c,), ("t2",)),
+    ]
+    rows = [{"images": ["photos/a.jpg"], "mission": "BBU线缆布放要求", "summary": FIBRE, "dense": ""},
+            {"images": [str(b)], "mission": "BBU线缆布放要求", "summary": "无关图片", "dense": ""}]  # fmt: skip
+    reference = read_reference(_write(tmp_path / "bbu_val.jsonl", rows), records)
+    assert reference == {
+        "QC-A-20250101-1::fail": {
+            "mission": "BBU线缆布放要求",
+            "per_image": {"图片_1": FIBRE, "图片_2": "无关图片"},
+        }
+    }
+    gen = _write(tmp_path / "gen.jsonl", [_row("QC-A-20250101-1", "fail", [FIBRE, SCREWS])])
+    m = score_stage_a_files(gen, tmp_path / "bbu_val.jsonl", records=records).metrics()
+    assert m["stage_a/object_recall"] == 1.0 and m["stage_a/irrelevant_accuracy"] == 0.5
+
+
 def test_reference_resolution(tmp_path: Path) -> None:
     synthetic = tmp_path / "synthetic"
     assert synthetic_reference(synthetic / "val", synthetic) == synthetic / "stage_a_val.jsonl"

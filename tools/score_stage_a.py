@@ -2,6 +2,7 @@
 
     python tools/score_stage_a.py outputs/stage_a/runs/<run>/stage_a.jsonl data/synthetic/stage_a_test.jsonl
     python tools/score_stage_a.py <generated.jsonl> <reference.jsonl> --worst 20 --json scores.json
+    python tools/score_stage_a.py <generated.jsonl> /data/fusion/bbu_val.jsonl --root /data/qc/val   # per-photo file
 
 Prints ``stage_a/object_precision|object_recall|object_f1``, ``stage_a/exact_match``,
 ``stage_a/irrelevant_accuracy`` (overall and ``/<mission slug>``) and the worst lines. No model is loaded:
@@ -21,6 +22,7 @@ if importlib.util.find_spec("bbuqc_lightning") is None:
     # `python tools/score_stage_a.py` from a checkout that is not pip-installed: use the checkout.
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+from bbuqc_lightning.data.tree import scan_tree
 from bbuqc_lightning.stage_a.evaluation import WORST_COLUMNS, score_stage_a_files
 
 
@@ -28,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("generated", type=Path, help="Stage-A JSONL written by a model")
     parser.add_argument("reference", type=Path, help="Stage-A JSONL of reference summaries")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        help="the image tree the generated file came from (needed for a per-photo summary file)",
+    )
     parser.add_argument("--worst", type=int, default=10, help="worst lines to print (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write metrics and worst lines to this JSON file")
     return parser
@@ -40,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {path}: no such file", file=sys.stderr)
             return 2
     try:
-        scores = score_stage_a_files(args.generated, args.reference)
+        records = scan_tree(args.root, strict=False).records if args.root else ()
+        scores = score_stage_a_files(args.generated, args.reference, records=records)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

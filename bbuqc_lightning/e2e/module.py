@@ -41,7 +41,7 @@ from bbuqc_lightning.eval.module import attach_adapter
 from bbuqc_lightning.eval.report import TABLE_COLUMNS, EvalReport
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
 from bbuqc_lightning.models.factory import ModelBundle
-from bbuqc_lightning.stage_a.evaluation import WORST_COLUMNS, StageAScores, read_summaries, resolve_reference
+from bbuqc_lightning.stage_a.evaluation import WORST_COLUMNS, StageAScores, read_reference, resolve_reference
 from bbuqc_lightning.stage_a.records import build_stage_a_record, clean_summary
 from bbuqc_lightning.stage_b.builder import build_stage_b_samples, load_guidance, normalise_stage_a_record
 from bbuqc_lightning.stage_b.evaluation import generate_greedy
@@ -112,7 +112,8 @@ class E2EModule(L.LightningModule):
         )
         self.scores = StageAScores(self.missions)
         if self.reference_path is not None and self.reference_path.is_file():
-            self._reference = read_summaries(self.reference_path)
+            records = getattr(self.trainer.datamodule, "records", ())
+            self._reference = read_reference(self.reference_path, records)
         self._stage_a = JsonlAppender(self.output_dir / STAGE_A_JSONL, fsync=self.fsync)
         (self.output_dir / STAGE_A_JSONL).unlink(missing_ok=True)  # an evaluation starts afresh
         self._stage_a.open()

@@ -14,7 +14,9 @@ count)`` plus the remark — and matched as multisets:
   ``stage_a/unreferenced_groups`` (generated tickets the reference lacks) and
   ``stage_a/missing_groups`` (reference tickets not generated; not scored, so a partial run is honest).
 
-A rate whose denominator is zero is left out (no key), as for the verdict metrics.
+A rate whose denominator is zero is left out (no key), as for the verdict metrics. References come from a
+Stage-A JSONL (the synthetic ``stage_a_<split>.jsonl``) or a team's one-row-per-photo summary file (the
+fusion SFT's ``dataset: bbu`` rows, e.g. its summary ``val_jsonl``), see :func:`read_reference`.
 
 Example::
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bbuqc_lightning.constants import MISSIONS
+from bbuqc_lightning.constants import MISSIONS, image_key
 from bbuqc_lightning.data.jsonl import iter_jsonl
 from bbuqc_lightning.stage_a.grammar import parse_summary
 from bbuqc_lightning.stage_b.builder import normalise_stage_a_record
@@ -184,6 +186,35 @@ def read_summaries(path: str | Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def read_reference(path: str | Path, records: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
+    """Reference summaries by ticket, from a Stage-A JSONL or from a team's summary file.
+
+    A summary file is the fusion SFT's ``dataset: bbu`` shape, one row per photo
+    (``{"images": [path], "mission": …, "summary": …}``, relative paths relative to the file's folder); its
+    photos are matched to the run's tickets by resolved path, so it needs the scanned ``records``
+    (:class:`~bbuqc_lightning.data.tree.GroupRecord`); a ticket is referenced only when every one of its
+    photos has a summary row.
+    """
+    path = Path(path)
+    first = next(iter_jsonl(path), None)
+    if first is None or "per_image" in first:
+        return read_summaries(path)
+    by_photo: dict[Path, str] = {}
+    for number, row in enumerate(iter_jsonl(path), start=1):
+        images, summary = row.get("images"), row.get("summary")
+        if not isinstance(images, list) or len(images) != 1 or not isinstance(summary, str):
+            raise ValueError(f"{path}:{number}: a summary row needs one image and a 'summary' string")
+        photo = Path(images[0]).expanduser()
+        by_photo[(photo if photo.is_absolute() else path.parent / photo).resolve()] = summary
+    reference = {}
+    for record in records:
+        photos = [p.resolve() for p in record.image_paths]
+        if photos and all(p in by_photo for p in photos):
+            per_image = {image_key(i): by_photo[p] for i, p in enumerate(photos, start=1)}
+            reference[record.ticket_key] = {"mission": record.mission, "per_image": per_image}
+    return reference
+
+
 def score_records(
     generated: Sequence[Mapping[str, Any]],
     reference: Mapping[str, Mapping[str, Any]],
@@ -205,11 +236,15 @@ def score_records(
 
 
 def score_stage_a_files(
-    generated_jsonl: str | Path, reference_jsonl: str | Path, missions: Mapping[str, str] | None = None
+    generated_jsonl: str | Path,
+    reference_jsonl: str | Path,
+    missions: Mapping[str, str] | None = None,
+    records: Sequence[Any] = (),
 ) -> StageAScores:
-    """Score a Stage-A output file against a reference file of the same tickets."""
+    """Score a Stage-A output file against references of the same tickets (:func:`read_reference`)."""
     generated = list(read_summaries(generated_jsonl).values())
-    return score_records(generated, read_summaries(reference_jsonl), StageAScores(dict(missions or MISSIONS)))
+    reference = read_reference(reference_jsonl, records)
+    return score_records(generated, reference, StageAScores(dict(missions or MISSIONS)))
 
 
 def synthetic_reference(data_root: str | Path, synthetic_dir: str | Path) -> Path | None:
