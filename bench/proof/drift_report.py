@@ -19,7 +19,7 @@ from bbuqc_lightning.constants import MISSIONS
 from proof import drift_data as dd
 from proof.drift_plan import STAGES, paths, stage_dir
 from proof.drift_plot import draw
-from proof.results import METRICS, eval_results, fmt
+from proof.results import METRICS, eval_results, fmt, training_summary
 from proof.runs import read_json
 
 STAGE_A_KEYS = ("object_f1", "exact_match", "irrelevant_accuracy")
@@ -76,13 +76,28 @@ def aggregate(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+GRPO_SERIES = ("train/fail_groups_without_fail", "train/fail_groups_rescued", "train/frac_reward_zero_std",
+               "train/false_pass_rate", "train/rewards/label/mean")  # fmt: skip
+
+
+def grpo_training(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Per GRPO arm and seed: first / last 10 % means of the blind-group share, rescues and reward signal."""
+    out: dict[str, Any] = {}
+    for stage in ("cure_b", "cure_b_penalty"):
+        for seed in s["seeds"]:
+            run = stage_dir(s, seed, stage)
+            if (run / "csv" / "metrics.csv").is_file():
+                out[f"{stage}/s{seed}"] = training_summary(run, GRPO_SERIES)
+    return out
+
+
 def collect(s: Mapping[str, Any]) -> dict[str, Any]:
     """Every stage's per-seed results and their aggregate, plus the targets of the issue checked."""
     results: dict[str, Any] = {}
     for stage in STAGES:
         per_seed = {seed: stage_result(s, seed, stage) for seed in s["seeds"]}
         results[stage] = {"seeds": per_seed, "aggregate": aggregate(per_seed)}
-    return {"results": results, "checks": checks(results)}
+    return {"results": results, "checks": checks(results), "grpo_training": grpo_training(s)}
 
 
 def _mean(results: Mapping[str, Any], stage: str, key: str) -> float | None:
@@ -169,6 +184,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 split = r["negative_items"]["stage_b"]
                 text = ", ".join(f"{k} {v['false_pass_rate']:.3f} ({v['n']})" for k, v in split.items())
                 lines.append(f"- {stage}, seed {seed}: {text}")
+    lines += _data_lines(report)
     lines += ["", "Checks (on seed means; — not measured yet):", ""]
     lines += [f"- `{k}`: {'—' if v is None else ('yes' if v else 'no')}" for k, v in report["checks"].items()]
     if report.get("plot"):
@@ -177,6 +193,33 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"![false-pass by stage and mission]({report['plot']}) (drawn with {report['plot_drawn_by']})",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _data_lines(report: Mapping[str, Any]) -> list[str]:
+    """The drift's lenient verdicts, the distill file (size, agreement with the labels) and GRPO's blind groups."""
+    steps, lines = report["steps"], ["", "What the steps fed each other:", ""]
+    for name, step in steps.items():
+        lenient = (step.get("prepared") or {}).get("lenient")
+        if lenient:
+            lines.append(f"- `{name}`: lenient source passed {lenient['total_passed']} of {lenient['fail_rows']} "
+                         f"fail tickets of the train split ({lenient['passed_by_lenient']})")  # fmt: skip
+    distill = (steps.get("distill") or {}).get("collected")
+    if distill:
+        agree = {
+            k: None if distill[k] is None else round(distill[k], 3)
+            for k in ("teacher_agreement", "label_agreement")
+        }
+        lines.append(f"- `distill`: {distill['rows']} rows, {distill['bytes']} bytes; Teacher verdict = label {agree['teacher_agreement']}, "
+                     f"taught verdict = label {agree['label_agreement']}; conflicts {distill['conflicts']}, flipped "
+                     f"{distill['flipped']}; guidance experiences {distill.get('guidance_experiences')}"
+                     + ("; **smoke stand-in: reference answers**" if distill.get("smoke_fallback") else ""))  # fmt: skip
+    for arm, series in report.get("grpo_training", {}).items():
+        blind, rescued = series["train/fail_groups_without_fail"], series["train/fail_groups_rescued"]
+        if blind["n"]:
+            lines.append(f"- `{arm}`: fail tickets whose samples never said 不通过 {fmt(blind['first'])} -> "
+                         f"{fmt(blind['last'])} of the batch's fail tickets (first / last 10 % of {blind['n']} steps); "
+                         f"answers rescued per step {fmt(rescued['first'])} -> {fmt(rescued['last'])}")  # fmt: skip
+    return lines if len(lines) > 3 else []
 
 
 def plot(report: Mapping[str, Any], out: Path) -> tuple[Path, str]:
