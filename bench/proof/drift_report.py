@@ -17,7 +17,7 @@ from typing import Any
 
 from bbuqc_lightning.constants import MISSIONS
 from proof import drift_data as dd
-from proof.drift_plan import STAGES, paths, stage_dir
+from proof.drift_plan import DRIFTS, STAGES, paths, stage_dir
 from proof.drift_plot import draw
 from proof.results import METRICS, eval_results, fmt, training_summary
 from proof.runs import read_json
@@ -91,13 +91,28 @@ def grpo_training(s: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def drifts_tried(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Every drift mechanism evaluated in this folder (the cures follow ``s["drift"]`` only)."""
+    out = {}
+    for mechanism in DRIFTS:
+        per_seed = {seed: stage_result({**s, "drift": mechanism}, seed, "drift") for seed in s["seeds"]}
+        if any(per_seed.values()):
+            out[mechanism] = {"seeds": per_seed, "aggregate": aggregate(per_seed)}
+    return out
+
+
 def collect(s: Mapping[str, Any]) -> dict[str, Any]:
     """Every stage's per-seed results and their aggregate, plus the targets of the issue checked."""
     results: dict[str, Any] = {}
     for stage in STAGES:
         per_seed = {seed: stage_result(s, seed, stage) for seed in s["seeds"]}
         results[stage] = {"seeds": per_seed, "aggregate": aggregate(per_seed)}
-    return {"results": results, "checks": checks(results), "grpo_training": grpo_training(s)}
+    return {
+        "results": results,
+        "checks": checks(results),
+        "grpo_training": grpo_training(s),
+        "drifts_tried": drifts_tried(s),
+    }
 
 
 def _mean(results: Mapping[str, Any], stage: str, key: str) -> float | None:
@@ -203,6 +218,11 @@ def _data_lines(report: Mapping[str, Any]) -> list[str]:
         if lenient:
             lines.append(f"- `{name}`: lenient source passed {lenient['total_passed']} of {lenient['fail_rows']} "
                          f"fail tickets of the train split ({lenient['passed_by_lenient']})")  # fmt: skip
+    for mechanism, tried in report.get("drifts_tried", {}).items():
+        agg = tried["aggregate"]
+        lines.append(f"- drift `{mechanism}`: false-pass {_cell(agg, 'stage_b/false_pass_rate/all')} (Stage-B), "
+                     f"{_cell(agg, 'e2e/false_pass_rate/all')} (e2e); format-valid {_cell(agg, 'stage_b/format_valid_rate/all')}; "
+                     f"Stage-A object F1 {_cell(agg, 'stage_a/object_f1')}")  # fmt: skip
     distill = (steps.get("distill") or {}).get("collected")
     if distill:
         agree = {
