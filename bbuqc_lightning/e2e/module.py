@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ class E2EModule(L.LightningModule):
         table_rows: int | None = None,
         worst_rows: int = 50,
         fsync: bool = True,
-        generation: Mapping[str, Any] | None = None,
+        generation: Callable[..., GenerationEngine] | None = None,
     ) -> None:
         super().__init__()
         if bundle.kind != "vl":
@@ -84,7 +84,9 @@ class E2EModule(L.LightningModule):
         model.eval()
         self.model = model
         self.tokenizer = bundle.tokenizer
-        self.engine = GenerationEngine(model, bundle.processor, **dict(generation or {}))
+        self.engine = (generation or GenerationEngine)(
+            model, bundle.processor
+        )  # the one engine (conf/generation/)
         self.summary_sampling = SamplingParams(
             max_new_tokens=stage_a_max_new_tokens, suppress_token_ids=line_break_token_ids(bundle.tokenizer)
         )

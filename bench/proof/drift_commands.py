@@ -141,7 +141,6 @@ def grpo_argv(
         f"module.grpo.scale_rewards={scale}",
         f"module.grpo.fail_rescue={str(s['fail_rescue']).lower()}",
         f"module.micro_batch_size={s['grpo_prompts'] * s['grpo_generations']}",
-        "module.generation.compile=false",
         f"data.batch_size={s['grpo_prompts']}",
         f"data.val_batch_size={s['eval_batch']}",
         f"trainer.max_steps={s['grpo_steps']}",
@@ -192,7 +191,6 @@ def eval_argv(s: Mapping[str, Any], run_dir: Path, seed: int, model: list[str], 
         *trainer_overrides(s["device"], None),
         *common(s, run_dir, seed, tag),
         f"module.max_new_tokens={s['max_new_tokens']}",
-        "module.generation.compile=false",
         f"data.batch_size={s['eval_batch']}",
     ]
 
@@ -207,6 +205,5 @@ def e2e_argv(s: Mapping[str, Any], run_dir: Path, seed: int, model: list[str], t
         *common(s, run_dir, seed, tag),
         f"module.max_new_tokens={s['max_new_tokens']}",
         f"module.stage_a_max_new_tokens={s['summary_tokens']}",
-        "module.generation.compile=false",
         f"data.batch_size={s['e2e_batch']}",
     ]
