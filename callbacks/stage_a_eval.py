@@ -72,6 +72,7 @@ class StageAEvaluation(Callback):
         log_table(trainer, "stage_a/worst_lines", WORST_COLUMNS, worst)
         if self.report_json is not None:
             report = {"reference": str(self.reference), "metrics": self.metrics, "worst": worst}
+            self.report_json.parent.mkdir(parents=True, exist_ok=True)
             self.report_json.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
         log.info(
             "Stage-A vs %s: object F1 %.4f, exact match %.4f over %d images",
