@@ -24,6 +24,10 @@ KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
         "the training-free runner has no validation loop; the shared Stage-B DataModule offers one",
     ),
     (
+        r"Total length of `list` across ranks is zero",
+        "a fusion file without any val_jsonl: the fusion DataModule says itself that validation is skipped",
+    ),
+    (
         r"`is_gradient_checkpointing` is deprecated",
         "peft 0.21 asks transformers 5 with the old name; nothing to change on our side",
     ),

@@ -32,6 +32,7 @@ if importlib.util.find_spec("bbuqc_lightning") is None:
 import hydra
 from omegaconf import DictConfig
 
+from bbuqc_lightning.cli import check_composition
 from bbuqc_lightning.config import config_dir, register_resolvers
 from bbuqc_lightning.data.jsonl import read_jsonl
 from bbuqc_lightning.train import train_or_exit
@@ -94,6 +95,7 @@ def run(cfg: DictConfig) -> None:
 def main() -> None:
     if not any(arg.startswith(("+experiment=", "experiment=")) for arg in sys.argv[1:]):
         sys.argv.append(EXPERIMENT)
+    check_composition(sys.argv[1:])
     run()
 
 
