@@ -77,7 +77,8 @@ def _resolve(cfg: DictConfig) -> tuple[dict[str, Any] | None, list[str]]:
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
-        return None, [f"{getattr(err, 'full_key', '') or 'config'}: {getattr(err, 'msg', err)}"]
+        message = str(getattr(err, "msg", None) or err).splitlines()[0]
+        return None, [f"{getattr(err, 'full_key', '') or 'config'}: {message}"]
     assert isinstance(container, dict)
     return container, []
 
