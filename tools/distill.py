@@ -4,7 +4,7 @@ Composes ``+experiment=distill`` with your Hydra overrides, runs :func:`bbuqc_li
 (reflection rounds until the guidance converges, then a final rollout at ``distill_temperature``), and
 prints where each mission's ``distill_chatml.jsonl`` is with its statistics::
 
-    python tools/distill.py                                  # embedded defaults: tiny text model, synthetic data
+    python tools/distill.py                                  # embedded defaults: the fitted tiny Teacher, synthetic data
     python tools/distill.py model=qwen3_32b model.model_name_or_path=/models/Qwen3-32B \\
         data.train_jsonl=/data/qc/stage_a.jsonl module.runner.output_dir=/data/qc/distill
     python tools/distill.py model=qwen3_32b model.model_name_or_path=/models/Qwen3-32B \\
