@@ -49,10 +49,12 @@ INPUT_PATHS = (
 CPU_TRAINER = "trainer=default"
 
 
-def validate_config(cfg: DictConfig) -> None:
+def validate_config(cfg: DictConfig, environment: bool = True) -> None:
     """One pass over the composed config, before anything heavy loads; raises one ``ValueError`` listing
     every problem: structure, values that do not resolve, the typed config blocks (``*Config`` targets,
-    whose ``__post_init__`` checks ranges), input paths, the model folder, trainer limits and the device.
+    whose ``__post_init__`` checks ranges), trainer limits and, with ``environment`` (what ``train`` does),
+    this machine: input paths, the model folder and the device. ``environment=False`` checks a config
+    composed for a later step (its inputs not written yet) or another machine (a GPU).
     """
     problems = [f"missing key '{key}'" for key in REQUIRED_KEYS if key not in cfg]
     if "stage" in cfg and cfg.stage not in STAGES:
@@ -67,8 +69,8 @@ def validate_config(cfg: DictConfig) -> None:
         problems += resolve_problems
         if resolved is not None:
             problems += _typed_block_problems(resolved)
-            problems += _path_problems(resolved)
-            problems += _trainer_problems(resolved.get("trainer") or {})
+            problems += _trainer_problems(resolved.get("trainer") or {}, environment)
+            problems += _path_problems(resolved) if environment else []
     if problems:
         raise ValueError("Invalid configuration: " + "; ".join(problems))
 
@@ -144,7 +146,7 @@ def _model_problems(model: dict[str, Any]) -> list[str]:
     return []
 
 
-def _trainer_problems(trainer: dict[str, Any]) -> list[str]:
+def _trainer_problems(trainer: dict[str, Any], device: bool) -> list[str]:
     problems = []
     steps = trainer.get("max_steps")
     if isinstance(steps, int) and (steps == 0 or steps < -1):
@@ -156,7 +158,8 @@ def _trainer_problems(trainer: dict[str, Any]) -> list[str]:
         value = trainer.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             problems.append(f"trainer.{key} must be >= 0, got {value}")
-    if str(trainer.get("accelerator", "")).lower() in ("gpu", "cuda") and not _cuda_available():
+    gpu = str(trainer.get("accelerator", "")).lower() in ("gpu", "cuda")
+    if device and gpu and not _cuda_available():
         problems.append(
             f"trainer.accelerator={trainer.get('accelerator')} but no CUDA GPU is visible: "
             f"use the CPU trainer ({CPU_TRAINER}, or drop trainer=gpu / trainer=ddp)"
