@@ -1,11 +1,15 @@
 """GRPO step speed: our GRPOModule vs TRL 1.16 GRPOTrainer, same model and workload.
 
-Qwen3-VL-4B shape, random bf16 weights, LoRA r16 on the last 4 blocks, beta 0.04, G 8, 8 prompts of
-~1000 tokens (Stage-B prompts), 64 forced new tokens. Run each implementation in its own process so each
-peak-memory figure is its own:
+Qwen3-VL-4B shape, random bf16 weights, LoRA r16 on the last 4 blocks, beta 0.04, G 8, 8 prompts per step
+(Stage-B prompts), 64 forced new tokens. Uniform: every prompt ~1000 tokens. ``--mixed``: each step's 8
+prompts are tickets of 1 to 24 photos drawn at random (about 540 to 2,970 tokens), a new draw every step,
+the same draws for both implementations. Totals count every step, the first one (captures, compiles) included.
+Run each implementation in its own process so each peak-memory figure is its own:
 
     python bench/grpo.py --impl ours --out grpo_ours.json
     python bench/grpo.py --impl trl --out grpo_trl.json
+    python bench/grpo.py --impl ours --mixed --steps 8 --out grpo_mixed_ours.json
+    python bench/grpo.py --impl trl --mixed --steps 8 --out grpo_mixed_trl.json
     python bench/grpo.py --impl ours --preset tiny --device cpu --prompt-tokens 200 --steps 2   # CPU smoke
 """
 
@@ -28,6 +32,12 @@ from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = "BBU设备/华为,显示完整,机柜空间充足需要安装/这个BBU设备按要求配备了挡风板×1，螺丝、光纤插头/BBU安装螺丝,显示完整,符合要求×3"
+# A field photo's summary (~106 tokens): tickets of 1..24 photos give Stage-B prompts of ~540..2,970 tokens.
+FIELD_SUMMARY = (
+    "BBU设备/华为,显示完整,机柜空间充足需要安装/这个BBU设备按要求配备了挡风板×1，螺丝、光纤插头/BBU安装螺丝,显示完整,"
+    "符合要求×3，光纤/有保护措施,弯曲半径合理/蛇形管×2，电线/捆扎整齐×1，标签/可以识别×4，备注: 机柜右侧有部分遮挡，"
+    "无法判断是否有足够空间安装挡风板"
+)
 
 
 def prompt_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
@@ -59,6 +69,26 @@ def samples(tokenizer: Any, n: int, prompt_tokens: int) -> list[dict[str, Any]]:
     return out
 
 
+def mixed_samples(n: int, seed: int = 0, max_photos: int = 24) -> list[dict[str, Any]]:
+    """``n`` Stage-B samples of tickets with 1..``max_photos`` photos each, drawn with ``seed``."""
+    import random
+
+    templates = yaml.safe_load((ROOT / "conf" / "prompts" / "stage_b.yaml").read_text())
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        record = normalise_stage_a_record(
+            {
+                "group_id": f"QC-TEMP-20250101-{i:07d}",
+                "mission": "挡风板安装检查",
+                "label": "fail" if i % 2 else "pass",
+                "per_image": {f"图片_{k + 1}": FIELD_SUMMARY for k in range(rng.randint(1, max_photos))},
+            }
+        )
+        out.append(build_stage_b_samples([record], templates, None)[0][0])
+    return out
+
+
 def run_ours(
     args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]], extra: dict[str, Any]
 ) -> list[float]:
@@ -66,6 +96,7 @@ def run_ours(
 
     import lightning as L
 
+    from bbuqc_lightning.generation.engine import GenerationEngine
     from bbuqc_lightning.grpo.config import GRPOConfig
     from bbuqc_lightning.grpo.module import GRPOModule
 
@@ -79,7 +110,14 @@ def run_ours(
         functools.partial(torch.optim.AdamW, lr=5e-6),
         lora={"k": 4, "r": 16, "alpha": 32, "dropout": 0.05},
         micro_batch_size=args.micro_batch,
-        generation={"compile": not args.no_compile},
+        generation=functools.partial(
+            GenerationEngine,
+            cuda_graphs=not args.no_graphs,
+            max_rows=args.prompts * 8,
+            prompt_slots=args.prompts,
+            max_prompt_len=4096 if args.mixed else 2048,
+            max_new_tokens=args.new_tokens,
+        ),
     )
     module.sampling = replace(module.sampling, min_new_tokens=args.new_tokens)
     times: list[float] = []
@@ -94,9 +132,10 @@ def run_ours(
             times.append(time.perf_counter() - self.start)
             generation = float(trainer.callback_metrics.get("train/generation_seconds", float("nan")))
             extra.setdefault("generation_seconds", []).append(generation)
+            record_memory(extra)
             print(f"ours step {len(times)}: {times[-1]:.2f} s (generation {generation:.2f} s)", flush=True)
 
-    loader = torch.utils.data.DataLoader(data, batch_size=len(data), collate_fn=lambda b: b)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.prompts, collate_fn=lambda b: b)
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -109,6 +148,10 @@ def run_ours(
         callbacks=[Timer()],
     )
     trainer.fit(module, train_dataloaders=loader)
+    if module.engine.decode_step is not None:
+        extra["captures"] = module.engine.decode_step.captures
+        extra["capture_seconds"] = module.engine.decode_step.capture_seconds
+        extra["pool"] = module.engine.layout.describe()
     return times
 
 
@@ -127,7 +170,9 @@ def run_trl(
     ]
     config = GRPOConfig(
         output_dir=str(Path(args.workdir) / "trl"),
-        per_device_train_batch_size=len(data) * 8,
+        per_device_train_batch_size=args.trl_micro_batch or args.prompts * 8,
+        gradient_accumulation_steps=(args.prompts * 8) // (args.trl_micro_batch or args.prompts * 8),
+        shuffle_dataset=False,  # the same prompts per step as ours
         num_generations=8,
         max_completion_length=args.new_tokens,
         temperature=0.7,
@@ -161,19 +206,28 @@ def run_trl(
         def on_step_end(self, *a: Any, **k: Any) -> None:
             sync()
             times.append(time.perf_counter() - self.start)
+            record_memory(extra)
             print(f"trl step {len(times)}: {times[-1]:.2f} s", flush=True)
 
     trainer = GRPOTrainer(
         model=bundle.model,
         reward_funcs=[label_reward, format_reward],
         args=config,
-        train_dataset=Dataset.from_list(rows * args.steps),
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora,
         callbacks=[Timer()],
     )
     trainer.train()
     return times
+
+
+def record_memory(extra: dict[str, Any]) -> None:
+    """Peak GPU memory of the step just ended (then reset), to show whether it stays flat."""
+    if torch.cuda.is_available():
+        extra.setdefault("step_peak_memory_gb", []).append(torch.cuda.max_memory_allocated() / 1e9)
+        extra.setdefault("overall_peak", []).append(extra["step_peak_memory_gb"][-1])
+        torch.cuda.reset_peak_memory_stats()
 
 
 def main() -> None:
@@ -187,32 +241,43 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--workdir", default="/tmp/bench_grpo")
-    parser.add_argument("--no-compile", action="store_true", help="static cache without CUDA graphs")
+    parser.add_argument(
+        "--trl-micro-batch",
+        type=int,
+        default=None,
+        help="TRL: completions per forward/backward (gradient accumulation over the 64); default all 64 at once",
+    )
+    parser.add_argument("--mixed", action="store_true", help="tickets of 1..24 photos, a new draw per step")
+    parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     bundle = random_bundle(
         args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32
     )
-    data = samples(bundle.tokenizer, args.prompts, args.prompt_tokens)
-    prompt_len = prompt_length(bundle.tokenizer, data[0]["messages"])
+    if args.mixed:
+        data = mixed_samples(args.prompts * args.steps)
+    else:
+        data = samples(bundle.tokenizer, args.prompts, args.prompt_tokens) * args.steps
+    lengths = [prompt_length(bundle.tokenizer, d["messages"]) for d in data]
     extra: dict[str, Any] = {}
     times = (run_ours if args.impl == "ours" else run_trl)(args, bundle, data, extra)
     steady = times[1:] if len(times) > 1 else times
     step = statistics.median(steady)
     completions = args.prompts * 8
+    peaks = extra.pop("overall_peak", [])
     result = {
         "impl": args.impl,
         "config": vars(args),
-        "prompt_tokens": prompt_len,
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
         "device": device_info(),
         "step_seconds": times,
         "median_step_seconds_after_first": step,
         "completions_per_s": completions / step,
+        "completions_per_s_all_steps": completions * len(times) / sum(times),
+        "peak_memory_gb": max(peaks) if peaks else None,
         **extra,
     }
-    if torch.cuda.is_available():
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     write(args.out, result)
 
 

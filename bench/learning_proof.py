@@ -188,10 +188,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="GRPO advantage scaling (default: group, the project's default)",
     )
     parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile the decode step on CUDA (GRPO, eval); off: a short run of a small model does not earn "
-        "back the compile time of each new batch shape",
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="capture the engine's decode step as CUDA graphs (GRPO, eval); a few per run, under a second each",
     )
     parser.add_argument(
         "--reuse-sft",
@@ -389,7 +389,7 @@ def build_steps(args: argparse.Namespace) -> dict[str, Step]:
             f"module.grpo.reward_weights={rewards}",
             f"module.grpo.scale_rewards={args.scale_rewards}",
             f"module.micro_batch_size={args.grpo_prompts * args.grpo_generations}",
-            f"module.generation.compile={str(args.compile).lower()}",
+            f"generation.cuda_graphs={str(args.cuda_graphs).lower()}",
             f"data.batch_size={args.grpo_prompts}",
             f"data.val_batch_size={args.eval_batch}",
             f"trainer.max_steps={args.grpo_steps}",
@@ -426,7 +426,7 @@ def eval_argv(
         *common_overrides(args, run_dir, data_dir, "eval"),
         *([f"module.adapter_path={adapter}"] if adapter else []),
         f"module.max_new_tokens={args.max_new_tokens}",
-        f"module.generation.compile={str(args.compile).lower()}",
+        f"generation.cuda_graphs={str(args.cuda_graphs).lower()}",
         f"data.batch_size={args.eval_batch}",
         *args.eval_override,
     ]

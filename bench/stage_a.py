@@ -1,85 +1,145 @@
-"""Stage-A throughput: images/s of the engine (static cache + CUDA-graph decode) vs plain HF generate.
+"""Stage-A throughput: images/s of the engine (KV pool, continuous batching, CUDA-graph decode) vs HF generate.
 
-Qwen3-VL-4B shape, random bf16 weights, 1024x768 images (768 image tokens), 128 forced new tokens, the
-real Stage-A prompt. Both run in this one process on the same model, side by side.
+Qwen3-VL-4B shape, random bf16 weights, the real per-mission Stage-A prompts, greedy decoding. Both run in
+this one process on the same model, side by side, on the same images.
 
-    python bench/stage_a.py --out stage_a.json                                   # one H100
-    python bench/stage_a.py --preset tiny --device cpu --image-size 64 48 --new-tokens 8 --batches 1 2 \
-        --baseline-batches 1 --images 4                                          # CPU smoke run
+``--mixed`` (field data): photos in the sizes and orientations of field data (4:3 / 3:4, 16:9 / 9:16, square,
+small screenshots, up to the preset's ``max_pixels``), and summaries that end at different lengths: a random
+1/64 of the vocabulary counts as end-of-sequence for both engines (a random model never writes <|im_end|>),
+so lengths are spread up to ``--new-tokens``. Without ``--mixed``: uniform 1024x768 photos, forced lengths.
+Every capture is inside the timed run; "steady" leaves out the first call.
+
+    python bench/stage_a.py --mixed --images 1000 --baseline-images 64 --out stage_a_mixed.json   # one H100
+    python bench/stage_a.py --images 256 --out stage_a_uniform.json
+    python bench/stage_a.py --mixed --preset tiny --device cpu --images 6 --baseline-images 2 \
+        --new-tokens 4 --call-size 4 --baseline-batches 2        # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-from common import device_info, random_bundle, timer, write
+import yaml
+from common import device_info, random_bundle, sync, write
 from PIL import Image
 
-from bbuqc_lightning.data.summary_prompts import image_conversation
+from bbuqc_lightning.data.images import resize_within
+from bbuqc_lightning.data.summary_prompts import image_conversation, stage_a_prompt
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 
-PROMPT = (
-    "你是BBU安装质检助手。请用一行中文客观描述这张现场照片中与质检相关的物体。本次任务：BBU线缆布放要求。"
-)
+ROOT = Path(__file__).resolve().parents[1]
+# (width, height, weight): phone photos in both orientations dominate; some screenshots and squares
+FIELD_SIZES = [
+    (1024, 768, 3), (768, 1024, 3), (4000, 3000, 2), (3000, 4000, 2), (1920, 1080, 2), (1080, 1920, 2),
+    (1280, 720, 1), (720, 1280, 1), (1024, 1024, 1), (800, 800, 1), (400, 300, 1), (300, 400, 1),
+]  # fmt: skip
 
 
-def images(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
+def field_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    sizes = [(w, h) for w, h, _ in FIELD_SIZES]
+    return rng.choices(sizes, weights=[w for *_, w in FIELD_SIZES], k=n)
+
+
+def photo(size: tuple[int, int], seed: int) -> Image.Image:
+    """A photo-like image: a smooth gradient plus noise (cheap to make at any size)."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+    small = rng.integers(0, 255, (max(2, size[1] // 64), max(2, size[0] // 64), 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.BILINEAR)
+    noise = rng.integers(-20, 20, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
 
 
-def throughput(
-    engine: GenerationEngine, pics: list[Image.Image], batch: int, params: SamplingParams
-) -> float:
-    """images/s over ``pics`` in batches of ``batch`` (after one warm-up batch, which also compiles)."""
-    conv = image_conversation(PROMPT)
-    engine.generate([conv] * batch, params, images=[[p] for p in pics[:batch]])  # warm-up / compile
-    times: dict[str, float] = {}
-    with timer(times, "run"):
-        for start in range(0, len(pics), batch):
-            chunk = pics[start : start + batch]
-            engine.generate([conv] * len(chunk), params, images=[[p] for p in chunk])
-    return len(pics) / times["run"]
+def stage_a_prompts() -> list[str]:
+    """The four missions' Stage-A prompts, as the Stage-A DataModule renders them."""
+    prompts = yaml.safe_load((ROOT / "conf" / "prompts" / "stage_a.yaml").read_text())
+    return [stage_a_prompt(prompts, mission) for mission in prompts["missions"]]
+
+
+def run(engine: GenerationEngine, pics: Sequence[Image.Image], prompts: list[str], call: int, params) -> dict:
+    """Seconds per call over ``pics`` in calls of ``call`` images; images/s overall and after the first call."""
+    seconds: list[float] = []
+    for start in range(0, len(pics), call):
+        chunk = pics[start : start + call]
+        convs = [image_conversation(prompts[(start + i) % len(prompts)]) for i in range(len(chunk))]
+        sync()
+        begin = time.perf_counter()
+        engine.generate(convs, params, images=[[p] for p in chunk])
+        sync()
+        seconds.append(time.perf_counter() - begin)
+    total = sum(seconds)
+    steady = sum(seconds[1:])
+    steady_images = len(pics) - min(call, len(pics))
+    return {
+        "images": len(pics),
+        "call_size": call,
+        "seconds": total,
+        "images_per_s": len(pics) / total,
+        "steady_images_per_s": steady_images / steady if steady else None,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="qwen3_vl_4b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--image-size", type=int, nargs=2, default=[1024, 768])
+    parser.add_argument("--mixed", action="store_true", help="field-data sizes and summary lengths")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--baseline-batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--images", type=int, default=64, help="images timed per configuration")
+    parser.add_argument("--images", type=int, default=256, help="images through our engine")
+    parser.add_argument("--baseline-images", type=int, default=64, help="images through HF generate")
+    parser.add_argument("--call-size", type=int, default=256, help="images per engine.generate call")
+    parser.add_argument("--rows", type=int, default=128, help="generation.max_rows")
+    parser.add_argument("--baseline-batches", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    bundle = random_bundle(args.preset, args.device)
-    params = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-    pics = images(args.images, tuple(args.image_size))
-    results: dict[str, object] = {"config": vars(args), "device": device_info(), "hf": {}, "engine": {}}
-    hf = GenerationEngine(bundle.model, bundle.processor, backend="hf")
+    preset = yaml.safe_load((ROOT / "conf" / "model" / f"{args.preset}.yaml").read_text())
+    bundle = random_bundle(args.preset, args.device, max_pixels=preset["max_pixels"])
+    sizes = field_sizes(args.images) if args.mixed else [(1024, 768)] * args.images
+    # Bounded to the preset's pixel budget as the Stage-A DataModule does in its loader workers (load_image),
+    # so the engine's main thread does not resize 12-megapixel photos.
+    bound = functools.partial(resize_within, min_pixels=preset["min_pixels"], max_pixels=preset["max_pixels"])
+    distinct = {s: [bound(photo(s, seed)) for seed in range(4)] for s in set(sizes)}
+    pics = [distinct[s][i % 4] for i, s in enumerate(sizes)]
+    prompts = stage_a_prompts()
+    results: dict[str, object] = {"config": vars(args), "device": device_info(), "hf": {}}
+    eos_extra: list[int] = []
+    if args.mixed:
+        vocab = bundle.model.config.text_config.vocab_size
+        eos_extra = random.Random(1).sample(range(vocab), vocab // 64)
+        params = SamplingParams(max_new_tokens=args.new_tokens)
+    else:
+        params = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    make = functools.partial(GenerationEngine, bundle.model, bundle.processor)
+    hf = make(backend="hf")
+    hf.eos_token_ids = [*hf.eos_token_ids, *eos_extra]
     for batch in args.baseline_batches:
-        n = max(batch, min(len(pics), 2 * batch if batch > 1 else 2))
-        results["hf"][batch] = throughput(hf, pics[:n], batch, params)
-        print(f"hf generate      batch {batch:3d}: {results['hf'][batch]:.3f} images/s", flush=True)
-    ours = GenerationEngine(bundle.model, bundle.processor, backend="static")
-    for batch in args.batches:
-        n = max(batch, min(len(pics), 2 * batch))
-        results["engine"][batch] = throughput(ours, pics[:n], batch, params)
-        print(f"engine (static)  batch {batch:3d}: {results['engine'][batch]:.3f} images/s", flush=True)
+        results["hf"][batch] = run(hf, pics[: args.baseline_images], prompts, batch, params)
+        print(f"hf generate batch {batch}: {results['hf'][batch]}", flush=True)
+    ours = make(backend="pool", max_rows=args.rows, max_prompt_len=2048, max_new_tokens=args.new_tokens)
+    ours.eos_token_ids = [*ours.eos_token_ids, *eos_extra]
     if torch.cuda.is_available():
-        results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    best = max(results["engine"], key=results["engine"].get)
-    base_best = max(results["hf"], key=results["hf"].get)
+        torch.cuda.reset_peak_memory_stats()
+    results["engine"] = run(ours, pics, prompts, args.call_size, params)
+    results["engine"]["captures"] = ours.decode_step.captures
+    results["engine"]["capture_seconds"] = ours.decode_step.capture_seconds
+    results["engine"]["pool"] = ours.layout.describe()
+    if torch.cuda.is_available():
+        results["engine"]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print(f"engine: {results['engine']}", flush=True)
+    base = max(results["hf"].values(), key=lambda r: r["images_per_s"])
     results["summary"] = {
-        "engine_best_batch": best,
-        "engine_best_images_per_s": results["engine"][best],
-        "hf_best_batch": base_best,
-        "hf_best_images_per_s": results["hf"][base_best],
-        "ratio_best_vs_hf_best": results["engine"][best] / results["hf"][base_best],
+        "hf_best_images_per_s": base["images_per_s"],
+        "engine_images_per_s": results["engine"]["images_per_s"],
+        "engine_steady_images_per_s": results["engine"]["steady_images_per_s"],
+        "ratio": results["engine"]["images_per_s"] / base["images_per_s"],
     }
     write(args.out, results)
 

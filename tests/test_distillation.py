@@ -19,15 +19,15 @@ from typing import Any, ClassVar
 import pytest
 from omegaconf import DictConfig
 
-import bbuqc_lightning.training_free.module as runner_module
+import bbuqc_lightning.generation.engine as engine_module
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.data.jsonl import read_jsonl
 from bbuqc_lightning.generation.engine import Completion, SamplingParams
+from bbuqc_lightning.generation.openai_engine import EndpointError, OpenAICompatibleEngine
 from bbuqc_lightning.stage_b.prompts import load_stage_b_templates
 from bbuqc_lightning.train import train
 from bbuqc_lightning.training_free.distill import build_distill_rows, write_distill_file
 from bbuqc_lightning.training_free.guidance import MissionGuidance
-from bbuqc_lightning.training_free.openai_engine import EndpointError, OpenAICompatibleEngine
 from bbuqc_lightning.training_free.rollout import render_messages
 from bbuqc_lightning.training_free.selection import Candidate, GroupResult, select_candidate
 
@@ -190,7 +190,7 @@ def test_scripted_teacher_run_writes_a_fusion_source(
     cfg = compose(["+experiment=distill", "logger=none", "data.limit_samples=6", "stage_b_distillation.distill_size=2",
                    "stage_b_distillation.conflict_policy=drop", *FAST])  # fmt: skip
     teacher = AgreeingTeacher(cfg.prompts.reflection.system)
-    monkeypatch.setattr(runner_module, "GenerationEngine", lambda *args, **kwargs: teacher)
+    monkeypatch.setattr(engine_module, "GenerationEngine", lambda *args, **kwargs: teacher)
     metrics, _ = train(cfg)
     # one reflection epoch (2 batches of the 6 groups), then the final rollout on the 2 drawn groups
     assert teacher.temperatures[:2] == [0.7, 0.7] and set(teacher.temperatures[2:]) == {0.3}
@@ -266,9 +266,9 @@ def test_http_teacher_behind_the_same_interface(
     compose: ComposeFn, fake_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEACHER_KEY", "secret")
-    engine = ("module.engine={_target_: bbuqc_lightning.training_free.openai_engine.OpenAICompatibleEngine, "
-              f'base_url: "{fake_server}", model: Qwen/Qwen3-32B, api_key_env: TEACHER_KEY, enable_thinking: true}}')  # fmt: skip
-    cfg = compose(["+experiment=distill", "logger=none", "data.limit_samples=2", engine, *FAST])
+    engine = ["generation=openai", f"generation.base_url={fake_server}", "generation.model=Qwen/Qwen3-32B",
+              "generation.api_key_env=TEACHER_KEY", "generation.enable_thinking=true"]  # fmt: skip
+    cfg = compose(["+experiment=distill", "logger=none", "data.limit_samples=2", *engine, *FAST])
     metrics, _ = train(cfg)
     rows = read_jsonl(Path(cfg.module.runner.output_dir) / "bbu_installation" / "distill_chatml.jsonl")
     assert (
@@ -288,6 +288,6 @@ def test_http_teacher_behind_the_same_interface(
         0.7,
     )
     assert first["chat_template_kwargs"] == {"enable_thinking": True}
-    bad = OpenAICompatibleEngine(fake_server, "m", retries=0)
+    bad = OpenAICompatibleEngine(base_url=fake_server, model="m", retries=0)
     with pytest.raises(EndpointError, match=r"chat/completions: HTTP 400: bad request"):
         bad.generate([[{"role": "user", "content": "boom"}]], SamplingParams())

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import pytest
 from omegaconf import DictConfig
 
-import bbuqc_lightning.training_free.module as runner_module
+import bbuqc_lightning.generation.engine as engine_module
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import MISSIONS
 from bbuqc_lightning.data.jsonl import read_jsonl
@@ -144,7 +144,8 @@ def test_guidance_files_snapshots_retention_and_both_input_forms(tmp_path: Path)
 
 
 def test_a_teacher_spread_over_gpus_uses_hf_generate() -> None:
-    """``device_map="auto"`` over several GPUs: no static CUDA-graph decoder (one device only)."""
+    """``device_map="auto"`` over several GPUs: HF generate (the KV pool lives on one device)."""
+    from bbuqc_lightning.generation.engine import _resolve_backend
 
     class Spread:
         hf_device_map: ClassVar[dict[str, int]] = {"model.layers.0": 0, "model.layers.63": 1}
@@ -152,11 +153,8 @@ def test_a_teacher_spread_over_gpus_uses_hf_generate() -> None:
     class OneGpu:
         hf_device_map: ClassVar[dict[str, int]] = {"": 0}
 
-    assert runner_module._backend(Spread(), "auto") == "hf"
-    assert (
-        runner_module._backend(OneGpu(), "auto") == "auto"
-        and runner_module._backend(object(), "static") == "static"
-    )
+    assert _resolve_backend(Spread(), "auto") == "hf"
+    assert _resolve_backend(OneGpu(), "auto") == "pool" and _resolve_backend(object(), "hf") == "hf"
 
 
 # ------------------------------------------------------------------------------------------ reflection parsing
@@ -358,7 +356,7 @@ def test_scripted_flow_apply_inject_converge_distill(
                  "stage_b_distillation.distill_temperature=0.123", *FAST]  # fmt: skip
     cfg = compose(overrides)
     engine, groups = scripted(cfg, small_stage_a)
-    monkeypatch.setattr(runner_module, "GenerationEngine", lambda *args, **kwargs: engine)
+    monkeypatch.setattr(engine_module, "GenerationEngine", lambda *args, **kwargs: engine)
     metrics, objects = train(cfg)
     module = objects["module"]
     # two reflection rounds, then the final rollout; the run stopped long before max_epochs=5
@@ -411,7 +409,7 @@ def test_scripted_review_mode_stops_without_changing_guidance(
     cfg = compose(["+experiment=stage_b", f"data.train_jsonl={small_stage_a}", f"data.guidance_path={initial}",
                    "logger=none", "module.runner.review_mode=true", *FAST])  # fmt: skip
     engine, _ = scripted(cfg, small_stage_a)
-    monkeypatch.setattr(runner_module, "GenerationEngine", lambda *args, **kwargs: engine)
+    monkeypatch.setattr(engine_module, "GenerationEngine", lambda *args, **kwargs: engine)
     metrics, objects = train(cfg)
     assert objects["module"].epochs_run == 1 and metrics["reflection/pending"] == 2
     assert all(

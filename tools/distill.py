@@ -8,7 +8,7 @@ prints where each mission's ``distill_chatml.jsonl`` is with its statistics::
     python tools/distill.py model=qwen3_32b model.model_name_or_path=/models/Qwen3-32B \\
         data.train_jsonl=/data/qc/stage_a.jsonl module.runner.output_dir=/data/qc/distill
     python tools/distill.py model=qwen3_32b model.model_name_or_path=/models/Qwen3-32B \\
-        module.runner.enable_thinking=true module.runner.max_new_tokens=2048 \\
+        generation.enable_thinking=true module.runner.max_new_tokens=2048 \\
         stage_b_distillation.conflict_policy=drop stage_b_distillation.distill_size=200
 
 Qwen3-32B in bf16 needs about 65 GB for its weights plus the KV cache of K rollouts: one 80 GB GPU

@@ -29,7 +29,7 @@ count some groups twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ class EvalModule(L.LightningModule):
         missions: Mapping[str, str] | None = None,
         table_rows: int | None = None,
         fsync: bool = True,
-        generation: Mapping[str, Any] | None = None,
+        generation: Callable[..., GenerationEngine] | None = None,
     ) -> None:
         super().__init__()
         model = bundle.model
@@ -80,7 +80,7 @@ class EvalModule(L.LightningModule):
             model = attach_adapter(model, adapter_path, merge=merge_adapter)
         model.eval()
         self.model = model
-        self.engine = GenerationEngine(model, bundle.processor, **dict(generation or {}))
+        self.engine = (generation or GenerationEngine)(model, bundle.processor)
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens)
         self.output_dir = Path(output_dir)
         self.missions = dict(missions or MISSIONS)

@@ -1,24 +1,26 @@
-"""The one generation engine: Stage-A, GRPO rollouts, the training-free runner, eval and distillation.
+"""The one generation engine: Stage-A, GRPO rollouts and validation, eval, the runner and distillation.
 
-Stages never call ``model.generate`` themselves; they hand conversations (and images) to
-:class:`GenerationEngine`, so every speed-up lands everywhere at once.
+Stages never call ``model.generate``; they receive a :class:`GenerationEngine` built from the
+``conf/generation/`` group (``_partial_``, like the optimizer) and hand it conversations (and images)::
 
-What it does beyond a plain ``generate`` call:
-
-1. Left padding through the processor's chat template, so batched greedy output equals batch-1 output.
-2. **Prefix sharing** for ``num_return_sequences > 1`` (GRPO's G rollouts, the runner's K samples): each
-   prompt is prefilled once and its KV cache is repeated G times, instead of HF's default of expanding
-   the prompt G times before the prefill.
-3. ``backend="static"`` (the default on CUDA): a static KV cache and a fixed-shape decode step compiled
-   into a CUDA graph (:mod:`~bbuqc_lightning.generation.static_decode`); ``backend="hf"`` (the default
-   on CPU, where compiling costs more than it saves for tiny models) is HF ``generate``. Both give the
-   same greedy tokens (tested).
-
-Example::
-
-    engine = GenerationEngine(bundle.model, bundle.processor)
+    engine = GenerationEngine(bundle.model, bundle.processor)          # or instantiate(cfg.generation)(...)
     outs = engine.generate([[{"role": "user", "content": "你好"}]], SamplingParams(max_new_tokens=8))
     outs[0][0].text
+
+``backend="pool"`` (what ``auto`` picks, CPU and GPU alike) is continuous batching over a KV pool of fixed
+size (:mod:`~bbuqc_lightning.generation.scheduler`, :mod:`~bbuqc_lightning.generation.kv_pool`):
+
+1. **fixed memory**: the pool is allocated once, at the first call, from ``kv_memory_gb`` or
+   ``kv_memory_fraction`` of the free GPU memory; it never grows with prompt lengths, rows or image sizes.
+   A prompt over ``max_prompt_len`` is an error naming it; more prompts than slots wait in a queue;
+2. **no per-shape compiles**: the decode step is captured as a CUDA graph once per bucket (slots in flight
+   rounded to a power of two, the longest prompt rounded to ``length_buckets``), not per prompt length;
+3. **continuous batching**: a prompt whose samples have all ended frees its slot for a waiting prompt;
+4. **shared prompts**: the G samples of a prompt read one copy of its keys/values, once per step
+   (:mod:`~bbuqc_lightning.generation.pool_attention`).
+
+``backend="hf"`` is HF ``generate`` (with each prompt prefilled once for its G samples), the reference the
+pool is tested against: both give the same greedy tokens.
 """
 
 from __future__ import annotations
@@ -31,37 +33,28 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from bbuqc_lightning.generation.static_decode import StaticDecoder
+from bbuqc_lightning.generation.decode_step import DecodeStep
+from bbuqc_lightning.generation.kv_pool import KVPool, PoolLayout, plan_pool
+from bbuqc_lightning.generation.pool_attention import use_engine_attention
+from bbuqc_lightning.generation.sampling import (
+    Completion,
+    SamplingParams,
+    line_break_token_ids,
+    make_sampler,
+)
+from bbuqc_lightning.generation.scheduler import ContinuousBatcher, Request
 from bbuqc_lightning.models.decoder import (
     language_model,
     position_ids_from_mask,
+    rope_deltas,
     update_rope_deltas,
     uses_mrope,
 )
 
+__all__ = ["Completion", "EncodedPrompts", "GenerationEngine", "SamplingParams", "line_break_token_ids"]
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to decode. Greedy unless ``do_sample``; ``num_return_sequences`` samples per prompt."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_return_sequences: int = 1
-    min_new_tokens: int = 0
-    suppress_token_ids: tuple[int, ...] = ()  # never generated (e.g. line breaks for one-line summaries)
-
-
-@dataclass
-class Completion:
-    """One generated continuation of one prompt."""
-
-    prompt_index: int
-    text: str
-    token_ids: list[int]
-    truncated: bool  # stopped by max_new_tokens rather than by an end-of-sequence token
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+DEFAULT_LENGTH_BUCKETS = (256, 512, 1024, 2048, 3072, 4096, 6144, 8192)
 
 
 @dataclass
@@ -83,21 +76,42 @@ class GenerationEngine:
         model: torch.nn.Module,
         processor: Any,
         backend: str = "auto",
-        compile: bool | None = None,
-        prefix_sharing: bool = True,
         enable_thinking: bool = False,
+        max_prompt_len: int = 4096,
+        max_new_tokens: int = 512,
+        max_rows: int = 64,
+        prompt_slots: int | None = None,
+        kv_memory_gb: float | None = None,
+        kv_memory_fraction: float = 0.3,
+        cuda_graphs: bool = True,
+        length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+        max_prefill_tokens: int = 16384,
+        prefix_sharing: bool = True,
     ) -> None:
-        if backend not in ("auto", "hf", "static"):
-            raise ValueError(f"generation backend must be auto | hf | static, got {backend!r}")
+        if backend not in ("auto", "pool", "hf"):
+            raise ValueError(f"generation.backend must be auto | pool | hf, got {backend!r}")
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.backend = backend
-        self.compile = compile
-        self.prefix_sharing = prefix_sharing
+        self.backend = _resolve_backend(model, backend)
         self.enable_thinking = enable_thinking
+        self.pool_settings = {
+            "max_prompt_len": max_prompt_len,
+            "max_new_tokens": max_new_tokens,
+            "max_rows": max_rows,
+            "prompt_slots": prompt_slots,
+            "kv_memory_gb": kv_memory_gb,
+            "kv_memory_fraction": kv_memory_fraction,
+        }
+        self.cuda_graphs = cuda_graphs
+        self.length_buckets = tuple(length_buckets)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_sharing = prefix_sharing
         self.eos_token_ids = self._eos_ids()
-        self._static: StaticDecoder | None = None
+        self.decode_step: DecodeStep | None = None
+        self._batcher: ContinuousBatcher | None = None
+        if self.backend == "pool":
+            use_engine_attention(model)
 
     # ------------------------------------------------------------------ encoding
     def render(self, conversation: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -112,24 +126,28 @@ class GenerationEngine:
     ) -> EncodedPrompts:
         """Render and tokenise a batch with left padding; images in conversation order."""
         texts = [self.render(conv) for conv in conversations]
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-        if self._use_static():
-            # Prompt lengths in buckets of 64: the compiled decode step then sees few distinct shapes.
-            kwargs["pad_to_multiple_of"] = 64
         flat_images = [img for group in images for img in group] if images else []
-        if flat_images:
-            kwargs["images"] = flat_images
+        enc = self._tokenise(texts, flat_images)
+        return EncodedPrompts({k: v.to(self.device) for k, v in enc.items()})
+
+    def _tokenise(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if images:
+            kwargs["images"] = images
         if self.tokenizer is self.processor:
             self.tokenizer.padding_side = "left"
-            enc = self.tokenizer(**kwargs)
-        else:
-            enc = self.processor(padding_side="left", **kwargs)
-        return EncodedPrompts({k: v.to(self.device) for k, v in enc.items()})
+            return dict(self.tokenizer(**kwargs))
+        return dict(self.processor(padding_side="left", **kwargs))
 
     # ---------------------------------------------------------------- generation
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def layout(self) -> PoolLayout | None:
+        """The KV pool's shape once allocated (the first pool call), else None."""
+        return None if self.decode_step is None else self.decode_step.pool.layout
 
     @torch.no_grad()
     def generate(
@@ -137,29 +155,114 @@ class GenerationEngine:
         conversations: Sequence[Sequence[dict]],
         params: SamplingParams,
         images: Sequence[Sequence[Image.Image]] | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[list[Completion]]:
-        """Generate ``params.num_return_sequences`` completions for each conversation."""
+        """``params.num_return_sequences`` completions per conversation; ``names`` label errors (ticket keys)."""
         if not conversations:
             return []
-        encoded = self.encode(conversations, images)
-        sequences = self.generate_ids(encoded, params)
-        return self._decode(sequences, encoded.input_ids.shape[1], params.num_return_sequences)
+        if self.backend == "hf":
+            encoded = self.encode(conversations, images)
+            sequences = self.generate_ids(encoded, params)
+            width = encoded.input_ids.shape[1]
+            rows = [self.strip_completion(ids) for ids in sequences[:, width:].tolist()]
+        else:
+            requests = [
+                self._request(i, conv, images[i] if images else [], names[i] if names else f"#{i}")
+                for i, conv in enumerate(conversations)
+            ]
+            rows = [self.strip_completion(ids) for per in self._run_pool(requests, params) for ids in per]
+        n = params.num_return_sequences
+        return [[self._completion(i, *rows[i * n + g]) for g in range(n)] for i in range(len(conversations))]
 
     @torch.no_grad()
     def generate_ids(self, encoded: EncodedPrompts, params: SamplingParams) -> torch.Tensor:
-        """Token ids ``(B * G, prompt_len + new)`` with prompts repeated G times, row-major by prompt."""
+        """Token ids ``(B * G, P + C)`` with prompts repeated G times, row-major by prompt, pad after EOS."""
+        if self.backend == "hf":
+            return self._hf_generate(encoded, params)
+        if "pixel_values" in encoded.inputs:
+            raise ValueError("generate_ids takes text prompts; use generate(conversations, images=...)")
+        ids, mask = encoded.inputs["input_ids"], encoded.inputs["attention_mask"]
+        requests = []
+        for i in range(ids.shape[0]):
+            real = ids[i][mask[i].bool()][None]
+            inputs = {"input_ids": real, "attention_mask": torch.ones_like(real)}
+            requests.append(Request(i, inputs, real.shape[1], f"#{i}"))
+        rows = [r for per in self._run_pool(requests, params) for r in per]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        out = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        prompts = ids.repeat_interleave(params.num_return_sequences, dim=0)
+        return torch.cat([prompts, out.to(ids.device)], dim=1)
+
+    def _request(self, index: int, conversation: Sequence[dict], images: Sequence[Image.Image], name: str):
+        enc = self._tokenise([self.render(conversation)], list(images))
+        return Request(index, enc, int(enc["input_ids"].shape[1]), name)
+
+    def _run_pool(self, requests: list[Request], params: SamplingParams) -> list[list[list[int]]]:
+        batcher = self._pool_batcher()
         was_training = self.model.training
         self.model.eval()
         try:
-            if self._use_static():
-                return self._static_decoder().generate(
-                    encoded.inputs,
-                    params.num_return_sequences,
-                    params.max_new_tokens,
-                    make_sampler(params, self.eos_token_ids),
-                    self.eos_token_ids,
-                    self.tokenizer.pad_token_id,
+            return batcher.run(
+                requests,
+                params.num_return_sequences,
+                params.max_new_tokens,
+                make_sampler(params, self.eos_token_ids),
+                self.eos_token_ids,
+            )
+        finally:
+            self.model.train(was_training)
+
+    def _pool_batcher(self) -> ContinuousBatcher:
+        if self._batcher is None:
+            dtype = language_model(self.model).embed_tokens.weight.dtype
+            device = self.device
+            layout = plan_pool(self.model, dtype, device, **self.pool_settings)
+            # Plain tensors even when the first call happens under Lightning's inference_mode (validation):
+            # a training step writes into them later.
+            with torch.inference_mode(False):
+                pool = KVPool(layout, dtype, device)
+                self.decode_step = DecodeStep(self.model, pool, self.cuda_graphs)
+                self._batcher = ContinuousBatcher(
+                    self.decode_step, self._prefill, self.length_buckets, self.max_prefill_tokens
                 )
+        return self._batcher
+
+    def _prefill(
+        self, requests: list[Request]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run a chunk of prompts once (left padded): last-position logits, first decode positions, keys/values.
+
+        The first new token sits at ``#real prompt tokens + rope_delta``: left padding does not count, and
+        Qwen3-VL's delta accounts for image tokens sharing M-RoPE positions (0 for text).
+        """
+        inputs = {
+            k: v.to(self.device) for k, v in collate([r.inputs for r in requests], self._pad_id()).items()
+        }
+        attention_mask = inputs["attention_mask"]
+        update_rope_deltas(self.model, lambda _: None)  # stale offsets of an earlier batch must not be reused
+        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+        if "pixel_values" not in inputs:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        out = self.model(**inputs, **kwargs)
+        valid = attention_mask.sum(dim=1).long()
+        deltas = rope_deltas(self.model)
+        if deltas is not None:
+            valid = valid + deltas.view(-1).to(valid.device).long()
+        return out.logits[:, -1].float(), valid, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_token_ids[0]
+
+    # ---------------------------------------------------------------- HF backend
+    def _hf_generate(self, encoded: EncodedPrompts, params: SamplingParams) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
             kwargs = self._generate_kwargs(params)
             n = params.num_return_sequences
             if n > 1 and self.prefix_sharing and "pixel_values" not in encoded.inputs:
@@ -168,15 +271,6 @@ class GenerationEngine:
         finally:
             self.model.train(was_training)
 
-    def _use_static(self) -> bool:
-        return self.backend == "static" or (self.backend == "auto" and self.device.type == "cuda")
-
-    def _static_decoder(self) -> StaticDecoder:
-        if self._static is None:
-            compile_step = self.compile if self.compile is not None else self.device.type == "cuda"
-            self._static = StaticDecoder(self.model, compile=compile_step)
-        return self._static
-
     def _generate_shared_prefix(self, encoded: EncodedPrompts, n: int, kwargs: dict) -> torch.Tensor:
         """Prefill every prompt once, then decode its ``n`` continuations from a repeated KV cache.
 
@@ -184,33 +278,24 @@ class GenerationEngine:
         to produce the first next-token distribution.
         """
         inputs = encoded.inputs
-        cache = DynamicCache(config=self._config())
+        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         prefix = {k: v[:, :-1] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        # Explicit positions: left-padded rows must be cached at the positions generate() continues from.
         positions = position_ids_from_mask(prefix["attention_mask"])
-        prefix["position_ids"] = positions[None].expand(4, -1, -1) if self._mrope() else positions
-        update_rope_deltas(self.model, lambda _: None)  # stale offsets of an earlier batch must not be reused
-        self.model(
-            **prefix, past_key_values=cache, use_cache=True, logits_to_keep=1
-        )  # only the cache matters
+        mrope = uses_mrope(language_model(self.model))
+        prefix["position_ids"] = positions[None].expand(4, -1, -1) if mrope else positions
+        update_rope_deltas(self.model, lambda _: None)
+        self.model(**prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(n)
         update_rope_deltas(self.model, lambda deltas: deltas.repeat_interleave(n, dim=0))
         repeated = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}
         return self.model.generate(**repeated, past_key_values=cache, **kwargs)
-
-    def _mrope(self) -> bool:
-        return uses_mrope(language_model(self.model))
-
-    def _config(self) -> Any:
-        config = self.model.config
-        return getattr(config, "text_config", config)
 
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "min_new_tokens": params.min_new_tokens,
             "do_sample": params.do_sample,
-            "pad_token_id": self.tokenizer.pad_token_id,
+            "pad_token_id": self._pad_id(),
             "eos_token_id": self.eos_token_ids,
         }
         if params.suppress_token_ids:
@@ -227,14 +312,8 @@ class GenerationEngine:
         ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
         return sorted(i for i in ids if i is not None)
 
-    def _decode(self, sequences: torch.Tensor, prompt_len: int, n: int) -> list[list[Completion]]:
-        completions = sequences[:, prompt_len:].tolist()
-        results: list[list[Completion]] = [[] for _ in range(len(completions) // n)]
-        for row, ids in enumerate(completions):
-            ids, truncated = self.strip_completion(ids)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            results[row // n].append(Completion(row // n, text, ids, truncated))
-        return results
+    def _completion(self, index: int, ids: list[int], truncated: bool) -> Completion:
+        return Completion(index, self.tokenizer.decode(ids, skip_special_tokens=True), ids, truncated)
 
     def strip_completion(self, ids: list[int]) -> tuple[list[int], bool]:
         """Cut at the first end-of-sequence token (kept) and drop padding; report truncation."""
@@ -245,9 +324,28 @@ class GenerationEngine:
         return [t for t in ids if t != pad], True
 
 
-def line_break_token_ids(tokenizer: Any) -> tuple[int, ...]:
-    """Every vocabulary entry that contains a line break (byte-level BPE spells them ``Ċ`` / ``č``)."""
-    return tuple(sorted(i for token, i in tokenizer.get_vocab().items() if "Ċ" in token or "č" in token))
+def collate(inputs: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batch single-prompt processor outputs: sequences left padded, vision tensors concatenated in order."""
+    width = max(int(x["input_ids"].shape[1]) for x in inputs)
+    out: dict[str, torch.Tensor] = {}
+    for key in inputs[0]:
+        parts = [x[key] for x in inputs]
+        if key in SEQUENCE_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            padded = torch.full((len(parts), width), fill, dtype=parts[0].dtype)
+            for i, part in enumerate(parts):
+                padded[i, width - part.shape[1] :] = part[0]
+            out[key] = padded
+        else:
+            out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def _resolve_backend(model: torch.nn.Module, backend: str) -> str:
+    if backend != "auto":
+        return backend
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    return "hf" if len(devices) > 1 else "pool"  # a model spread over GPUs (device_map: auto): HF generate
 
 
 class _Suppress(LogitsProcessor):
@@ -258,38 +356,3 @@ class _Suppress(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores.index_fill(-1, self.token_ids.to(scores.device), float("-inf"))
-
-
-def make_sampler(params: SamplingParams, eos_token_ids: Sequence[int]) -> Any:
-    """``(logits (N, V) fp32, step) -> tokens (N,)`` with HF's order: temperature, top-k, top-p, sample.
-
-    End-of-sequence tokens are forbidden before ``min_new_tokens``.
-    """
-    eos = torch.tensor(list(eos_token_ids))
-    suppressed = torch.tensor(list(params.suppress_token_ids), dtype=torch.long)
-
-    def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
-        if suppressed.numel():
-            logits = logits.index_fill(-1, suppressed.to(logits.device), float("-inf"))
-        if step < params.min_new_tokens:
-            logits = logits.index_fill(-1, eos.to(logits.device), float("-inf"))
-        if not params.do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits / params.temperature
-        if params.top_k:
-            kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            logits = _top_p(logits, params.top_p)
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
-
-    return sample
-
-
-def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches ``top_p`` (HF's TopPLogitsWarper)."""
-    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
-    remove[..., -1:] = False
-    return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))

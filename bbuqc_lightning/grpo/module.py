@@ -74,14 +74,14 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         max_grad_norm: float | None = 1.0,
         val_max_new_tokens: int | None = None,
         num_table_samples: int = 8,
-        generation: Mapping[str, Any] | None = None,
+        generation: Callable[..., GenerationEngine] | None = None,
     ) -> None:
         super().__init__()
         lora = dict(lora or {})
         k = int(lora.get("k", 4))
         self.model = apply_last_k_lora(bundle.model, **lora)
         self.num_frozen = num_text_layers(bundle.model) - k
-        self.engine = GenerationEngine(self.model, bundle.processor, **dict(generation or {}))
+        self.engine = (generation or GenerationEngine)(self.model, bundle.processor)
         self.grpo = grpo
         self.reward_funcs = dict(reward_funcs)
         if grpo.reward_weights is not None and len(grpo.reward_weights) != len(self.reward_funcs):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.generation.protocol import naming_prompts
 
 RewardFunc = Callable[..., list[float]]
 
@@ -43,7 +44,8 @@ def generate_rollout(
 ) -> Rollout:
     """Sample ``params.num_return_sequences`` completions per sample and score them."""
     encoded = engine.encode([s["messages"] for s in samples])
-    sequences = engine.generate_ids(encoded, params)
+    with naming_prompts([str(s.get("ticket_key", i)) for i, s in enumerate(samples)]):
+        sequences = engine.generate_ids(encoded, params)
     prompt_len = encoded.input_ids.shape[1]
     completion_ids = sequences[:, prompt_len:]
     completion_mask, truncated = completion_masks(completion_ids, engine.eos_token_ids)

@@ -8,6 +8,7 @@ Generation goes through the shared :class:`~bbuqc_lightning.generation.engine.Ge
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -35,12 +36,13 @@ class StageAModule(L.LightningModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         num_table_samples: int = 8,
+        generation: Callable[..., GenerationEngine] | None = None,
     ) -> None:
         super().__init__()
         if bundle.kind != "vl":
             raise ValueError(f"Stage-A needs a vision-language model (model.kind=vl), got {bundle.kind!r}")
         self.model = bundle.model
-        self.engine = GenerationEngine(bundle.model, bundle.processor)
+        self.engine = (generation or GenerationEngine)(bundle.model, bundle.processor)
         # A summary is one line: line-break tokens are never generated (clean_summary still guards).
         self.sampling = SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -57,8 +59,11 @@ class StageAModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
         start = time.perf_counter()
+        names = [
+            f"{m['ticket_key']} image {m['record'].image_paths[m['image_index']].name}" for m in batch["meta"]
+        ]
         outputs = self.engine.generate(
-            batch["conversation"], self.sampling, images=[[im] for im in batch["image"]]
+            batch["conversation"], self.sampling, images=[[im] for im in batch["image"]], names=names
         )
         self._seconds += time.perf_counter() - start
         self._images += len(outputs)

@@ -22,6 +22,7 @@ from typing import Any
 
 from bbuqc_lightning.constants import image_key
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.generation.protocol import naming_prompts
 from bbuqc_lightning.stage_b.contract import parse_verdict
 from bbuqc_lightning.stage_b.metrics import VerdictMetrics
 
@@ -100,7 +101,8 @@ def generate_greedy(
     engine: GenerationEngine, samples: Sequence[Mapping[str, Any]], params: SamplingParams
 ) -> tuple[list[str], list[bool]]:
     """One answer per sample through the shared engine: ``(texts, truncated flags)``."""
-    outputs = engine.generate([s["messages"] for s in samples], params)
+    with naming_prompts([s["ticket_key"] for s in samples]):
+        outputs = engine.generate([s["messages"] for s in samples], params)
     return [out[0].text for out in outputs], [out[0].truncated for out in outputs]
 
 

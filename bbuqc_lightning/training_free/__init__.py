@@ -11,7 +11,6 @@ Read in this order:
 - ``artifacts.py``     the per-mission files (guidance.json + snapshots, trajectories, selections, …);
 - ``review.py``        apply reviewed proposals of review mode (``tools/approve_guidance.py``);
 - ``distill.py``       Teacher distillation rows (chatml) and conflict policies, atomic file replacement;
-- ``openai_engine.py`` an OpenAI-compatible HTTP server (vLLM) as the Teacher, same ``generate`` as the engine;
 - ``config.py``        ``RunnerConfig`` and ``FinalRolloutConfig`` (distillation's final rollout).
 
 Teacher distillation writes the final rollout's selections as chatml (``callbacks/distillation.py``,

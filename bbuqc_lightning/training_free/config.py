@@ -26,9 +26,7 @@ class RunnerConfig:
     temperature: float = 0.7  # sampling temperature of the K rollouts
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
-    max_new_tokens: int = 128  # per rollout; raise it when the Teacher thinks (enable_thinking)
-    enable_thinking: bool = False  # Qwen3 text models: let the model write a <think> block first
-    generation_backend: str = "auto"  # auto | hf | static (GenerationEngine); multi-GPU models use hf
+    max_new_tokens: int = 128  # per rollout; raise it when the Teacher thinks (generation.enable_thinking)
     reflection_max_new_tokens: int = 1024  # the reflection's JSON answer
     reflection_temperature: float = 0.0  # 0: greedy reflection
     max_reflection_cases: int = 8  # mistakes shown per mission and round (false passes first)
@@ -59,8 +57,6 @@ class RunnerConfig:
             problems.append(f"reflection_temperature must be >= 0, got {self.reflection_temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.generation_backend not in ("auto", "hf", "static"):
-            problems.append(f"generation_backend must be auto | hf | static, got {self.generation_backend!r}")
         if self.snapshot_retention is not None and self.snapshot_retention < 1:
             problems.append(f"snapshot_retention must be >= 1 or null, got {self.snapshot_retention}")
         if problems:

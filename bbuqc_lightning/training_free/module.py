@@ -35,7 +35,7 @@ import json
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from typing import Any
 import lightning as L
 
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.generation.protocol import Engine
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.stage_b.metrics import verdict_metrics
 from bbuqc_lightning.stage_b.prompts import as_templates
@@ -60,7 +61,6 @@ from bbuqc_lightning.training_free.guidance import GuidanceLimits, MissionGuidan
 from bbuqc_lightning.training_free.reflection import ReflectionTemplates
 from bbuqc_lightning.training_free.reflection_round import MissionRound, reflect_missions
 from bbuqc_lightning.training_free.rollout import (
-    Engine,
     render_messages,
     rollout_groups,
     selection_row,
@@ -81,7 +81,7 @@ class TrainingFreeRunner(L.LightningModule):
         templates: Mapping[str, Any],
         reflection_templates: Mapping[str, Any],
         final_rollout: FinalRolloutConfig | None = None,
-        engine: Engine | None = None,
+        generation: Callable[..., Engine] | None = None,
     ) -> None:
         super().__init__()
         self.bundle = bundle  # a plain object: the model is not a submodule (see the module docstring)
@@ -89,14 +89,9 @@ class TrainingFreeRunner(L.LightningModule):
         self.templates = as_templates(templates)
         self.reflection_templates = ReflectionTemplates.from_mapping(reflection_templates)
         self.final_cfg = final_rollout or FinalRolloutConfig()
-        # engine: the local model through the one generation engine, or an injected one (an HTTP Teacher)
-        self.engine: Engine = engine or GenerationEngine(
-            bundle.model,
-            bundle.processor,
-            backend=_backend(bundle.model, runner.generation_backend),
-            enable_thinking=runner.enable_thinking,
-        )
-        self.model_name = str(getattr(engine, "name", None) or bundle.name)
+        # the engine of conf/generation/: the local model through the pool, or an HTTP Teacher (generation=openai)
+        self.engine: Engine = (generation or GenerationEngine)(bundle.model, bundle.processor)
+        self.model_name = str(getattr(self.engine, "name", None) or bundle.name)
         self.limits = GuidanceLimits(runner.max_experiences, runner.max_experience_chars)
         self.initial_guidance = _read_initial(runner.initial_guidance, self.limits)
         self.run_id = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -326,12 +321,6 @@ def _reflection_metrics(rounds: list[MissionRound]) -> dict[str, float]:
             metrics[f"reflection/{name}"] += value
             metrics[f"reflection/{name}/{slug}"] = float(value)
     return metrics
-
-
-def _backend(model: Any, requested: str) -> str:
-    """The static CUDA-graph decoder needs the model on one device; a spread Teacher uses HF generate."""
-    devices = set((getattr(model, "hf_device_map", None) or {}).values())
-    return "hf" if requested == "auto" and len(devices) > 1 else requested
 
 
 def _read_initial(path: str | None, limits: GuidanceLimits) -> dict[str, MissionGuidance]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bbuqc_lightning.generation.engine import SamplingParams
+from bbuqc_lightning.generation.protocol import Engine
 from bbuqc_lightning.stage_b.prompts import StageBTemplates
 from bbuqc_lightning.training_free.artifacts import PENDING, REFLECTION, mission_slug
 from bbuqc_lightning.training_free.config import RunnerConfig
@@ -37,7 +38,6 @@ from bbuqc_lightning.training_free.reflection import (
     render_reflection_messages,
     select_cases,
 )
-from bbuqc_lightning.training_free.rollout import Engine
 from bbuqc_lightning.training_free.selection import GroupResult
 
 

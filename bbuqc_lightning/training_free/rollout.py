@@ -14,22 +14,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from bbuqc_lightning.constants import image_key
-from bbuqc_lightning.generation.engine import Completion, SamplingParams
+from bbuqc_lightning.generation.protocol import Engine, naming_prompts
+from bbuqc_lightning.generation.sampling import SamplingParams
 from bbuqc_lightning.stage_b.prompts import StageBTemplates, render_stage_b_messages
 from bbuqc_lightning.training_free.guidance import MissionGuidance
 from bbuqc_lightning.training_free.selection import Candidate, GroupResult, select_candidate
-
-
-class Engine(Protocol):
-    """What the runner needs from a generator: :class:`~bbuqc_lightning.generation.engine.GenerationEngine`
-    or anything with the same ``generate`` (an HTTP Teacher, a scripted test double)."""
-
-    def generate(
-        self, conversations: Sequence[Sequence[dict]], params: SamplingParams
-    ) -> list[list[Completion]]: ...
 
 
 def render_messages(
@@ -50,7 +42,8 @@ def rollout_groups(
     epoch: int,
 ) -> list[GroupResult]:
     """Generate ``params.num_return_sequences`` answers per sample, parse them, select one per group."""
-    outputs = engine.generate(list(messages), params)
+    with naming_prompts([s["ticket_key"] for s in samples]):
+        outputs = engine.generate(list(messages), params)
     if len(outputs) != len(samples):
         raise RuntimeError(f"engine returned {len(outputs)} groups of completions for {len(samples)} prompts")
     results = []

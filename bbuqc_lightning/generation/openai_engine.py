@@ -2,10 +2,11 @@
 as :class:`~bbuqc_lightning.generation.engine.GenerationEngine`, so the runner cannot tell them apart.
 
 Useful when Qwen3-32B already runs as a server (``vllm serve Qwen/Qwen3-32B --tensor-parallel-size 2``):
-no 65 GB load in the training process. Select it with ``module.engine`` (the local ``model`` is then only
+no 65 GB load in the training process. Select it with the ``generation`` group (the local ``model`` is then only
 a placeholder; take the tiny one)::
 
-    python tools/distill.py model=tiny_text 'module.engine={_target_: bbuqc_lightning.training_free.openai_engine.OpenAICompatibleEngine, base_url: "http://vllm-host:8000/v1", model: Qwen/Qwen3-32B}'
+    python tools/distill.py model=tiny_text generation=openai generation.base_url=http://vllm-host:8000/v1 \
+        generation.model=Qwen/Qwen3-32B
 
 One ``POST {base_url}/chat/completions`` per conversation with ``n`` = K samples, ``max_concurrency`` of
 them at a time. ``chat_template_kwargs.enable_thinking`` and ``top_k`` are vLLM/SGLang extensions of the
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bbuqc_lightning.generation.engine import Completion, SamplingParams
+from bbuqc_lightning.generation.sampling import Completion, SamplingParams
 
 
 class EndpointError(RuntimeError):
@@ -37,6 +38,9 @@ class OpenAICompatibleEngine:
 
     def __init__(
         self,
+        local_model: Any = None,
+        processor: Any = None,
+        *,
         base_url: str,
         model: str,
         api_key_env: str | None = "OPENAI_API_KEY",
@@ -46,6 +50,7 @@ class OpenAICompatibleEngine:
         retries: int = 2,
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
+        del local_model, processor  # built like the local engine (``generation(model, processor)``), unused
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.name = model  # what the distillation file records as the Teacher

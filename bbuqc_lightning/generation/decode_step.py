@@ -1,0 +1,150 @@
+"""One decode step over the KV pool, captured as a CUDA graph once per bucket.
+
+The step maps static buffers ``tokens, positions, steps (rows,)`` and ``prompt_lens (slots,)`` to the next
+token logits of every row. Its shapes depend only on the *bucket* ``(slots, group, prompt_bucket,
+new_bucket)``: the number of prompt slots in flight rounded up to a power of two, the samples per prompt,
+the longest prompt rounded up to a length bucket and the completion budget rounded up to a power of two.
+So a process captures a handful of graphs whatever prompt lengths, image sizes and row counts it sees
+(vLLM captures per batch size the same way), all sharing one memory pool; no ``torch.compile``.
+On CPU the same step runs eagerly.
+
+Example::
+
+    step = DecodeStep(model, pool, cuda_graphs=True)
+    logits = step.run(Bucket(slots=8, group=8, prompt_bucket=2048, new_bucket=128))  # (64, vocab) fp32
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bbuqc_lightning.generation.kv_pool import KVPool
+from bbuqc_lightning.generation.pool_attention import DecodeBatch
+from bbuqc_lightning.models.decoder import language_model, output_embedding, uses_mrope
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The shape class of a decode step."""
+
+    slots: int
+    group: int
+    prompt_bucket: int
+    new_bucket: int
+
+    @property
+    def rows(self) -> int:
+        return self.slots * self.group
+
+
+class DecodeStep:
+    """Static input buffers, the step function, and one CUDA graph per bucket seen (GPU)."""
+
+    def __init__(self, model: nn.Module, pool: KVPool, cuda_graphs: bool) -> None:
+        self.model = model
+        self.pool = pool
+        layout = pool.layout
+        device = pool.prompt_keys.device
+        self.tokens = torch.zeros(layout.rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(layout.rows, dtype=torch.long, device=device)
+        self.steps = torch.zeros(layout.rows, dtype=torch.long, device=device)
+        self.prompt_lens = torch.zeros(layout.prompt_slots, dtype=torch.long, device=device)
+        vocab = output_embedding(model).weight.shape[0]
+        self.logits = torch.zeros(layout.rows, vocab, dtype=torch.float32, device=device)
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.graphs: dict[Bucket, torch.cuda.CUDAGraph | None] = {}
+        self.capture_seconds = 0.0
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    @property
+    def captures(self) -> int:
+        """Distinct buckets run so far (graphs captured on GPU): bounded by the bucket grid, not by shapes."""
+        return len(self.graphs)
+
+    def run(self, bucket: Bucket) -> torch.Tensor:
+        """Logits ``(bucket.rows, vocab)`` for the tokens in the buffers (a view of a static buffer)."""
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket) if self.cuda_graphs else None
+        graph = self.graphs[bucket]
+        if graph is None:
+            self._forward(bucket)
+        else:
+            graph.replay()
+        return self.logits[: bucket.rows]
+
+    def _capture(self, bucket: Bucket) -> torch.cuda.CUDAGraph:
+        start = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(bucket)  # warm-up: cuBLAS handles and workspaces exist before the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._forward(bucket)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.capture_seconds += seconds
+        log.debug("captured decode graph %s in %.2f s", bucket, seconds)
+        return graph
+
+    @torch.no_grad()
+    def _forward(self, bucket: Bucket) -> None:
+        rows = bucket.rows
+        lm = language_model(self.model)
+        device = self.tokens.device
+        steps = self.steps[:rows]
+        prompt_keys = torch.arange(bucket.prompt_bucket, device=device)
+        new_keys = torch.arange(bucket.new_bucket, device=device)
+        batch = DecodeBatch(
+            pool=self.pool,
+            slots=bucket.slots,
+            group=bucket.group,
+            prompt_bucket=bucket.prompt_bucket,
+            new_bucket=bucket.new_bucket,
+            steps=steps,
+            prompt_bias=_bias(prompt_keys[None] < self.prompt_lens[: bucket.slots, None]),
+            decode_bias=_bias(new_keys[None] <= steps[:, None]),
+        )
+        hidden = lm.embed_tokens(self.tokens[:rows, None])
+        positions = self.positions[:rows, None]
+        rope = positions[None].expand(3, rows, 1) if uses_mrope(lm) else positions
+        embeddings = lm.rotary_emb(hidden, rope)
+        for layer in lm.layers:
+            hidden = _layer_forward(layer, hidden, batch, positions, embeddings)
+        hidden = lm.norm(hidden)
+        self.logits[:rows].copy_(output_embedding(self.model)(hidden[:, -1]).float())
+
+
+def _layer_forward(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    batch: DecodeBatch,
+    positions: torch.Tensor,
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    call: Callable[..., torch.Tensor] = layer
+    return call(
+        hidden,
+        attention_mask=batch,
+        position_ids=positions,
+        past_key_values=batch,
+        position_embeddings=embeddings,
+    )
+
+
+MASKED = -1e30  # finite: a row with every key masked (a free slot) stays finite, so no NaN reaches the pool
+
+
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(n, keys)`` -> additive fp32 ``(n, 1, 1, keys)``: 0 where allowed, a huge negative elsewhere."""
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    return bias.masked_fill(~allowed, MASKED)[:, None, None]

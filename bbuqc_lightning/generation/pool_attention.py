@@ -1,0 +1,201 @@
+"""Decode attention over the KV pool: each prompt's keys/values read once for all its samples.
+
+A decode step has one query token per row. Row ``r = slot * G + g`` is sample ``g`` of the prompt in
+``slot``; its keys are the prompt's (in the prompt slot, shared by the G rows) followed by its own generated
+tokens (its decode row). The attention is computed in two parts and merged exactly, as FlashInfer's cascade
+attention does for shared prefixes:
+
+1. prompt part: the queries of a slot's G rows are stacked (``G x query heads per KV head`` query vectors per
+   KV head) against the slot's prompt keys, one batched matrix product per layer: the prompt is read once per
+   group, not once per row;
+2. decode part: each row's query against its own generated keys;
+3. one softmax over both parts (shared running maximum and sum), then the two value products added.
+
+Plain PyTorch matrix products (cuBLAS on GPU, scores accumulated in fp32) rather than a paged-attention
+kernel: FlashInfer and flash-attn are not part of the PyTorch install this project pins (both need builds
+against the local CUDA toolkit), and FlexAttention recompiles per shape. Slots are contiguous, so a slice of
+the pool is all the kernel needs; the CPU takes the same code path, so CI checks the same maths.
+
+The function is registered with transformers' ``AttentionInterface`` as ``bbuqc_engine``: when the layer's
+``attention_mask`` is a :class:`DecodeBatch` (only the engine's decode step passes one) it runs the pool
+attention; any other call is transformers' ``sdpa`` unchanged (training forwards, prefill, the vision tower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from bbuqc_lightning.generation.kv_pool import KVPool
+from bbuqc_lightning.models.decoder import base_model
+
+NAME = "bbuqc_engine"
+
+
+@dataclass
+class DecodeBatch:
+    """The rows of one decode step: ``slots`` prompt slots x ``group`` samples, buckets of the pool to read.
+
+    Also the step's stand-in cache: each layer's :meth:`update` writes the new token's key/value into the
+    row's decode position ``steps[r]``.
+    """
+
+    pool: KVPool
+    slots: int
+    group: int
+    prompt_bucket: int  # prompt positions read per slot (>= the longest prompt in flight)
+    new_bucket: int  # decode positions read per row (>= the longest completion so far)
+    steps: torch.Tensor  # (rows,) decode position of the current token
+    prompt_bias: torch.Tensor  # (slots, 1, 1, prompt_bucket) 0 / -inf
+    decode_bias: torch.Tensor  # (rows, 1, 1, new_bucket) 0 / -inf
+
+    @property
+    def rows(self) -> int:
+        return self.slots * self.group
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(self.rows, device=keys.device)
+        dtype = self.pool.dtype
+        self.pool.decode_keys[layer_idx][rows, :, self.steps] = keys[:, :, 0].to(dtype)
+        self.pool.decode_values[layer_idx][rows, :, self.steps] = values[:, :, 0].to(dtype)
+        return keys, values
+
+
+def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scaling: float) -> torch.Tensor:
+    """``query (rows, heads, 1, D)`` -> ``(rows, 1, heads, D)`` attending to prompt slot + own decode row."""
+    rows, heads, _, dim = query.shape
+    pool, slots, group = batch.pool, batch.slots, batch.group
+    kv_heads = pool.layout.kv_heads
+    per_kv = heads // kv_heads
+    prompt_k = pool.prompt_keys[layer_idx, :slots, :, : batch.prompt_bucket]
+    prompt_v = pool.prompt_values[layer_idx, :slots, :, : batch.prompt_bucket]
+    decode_k = pool.decode_keys[layer_idx, :rows, :, : batch.new_bucket]
+    decode_v = pool.decode_values[layer_idx, :rows, :, : batch.new_bucket]
+    # (rows, H, D) -> (slots, kv_heads, group * per_kv, D): a slot's samples share its prompt keys.
+    q = query.view(slots, group, kv_heads, per_kv, dim).transpose(1, 2).reshape(slots, kv_heads, -1, dim)
+    q = q.to(pool.dtype)
+    qd = query.view(rows, kv_heads, per_kv, dim).to(pool.dtype)
+    if _fused_ok(q):
+        try:
+            o1, l1 = _attend(q, prompt_k, prompt_v, batch.prompt_bias, scaling)
+            o2, l2 = _attend(qd, decode_k, decode_v, batch.decode_bias, scaling)
+        except RuntimeError:  # shapes the kernel refuses (alignment): the matrix-product path below
+            global _FUSED
+            _FUSED = False
+        else:
+            l1 = _to_rows(l1, slots, group)
+            total = torch.logaddexp(l1, l2)
+            out = _to_rows(o1, slots, group) * torch.exp(l1 - total).unsqueeze(-1)
+            out = out + o2 * torch.exp(l2 - total).unsqueeze(-1)
+            return out.reshape(rows, 1, heads, dim).to(query.dtype)
+    s1 = _scores(q, prompt_k) * scaling + batch.prompt_bias  # (slots, kv, group*per_kv, Lb)
+    s2 = _scores(qd, decode_k) * scaling + batch.decode_bias  # (rows, kv, per_kv, Tb)
+    m = torch.maximum(s1.amax(-1), _to_slots(s2.amax(-1), slots, group))  # (slots, kv, group*per_kv)
+    p1 = torch.exp(s1 - m.unsqueeze(-1))
+    p2 = torch.exp(s2 - _to_rows(m, slots, group).unsqueeze(-1))
+    total = _to_rows(p1.sum(-1), slots, group) + p2.sum(-1)  # (rows, kv, per_kv)
+    o1 = torch.matmul(p1.to(pool.dtype), prompt_v)  # (slots, kv, group*per_kv, D)
+    o2 = torch.matmul(p2.to(pool.dtype), decode_v)  # (rows, kv, per_kv, D)
+    out = (_to_rows(o1, slots, group).float() + o2.float()) / total.unsqueeze(-1)
+    return out.reshape(rows, 1, heads, dim).to(query.dtype)
+
+
+_FUSED = True
+
+
+def _fused_ok(q: torch.Tensor) -> bool:
+    return _FUSED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part on CUDA: PyTorch's memory-efficient attention kernel, output (fp32) and log-sum-exp.
+
+    The kernel returns the log-sum-exp that merging the two parts needs (public ``scaled_dot_product_attention``
+    does not), and reads each key/value block once per (slot, KV head) for all the queries stacked there.
+    """
+    batch, heads, queries, _ = q.shape
+    full_bias = bias.to(q.dtype).expand(batch, heads, queries, bias.shape[-1])
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, full_bias, True, 0.0, False, scale=scaling
+    )
+    return out.float(), lse[..., :queries]
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k^T`` with fp32 scores (bf16 operands accumulate and return in fp32 on CUDA)."""
+    global _FP32_OUT
+    if _FP32_OUT and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        batch = q.shape[:-2]
+        try:
+            out = torch.bmm(
+                q.reshape(-1, *q.shape[-2:]),
+                k.reshape(-1, *k.shape[-2:]).transpose(1, 2),
+                out_dtype=torch.float32,
+            )
+            return out.view(*batch, q.shape[-2], k.shape[-2])
+        except (TypeError, RuntimeError):  # a PyTorch without bmm(out_dtype=): round scores to bf16 first
+            _FP32_OUT = False
+    return torch.matmul(q, k.transpose(-1, -2)).float()
+
+
+_FP32_OUT = True
+
+
+def _to_slots(x: torch.Tensor, slots: int, group: int) -> torch.Tensor:
+    """``(rows, kv, per_kv, ...)`` -> ``(slots, kv, group * per_kv, ...)``."""
+    rest = x.shape[3:]
+    x = x.view(slots, group, *x.shape[1:]).transpose(1, 2)
+    return x.reshape(slots, x.shape[1], -1, *rest)
+
+
+def _to_rows(x: torch.Tensor, slots: int, group: int) -> torch.Tensor:
+    """``(slots, kv, group * per_kv, ...)`` -> ``(rows, kv, per_kv, ...)``."""
+    rest = x.shape[3:]
+    x = x.view(slots, x.shape[1], group, -1, *rest).transpose(1, 2)
+    return x.reshape(slots * group, *x.shape[2:])
+
+
+def engine_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | DecodeBatch | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Pool attention for the engine's decode step; transformers' ``sdpa`` for everything else."""
+    if isinstance(attention_mask, DecodeBatch):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return pool_attention(module.layer_idx, query, attention_mask, scale), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+def register() -> None:
+    """Make ``bbuqc_engine`` known to transformers (idempotent); masks are ``sdpa``'s."""
+    AttentionInterface.register(NAME, engine_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_engine_attention(model: nn.Module) -> None:
+    """Switch a model that runs ``sdpa`` to ``bbuqc_engine`` (same maths outside the engine's decode step).
+
+    Models on another attention implementation (eager, flash) are switched too: their prefill and training
+    forwards then run sdpa, which transformers supports for every Qwen3 / Qwen3-VL module.
+    """
+    register()
+    inner = base_model(model)
+    if inner.config._attn_implementation != NAME:
+        inner.set_attn_implementation(NAME)

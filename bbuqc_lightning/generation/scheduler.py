@@ -1,0 +1,222 @@
+"""Continuous batching over the KV pool: finished prompts free their slot for waiting ones.
+
+One :meth:`ContinuousBatcher.run` call serves one ``generate`` call. Prompts wait in a queue (longest first,
+so the length bucket shrinks as the call goes on); whenever slots are free, a chunk of waiting prompts is
+prefilled (eagerly, at most ``max_prefill_tokens`` padded tokens at a time) into the lowest free slots and its
+G sample rows start decoding beside the rows already running. A slot is freed when all its G rows have ended
+(end-of-sequence or ``max_new_tokens``), so Stage-A summaries and eval answers of different lengths do not
+wait for the longest one, and a batch larger than the pool is queued, not refused. The G rows of a prompt
+come from the same weights: a call never spans an optimiser step, so GRPO's semantics hold.
+
+Row ``r`` belongs to slot ``r // G``; the decode step runs the rows of the lowest ``slots`` slots, ``slots``
+rounded up to a power of two (:class:`~bbuqc_lightning.generation.decode_step.Bucket`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bbuqc_lightning.generation.decode_step import Bucket, DecodeStep
+from bbuqc_lightning.generation.sampling import Sampler
+
+# Prefill(requests) -> (first logits (n, V) fp32, first decode positions (n,), per-layer (keys, values))
+Prefill = Callable[
+    [list["Request"]], tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]
+]
+
+
+@dataclass
+class Request:
+    """One prompt: its own (unpadded, batch of one) processor outputs."""
+
+    index: int
+    inputs: dict[str, torch.Tensor]
+    length: int
+    name: str
+
+
+@dataclass
+class _Slot:
+    request: Request
+    rows_done: int = 0
+    tokens: list[list[int]] = field(default_factory=list)
+
+
+class PromptTooLongError(ValueError):
+    """A prompt longer than ``generation.max_prompt_len``; ``index`` is its position in the call."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def next_bucket(value: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= value (``buckets`` ascending, the last one the maximum)."""
+    for bucket in buckets:
+        if bucket >= value:
+            return bucket
+    return buckets[-1]
+
+
+def power_of_two_buckets(limit: int) -> list[int]:
+    """1, 2, 4, ... up to ``limit`` (``limit`` itself last when it is not a power of two)."""
+    out = [1]
+    while out[-1] * 2 < limit:
+        out.append(out[-1] * 2)
+    return sorted({*out, limit})
+
+
+class ContinuousBatcher:
+    """The scheduling loop over a :class:`DecodeStep` and its pool."""
+
+    def __init__(
+        self, step: DecodeStep, prefill: Prefill, length_buckets: Sequence[int], max_prefill_tokens: int
+    ) -> None:
+        self.step = step
+        self.prefill = prefill
+        self.layout = step.pool.layout
+        self.length_buckets = sorted(b for b in length_buckets if b < self.layout.max_prompt_len)
+        self.length_buckets.append(self.layout.max_prompt_len)
+        self.max_prefill_tokens = max_prefill_tokens
+        device = step.tokens.device
+        self.offsets = torch.zeros(self.layout.rows, dtype=torch.long, device=device)
+        self.out = torch.zeros(self.layout.rows, self.layout.max_new_tokens, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def run(
+        self,
+        requests: Sequence[Request],
+        group: int,
+        max_new_tokens: int,
+        sample: Sampler,
+        eos_token_ids: Sequence[int],
+    ) -> list[list[list[int]]]:
+        """Token ids per request, ``group`` lists each (end-of-sequence token kept, no padding)."""
+        self._check(requests, group, max_new_tokens)
+        capacity = min(self.layout.prompt_slots, self.layout.rows // group)
+        slot_buckets = power_of_two_buckets(capacity)
+        new_bucket = next_bucket(max_new_tokens, power_of_two_buckets(self.layout.max_new_tokens))
+        eos = torch.tensor(list(eos_token_ids), device=self.out.device)
+        waiting = deque(sorted(requests, key=lambda r: -r.length))
+        slots: list[_Slot | None] = [None] * capacity
+        finished = torch.ones(self.layout.rows, dtype=torch.bool)  # host copy; free rows count as finished
+        results: dict[int, list[list[int]]] = {}
+        while waiting or any(s is not None for s in slots):
+            free = [i for i, s in enumerate(slots) if s is None]
+            busy = len(free) < capacity
+            if waiting and free and (not busy or len(free) >= max(1, capacity // 4)):
+                self._admit(waiting, free, slots, group, sample, eos, max_new_tokens, finished)
+            if not bool((~finished[: capacity * group]).any()):  # e.g. every first token was an end
+                self._collect(slots, group, finished, results)
+                continue
+            top = max(i for i, s in enumerate(slots) if s is not None) + 1
+            longest = max(s.request.length for s in slots if s is not None)
+            bucket = Bucket(
+                slots=next_bucket(top, slot_buckets),
+                group=group,
+                prompt_bucket=next_bucket(longest, self.length_buckets),
+                new_bucket=new_bucket,
+            )
+            if self._decode(bucket, sample, eos, max_new_tokens, finished):
+                self._collect(slots, group, finished, results)
+        return [results[r.index] for r in requests]
+
+    def _check(self, requests: Sequence[Request], group: int, max_new_tokens: int) -> None:
+        if group > self.layout.rows:
+            raise ValueError(
+                f"generation: {group} samples per prompt exceed generation.max_rows={self.layout.rows}"
+            )
+        if max_new_tokens > self.layout.max_new_tokens:
+            raise ValueError(
+                f"generation: max_new_tokens={max_new_tokens} exceeds the pool's "
+                f"generation.max_new_tokens={self.layout.max_new_tokens}; raise it in conf/generation"
+            )
+        for request in requests:
+            if request.length > self.layout.max_prompt_len:
+                raise PromptTooLongError(
+                    f"generation: prompt {request.name} has {request.length} tokens, more than "
+                    f"generation.max_prompt_len={self.layout.max_prompt_len}; raise it (the KV pool then "
+                    "holds fewer prompts at once) or shorten the prompt",
+                    request.index,
+                )
+
+    def _admit(
+        self,
+        waiting: deque[Request],
+        free: list[int],
+        slots: list[_Slot | None],
+        group: int,
+        sample: Sampler,
+        eos: torch.Tensor,
+        max_new_tokens: int,
+        finished: torch.Tensor,
+    ) -> None:
+        chunk = [waiting.popleft()]
+        while waiting and len(chunk) < len(free):
+            if (len(chunk) + 1) * max(chunk[0].length, waiting[0].length) > self.max_prefill_tokens:
+                break
+            chunk.append(waiting.popleft())
+        logits, offsets, layer_kv = self.prefill(chunk)
+        chosen = free[: len(chunk)]
+        self.step.pool.store_prompts(layer_kv, [r.length for r in chunk], chosen)
+        del layer_kv
+        device = self.out.device
+        slot_index = torch.tensor(chosen, device=device)
+        rows = (slot_index[:, None] * group + torch.arange(group, device=device)).reshape(-1)
+        zeros = torch.zeros(len(rows), dtype=torch.long, device=device)
+        first = sample(logits.repeat_interleave(group, dim=0), zeros)
+        self.step.prompt_lens[slot_index] = torch.tensor([r.length for r in chunk], device=device)
+        self.offsets[rows] = offsets.to(device).repeat_interleave(group)
+        self.step.tokens[rows] = first
+        self.step.steps[rows] = zeros
+        self.step.positions[rows] = self.offsets[rows]
+        self.out[rows, 0] = first
+        done = torch.isin(first, eos) | (max_new_tokens <= 1)
+        finished[rows.cpu()] = done.cpu()
+        for slot, request in zip(chosen, chunk, strict=True):
+            slots[slot] = _Slot(request)
+
+    def _decode(
+        self, bucket: Bucket, sample: Sampler, eos: torch.Tensor, max_new_tokens: int, finished: torch.Tensor
+    ) -> bool:
+        """One token for every running row; True when a row ended."""
+        rows = bucket.rows
+        logits = self.step.run(bucket)
+        steps = self.step.steps[:rows]
+        nxt = sample(logits, steps + 1)
+        running = (~finished[:rows]).to(nxt.device)
+        new_steps = torch.where(running, steps + 1, steps)
+        index = torch.arange(rows, device=nxt.device)
+        keep = self.out[index, new_steps]
+        self.out[index, new_steps] = torch.where(running, nxt, keep)
+        self.step.tokens[:rows] = torch.where(running, nxt, self.step.tokens[:rows])
+        self.step.steps[:rows] = new_steps
+        self.step.positions[:rows] = self.offsets[:rows] + new_steps
+        ended = running & (torch.isin(nxt, eos) | (new_steps + 1 >= max_new_tokens))
+        if not bool(ended.any()):  # the step's one host synchronisation
+            return False
+        finished[:rows] |= ended.cpu()
+        return True
+
+    def _collect(
+        self,
+        slots: list[_Slot | None],
+        group: int,
+        finished: torch.Tensor,
+        results: dict[int, list[list[int]]],
+    ) -> None:
+        """Hand back every slot whose rows have all ended, and free it."""
+        for i, slot in enumerate(slots):
+            if slot is None or not bool(finished[i * group : (i + 1) * group].all()):
+                continue
+            rows = slice(i * group, (i + 1) * group)
+            counts = (self.step.steps[rows] + 1).tolist()
+            tokens = self.out[rows].tolist()
+            results[slot.request.index] = [ids[:n] for ids, n in zip(tokens, counts, strict=True)]
+            self.step.prompt_lens[i] = 0
+            slots[i] = None
+            finished[rows] = True

@@ -1,0 +1,251 @@
+"""The generation engine: the KV pool gives HF generate's greedy tokens (text and image prompts, mixed
+lengths, rows ending early, more prompts than slots), its captures stay bounded whatever the shapes, and
+its memory is allocated once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
+from bbuqc_lightning.generation.kv_pool import KVPool, PoolLayout
+from bbuqc_lightning.generation.pool_attention import DecodeBatch, pool_attention
+from bbuqc_lightning.generation.scheduler import PromptTooLongError
+from bbuqc_lightning.models.factory import ModelBundle, load_model
+
+TEXT = [
+    [{"role": "user", "content": "你好，请判断"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "长一点的问题在这里吗？再长一点的问题"}],
+]
+IMAGES = [
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "描述"}]}],
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "描述这张图片的内容"}]}],
+]
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_architecture: dict[str, Any]) -> ModelBundle:
+    arch = {
+        "text": {**tiny_architecture["text"], "initializer_range": 0.3},
+        "vision": tiny_architecture["vision"],
+    }
+    return load_model(kind="vl", random_init=True, architecture=arch, seed=0, max_pixels=65536)
+
+
+def pool_engine(bundle: ModelBundle, **kwargs: Any) -> GenerationEngine:
+    settings = {"max_rows": 8, "prompt_slots": 4, "max_new_tokens": 64, "max_prompt_len": 512, **kwargs}
+    return GenerationEngine(bundle.model, bundle.processor, backend="pool", **settings)
+
+
+def tokens(engine: GenerationEngine, convs: list, params: SamplingParams, images: list | None = None):
+    return [c.token_ids for group in engine.generate(convs, params, images) for c in group]
+
+
+def both(bundle: ModelBundle, convs: list, params: SamplingParams, images: list | None = None, **kw: Any):
+    hf = GenerationEngine(bundle.model, bundle.processor, backend="hf")
+    return tokens(hf, convs, params, images), tokens(pool_engine(bundle, **kw), convs, params, images)
+
+
+def prompts_of_lengths(lengths: list[int]) -> list[list[dict]]:
+    words = "光纤弯曲半径不合理螺丝未拧紧标签无法识别挡风板安装方向正确接地线捆扎整齐"
+    return [[{"role": "user", "content": (words * 40)[:n]}] for n in lengths]
+
+
+def test_auto_backend_is_the_pool(varied: ModelBundle) -> None:
+    assert GenerationEngine(varied.model, varied.processor).backend == "pool"
+
+
+def test_greedy_text_with_left_padding(varied: ModelBundle) -> None:
+    hf, pool = both(varied, TEXT, SamplingParams(max_new_tokens=12))
+    assert pool == hf
+    assert len(set(hf[0])) > 3  # a varied output, so equality means something
+
+
+def test_greedy_images_of_different_sizes(varied: ModelBundle) -> None:
+    images = [[Image.new("RGB", (200, 120), (200, 10, 10))], [Image.new("RGB", (90, 160), (10, 200, 10))]]
+    hf, pool = both(varied, IMAGES, SamplingParams(max_new_tokens=10), images)
+    assert pool == hf
+
+
+def test_mixed_lengths_early_ends_and_a_queue(varied: ModelBundle) -> None:
+    """Nine prompts of nine lengths through 3 slots; rows end early on a chosen end token."""
+    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    pool = pool_engine(varied, prompt_slots=3, max_rows=3)
+    params = SamplingParams(max_new_tokens=10)
+    free_run = tokens(hf, convs, params)
+    stop = free_run[0][3]  # make a token the first row emits an end of sequence: rows end at different steps
+    hf.eos_token_ids = pool.eos_token_ids = [*hf.eos_token_ids, stop]
+    want, got = tokens(hf, convs, params), tokens(pool, convs, params)
+    assert got == want
+    assert len({len(ids) for ids in got}) > 1 and len(got[0]) == 4
+
+
+def test_samples_share_the_prompt(varied: ModelBundle) -> None:
+    # top_k=1 sampling is deterministic, so every sample of a prompt must equal the greedy answer.
+    shared = SamplingParams(max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3)
+    greedy, _ = both(varied, TEXT, SamplingParams(max_new_tokens=8))
+    samples = tokens(pool_engine(varied, max_rows=6, prompt_slots=1), TEXT, shared)
+    assert samples == [greedy[0]] * 3 + [greedy[1]] * 3
+
+
+def test_suppressed_tokens_and_min_length(varied: ModelBundle) -> None:
+    breaks = line_break_token_ids(varied.tokenizer)
+    params = SamplingParams(max_new_tokens=16, min_new_tokens=16, suppress_token_ids=breaks)
+    hf, pool = both(varied, TEXT, params)
+    assert pool == hf
+    assert all(len(ids) == 16 and not set(ids) & set(breaks) for ids in pool)
+
+
+def test_sampling_draws_from_the_generator(varied: ModelBundle) -> None:
+    engine = pool_engine(varied)
+    params = SamplingParams(max_new_tokens=6, do_sample=True, temperature=1.0, num_return_sequences=4)
+    torch.manual_seed(0)
+    first = tokens(engine, TEXT[:1], params)
+    torch.manual_seed(0)
+    again = tokens(engine, TEXT[:1], params)
+    assert first == again and len({tuple(ids) for ids in first}) > 1
+
+
+def test_captures_and_memory_do_not_grow_with_shapes(varied: ModelBundle) -> None:
+    """12 prompt lengths x 4 row counts x 2 group sizes: the bucket grid bounds the captures, the pool stays."""
+    engine = pool_engine(varied, prompt_slots=8, max_rows=16, max_prompt_len=512)
+    lengths = [3, 11, 19, 27, 40, 57, 75, 99, 130, 170, 230, 300]
+    workloads = [
+        (prompts_of_lengths(lengths[i : i + rows]), group)
+        for group in (1, 2)
+        for rows in (1, 3, 5, 8)
+        for i in range(0, len(lengths), rows)
+    ]
+
+    def run_all() -> None:
+        for convs, group in workloads:
+            engine.generate(convs, SamplingParams(max_new_tokens=3, num_return_sequences=group))
+
+    run_all()
+    pool = engine.decode_step.pool
+    pointers = [t.data_ptr() for t in pool.tensors()]
+    captures = engine.decode_step.captures
+    # slots buckets {1,2,4,8} x groups {1,2} x length buckets {256, 512} at most, whatever the 12 lengths
+    assert captures <= 4 * 2 * 2
+    run_all()
+    assert engine.decode_step.captures == captures  # nothing new for shapes already seen
+    assert [t.data_ptr() for t in pool.tensors()] == pointers
+    assert pool.layout.nbytes == sum(t.numel() * t.element_size() for t in pool.tensors())
+
+
+def test_a_prompt_longer_than_the_pool_names_it(varied: ModelBundle) -> None:
+    engine = pool_engine(varied, max_prompt_len=16)
+    with pytest.raises(PromptTooLongError, match=r"QC-TEMP-1::fail.*max_prompt_len=16"):
+        engine.generate(prompts_of_lengths([80]), SamplingParams(max_new_tokens=2), names=["QC-TEMP-1::fail"])
+
+
+def test_limits_are_configuration_errors(varied: ModelBundle) -> None:
+    engine = pool_engine(varied, max_rows=4, max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_rows=4"):
+        engine.generate(TEXT, SamplingParams(max_new_tokens=2, num_return_sequences=5))
+    with pytest.raises(ValueError, match=r"generation.max_new_tokens=8"):
+        engine.generate(TEXT, SamplingParams(max_new_tokens=9))
+    with pytest.raises(ValueError, match="kv_memory_gb"):
+        GenerationEngine(varied.model, varied.processor, kv_memory_gb=1e-6).generate(
+            TEXT, SamplingParams(max_new_tokens=2)
+        )
+
+
+def test_generate_ids_pads_after_each_rows_end(varied: ModelBundle) -> None:
+    engine = pool_engine(varied)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    encoded = engine.encode(TEXT)
+    params = SamplingParams(max_new_tokens=7, do_sample=True, top_k=1, num_return_sequences=2)
+    ours = engine.generate_ids(encoded, params)
+    want = hf.generate_ids(encoded, params)
+    assert ours.shape == (4, encoded.input_ids.shape[1] + 7)
+    assert torch.equal(ours, want)
+
+
+def test_pool_attention_equals_sdpa_over_the_concatenated_keys() -> None:
+    """Cascade maths: prompt slot read once per group + own decode keys == sdpa over prompt ++ decode."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    slots, group, kv_heads, per_kv, dim = 3, 2, 2, 4, 16
+    layout = PoolLayout(1, kv_heads, dim, slots, 32, slots * group, 8, 4)
+    pool = KVPool(layout, torch.float32, "cpu")
+    for t in pool.tensors():
+        t.normal_()
+    prompt_lens = torch.tensor([5, 32, 17])
+    steps = torch.tensor([0, 3, 7, 2, 5, 1])
+    rows = slots * group
+    query = torch.randn(rows, kv_heads * per_kv, 1, dim)
+    batch = DecodeBatch(
+        pool, slots, group, 32, 8, steps,
+        torch.where(torch.arange(32)[None] < prompt_lens[:, None], 0.0, float("-inf"))[:, None, None],
+        torch.where(torch.arange(8)[None] <= steps[:, None], 0.0, float("-inf"))[:, None, None],
+    )  # fmt: skip
+    out = pool_attention(0, query, batch, scaling=0.25)
+    for r in range(rows):
+        s = r // group
+        keys = torch.cat(
+            [pool.prompt_keys[0, s, :, : prompt_lens[s]], pool.decode_keys[0, r, :, : steps[r] + 1]], 1
+        )
+        values = torch.cat(
+            [pool.prompt_values[0, s, :, : prompt_lens[s]], pool.decode_values[0, r, :, : steps[r] + 1]], 1
+        )
+        want = F.scaled_dot_product_attention(
+            query[r : r + 1], keys[None], values[None], scale=0.25, enable_gqa=True
+        )
+        torch.testing.assert_close(out[r, 0], want[0, :, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_engine_attention_leaves_config_files_alone(tiny_architecture: dict[str, Any], tmp_path) -> None:
+    bundle = load_model(kind="vl", random_init=True, architecture=tiny_architecture, seed=0)
+    GenerationEngine(bundle.model, bundle.processor).generate(TEXT, SamplingParams(max_new_tokens=2))
+    assert bundle.model.config.text_config._attn_implementation == "bbuqc_engine"
+    bundle.model.save_pretrained(tmp_path)
+    assert '"bbuqc_engine"' not in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_give_the_eager_tokens(varied: ModelBundle) -> None:
+    model = varied.model.cuda()
+    try:
+        convs = prompts_of_lengths([5, 60, 17, 120, 33])
+        params = SamplingParams(max_new_tokens=12)
+        eager = tokens(pool_engine(varied, cuda_graphs=False), convs, params)
+        graphs = pool_engine(varied, cuda_graphs=True)
+        assert tokens(graphs, convs, params) == eager
+        assert graphs.decode_step.captures >= 1
+    finally:
+        model.cpu()
+
+
+@pytest.mark.gpu
+def test_fused_parts_equal_the_matrix_product_path_on_cuda() -> None:
+    """The CUDA kernel path (two efficient-attention parts merged by log-sum-exp) == the matmul path."""
+    import bbuqc_lightning.generation.pool_attention as pa
+
+    torch.manual_seed(0)
+    slots, group, kv_heads, per_kv, dim = 3, 4, 2, 4, 64
+    layout = PoolLayout(1, kv_heads, dim, slots, 256, slots * group, 64, 2)
+    pool = KVPool(layout, torch.bfloat16, "cuda")
+    for t in pool.tensors():
+        t.normal_()
+    prompt_lens = torch.tensor([5, 256, 17], device="cuda")
+    steps = torch.randint(0, 64, (slots * group,), device="cuda")
+    query = torch.randn(slots * group, kv_heads * per_kv, 1, dim, device="cuda", dtype=torch.bfloat16)
+    batch = DecodeBatch(
+        pool, slots, group, 256, 64, steps,
+        torch.where(torch.arange(256, device="cuda")[None] < prompt_lens[:, None], 0.0, -1e30)[:, None, None],
+        torch.where(torch.arange(64, device="cuda")[None] <= steps[:, None], 0.0, -1e30)[:, None, None],
+    )  # fmt: skip
+    fused = pool_attention(0, query, batch, scaling=dim**-0.5)
+    assert pa._FUSED, "the fused kernel path fell back"
+    pa._FUSED = False
+    try:
+        plain = pool_attention(0, query, batch, scaling=dim**-0.5)
+    finally:
+        pa._FUSED = True
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
