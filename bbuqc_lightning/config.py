@@ -70,6 +70,7 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
         if resolved is not None:
             problems += _typed_block_problems(resolved)
             problems += _trainer_problems(resolved.get("trainer") or {}, environment)
+            problems += _generation_problems(resolved)
             problems += _path_problems(resolved) if environment else []
     if problems:
         raise ValueError("Invalid configuration: " + "; ".join(problems))
@@ -100,6 +101,28 @@ def _typed_block_problems(node: Any, where: str = "") -> list[str]:
         for key, value in node.items():
             problems += _typed_block_problems(value, f"{where}.{key}" if where else str(key))
     return problems
+
+
+def _generation_problems(resolved: dict[str, Any]) -> list[str]:
+    """Every ``*max_new_tokens`` of the module fits the generation pool (``generation.max_new_tokens``)."""
+    generation = resolved.get("generation")
+    if not isinstance(generation, dict) or generation.get("backend") == "hf":
+        return []
+    limit = generation.get("max_new_tokens")
+    if not isinstance(limit, int):
+        return []
+    return [
+        f"{key}={value} exceeds generation.max_new_tokens={limit} (the pool's longest completion): "
+        f"lower it or raise generation.max_new_tokens"
+        for key, value in _int_leaves(resolved.get("module"), "module")
+        if key.endswith("max_new_tokens") and value > limit
+    ]
+
+
+def _int_leaves(node: Any, where: str) -> list[tuple[str, int]]:
+    if isinstance(node, dict):
+        return [leaf for key, value in node.items() for leaf in _int_leaves(value, f"{where}.{key}")]
+    return [(where, node)] if isinstance(node, int) and not isinstance(node, bool) else []
 
 
 def _select(container: dict[str, Any], dotted: str) -> Any:

@@ -60,10 +60,17 @@ def load_tiny_teacher(
     tokenizer_path: str | None = None,
     name: str = "tiny-teacher",
     kind: str = "text",
+    torch_threads: int | None = 1,
 ) -> ModelBundle:
-    """The fitted tiny model: from ``cache_dir`` when its recipe matches, else fitted now and saved there."""
+    """The fitted tiny model: from ``cache_dir`` when its recipe matches, else fitted now and saved there.
+
+    ``torch_threads`` sets torch's intra-op threads for the run (None: leave them): this model's matrices
+    are too small to share among threads, and on a busy machine waiting threads cost 2-4x.
+    """
     if kind != "text":
         raise ValueError(f"the tiny Teacher is a text model (kind: text), got kind={kind!r}")
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     rows = training_rows(synthetic, stage_b_templates, texts)
     recipe = {
         "architecture": json.loads(json.dumps(architecture)),
