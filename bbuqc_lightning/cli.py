@@ -30,6 +30,10 @@ from bbuqc_lightning.config import config_dir, register_resolvers, single_line
 
 EXIT_CONFIG_ERROR = 2
 _MULTIRUN_FLAGS = ("-m", "--multirun")
+_FLAGS_WITH_VALUE = ("-c", "--cfg", "-p", "--package", "--info", "--experimental-rerun")
+# Help, another config, shell completion: Hydra's own business.
+_SKIP_FLAGS = ("-h", "--help", "--hydra-help", "-cn", "--config-name", "-cp", "--config-path", "-cd",
+               "--config-dir", "-sc", "--shell-completion", "--experimental-rerun")  # fmt: skip
 
 
 def one_line(err: BaseException) -> str:
@@ -77,9 +81,9 @@ def check_composition(argv: Sequence[str], config_name: str = "train") -> None:
     Flags (``--help``, ``-m``, ``--cfg``...) are left to Hydra. Under ``-m`` each swept override is checked
     with its first value. ``HYDRA_FULL_ERROR=1`` skips the check, so Hydra's own report shows.
     """
-    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a in ("-h", "--help", "--hydra-help") for a in argv):
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.split("=")[0] in _SKIP_FLAGS for a in argv):
         return
-    overrides = [a for a in argv if not a.startswith("-")]
+    overrides = _overrides_of(argv)
     try:
         if any(a in _MULTIRUN_FLAGS for a in argv):
             overrides = _first_of_each_sweep(overrides)
@@ -90,6 +94,19 @@ def check_composition(argv: Sequence[str], config_name: str = "train") -> None:
         fail(f"cannot parse the overrides: {one_line(err)}")
     except ConfigCompositionException as err:
         fail(_override_message(err, overrides, config_name))
+
+
+def _overrides_of(argv: Sequence[str]) -> list[str]:
+    """The positional overrides of a Hydra command line (flags and their values left out)."""
+    overrides, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg in _FLAGS_WITH_VALUE:
+            skip_next = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
 
 
 def _compose(overrides: list[str], config_name: str) -> DictConfig:
