@@ -8,45 +8,49 @@ Commands (CPU demo on the embedded tiny model and synthetic data; add ``trainer=
     python -m bbuqc_lightning.train -m +experiment=grpo module.optimizer.lr=1e-5,5e-6   # Hydra multirun
 
 ``train(cfg)`` returns ``(metrics, objects)``; ``main`` returns ``cfg.optimized_metric`` for sweeps.
+
+The command line stays quiet and fails fast: the composition is checked before Hydra runs
+(:mod:`bbuqc_lightning.cli`), the config is validated before torch, Lightning or a model load, every
+failure is one ``error:`` line (traceback in ``<run>/error.log``), and the resolved config is in
+``<run>/.hydra/config.yaml`` (``extras.print_config=true`` prints it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from bbuqc_lightning.cli import check_composition, fail, sweep_context
 from bbuqc_lightning.config import config_dir, register_resolvers, validate_config
-from bbuqc_lightning.tracking.wandb import configure_wandb_env, finish_wandb
+from bbuqc_lightning.quiet import quiet_known_warnings
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
 
-# GRPO optimises inside training_step (manual optimisation), so a step's checkpoint holds the weights after
-# that step, which is what resuming needs; Lightning warns about it on every run.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-
-
 def build_objects(cfg: DictConfig) -> dict[str, Any]:
-    """Instantiate model bundle, datamodule, module, callbacks, loggers and trainer from ``cfg``."""
+    """Instantiate callbacks, loggers and trainer (cheap, and Lightning checks its arguments), then the
+    model bundle, datamodule and module from ``cfg``."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
+
+    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     bundle = instantiate(cfg.model, _convert_="all")
     datamodule = instantiate(cfg.data, processor=bundle.processor, _convert_="all")
     module = instantiate(cfg.module, bundle=bundle, _convert_="all")
-    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return {
         "bundle": bundle,
         "datamodule": datamodule,
@@ -58,11 +62,18 @@ def build_objects(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Run ``cfg.stage`` of the experiment; W&B is always finished, metrics.json always written."""
+    """Run ``cfg.stage`` of the experiment; W&B is always finished, metrics.json written once it ran."""
     register_resolvers()
-    validate_config(cfg)
+    validate_config(cfg)  # before torch, Lightning or a model load, and before metrics.json exists
+    announce_config(cfg)
+    import lightning as L
+
+    quiet_known_warnings()
+
+    from bbuqc_lightning.tracking.wandb import configure_wandb_env, finish_wandb
+
     configure_wandb_env()
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     objects = build_objects(cfg)
     trainer: L.Trainer = objects["trainer"]
     try:
@@ -111,49 +122,71 @@ def _write_metrics_json(cfg: DictConfig, metrics: dict[str, float]) -> None:
     log.info("metrics written to %s", out)
 
 
-def _print_config(cfg: DictConfig) -> None:
+def announce_config(cfg: DictConfig) -> None:
+    """One line pointing at the saved config; the whole tree only with ``extras.print_config=true``."""
     if cfg.get("extras", {}).get("print_config", False):
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+        print(OmegaConf.to_yaml(cfg, resolve=False))
+    saved = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
+    where = saved if saved.is_file() else Path(cfg.paths.output_dir)
+    log.info("%s (%s): config in %s", cfg.get("task_name"), cfg.get("stage"), where)
 
 
 def train_or_exit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """``train(cfg)`` for command lines: configuration and input errors print one ``error:`` line and exit 2.
+    """``train(cfg)`` for command lines: any failure prints one ``error:`` line and exits 2.
 
     The traceback goes to ``<run folder>/error.log``; ``HYDRA_FULL_ERROR=1`` raises it instead.
     """
+    import os
+
     try:
         return train(cfg)
-    except (ValueError, OSError, OmegaConfBaseException, InstantiationException) as err:
+    except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        trace = Path(cfg.paths.output_dir) / "error.log"
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        trace.write_text(traceback.format_exc(), encoding="utf-8")
-        print(f"error: {err}\n(traceback in {trace}; HYDRA_FULL_ERROR=1 raises it)", file=sys.stderr)
-        sys.exit(2)
+        fail(err, cfg.paths.output_dir)
+
+
+_LOOP_OF_PREFIX = {"val": "validation", "train": "training", "test": "test"}
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float], hydra_mode: str | None) -> float | None:
+    """``cfg.optimized_metric``'s value. Never logged: a warning line for a plain run (it did its work),
+    an ``error:`` line and exit 2 where a sweeper needs the value."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name in metrics:
+        return metrics[name]
+    prefix = name.split("/")[0]
+    why = (
+        f"optimized_metric {name!r} was not logged (no '{prefix}/' metric was: did the run reach a "
+        f"{_LOOP_OF_PREFIX.get(prefix, prefix)} step? e.g. trainer.max_steps >= trainer.val_check_interval)"
+    )
+    needed_by = sweep_context(hydra_mode)
+    if needed_by:
+        fail(f"{why}; the {needed_by} needs it")
+    log.warning("%s", why)
+    return None
 
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the value of ``cfg.optimized_metric`` for sweeps."""
+    from hydra.core.hydra_config import HydraConfig
+
     if cfg.get("extras", {}).get("ignore_warnings", False):
         warnings.filterwarnings("ignore")
-    _print_config(cfg)
     metrics, _ = train_or_exit(cfg)
-    metric_name = cfg.get("optimized_metric")
-    if not metric_name:
-        return None
-    if metric_name not in metrics:
-        print(
-            f"error: optimized_metric {metric_name!r} was not logged (was validation switched off?); "
-            f"logged: {', '.join(sorted(metrics))}",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    return metrics[metric_name]
+    return optimized_value(cfg, metrics, HydraConfig.get().mode.name)
+
+
+def main() -> None:
+    """``python -m bbuqc_lightning.train`` / ``bbuqc-train``: composition checked first, then Hydra."""
+    check_composition(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ def options(group: str) -> list[str]:
 
 
 EXPERIMENTS = options("experiment")
+MODEL_BUILDERS = {  # the factory, and the demo's fitted tiny Teacher (which builds through it)
+    "bbuqc_lightning.models.factory.load_model",
+    "bbuqc_lightning.training_free.tiny_teacher.load_tiny_teacher",
+}
 GROUP_OPTIONS = [
     (group, option)
     for group in ("model", "logger", "trainer", "callbacks", "debug")
@@ -91,7 +95,7 @@ def test_every_group_option_composes_and_resolves(compose: ComposeFn, group: str
     else:
         assert_file_values_applied(cfg[group], file_cfg, group)
     if group == "model":
-        assert resolved["model"]["_target_"] == "bbuqc_lightning.models.factory.load_model"
+        assert resolved["model"]["_target_"] in MODEL_BUILDERS
         assert resolved["model"]["seed"] == resolved["seed"]
         assert get_method(resolved["model"]["_target_"])
     if group in ("logger", "callbacks"):
@@ -99,7 +103,20 @@ def test_every_group_option_composes_and_resolves(compose: ComposeFn, group: str
             assert get_class(spec["_target_"]), f"{group}.{name}"
     if group == "trainer":
         assert resolved["trainer"]["_target_"] == "lightning.pytorch.Trainer"
-    validate_config(cfg)
+    needs_gpu = group == "trainer" and resolved["trainer"]["accelerator"] in ("gpu", "cuda")
+    if needs_gpu and not _cuda():
+        with pytest.raises(
+            ValueError, match=r"no CUDA GPU is visible: use the CPU trainer \(trainer=default"
+        ):
+            validate_config(cfg)
+    elif not skip:  # a text model with the default (image) data is not a valid run; its experiments are
+        validate_config(cfg)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def test_logger_none_and_csv(compose: ComposeFn) -> None:
@@ -176,13 +193,18 @@ def test_validate_config_reports_every_problem_at_once(compose: ComposeFn) -> No
     assert "'module' needs a _target_" in message
     assert "'data.root' has no value (???)" in message
     assert "missing key 'paths'" in message
-    assert message.count("\n  - ") == 4
+    assert message.count("; ") == 3  # four problems, one line
 
 
 # --------------------------------------------------------------------------- the command line
 CLI_CASES = {
     "unknown_experiment": ["+experiment=nope"],
+    "misspelt_experiment": ["+experiment=grpoo"],
+    "misspelt_key": ["+experiment=grpo", "trainer.max_step=3"],
     "bad_value": ["stage=bogus", "logger=none"],
+    "bad_range": ["+experiment=grpo", "module.grpo.learning_rate=-1e-5", "logger=none"],
+    "gpu_without_cuda": ["+experiment=grpo", "trainer=gpu", "logger=none"],
+    "empty_model_folder": ["+experiment=grpo", "model.random_init=false", "model.model_name_or_path=."],
     "experiment_without_plus": ["experiment=stage_a"],
 }
 
@@ -224,21 +246,62 @@ def _no_traceback(result: CliRun) -> None:
     assert "Traceback (most recent call last)" not in result.stdout
 
 
-def test_unknown_experiment_lists_the_available_ones(cli_runs: dict[str, CliRun]) -> None:
-    result = cli_runs["unknown_experiment"]
-    assert result.returncode != 0
-    assert "Could not find 'experiment/nope'" in result.stderr
-    assert "Available options in 'experiment'" in result.stderr
-    for experiment in EXPERIMENTS:
-        assert f"\t{experiment}\n" in result.stderr
+def one_error_line(result: CliRun) -> str:
+    """The run failed with exit 2 and printed exactly one line, ``error: ...``, and no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
     _no_traceback(result)
+    return errors[0]
+
+
+def test_unknown_experiment_lists_the_available_ones(cli_runs: dict[str, CliRun]) -> None:
+    line = one_error_line(cli_runs["unknown_experiment"])
+    assert "no experiment 'nope'" in line
+    assert f"(options: {', '.join(EXPERIMENTS)})" in line
+    assert (
+        len((cli_runs["unknown_experiment"].stdout + cli_runs["unknown_experiment"].stderr).splitlines()) == 1
+    )
+
+
+def test_misspelt_experiment_names_the_closest(cli_runs: dict[str, CliRun]) -> None:
+    assert "did you mean +experiment=grpo?" in one_error_line(cli_runs["misspelt_experiment"])
+
+
+def test_misspelt_key_names_the_closest(cli_runs: dict[str, CliRun]) -> None:
+    line = one_error_line(cli_runs["misspelt_key"])
+    assert "no config key 'trainer.max_step'; did you mean trainer.max_steps?" in line
+
+
+def test_out_of_range_value_is_one_line_before_any_run_output(cli_runs: dict[str, CliRun]) -> None:
+    """Validation runs before the model loads and before the run folder gets a metrics file."""
+    result = cli_runs["bad_range"]
+    line = one_error_line(result)
+    assert "module.grpo: Invalid GRPOConfig" in line and "learning_rate must be > 0, got -1e-05" in line
+    assert "\\n" not in line and "full_key" not in line
+    assert not list(result.cwd.rglob("metrics.json"))
+    assert len(list(result.cwd.rglob("error.log"))) == 1
+
+
+def test_gpu_trainer_without_cuda_names_the_cpu_trainer(cli_runs: dict[str, CliRun]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: trainer=gpu is valid here")
+    line = one_error_line(cli_runs["gpu_without_cuda"])
+    assert "no CUDA GPU is visible" in line and "trainer=default" in line
+
+
+def test_empty_model_folder_is_one_line(cli_runs: dict[str, CliRun]) -> None:
+    line = one_error_line(cli_runs["empty_model_folder"])
+    assert "model.model_name_or_path=.: no config.json in that folder" in line
+    assert not list(cli_runs["empty_model_folder"].cwd.rglob("metrics.json"))
 
 
 def test_bad_value_exits_2_with_one_error_line(cli_runs: dict[str, CliRun]) -> None:
     result = cli_runs["bad_value"]
-    assert result.returncode == 2, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr
+    one_error_line(result)
     assert "stage must be one of" in result.stderr
     assert "'bogus'" in result.stderr
     _no_traceback(result)

@@ -36,6 +36,7 @@ REPO = config_dir().parent
 MISSION = "BBU线缆布放要求"
 META = {"distill_size": None, "distill_seed": 0, "distill_temperature": 0.3, "teacher": "t"}
 FAST = [
+    "model=tiny_text",  # the random tiny model: these tests check the plumbing, not the fitted demo Teacher
     "module.runner.num_rollouts=2",
     "module.runner.max_new_tokens=8",
     "module.runner.reflection_max_new_tokens=8",

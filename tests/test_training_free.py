@@ -53,6 +53,7 @@ ARTIFACTS = (
 )
 TICKET = re.compile(r"QC-[A-Z]+-[0-9]{8}-[0-9]+::(?:pass|fail)")
 FAST = [
+    "model=tiny_text",  # the random tiny model: these tests check the plumbing, not the fitted demo Teacher
     "module.runner.num_rollouts=2",
     "module.runner.max_new_tokens=8",
     "module.runner.reflection_max_new_tokens=8",

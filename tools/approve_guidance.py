@@ -19,11 +19,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from bbuqc_lightning.data.jsonl import read_jsonl
-from bbuqc_lightning.training_free.artifacts import PENDING
-from bbuqc_lightning.training_free.guidance import GuidanceLimits
-from bbuqc_lightning.training_free.review import review_pending
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -37,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-experience-chars", type=int, default=200)
     parser.add_argument("--reviewer", default=None, help="name logged as approved_by (default: your user)")
     args = parser.parse_args(argv)
+    # Imported after parsing: the review pulls in torch (through the runner's modules); --help stays instant.
+    from bbuqc_lightning.data.jsonl import read_jsonl
+    from bbuqc_lightning.training_free.artifacts import PENDING
+    from bbuqc_lightning.training_free.guidance import GuidanceLimits
+    from bbuqc_lightning.training_free.review import review_pending
+
     if args.list:
         for row in read_jsonl(args.mission_dir / PENDING):
             target = row.get("id") or "(new)"

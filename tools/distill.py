@@ -4,7 +4,7 @@ Composes ``+experiment=distill`` with your Hydra overrides, runs :func:`bbuqc_li
 (reflection rounds until the guidance converges, then a final rollout at ``distill_temperature``), and
 prints where each mission's ``distill_chatml.jsonl`` is with its statistics::
 
-    python tools/distill.py                                  # embedded defaults: tiny text model, synthetic data
+    python tools/distill.py                                  # embedded defaults: the fitted tiny Teacher, synthetic data
     python tools/distill.py model=qwen3_32b model.model_name_or_path=/models/Qwen3-32B \\
         data.train_jsonl=/data/qc/stage_a.jsonl module.runner.output_dir=/data/qc/distill
     python tools/distill.py model=qwen3_32b model.model_name_or_path=/models/Qwen3-32B \\
@@ -32,6 +32,7 @@ if importlib.util.find_spec("bbuqc_lightning") is None:
 import hydra
 from omegaconf import DictConfig
 
+from bbuqc_lightning.cli import check_composition
 from bbuqc_lightning.config import config_dir, register_resolvers
 from bbuqc_lightning.data.jsonl import read_jsonl
 from bbuqc_lightning.train import train_or_exit
@@ -94,6 +95,7 @@ def run(cfg: DictConfig) -> None:
 def main() -> None:
     if not any(arg.startswith(("+experiment=", "experiment=")) for arg in sys.argv[1:]):
         sys.argv.append(EXPERIMENT)
+    check_composition(sys.argv[1:])
     run()
 
 

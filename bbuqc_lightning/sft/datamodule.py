@@ -152,6 +152,10 @@ class FusionDataModule(L.LightningDataModule):
         self.val_rows = {e.name: self._read(e, "val") for e in config.targets if e.val_jsonl is not None}
         sizes = {p.name: p.size for p in self.pools}
         log.info("fusion %s: rows %s, quotas per epoch %s", config.path, sizes, self._sampler().quotas)
+        if not self.val_rows:
+            log.warning(
+                "fusion %s: no target has a val_jsonl, so validation is skipped (no val/loss)", config.path
+            )
 
     def _read(self, entry: FusionEntry, split: str) -> list[dict[str, Any]]:
         rows, skipped = read_entry_samples(entry, split, self.prompt, strict=self.strict)

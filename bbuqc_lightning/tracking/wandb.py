@@ -9,11 +9,12 @@ import netrc
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import WandbLogger
+if TYPE_CHECKING:  # Lightning loads in seconds; config validation uses wandb_offline before it is needed
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def find_wandb_logger(trainer: Trainer | None) -> WandbLogger | None:
     """The trainer's W&B logger, or None (W&B off); callers then skip W&B-only media."""
     if trainer is None:
         return None
+    from lightning.pytorch.loggers import WandbLogger
+
     return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
 
 

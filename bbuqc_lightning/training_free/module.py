@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -70,9 +69,6 @@ from bbuqc_lightning.training_free.rollout import (
 from bbuqc_lightning.training_free.selection import GroupResult
 
 log = logging.getLogger(__name__)
-
-# The runner has nothing to optimise; Lightning warns about that on every run.
-warnings.filterwarnings("ignore", message=".*returned `None`, this fit will run with no optimizer")
 
 
 class TrainingFreeRunner(L.LightningModule):
