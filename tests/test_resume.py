@@ -1,0 +1,108 @@
+"""Exact resume of the training stages (GRPO, fusion SFT) from their Lightning checkpoints.
+
+Each test compares a resumed run with an uninterrupted one of the same config, on CPU with LoRA
+dropout on, mid-epoch: the steps after the resume point must log the same loss and reward to the last
+bit. A checkpoint written after ``fit`` returned (``last.ckpt`` at ``max_steps``) and one written inside a
+run (what is left after ``kill -9``) both resume.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from bbuqc_lightning.train import train
+
+Compose = Callable[[list[str], Path, Path], DictConfig]
+
+COMMON = [
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.limit_val_batches=0",
+    "optimized_metric=null",
+]
+GRPO = [
+    "+experiment=grpo",
+    "module.grpo.max_new_tokens=6",
+    "module.grpo.num_generations=2",
+    "module.lora.dropout=0.1",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+]
+FUSION = [
+    "+experiment=fusion_sft",
+    "data.batch_size=2",
+    "module.lora.dropout=0.1",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+]
+
+
+def logged(run: Path, key: str) -> dict[int, str]:
+    """``{step: value}`` of ``key`` in a run's CSV metrics (values as written, so equality is bit-exact)."""
+    with (run / "csv" / "metrics.csv").open(encoding="utf-8") as f:
+        return {int(row["step"]): row[key] for row in csv.DictReader(f) if row.get(key)}
+
+
+@pytest.fixture
+def fit(compose_at: Compose, tmp_path: Path, data_dir: Path) -> Callable[..., Path]:
+    """``fit(name, overrides) -> run folder``: one ``train()`` of the composed config in ``tmp_path/name``."""
+
+    def run(name: str, overrides: list[str]) -> Path:
+        cfg = compose_at(COMMON + overrides, tmp_path / name, data_dir)
+        train(cfg)
+        return tmp_path / name / "run"
+
+    yield run
+    HydraConfig.instance().cfg = None
+
+
+def assert_resumed_exactly(full: Path, resumed: Path, steps: range, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        reference, again = logged(full, key), logged(resumed, key)
+        assert sorted(again) == [s - 1 for s in steps], f"{key}: the resumed run logged steps {sorted(again)}"
+        assert [again[s - 1] for s in steps] == [reference[s - 1] for s in steps], key
+
+
+@pytest.mark.slow
+def test_grpo_resumes_from_last_ckpt_and_from_a_step_checkpoint(fit: Callable[..., Path]) -> None:
+    full = fit("full", [*GRPO, "trainer.max_steps=4"])
+    half = fit("half", [*GRPO, "trainer.max_steps=2"])
+    # The README's resume: the checkpoint written when fit returned, with a larger max_steps.
+    resumed = fit(
+        "resumed", [*GRPO, "trainer.max_steps=4", f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"]
+    )
+    assert_resumed_exactly(full, resumed, range(3, 5), ("train/loss", "train/reward"))
+    # After kill -9 only the checkpoints written during the run are left: step 3's resumes too.
+    killed = fit("killed", [*GRPO, "trainer.max_steps=4", f"ckpt_path={full / 'checkpoints' / 'step3.ckpt'}"])
+    assert_resumed_exactly(full, killed, range(4, 5), ("train/loss", "train/reward"))
+
+
+@pytest.mark.slow
+def test_fusion_sft_resumes_mid_epoch_with_dropout_bit_exactly(fit: Callable[..., Path]) -> None:
+    full = fit("full", [*FUSION, "trainer.max_steps=4"])
+    half = fit("half", [*FUSION, "trainer.max_steps=2"])
+    resumed = fit(
+        "resumed", [*FUSION, "trainer.max_steps=4", f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"]
+    )
+    assert_resumed_exactly(full, resumed, range(3, 5), ("train/loss",))
+    killed = fit(
+        "killed", [*FUSION, "trainer.max_steps=4", f"ckpt_path={full / 'checkpoints' / 'step3.ckpt'}"]
+    )
+    assert_resumed_exactly(full, killed, range(4, 5), ("train/loss",))
+
+
+def test_grpo_resume_with_more_epochs_starts_the_next_epoch(fit: Callable[..., Path]) -> None:
+    epochs = [*GRPO, "data.limit_samples=4", "trainer.max_steps=-1"]  # 2 steps per epoch
+    full = fit("full", [*epochs, "trainer.max_epochs=2"])
+    one = fit("one", [*epochs, "trainer.max_epochs=1"])
+    resumed = fit(
+        "resumed", [*epochs, "trainer.max_epochs=2", f"ckpt_path={one / 'checkpoints' / 'last.ckpt'}"]
+    )
+    assert_resumed_exactly(full, resumed, range(3, 5), ("train/loss", "train/reward"))
+    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
