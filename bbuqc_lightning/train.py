@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bbuqc_lightning.config import config_dir, register_resolvers, validate_config
+from bbuqc_lightning.tracking.signals import Interrupted, stop_on_signals
 from bbuqc_lightning.tracking.wandb import configure_wandb_env, finish_wandb
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             kwargs["ckpt_path"] = cfg.get("ckpt_path")
         if cfg.stage == "predict":  # outputs are streamed by writer callbacks, not collected in memory
             kwargs["return_predictions"] = False
-        objects["result"] = run(objects["module"], **kwargs)
+        with stop_on_signals(trainer) as stopper:  # SIGTERM/SIGINT: finish the item in hand, then stop
+            objects["result"] = run(objects["module"], **kwargs)
+        stopper.raise_if_stopped()
     finally:
         finish_wandb()
         metrics = _collect_metrics(trainer, objects["module"])
@@ -123,6 +126,9 @@ def train_or_exit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     try:
         return train(cfg)
+    except Interrupted as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except (ValueError, OSError, OmegaConfBaseException, InstantiationException) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

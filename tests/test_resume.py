@@ -33,6 +33,11 @@ GRPO = [
     "module.grpo.num_generations=2",
     "module.lora.dropout=0.1",
     "callbacks.model_checkpoint.every_n_train_steps=1",
+    # The tiny random model never writes a valid verdict (label and format rewards 0): a reward that varies
+    # between samples gives non-zero advantages, so the adapters move and every step depends on the last.
+    "+module.reward_funcs.length._target_=test_resume.completion_length_reward",
+    "+module.reward_funcs.length._partial_=true",
+    "module.grpo.reward_weights=[1.0,0.2,0.0,1.0]",
 ]
 FUSION = [
     "+experiment=fusion_sft",
@@ -40,6 +45,10 @@ FUSION = [
     "module.lora.dropout=0.1",
     "callbacks.model_checkpoint.every_n_train_steps=1",
 ]
+
+
+def completion_length_reward(completions: list[str], **kwargs: object) -> list[float]:
+    return [len(c) / 10.0 for c in completions]
 
 
 def logged(run: Path, key: str) -> dict[int, str]:

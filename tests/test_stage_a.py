@@ -307,6 +307,37 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     assert after[: len(before)] == before  # lines written before the kill are kept as they were
 
 
+def test_sigterm_finishes_the_group_in_hand_and_exits_143(
+    stage_a_data: Path, tree_root: Path, tmp_path: Path, reference: tuple[list[dict[str, Any]], dict, Path]
+) -> None:
+    """What a scheduler sends before it kills: the run stops at the next batch, every line whole, rc 143."""
+    out = tmp_path / "stage_a.jsonl"
+    env = cli_env(tmp_path, stage_a_data)
+    overrides = overrides_for(tree_root, f"stage_a.output_jsonl={out}")
+    with open(tmp_path / "run1.stderr", "wb") as stderr:
+        proc = subprocess.Popen(cli_args(overrides, tmp_path / "run1"), cwd=tmp_path, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while complete_lines(out) < 1 and proc.poll() is None:
+                assert time.monotonic() < deadline, "no Stage-A line within 60 s"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    tail = (tmp_path / "run1.stderr").read_text(encoding="utf-8", errors="replace")[-3000:]
+    assert rc == 128 + signal.SIGTERM, tail
+    assert "stopped on SIGTERM" in tail
+    before = jsonl_rows(out)  # every line whole
+    assert 1 <= len(before) < len(reference[0])
+    assert (tmp_path / "run1" / "metrics.json").is_file()  # written on the way out
+    resumed = run_cli(overrides, tmp_path / "run2", env)
+    assert resumed.returncode == 0, resumed.stderr.decode("utf-8", "replace")[-3000:]
+    assert by_ticket(jsonl_rows(out)) == by_ticket(reference[0])
+
+
 def test_resume_does_not_regenerate_written_groups(
     killed_then_resumed: dict[str, Any], records: list[GroupRecord]
 ) -> None:
