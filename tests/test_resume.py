@@ -105,6 +105,7 @@ def test_fusion_sft_resumes_mid_epoch_with_dropout_bit_exactly(fit: Callable[...
     assert_resumed_exactly(full, killed, range(4, 5), ("train/loss",))
 
 
+@pytest.mark.slow
 def test_grpo_resume_with_more_epochs_starts_the_next_epoch(fit: Callable[..., Path]) -> None:
     epochs = [*GRPO, "data.limit_samples=4", "trainer.max_steps=-1"]  # 2 steps per epoch
     full = fit("full", [*epochs, "trainer.max_epochs=2"])
