@@ -338,6 +338,24 @@ def test_sigterm_finishes_the_group_in_hand_and_exits_143(
     assert by_ticket(jsonl_rows(out)) == by_ticket(reference[0])
 
 
+def test_resume_with_other_generation_settings_is_refused_unless_appending(
+    compose_at: ComposeAt, stage_a_data: Path, tree_root: Path, tmp_path: Path,
+    reference: tuple[list[dict[str, Any]], dict, Path],
+) -> None:  # fmt: skip
+    out = tmp_path / "stage_a.jsonl"
+    shutil.copy(reference[2] / "stage_a.jsonl", out)
+    shutil.copy(reference[2] / "stage_a.jsonl.settings.json", tmp_path / "stage_a.jsonl.settings.json")
+    fewer_tokens = overrides_for(tree_root, f"stage_a.output_jsonl={out}", "module.max_new_tokens=4")
+    with pytest.raises(ValueError, match=r"other settings \(generation.max_new_tokens: 8 -> 4\)"):
+        run_in_process(compose_at, fewer_tokens, tmp_path / "refused", stage_a_data)
+    assert out.read_bytes() == (reference[2] / "stage_a.jsonl").read_bytes()
+    run_in_process(
+        compose_at, [*fewer_tokens, "stage_a.append_anyway=true"], tmp_path / "mixed", stage_a_data
+    )
+    record = json.loads((tmp_path / "stage_a.jsonl.settings.json").read_text(encoding="utf-8"))
+    assert [s["generation"]["max_new_tokens"] for s in record] == [8, 4]  # the file says it is mixed
+
+
 def test_resume_does_not_regenerate_written_groups(
     killed_then_resumed: dict[str, Any], records: list[GroupRecord]
 ) -> None:
