@@ -32,19 +32,16 @@ GRPO = [
     "module.grpo.max_new_tokens=6",
     "module.grpo.num_generations=2",
     "module.lora.dropout=0.1",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
     # The tiny random model never writes a valid verdict (label and format rewards 0): a reward that varies
     # between samples gives non-zero advantages, so the adapters move and every step depends on the last.
     "+module.reward_funcs.length._target_=test_resume.completion_length_reward",
     "+module.reward_funcs.length._partial_=true",
     "module.grpo.reward_weights=[1.0,0.2,0.0,1.0]",
 ]
-FUSION = [
-    "+experiment=fusion_sft",
-    "data.batch_size=2",
-    "module.lora.dropout=0.1",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
-]
+FUSION = ["+experiment=fusion_sft", "data.batch_size=2", "module.lora.dropout=0.1"]
+EVERY_STEP = (
+    "callbacks.model_checkpoint.every_n_train_steps=1"  # a checkpoint per step, as a kill -9 leaves them
+)
 
 
 def completion_length_reward(completions: list[str], **kwargs: object) -> list[float]:
@@ -79,9 +76,10 @@ def assert_resumed_exactly(full: Path, resumed: Path, steps: range, keys: tuple[
 
 @pytest.mark.slow
 def test_grpo_resumes_from_last_ckpt_and_from_a_step_checkpoint(fit: Callable[..., Path]) -> None:
-    full = fit("full", [*GRPO, "trainer.max_steps=4"])
+    full = fit("full", [*GRPO, "trainer.max_steps=4", EVERY_STEP])
+    # The README's resume: last.ckpt written when fit returned mid-epoch (checkpoint cadence 4 > 2 steps),
+    # resumed with a larger max_steps.
     half = fit("half", [*GRPO, "trainer.max_steps=2"])
-    # The README's resume: the checkpoint written when fit returned, with a larger max_steps.
     resumed = fit(
         "resumed", [*GRPO, "trainer.max_steps=4", f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"]
     )
@@ -93,7 +91,7 @@ def test_grpo_resumes_from_last_ckpt_and_from_a_step_checkpoint(fit: Callable[..
 
 @pytest.mark.slow
 def test_fusion_sft_resumes_mid_epoch_with_dropout_bit_exactly(fit: Callable[..., Path]) -> None:
-    full = fit("full", [*FUSION, "trainer.max_steps=4"])
+    full = fit("full", [*FUSION, "trainer.max_steps=4", EVERY_STEP])
     half = fit("half", [*FUSION, "trainer.max_steps=2"])
     resumed = fit(
         "resumed", [*FUSION, "trainer.max_steps=4", f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"]

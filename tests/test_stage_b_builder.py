@@ -245,3 +245,11 @@ def test_unknown_mission_read_from_a_file_names_file_and_line(
     records, _ = read_stage_a_jsonl(path)
     with pytest.raises(StageBDataError, match=rf"^{path}:2: QC-TEMP-20250118-0015123::fail: unknown mission"):
         build_stage_b_samples(records, templates, None)
+
+
+def test_a_line_that_is_not_utf8_is_located_or_skipped(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mixed.jsonl", [_record(), _record("QC-A-20250101-2")])
+    path.write_bytes(path.read_bytes() + b'{"group_id": "QC-\xc3\x28"}\n')
+    with pytest.raises(StageBDataError, match=rf"^{path}:3: malformed Stage-A record: 'utf-8' codec"):
+        read_stage_a_jsonl(path)
+    assert read_stage_a_jsonl(path, strict=False)[1] == 1

@@ -123,14 +123,14 @@ def read_stage_a_jsonl(path: str | Path, strict: bool = True) -> tuple[list[dict
     records: list[dict[str, Any]] = []
     first_line: dict[str, int] = {}
     skipped = 0
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # decoded line by line: a line that is not UTF-8 is a located problem
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = normalise_stage_a_record(json.loads(line))
+                record = normalise_stage_a_record(json.loads(raw.decode("utf-8")))
                 problem = ""
-            except ValueError as err:  # json.JSONDecodeError is a ValueError
+            except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
                 record, problem = None, f"malformed Stage-A record: {err}"
             if record is not None and record["ticket_key"] in first_line:
                 first = first_line[record["ticket_key"]]
