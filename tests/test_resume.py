@@ -9,6 +9,11 @@ run (what is left after ``kill -9``) both resume.
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,10 +32,9 @@ COMMON = [
     "trainer.limit_val_batches=0",
     "optimized_metric=null",
 ]
+GRPO_BASE = ["+experiment=grpo", "module.grpo.max_new_tokens=6", "module.grpo.num_generations=2"]
 GRPO = [
-    "+experiment=grpo",
-    "module.grpo.max_new_tokens=6",
-    "module.grpo.num_generations=2",
+    *GRPO_BASE,
     "module.lora.dropout=0.1",
     # The tiny random model never writes a valid verdict (label and format rewards 0): a reward that varies
     # between samples gives non-zero advantages, so the adapters move and every step depends on the last.
@@ -114,3 +118,32 @@ def test_grpo_resume_with_more_epochs_starts_the_next_epoch(fit: Callable[..., P
     assert_resumed_exactly(full, resumed, range(3, 5), ("train/loss", "train/reward"))
     checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_sigterm_during_grpo_stops_after_the_step_with_a_resumable_last_ckpt(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "bbuqc_lightning.train", *COMMON, *GRPO_BASE, "trainer.max_steps=200",
+               EVERY_STEP, f"hydra.run.dir={run}", f"paths.data_dir={data_dir}", "extras.print_config=false"]  # fmt: skip
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / "stderr", "wb") as stderr:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 300
+            while not (run / "checkpoints" / "step1.ckpt").is_file() and proc.poll() is None:
+                assert time.monotonic() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    tail = (tmp_path / "stderr").read_text(encoding="utf-8", errors="replace")[-3000:]
+    assert rc == 128 + signal.SIGTERM, tail
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 1 <= checkpoint["global_step"] < 200
+    epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert epochs["started"] == 1 and epochs["completed"] == 0  # mid-epoch: a resume continues this epoch
+    assert (run / "metrics.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -13,7 +13,8 @@ the run should end with nothing half-written and a resumable state:
 ``train()`` then finishes W&B and writes ``metrics.json`` as after any failure, and the command line exits
 with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), as a shell reports a process killed by it. A second
 signal while stopping raises ``KeyboardInterrupt`` at once (an operator who insists gets the default).
-Lightning's own SIGTERM handler only stops ``fit``; ours replaces it for the run and is restored after.
+Lightning's own SIGTERM handler only stops ``fit``, by a ``SystemExit`` with code 0 and without ``last.ckpt``;
+ours replaces it for the run, and the previous handlers are restored after.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ class StopOnSignal(L.Callback):
             for sig in SIGNALS:
                 signal.signal(sig, self.handle)
 
-    # Lightning registers its own SIGTERM handler after the setup hooks; these run after it.
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    # Lightning registers its own SIGTERM handler (which ends fit with exit code 0 and no last.ckpt) just
+    # before a stage's loop starts; these hooks run after it, so ours wins.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.install()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
