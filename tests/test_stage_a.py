@@ -307,10 +307,12 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     assert after[: len(before)] == before  # lines written before the kill are kept as they were
 
 
-def test_sigterm_finishes_the_group_in_hand_and_exits_143(
-    stage_a_data: Path, tree_root: Path, tmp_path: Path, reference: tuple[list[dict[str, Any]], dict, Path]
-) -> None:
-    """What a scheduler sends before it kills: the run stops at the next batch, every line whole, rc 143."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_signal_finishes_the_group_in_hand_and_exits_128_plus_signal(
+    sig: signal.Signals, stage_a_data: Path, tree_root: Path, tmp_path: Path,
+    reference: tuple[list[dict[str, Any]], dict, Path],
+) -> None:  # fmt: skip
+    """What a scheduler sends before it kills (or Ctrl+C): the run stops at the next batch, lines whole."""
     out = tmp_path / "stage_a.jsonl"
     env = cli_env(tmp_path, stage_a_data)
     overrides = overrides_for(tree_root, f"stage_a.output_jsonl={out}")
@@ -322,14 +324,14 @@ def test_sigterm_finishes_the_group_in_hand_and_exits_143(
             while complete_lines(out) < 1 and proc.poll() is None:
                 assert time.monotonic() < deadline, "no Stage-A line within 60 s"
                 time.sleep(0.01)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             rc = proc.wait(timeout=120)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
     tail = (tmp_path / "run1.stderr").read_text(encoding="utf-8", errors="replace")[-3000:]
-    assert rc == 128 + signal.SIGTERM, tail
-    assert "stopped on SIGTERM" in tail
+    assert rc == 128 + sig, tail
+    assert f"stopped on {sig.name}" in tail
     before = jsonl_rows(out)  # every line whole
     assert 1 <= len(before) < len(reference[0])
     assert (tmp_path / "run1" / "metrics.json").is_file()  # written on the way out
