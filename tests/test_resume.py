@@ -54,7 +54,10 @@ def completion_length_reward(completions: list[str], **kwargs: object) -> list[f
 
 def logged(run: Path, key: str) -> dict[int, str]:
     """``{step: value}`` of ``key`` in a run's CSV metrics (values as written, so equality is bit-exact)."""
-    with (run / "csv" / "metrics.csv").open(encoding="utf-8") as f:
+    path = run / "csv" / "metrics.csv"
+    if not path.is_file():  # a run that trained no step logs nothing
+        return {}
+    with path.open(encoding="utf-8") as f:
         return {int(row["step"]): row[key] for row in csv.DictReader(f) if row.get(key)}
 
 
