@@ -39,6 +39,7 @@ from bbuqc_lightning.models.factory import load_model
 from bbuqc_lightning.stage_a.datamodule import StageADataModule
 from bbuqc_lightning.stage_a.module import StageAModule
 from bbuqc_lightning.stage_a.records import STAGE_A_FIELDS
+from bbuqc_lightning.stage_a.settings import settings_path
 from bbuqc_lightning.train import train
 from callbacks.stage_a_writer import list_shards, shard_path
 
@@ -428,9 +429,9 @@ def test_strict_run_exits_with_a_located_error(
 
 
 def _assert_one_file(out: Path) -> None:
-    """The shards are merged into ``out`` and deleted; nothing else next to it."""
+    """The shards are merged into ``out`` and deleted; nothing else next to it but its settings record."""
     assert list_shards(out) == []
-    assert sorted(p.name for p in out.parent.glob(f"{out.name}*")) == [out.name]
+    assert sorted(p.name for p in out.parent.glob(f"{out.name}*")) == [out.name, settings_path(out).name]
 
 
 @pytest.mark.parametrize(
