@@ -7,17 +7,22 @@ surrogate escapes; such a name cannot be written to the UTF-8 JSONL. Each case i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 from PIL import Image
 
 from bbuqc_lightning.constants import LABEL_DIR_NAMES, MISSIONS
 from bbuqc_lightning.data.jsonl import dumps_line
 from bbuqc_lightning.data.tree import DataError, scan_tree
 from bbuqc_lightning.stage_a.records import build_stage_a_record
+from bbuqc_lightning.train import train
 
 PASS_DIR = LABEL_DIR_NAMES["pass"]
 MISSION = next(iter(MISSIONS))
@@ -93,3 +98,20 @@ def test_hidden_folders_and_symlink_loops_are_logged_and_counted(
         "IMG_0.jpg": "symlink loop",
     }
     assert caplog.text.count("skipping") == 3
+
+
+def test_stage_a_run_writes_every_good_ticket_when_a_bad_name_sorts_first(
+    tree: Path, compose: Callable[[list[str]], DictConfig], tmp_path: Path
+) -> None:
+    """The field report: the bad ticket sorted first blocked the whole job (0 of 3 good tickets written)."""
+    write_group(labelled(tree) / "QC-TEMP-20250101-0000000", b"IMG_" + BAD + b".jpg")
+    out = tmp_path / "stage_a.jsonl"
+    cfg = compose(["+experiment=stage_a", "logger=none", f"data.root={tree}", "data.strict=false",
+                   f"stage_a.output_jsonl={out}", "module.max_new_tokens=2", "trainer.enable_progress_bar=false"])  # fmt: skip
+    try:
+        metrics, _ = train(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    rows = [json.loads(line) for line in out.read_bytes().decode("utf-8").splitlines()]  # valid UTF-8
+    assert [r["group_id"] for r in rows] == [f"QC-TEMP-20250101-000000{i}" for i in (1, 2, 3)]
+    assert metrics["stage_a/skipped_groups"] == 1
