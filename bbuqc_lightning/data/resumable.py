@@ -99,7 +99,9 @@ class EpochSampler(ResumableSampler):
     as ``DistributedSampler(drop_last=True)`` does.
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0
+    ) -> None:
         self._init_resume(seed, num_replicas, rank)
         self.size = size
         self.shuffle = shuffle

@@ -14,7 +14,9 @@ the run should end with nothing half-written and a resumable state:
 with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), as a shell reports a process killed by it. A second
 signal while stopping raises ``KeyboardInterrupt`` at once (an operator who insists gets the default).
 Lightning's own SIGTERM handler only stops ``fit``, by a ``SystemExit`` with code 0 and without ``last.ckpt``;
-ours replaces it for the run, and the previous handlers are restored after.
+ours replaces it for the run, and the previous handlers are restored after. Under DDP each rank stops on
+its own signal, so every rank must receive it (schedulers signal the whole job; a signal to one rank only
+is not relayed to the others).
 """
 
 from __future__ import annotations
