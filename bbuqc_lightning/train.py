@@ -70,6 +70,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     quiet_known_warnings()
 
+    from bbuqc_lightning.tracking.signals import stop_on_signals
     from bbuqc_lightning.tracking.wandb import configure_wandb_env, finish_wandb
 
     configure_wandb_env()
@@ -84,7 +85,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             kwargs["ckpt_path"] = cfg.get("ckpt_path")
         if cfg.stage == "predict":  # outputs are streamed by writer callbacks, not collected in memory
             kwargs["return_predictions"] = False
-        objects["result"] = run(objects["module"], **kwargs)
+        with stop_on_signals(trainer) as stopper:  # SIGTERM/SIGINT: finish the item in hand, then stop
+            objects["result"] = run(objects["module"], **kwargs)
+        stopper.raise_if_stopped()
     finally:
         finish_wandb()
         metrics = _collect_metrics(trainer, objects["module"])
@@ -141,6 +144,11 @@ def train_or_exit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         return train(cfg)
     except Exception as err:
+        from bbuqc_lightning.tracking.signals import Interrupted  # imports Lightning: not before a run
+
+        if isinstance(err, Interrupted):  # SIGTERM / SIGINT: outputs flushed, exit 128 + signal number
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(err, cfg.paths.output_dir)

@@ -19,6 +19,11 @@ also merges it into ``trainer.datamodule.skip_ticket_keys`` when that attribute 
 DataModule filters in ``predict_dataloader``). Whatever the wiring, a group already written is never
 written again (counted in ``groups_already_written``). A torn last line is cut before appending.
 
+Settings: with ``settings`` (model, prompts, generation; the ``stage_a`` experiment passes them) a resume into
+an output written with other settings is refused in ``setup``, before any generation, unless
+``append_anyway`` (see :mod:`bbuqc_lightning.stage_a.settings`); they are recorded in
+``<output>.settings.json``.
+
 DDP: each rank must receive *whole* groups (``use_distributed_sampler=False`` and a DataModule that
 splits records by rank). Rank ``k`` appends to ``<output>.rank<k>.jsonl``; at the end, after a barrier,
 rank 0 appends every shard line whose ``ticket_key`` is not yet in the output, then deletes the shards
@@ -44,6 +49,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from bbuqc_lightning.data.jsonl import JsonlAppender, iter_jsonl, read_jsonl_keys
 from bbuqc_lightning.data.tree import GroupRecord
 from bbuqc_lightning.stage_a.records import build_stage_a_record, check_stage_a_line
+from bbuqc_lightning.stage_a.settings import check_output_settings, record_output_settings
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +117,19 @@ class StageAJsonlWriter(BasePredictionWriter):
     ``groups_merged`` (rank 0, lines moved from DDP shards).
     """
 
-    def __init__(self, output_jsonl: str, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        output_jsonl: str,
+        fsync: bool = True,
+        settings: dict[str, Any] | None = None,
+        append_anyway: bool = False,
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output = Path(output_jsonl)
         self.fsync = fsync
+        # What shapes a summary (model, prompts, generation): a resume with other settings is refused.
+        self.settings = settings
+        self.append_anyway = append_anyway
         self.completed_ticket_keys: set[str] = completed_ticket_keys(self.output)
         self.groups_resumed = len(self.completed_ticket_keys)
         self.groups_written = 0
@@ -134,6 +149,12 @@ class StageAJsonlWriter(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         self.completed_ticket_keys |= completed_ticket_keys(self.output)
         self._target = shard_path(self.output, trainer.global_rank) if trainer.world_size > 1 else self.output
+        if self.settings is not None and check_output_settings(
+            self.output, self.settings, self.append_anyway
+        ):
+            trainer.strategy.barrier("stage_a_writer_settings_checked")  # every rank read the old record
+            if trainer.is_global_zero:
+                record_output_settings(self.output, self.settings)
         datamodule = getattr(trainer, "datamodule", None)
         skip = getattr(datamodule, "skip_ticket_keys", None)
         if isinstance(skip, set):

@@ -103,6 +103,14 @@ def test_every_problem_is_reported_at_once_with_file_and_line(tmp_path: Path) ->
         load_fusion_config(cycle)
 
 
+def test_missing_extends_parent_names_the_extending_file(tmp_path: Path) -> None:
+    child = write_yaml(tmp_path / "child.yaml", "extends: missing_base.yaml\ntargets: []\n")
+    with pytest.raises(
+        FusionConfigError, match=rf"^{child}: extends 'missing_base.yaml', but .* does not exist"
+    ):
+        load_fusion_config(child, {})
+
+
 def test_embedded_default_file_loads(tmp_path: Path) -> None:
     cfg = load_fusion_config("default", {"synthetic_dir": str(tmp_path)}, {"summary_bbu", "target_dense_bbu"})
     assert [e.name for e in cfg.targets] == ["bbu_summary", "stage_b_distill"]

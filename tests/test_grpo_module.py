@@ -279,6 +279,37 @@ def test_resume_reproduces_the_next_step(tmp_path: Path) -> None:
     assert all("lora_" in k for k in checkpoint["state_dict"])  # only the adapters are stored
 
 
+def test_resume_mid_epoch_with_dropout_reproduces_the_next_steps(tmp_path: Path) -> None:
+    """A checkpoint of step 1 of a 4-step epoch resumes on the same prompts, samples and loss, bit for bit."""
+
+    def run(max_steps: int, ckpt: str | None, root: Path) -> list[tuple[float, list[str]]]:
+        L.seed_everything(0)
+        bundle = tiny(init=0.3)
+        module = GRPOModule(
+            bundle,
+            GRPOConfig(num_generations=2, max_new_tokens=4, temperature=1.0),
+            {"length": char_length_reward},
+            functools.partial(torch.optim.AdamW, lr=1e-2),
+            lora={"k": 2, "r": 4, "alpha": 8, "dropout": 0.2},
+        )
+        steps: list[tuple[float, list[str]]] = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer: L.Trainer, m: Any, out: Any, batch: Any, i: int) -> None:
+                loss = float(trainer.callback_metrics["train/loss"])
+                steps.append((loss, [s["ticket_key"] for s in batch]))
+
+        saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1)
+        t = trainer(root, max_steps=max_steps, callbacks=[Record(), saver], enable_checkpointing=True)
+        t.fit(module, make_data(bundle, tmp_path, n=4, batch_size=1), ckpt_path=ckpt)
+        return steps
+
+    full = run(3, None, tmp_path / "full")
+    assert len({keys[0] for _, keys in full}) == 3  # a shuffled order: three different prompts
+    assert run(1, None, tmp_path / "half") == full[:1]
+    assert run(3, str(tmp_path / "half" / "last.ckpt"), tmp_path / "half") == full[1:]
+
+
 @pytest.mark.slow
 def test_mean_reward_rises_on_a_learnable_reward(tmp_path: Path) -> None:
     L.seed_everything(0)

@@ -39,6 +39,7 @@ from bbuqc_lightning.models.factory import load_model
 from bbuqc_lightning.stage_a.datamodule import StageADataModule
 from bbuqc_lightning.stage_a.module import StageAModule
 from bbuqc_lightning.stage_a.records import STAGE_A_FIELDS
+from bbuqc_lightning.stage_a.settings import settings_path
 from bbuqc_lightning.train import train
 from callbacks.stage_a_writer import list_shards, shard_path
 
@@ -313,6 +314,57 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     assert after[: len(before)] == before  # lines written before the kill are kept as they were
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_signal_finishes_the_group_in_hand_and_exits_128_plus_signal(
+    sig: signal.Signals, stage_a_data: Path, tree_root: Path, tmp_path: Path,
+    reference: tuple[list[dict[str, Any]], dict, Path],
+) -> None:  # fmt: skip
+    """What a scheduler sends before it kills (or Ctrl+C): the run stops at the next batch, lines whole."""
+    out = tmp_path / "stage_a.jsonl"
+    env = cli_env(tmp_path, stage_a_data)
+    overrides = overrides_for(tree_root, f"stage_a.output_jsonl={out}")
+    with open(tmp_path / "run1.stderr", "wb") as stderr:
+        proc = subprocess.Popen(cli_args(overrides, tmp_path / "run1"), cwd=tmp_path, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while complete_lines(out) < 1 and proc.poll() is None:
+                assert time.monotonic() < deadline, "no Stage-A line within 60 s"
+                time.sleep(0.01)
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    tail = (tmp_path / "run1.stderr").read_text(encoding="utf-8", errors="replace")[-3000:]
+    assert rc == 128 + sig, tail
+    assert f"stopped on {sig.name}" in tail
+    before = jsonl_rows(out)  # every line whole
+    assert 1 <= len(before) < len(reference[0])
+    assert (tmp_path / "run1" / "metrics.json").is_file()  # written on the way out
+    resumed = run_cli(overrides, tmp_path / "run2", env)
+    assert resumed.returncode == 0, resumed.stderr.decode("utf-8", "replace")[-3000:]
+    assert by_ticket(jsonl_rows(out)) == by_ticket(reference[0])
+
+
+def test_resume_with_other_generation_settings_is_refused_unless_appending(
+    compose_at: ComposeAt, stage_a_data: Path, tree_root: Path, tmp_path: Path,
+    reference: tuple[list[dict[str, Any]], dict, Path],
+) -> None:  # fmt: skip
+    out = tmp_path / "stage_a.jsonl"
+    shutil.copy(reference[2] / "stage_a.jsonl", out)
+    shutil.copy(reference[2] / "stage_a.jsonl.settings.json", tmp_path / "stage_a.jsonl.settings.json")
+    fewer_tokens = overrides_for(tree_root, f"stage_a.output_jsonl={out}", "module.max_new_tokens=4")
+    with pytest.raises(ValueError, match=r"other settings \(generation.max_new_tokens: 8 -> 4\)"):
+        run_in_process(compose_at, fewer_tokens, tmp_path / "refused", stage_a_data)
+    assert out.read_bytes() == (reference[2] / "stage_a.jsonl").read_bytes()
+    run_in_process(
+        compose_at, [*fewer_tokens, "stage_a.append_anyway=true"], tmp_path / "mixed", stage_a_data
+    )
+    record = json.loads((tmp_path / "stage_a.jsonl.settings.json").read_text(encoding="utf-8"))
+    assert [s["generation"]["max_new_tokens"] for s in record] == [8, 4]  # the file says it is mixed
+
+
 def test_resume_does_not_regenerate_written_groups(
     killed_then_resumed: dict[str, Any], records: list[GroupRecord]
 ) -> None:
@@ -383,9 +435,9 @@ def test_strict_run_exits_with_a_located_error(
 
 
 def _assert_one_file(out: Path) -> None:
-    """The shards are merged into ``out`` and deleted; nothing else next to it."""
+    """The shards are merged into ``out`` and deleted; nothing else next to it but its settings record."""
     assert list_shards(out) == []
-    assert sorted(p.name for p in out.parent.glob(f"{out.name}*")) == [out.name]
+    assert sorted(p.name for p in out.parent.glob(f"{out.name}*")) == [out.name, settings_path(out).name]
 
 
 @pytest.mark.parametrize(

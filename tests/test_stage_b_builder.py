@@ -212,3 +212,44 @@ def test_templates_accept_a_plain_mapping_and_reject_unknown_fields() -> None:
         StageBTemplates.from_mapping({**mapping, "user": "{mision}"})
     with pytest.raises(ValueError, match="missing key 'no_guidance'"):
         StageBTemplates.from_mapping({k: v for k, v in mapping.items() if k != "no_guidance"})
+
+
+def test_duplicate_ticket_key_names_both_lines_or_is_a_counted_skip(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _write(tmp_path / "dup.jsonl", [_record(), _record("QC-A-20250101-2"), _record()])
+    with pytest.raises(StageBDataError) as err:
+        read_stage_a_jsonl(path)
+    assert str(err.value) == (
+        f"{path}:3: duplicate ticket_key 'QC-TEMP-20250118-0015123::fail' (first on line 1)"
+    )
+    with caplog.at_level(logging.WARNING):
+        records, skipped = read_stage_a_jsonl(path, strict=False)
+    assert ([r["group_id"] for r in records], skipped) == (["QC-TEMP-20250118-0015123", "QC-A-20250101-2"], 1)
+    assert "dup.jsonl:3: duplicate ticket_key" in caplog.text
+
+
+def test_duplicate_ticket_key_across_files_names_both(tmp_path: Path) -> None:
+    from bbuqc_lightning.stage_b.builder import load_stage_b_records
+
+    first, second = _write(tmp_path / "a.jsonl", [_record()]), _write(tmp_path / "b.jsonl", [_record()])
+    with pytest.raises(StageBDataError, match=rf"{second}:1: duplicate ticket_key .* \(first at {first}:1\)"):
+        load_stage_b_records([first, second])
+    assert load_stage_b_records([first, second], strict=False)[1] == 1
+
+
+def test_unknown_mission_read_from_a_file_names_file_and_line(
+    tmp_path: Path, templates: StageBTemplates
+) -> None:
+    path = _write(tmp_path / "odd.jsonl", [_record("QC-A-20250101-2"), _record(mission="其他任务")])
+    records, _ = read_stage_a_jsonl(path)
+    with pytest.raises(StageBDataError, match=rf"^{path}:2: QC-TEMP-20250118-0015123::fail: unknown mission"):
+        build_stage_b_samples(records, templates, None)
+
+
+def test_a_line_that_is_not_utf8_is_located_or_skipped(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mixed.jsonl", [_record(), _record("QC-A-20250101-2")])
+    path.write_bytes(path.read_bytes() + b'{"group_id": "QC-\xc3\x28"}\n')
+    with pytest.raises(StageBDataError, match=rf"^{path}:3: malformed Stage-A record: 'utf-8' codec"):
+        read_stage_a_jsonl(path)
+    assert read_stage_a_jsonl(path, strict=False)[1] == 1

@@ -157,6 +157,20 @@ STAGE_A_OVERRIDES = [
 ]
 
 
+def test_finish_wandb_leaves_every_logged_metric_on_disk(tmp_path: Path) -> None:
+    """``wandb.finish()`` alone often leaves the ``.wandb`` file at its 7-byte header for a while."""
+    import wandb
+
+    from bbuqc_lightning.tracking.wandb import finish_wandb
+
+    for i in range(5):
+        run = wandb.init(dir=str(tmp_path / str(i)), project="bbuqc-test", mode="offline")
+        run.log({"probe/metric": float(i)})
+        finish_wandb()
+        data = next((tmp_path / str(i) / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+        assert b"probe/metric" in data, f"run {i}: {len(data)} bytes on disk after finish"
+
+
 @pytest.fixture(scope="module")
 def stage_a_run(
     tmp_path_factory: pytest.TempPathFactory, compose_at: Callable[[list[str], Path, Path], DictConfig]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +28,7 @@ from bbuqc_lightning.data.jsonl import read_jsonl
 from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
 from bbuqc_lightning.generation.engine import Completion, SamplingParams
 from bbuqc_lightning.stage_b.prompts import format_summaries
+from bbuqc_lightning.tracking.signals import Interrupted
 from bbuqc_lightning.train import train
 from bbuqc_lightning.training_free.artifacts import MissionArtifacts, snapshot_versions
 from bbuqc_lightning.training_free.config import RunnerConfig
@@ -420,3 +423,98 @@ def test_scripted_review_mode_stops_without_changing_guidance(
     assert [e["text"] for e in experiences] == ["初始经验"]  # review mode: unchanged until approved
     assert len(read_jsonl(folder / "pending_proposals.jsonl")) == 1
     assert review_pending(folder, approve=None).version == 1
+
+
+class Crash(RuntimeError):
+    """Stands for ``kill -9``: nothing after it runs (no epoch end, no progress update)."""
+
+
+def crash_at(engine: ScriptedEngine, kind: str, nth: int, signum: int | None = None) -> ScriptedEngine:
+    """``engine`` failing on its ``nth`` call of ``kind`` (counted from now), or sending this process
+    ``signum`` during that call (which then completes, as the item in hand)."""
+    calls = {"n": 0}
+    generate = engine.generate
+
+    def failing(conversations: Sequence[Sequence[dict]], params: SamplingParams) -> list[list[Completion]]:
+        is_kind = (conversations[0][0]["content"] == engine.reflection_system) == (kind == "reflection")
+        calls["n"] += is_kind
+        if is_kind and calls["n"] == nth and signum is not None:
+            os.kill(os.getpid(), signum)
+        elif is_kind and calls["n"] == nth:
+            raise Crash(f"{kind} call {nth}")
+        return generate(conversations, params)
+
+    engine.generate = failing  # type: ignore[method-assign]
+    return engine
+
+
+def comparable(folder: Path) -> dict[str, Any]:
+    """A mission folder's rows and guidance without what names the run (run ids differ between runs)."""
+
+    def strip(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k not in ("run_id", "reflection_id")}
+
+    rows = {
+        name: [strip(r) for r in read_jsonl(folder / name)] for name in ARTIFACTS if name.endswith(".jsonl")
+    }
+    guidance = json.loads((folder / "guidance.json").read_text(encoding="utf-8"))
+    return {**rows, "guidance": {k: v for k, v in guidance.items() if k != "updated_at"}}
+
+
+def test_rerun_after_kills_resumes_the_epoch_budget_and_discards_partial_epochs(
+    compose: ComposeFn, small_stage_a: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def run(out: Path, kind: str | None = None, nth: int = 0) -> dict[str, float]:
+        overrides = ["+experiment=distill", f"data.train_jsonl={small_stage_a}", "trainer.max_epochs=5",
+                     "logger=none", "data.batch_size=2", f"module.runner.output_dir={out}", *FAST]  # fmt: skip
+        cfg = compose(overrides)
+        engine, _ = scripted(
+            cfg, small_stage_a, final_temperature=cfg.stage_b_distillation.distill_temperature
+        )
+        if kind:
+            crash_at(engine, kind, nth)
+        monkeypatch.setattr(runner_module, "GenerationEngine", lambda *args, **kwargs: engine)
+        return train(cfg)[0]
+
+    reference = run(tmp_path / "reference")
+    killed = tmp_path / "killed"
+    with pytest.raises(Crash):
+        run(killed, "rollout", 4)  # epoch 1: one batch of trajectories written, the other not
+    with pytest.raises(Crash):
+        run(killed, "reflection", 1)  # resumed epoch 1: trajectories and selections written, reflection not
+    resumed = run(killed)
+    assert resumed["runner/epochs"] == reference["runner/epochs"] == 3  # not 3 more: the budget continues
+    for mission in (M1, M2):
+        assert comparable(killed / MISSIONS[mission]) == comparable(
+            tmp_path / "reference" / MISSIONS[mission]
+        )
+        epochs = [r["epoch"] for r in read_jsonl(killed / MISSIONS[mission] / "trajectories.jsonl")]
+        assert epochs == sorted(epochs) and epochs.count(1) == 2 * 2  # epoch 1 once, whole
+    progress = json.loads((killed / "runner_progress.json").read_text(encoding="utf-8"))
+    assert progress["finished"] and progress["epochs_done"] == 3
+
+
+def test_sigterm_mid_epoch_discards_the_epoch_and_the_rerun_resumes(
+    compose: ComposeFn, small_stage_a: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def run(out: Path, signum: int | None = None) -> dict[str, float]:
+        overrides = ["+experiment=stage_b", f"data.train_jsonl={small_stage_a}", "trainer.max_epochs=3",
+                     "logger=none", "data.batch_size=2", f"module.runner.output_dir={out}", *FAST]  # fmt: skip
+        cfg = compose(overrides)
+        engine, _ = scripted(cfg, small_stage_a)
+        if signum is not None:
+            crash_at(engine, "rollout", 3, signum)  # epoch 1, first of its two batches
+        monkeypatch.setattr(runner_module, "GenerationEngine", lambda *args, **kwargs: engine)
+        return train(cfg)[0]
+
+    run(tmp_path / "reference")
+    with pytest.raises(Interrupted) as stop:
+        run(tmp_path / "stopped", signal.SIGTERM)
+    assert stop.value.exit_code == 143
+    progress = json.loads((tmp_path / "stopped" / "runner_progress.json").read_text(encoding="utf-8"))
+    assert progress["epochs_done"] == 1 and not progress["finished"]  # epoch 1 was not reflected on
+    run(tmp_path / "stopped")
+    for mission in (M1, M2):
+        assert comparable(tmp_path / "stopped" / MISSIONS[mission]) == comparable(
+            tmp_path / "reference" / MISSIONS[mission]
+        )

@@ -15,9 +15,12 @@ folders that map to the same id under the same mission *and* label are merged in
 (``QC-X-20250118-15`` + ``QC-X-20250118-15-补拍``); the same id under both labels stays two records,
 told apart by ``ticket_key``.
 
-Bad input is never dropped silently: an unknown mission folder or an empty group raises
-:class:`DataError` naming the path when ``strict``, else it is listed in :attr:`ScanResult.skipped`
-(and logged). Decoding problems (corrupt images, bombs) are found later by
+Bad input is never dropped silently: an unknown mission folder, an empty group, or a folder or image
+whose name is not valid UTF-8 (Windows-made archives; such a name could not be written to the UTF-8
+JSONL) raises :class:`DataError` naming the path when ``strict``, else it is listed in
+:attr:`ScanResult.skipped` (and logged). Hidden folders (``.name``) and symlink loops are never read, and
+always listed and logged. Paths in messages and in ``skipped`` reasons are shown with undecodable bytes
+escaped (``IMG_\\xc3.jpg``, see :func:`shown`). Decoding problems (corrupt images, bombs) are found later by
 :func:`bbuqc_lightning.data.images.validate_group_images`.
 
 >>> natural_sort_key("img2.jpg") < natural_sort_key("img10.jpg")
@@ -28,7 +31,9 @@ True
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -121,16 +126,50 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not _hidden(path) and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_group_images(group_dir: Path) -> list[Path]:
-    """The images of one group folder, natural-sorted; other files are ignored (logged at debug)."""
+def shown(path: str | Path) -> str:
+    """``path`` printable and UTF-8-encodable: bytes that are not UTF-8 become ``\\xNN`` escapes.
+
+    >>> shown(Path(os.fsdecode(b"QC/IMG_\\xc3.jpg")))
+    'QC/IMG_\\\\xc3.jpg'
+    """
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_name(path: Path) -> bool:
+    """Whether the file system gave ``path``'s name as valid UTF-8 (else it holds surrogate escapes)."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_symlink_loop(path: Path) -> bool:
+    """A symbolic link that never resolves to a file or folder (a loop, or a chain too long)."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.stat()
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
+
+
+def list_group_images(group_dir: Path, skipped: list[SkippedGroup] | None = None) -> list[Path]:
+    """The images of one group folder, natural-sorted; other files are ignored (logged at debug).
+
+    Symlink loops are logged and, when ``skipped`` is given, listed there.
+    """
     images = []
     for child in group_dir.iterdir():
         if _hidden(child):
             continue
-        if is_image_file(child):
+        if is_symlink_loop(child):
+            _note(skipped, child, "symlink loop")
+        elif is_image_file(child):
             images.append(child)
         elif child.is_dir():
-            log.warning("ignoring nested folder %s (images must sit directly in the group folder)", child)
+            log.warning("ignoring nested folder %s (images must sit directly in the group folder)", shown(child))
         else:
             log.debug("ignoring non-image file %s", child)
     return sorted(images, key=lambda p: natural_sort_key(p.name))
@@ -150,12 +189,16 @@ def scan_tree(root: str | Path, strict: bool = True, missions: Iterable[str] = M
     result = ScanResult()
     # (mission, label, group_id) -> [(folder, images)]
     groups: dict[tuple[str, str | None, str], list[tuple[Path, list[Path]]]] = {}
-    for mission_dir in _subdirs(root):
+    for mission_dir in _subdirs(root, result, strict):
         if mission_dir.name not in mission_order:
             _reject(result, strict, mission_dir, f"unknown mission folder (known: {list(mission_order)})")
             continue
         for label, group_dir in _group_dirs(mission_dir, strict, result):
-            images = list_group_images(group_dir)
+            images = list_group_images(group_dir, result.skipped)
+            bad_names = [p for p in images if not is_utf8_name(p)]
+            if bad_names:
+                _reject(result, strict, group_dir, f"image name not valid UTF-8: {shown(bad_names[0].name)}")
+                continue
             if not images:
                 _reject(result, strict, group_dir, "empty group: no image files")
                 continue
@@ -169,7 +212,7 @@ def scan_tree(root: str | Path, strict: bool = True, missions: Iterable[str] = M
 
 def _group_dirs(mission_dir: Path, strict: bool, result: ScanResult) -> list[tuple[str | None, Path]]:
     """``(label, group folder)`` pairs of one mission folder, labelled or not (see module docstring)."""
-    children = _subdirs(mission_dir)
+    children = _subdirs(mission_dir, result, strict)
     label_dirs = [d for d in children if d.name in LABEL_DIRS]
     others = [d for d in children if d.name not in LABEL_DIRS]
     _warn_loose_images(mission_dir)
@@ -186,7 +229,7 @@ def _group_dirs(mission_dir: Path, strict: bool, result: ScanResult) -> list[tup
     pairs = []
     for label_dir in label_dirs:
         _warn_loose_images(label_dir)
-        pairs.extend((LABEL_DIRS[label_dir.name], d) for d in _subdirs(label_dir))
+        pairs.extend((LABEL_DIRS[label_dir.name], d) for d in _subdirs(label_dir, result, strict))
     return pairs
 
 
@@ -214,14 +257,35 @@ def _record_order(record: GroupRecord, mission_order: dict[str, int]) -> tuple[o
 def _reject(result: ScanResult, strict: bool, path: Path, reason: str) -> None:
     """Strict: raise naming ``path``. Non-strict: record and log the skip."""
     if strict:
-        raise DataError(f"{path}: {reason} (set data.strict=false to skip such folders)")
-    log.warning("skipping %s: %s", path, reason)
-    result.skipped.append(SkippedGroup(path=path, reason=reason))
+        raise DataError(f"{shown(path)}: {reason} (set data.strict=false to skip such folders)")
+    _note(result.skipped, path, reason)
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    """Visible sub-folders in name order; files at this level are ignored."""
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not _hidden(p)), key=lambda p: p.name)
+def _note(skipped: list[SkippedGroup] | None, path: Path, reason: str) -> None:
+    """Log a path left out and list it (whatever ``strict`` says: it is not the user's data)."""
+    log.warning("skipping %s: %s", shown(path), reason)
+    if skipped is not None:
+        skipped.append(SkippedGroup(path=path, reason=reason))
+
+
+def _subdirs(folder: Path, result: ScanResult, strict: bool) -> list[Path]:
+    """Visible sub-folders in name order; files at this level are ignored.
+
+    Hidden folders and symlink loops are noted; a folder name that is not UTF-8 is rejected.
+    """
+    folders = []
+    for child in folder.iterdir():
+        if is_symlink_loop(child):
+            _note(result.skipped, child, "symlink loop")
+        elif not child.is_dir():
+            continue
+        elif _hidden(child):
+            _note(result.skipped, child, "hidden folder (name starts with '.')")
+        elif not is_utf8_name(child):
+            _reject(result, strict, child, "folder name not valid UTF-8")
+        else:
+            folders.append(child)
+    return sorted(folders, key=lambda p: p.name)
 
 
 def _warn_loose_images(folder: Path) -> None:
@@ -229,7 +293,10 @@ def _warn_loose_images(folder: Path) -> None:
     loose = [p.name for p in folder.iterdir() if is_image_file(p)]
     if loose:
         log.warning(
-            "ignoring %d image(s) directly in %s (not in a group folder): %s", len(loose), folder, loose[:5]
+            "ignoring %d image(s) directly in %s (not in a group folder): %s",
+            len(loose),
+            shown(folder),
+            [shown(name) for name in loose[:5]],
         )
 
 

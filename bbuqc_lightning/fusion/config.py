@@ -193,6 +193,8 @@ def _load_tree(path: Path, variables: dict[str, Any], stack: tuple[Path, ...]) -
     for parent in parents or []:
         parent_path = Path(parent).expanduser()
         parent_path = Path(os.path.normpath(path.parent / parent_path))
+        if not parent_path.is_file():
+            raise FusionConfigError(f"{path}: extends {parent!r}, but {parent_path} does not exist")
         merged = _merge(merged, _load_tree(parent_path, variables, (*stack, real)))
     return _merge(merged, data)
 

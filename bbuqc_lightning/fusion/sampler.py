@@ -36,12 +36,16 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+
+from bbuqc_lightning.data.resumable import ResumableSampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,20 +91,15 @@ def draw(pool: Pool, quota: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
-class FusionSampler(Sampler[int]):
+class FusionSampler(ResumableSampler):
     """Yields global row indices (pools laid end to end, in order) for one rank, one epoch at a time.
 
-    Lightning calls :meth:`set_epoch` before every epoch; ``len`` is this rank's full epoch length (also
-    after a resume, when the first ``position`` rows are skipped), which is what Lightning expects.
+    Resume and DDP slicing come from :class:`~bbuqc_lightning.data.resumable.ResumableSampler`.
     """
 
     def __init__(self, pools: Sequence[Pool], seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self._init_resume(seed, num_replicas, rank)
         self.pools = list(pools)
-        self.seed = int(seed)
-        self.num_replicas = num_replicas
-        self.rank = rank
         self.quotas = epoch_quotas(self.pools)
         self.offsets = np.cumsum([0] + [p.size for p in self.pools])[:-1]
         self.total = sum(self.quotas.values())
@@ -109,11 +108,6 @@ class FusionSampler(Sampler[int]):
             raise ValueError(
                 f"the fusion epoch has {self.total} rows for {num_replicas} rank(s); quotas: {self.quotas}"
             )
-        self.epoch = 0
-        self._resume: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The whole epoch's global indices, shuffled (all ranks compute the same list)."""
@@ -124,34 +118,16 @@ class FusionSampler(Sampler[int]):
         order = np.concatenate(parts)[rng.permutation(self.total)]
         return order.tolist()
 
-    def rank_indices(self, epoch: int) -> list[int]:
-        """This rank's slice of the epoch (strided, equal lengths on every rank)."""
-        order = self.epoch_order(epoch)[: self.num_samples * self.num_replicas]
-        return order[self.rank :: self.num_replicas]
-
-    def resume(self, epoch: int, position: int, num_replicas: int | None = None) -> None:
-        """Start the next iteration of ``epoch`` after ``position`` rows (counted on ``num_replicas`` ranks)."""
-        if num_replicas and num_replicas != self.num_replicas:
-            position = position * num_replicas // self.num_replicas
-        self.epoch = int(epoch)
-        self._resume = (int(epoch), max(0, int(position)))
-
-    def __iter__(self) -> Iterator[int]:
-        start = 0
-        if self._resume is not None and self._resume[0] == self.epoch:
-            start = self._resume[1]
-        self._resume = None
-        yield from self.rank_indices(self.epoch)[start:]
-
-    def __len__(self) -> int:
-        return self.num_samples
-
     def state(self, position: int) -> dict[str, Any]:
-        """What a checkpoint needs to resume this epoch after ``position`` consumed rows."""
-        return {
-            "epoch": self.epoch,
-            "position": int(position),
-            "num_replicas": self.num_replicas,
-            "seed": self.seed,
-            "quotas": dict(self.quotas),
-        }
+        return {**super().state(position), "quotas": dict(self.quotas)}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("seed") != self.seed or dict(state.get("quotas", {})) != self.quotas:
+            log.warning(
+                "the checkpoint's fusion sampler (seed %s, quotas %s) differs from this run's (seed %s, "
+                "quotas %s): resuming at the same position of a different epoch order",
+                state.get("seed"),
+                state.get("quotas"),
+                self.seed,
+                self.quotas,
+            )

@@ -4,7 +4,7 @@
   synthetic data is configured, generates the synthetic tree and its fusion JSONL files first.
 - ``setup``: reads every entry's rows (:mod:`bbuqc_lightning.fusion.rows`), located errors on bad rows.
 - training: one :class:`~bbuqc_lightning.fusion.sampler.FusionSampler` over all entries (quotas per
-  epoch, reseeded by ``(seed, epoch)``, this rank's slice), in a :class:`FusionLoader` whose state
+  epoch, reseeded by ``(seed, epoch)``, this rank's slice), in a :class:`ResumableLoader` whose state
   (epoch, rows consumed) is saved in Lightning checkpoints, so ``ckpt_path=...`` resumes mid-epoch on
   the exact next batch. The sampler splits ranks itself: run with ``trainer.use_distributed_sampler=false``
   (the ``fusion_sft`` experiment sets it).
@@ -21,14 +21,14 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from bbuqc_lightning.data.resumable import ResumableLoader, trained_batches
 from bbuqc_lightning.data.summary_prompts import stage_a_prompt
 from bbuqc_lightning.fusion.config import FusionConfig, FusionEntry, load_fusion_config
 from bbuqc_lightning.fusion.rows import read_entry_samples
@@ -36,47 +36,6 @@ from bbuqc_lightning.fusion.sampler import FusionSampler, Pool
 from bbuqc_lightning.sft.collator import SFTCollator
 
 log = logging.getLogger(__name__)
-
-
-class FusionLoader(DataLoader):
-    """A DataLoader over a :class:`FusionSampler` whose ``state_dict`` Lightning stores in checkpoints.
-
-    ``progress()`` returns the batches this epoch already *trained on* (Lightning's counter, which is
-    right even when worker processes have fetched ahead); without it, batches handed out are counted.
-    """
-
-    def __init__(self, *args: Any, progress: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.progress = progress
-        self._handed_out = 0
-
-    def __iter__(self) -> Any:
-        self._handed_out = 0
-        for batch in super().__iter__():
-            self._handed_out += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        if not isinstance(self.sampler, FusionSampler):  # Lightning swapped it (overfit_batches): no state
-            return {}
-        done = self.progress() if self.progress is not None else None
-        batches = self._handed_out if done is None else done
-        return self.sampler.state(position=batches * int(self.batch_size or 1))
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        sampler = self.sampler
-        if not state or not isinstance(sampler, FusionSampler):
-            return
-        if state.get("seed") != sampler.seed or dict(state.get("quotas", {})) != sampler.quotas:
-            log.warning(
-                "the checkpoint's fusion sampler (seed %s, quotas %s) differs from this run's (seed %s, "
-                "quotas %s): resuming at the same position of a different epoch order",
-                state.get("seed"),
-                state.get("quotas"),
-                sampler.seed,
-                sampler.quotas,
-            )
-        sampler.resume(int(state["epoch"]), int(state["position"]), state.get("num_replicas"))
 
 
 class FusionDataModule(L.LightningDataModule):
@@ -172,19 +131,16 @@ class FusionDataModule(L.LightningDataModule):
         return FusionSampler(self.pools, seed=self.seed, num_replicas=world, rank=rank)
 
     def _batches_done(self) -> int | None:
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return None
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trained_batches(self.trainer)
 
-    def train_dataloader(self) -> FusionLoader:
+    def train_dataloader(self) -> ResumableLoader:
         world, _ = self._world()
         trainer = self.trainer
         if world > 1 and trainer is not None and trainer._accelerator_connector.use_distributed_sampler:
             raise ValueError(
                 "the fusion sampler splits ranks itself: set trainer.use_distributed_sampler=false"
             )
-        return FusionLoader(
+        return ResumableLoader(
             self.train_rows,
             batch_size=self.batch_size,
             sampler=self._sampler(),

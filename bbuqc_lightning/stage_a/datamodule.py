@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bbuqc_lightning.data.images import load_image, validate_group_images
 from bbuqc_lightning.data.summary_prompts import image_conversation, stage_a_prompt
-from bbuqc_lightning.data.tree import GroupRecord, scan_tree
+from bbuqc_lightning.data.tree import GroupRecord, scan_tree, shown
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class StageADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         scan = scan_tree(self.root, strict=self.strict)
         self.scanned = scan.records
-        self.skipped = [(str(s.path), s.reason) for s in scan.skipped]
+        self.skipped = [(shown(s.path), s.reason) for s in scan.skipped]
         self.scan_skipped = len(self.skipped)
         log.info("Stage-A: %d groups scanned, %d folders skipped", len(scan.records), len(self.skipped))
 

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 _KEY_PATTERN = re.compile(rf"^({re.escape(IMAGE_KEY_PREFIX)}|{re.escape(LEGACY_IMAGE_KEY_PREFIX)})([0-9]+)$")
 
 
+SOURCE = "source_line"  # "<path>:<line>" of a record read from a file, for located errors
+
+
 class StageBDataError(ValueError):
     """A located problem in Stage-B input (file and line, or ticket key)."""
 
@@ -110,26 +113,39 @@ def normalise_stage_a_record(raw: Any) -> dict[str, Any]:
 def read_stage_a_jsonl(path: str | Path, strict: bool = True) -> tuple[list[dict[str, Any]], int]:
     """Read a Stage-A JSONL file; returns ``(records, skipped)``.
 
-    Blank lines are ignored. A malformed line (bad JSON or bad schema) raises :class:`StageBDataError`
-    naming ``<path>:<line>`` when ``strict``; otherwise it is logged and counted in ``skipped``.
+    Blank lines are ignored. A malformed line (bad JSON or bad schema), or a second line with a
+    ``ticket_key`` seen before (a ticket must not vote twice), raises :class:`StageBDataError` naming
+    ``<path>:<line>`` (and the first line) when ``strict``; otherwise it is logged and counted in ``skipped``
+    (the first occurrence is kept). Each record remembers its ``<path>:<line>`` under :data:`SOURCE`, so
+    later errors (an unknown mission) name the line too.
     """
     path = Path(path)
     records: list[dict[str, Any]] = []
+    first_line: dict[str, int] = {}
     skipped = 0
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # decoded line by line: a line that is not UTF-8 is a located problem
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
-                records.append(normalise_stage_a_record(json.loads(line)))
-            except ValueError as err:  # json.JSONDecodeError is a ValueError
-                message = f"{path}:{line_no}: malformed Stage-A record: {err}"
-                if strict:
-                    raise StageBDataError(message) from err
-                log.warning("skipping %s", message)
-                skipped += 1
+                record = normalise_stage_a_record(json.loads(raw.decode("utf-8")))
+                problem = ""
+            except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+                record, problem = None, f"malformed Stage-A record: {err}"
+            if record is not None and record["ticket_key"] in first_line:
+                first = first_line[record["ticket_key"]]
+                problem = f"duplicate ticket_key {record['ticket_key']!r} (first on line {first})"
+            if not problem:
+                first_line[record["ticket_key"]] = line_no
+                records.append({**record, SOURCE: f"{path}:{line_no}"})
+                continue
+            message = f"{path}:{line_no}: {problem}"
+            if strict:
+                raise StageBDataError(message)
+            log.warning("skipping %s", message)
+            skipped += 1
     if skipped:
-        log.warning("%s: skipped %d malformed line(s), kept %d", path, skipped, len(records))
+        log.warning("%s: skipped %d bad or duplicate line(s), kept %d", path, skipped, len(records))
     return records, skipped
 
 
@@ -169,15 +185,18 @@ def _sample_or_error(
 ) -> dict[str, Any]:
     """Build one sample; raises :class:`StageBDataError` naming the ticket key on any problem."""
     key = record.get("ticket_key", "<unknown ticket>")
+    where = f"{record[SOURCE]}: {key}" if SOURCE in record else key
     mission = record.get("mission")
     if mission not in templates.mission_focus:
-        raise StageBDataError(f"{key}: unknown mission {mission!r}; known: {sorted(templates.mission_focus)}")
+        raise StageBDataError(
+            f"{where}: unknown mission {mission!r}; known: {sorted(templates.mission_focus)}"
+        )
     sample = build_sample(record, templates, (guidance_by_mission or {}).get(mission))
     if max_prompt_tokens is not None:
         n_tokens = count_prompt_tokens(tokenizer, sample["messages"])
         if n_tokens > max_prompt_tokens:
             raise StageBDataError(
-                f"{key}: prompt has {n_tokens} tokens > max_prompt_tokens={max_prompt_tokens}"
+                f"{where}: prompt has {n_tokens} tokens > max_prompt_tokens={max_prompt_tokens}"
             )
     return sample
 
@@ -250,11 +269,26 @@ def load_guidance(path: str | Path) -> dict[str, list[str]]:
 def load_stage_b_records(
     paths: Sequence[str | Path], strict: bool = True
 ) -> tuple[list[dict[str, Any]], int]:
-    """Read several Stage-A files (e.g. one per mission) into one list; returns ``(records, skipped)``."""
+    """Read several Stage-A files (e.g. one per mission) into one list; returns ``(records, skipped)``.
+
+    A ``ticket_key`` already read from an earlier file is an error naming both lines (``strict``) or a
+    logged, counted skip, as within one file.
+    """
     records: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
     skipped = 0
     for path in paths:
         part, n_skipped = read_stage_a_jsonl(path, strict=strict)
-        records.extend(part)
         skipped += n_skipped
+        for record in part:
+            key = record["ticket_key"]
+            if key in seen:
+                message = f"{record[SOURCE]}: duplicate ticket_key {key!r} (first at {seen[key]})"
+                if strict:
+                    raise StageBDataError(message)
+                log.warning("skipping %s", message)
+                skipped += 1
+                continue
+            seen[key] = record[SOURCE]
+            records.append(record)
     return records, skipped

@@ -2,8 +2,11 @@
 
 Batches are lists of sample dicts (``messages``, ``group_label``, ``summaries``, ...): the GRPO module
 generates from ``messages`` and hands the other columns to the reward functions, TRL-style. Under DDP
-Lightning's distributed sampler splits *prompts* across ranks, and each rank samples all G completions of
-its prompts, so a group never straddles ranks.
+the training order is an :class:`~bbuqc_lightning.data.resumable.EpochSampler` (seeded by ``(seed, epoch)``)
+whose position Lightning checkpoints, so ``ckpt_path=...`` resumes on the exact next batch. Under DDP the
+sampler splits *prompts* across ranks (or Lightning's distributed sampler does, when
+``trainer.use_distributed_sampler`` is on: then a mid-epoch resume restarts the epoch's order), and each
+rank samples all G completions of its prompts, so a group never straddles ranks.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from bbuqc_lightning.data.resumable import EpochSampler, ResumableLoader, trained_batches
 from bbuqc_lightning.stage_b.builder import build_stage_b_samples, load_guidance, read_stage_a_jsonl
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ class StageBDataModule(L.LightningDataModule):
         shuffle: bool = True,
         limit_samples: int | None = None,
         synthetic: dict | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.paths = {"train": train_jsonl, "val": val_jsonl, "test": test_jsonl}
@@ -56,6 +61,7 @@ class StageBDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.limit_samples = limit_samples
         self.synthetic = synthetic
+        self.seed = seed
         self.samples: dict[str, list[dict[str, Any]]] = {}
         self.skipped: dict[str, int] = {}
 
@@ -88,15 +94,43 @@ class StageBDataModule(L.LightningDataModule):
                 "Stage-B %s: %d samples from %s (%d skipped)", split, len(samples), path, bad_lines + too_long
             )
 
+    def _world(self) -> tuple[int, int, bool]:
+        """World size, rank, and whether Lightning puts its own distributed sampler in."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 1, 0, False
+        return trainer.world_size, trainer.global_rank, trainer._accelerator_connector.use_distributed_sampler
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.samples:
             raise ValueError(f"no Stage-B {split} data: set data.{split}_jsonl")
+        rows = self.samples[split]
+        world, rank, lightning_splits = self._world()
+        sampler = None
+        if world > 1 and not lightning_splits:  # the sampler Lightning would have put in
+            sampler = DistributedSampler(rows, world, rank, shuffle=False)
         return DataLoader(
-            self.samples[split], batch_size=batch_size, shuffle=shuffle, collate_fn=collate_samples
+            rows,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=collate_samples,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.shuffle)
+        world, rank, lightning_splits = self._world()
+        if lightning_splits:
+            return self._loader("train", self.batch_size, self.shuffle)
+        if "train" not in self.samples:
+            raise ValueError("no Stage-B train data: set data.train_jsonl")
+        samples = self.samples["train"]
+        return ResumableLoader(
+            samples,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(len(samples), self.seed, self.shuffle, num_replicas=world, rank=rank),
+            collate_fn=collate_samples,
+            progress=lambda: trained_batches(self.trainer),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.val_batch_size, False)

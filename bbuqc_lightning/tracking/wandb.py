@@ -101,10 +101,21 @@ def log_artifact(trainer: Trainer | None, path: str | Path, name: str, artifact_
 
 
 def finish_wandb() -> None:
-    """Close the active W&B run, if any (called from ``train`` in a ``finally``)."""
+    """Close the active W&B run, if any, with every logged record on disk (``train`` calls it in a ``finally``).
+
+    ``wandb.finish()`` returns once the run's exit is acknowledged, but the W&B service closes the run's
+    ``.wandb`` file (which holds only its 7-byte header until then) later, on its own schedule: read right
+    after ``finish`` it is often empty, and a job killed then loses the run. ``wandb.teardown()`` waits for
+    the service to close every run and exit; the next ``wandb.init`` starts a fresh one.
+    """
     try:
         import wandb
     except ImportError:  # pragma: no cover - wandb is a dependency
         return
-    if wandb.run is not None:
-        wandb.finish()
+    if wandb.run is None:
+        return
+    wandb.finish()
+    try:
+        wandb.teardown()
+    except SystemExit as err:  # teardown exits with the service's exit code when that is not 0
+        log.warning("the W&B service exited with code %s while closing the run", err.code)

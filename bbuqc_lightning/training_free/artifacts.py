@@ -13,7 +13,8 @@
 Streamed files are appended line by line with :class:`~bbuqc_lightning.data.jsonl.JsonlAppender` (a kill
 leaves at most a torn last line, cut on the next open); every row carries the ``run_id``, so reruns into
 the same folder append an auditable history. A rerun into a folder that has ``guidance.json`` continues
-from it (versions keep counting, snapshots never clash).
+from it (versions keep counting, snapshots never clash); ``<output_dir>/runner_progress.json`` makes a rerun
+after an interrupted run resume it (:mod:`bbuqc_lightning.training_free.progress`).
 """
 
 from __future__ import annotations

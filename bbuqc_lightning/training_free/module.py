@@ -19,6 +19,10 @@ sub-sampled) groups again under the converged guidance at ``distill_temperature`
 its selections are what ``callbacks/distillation.py`` writes. Without it, the last round's selections are
 final. The final selections also fill ``manual_review_queue.jsonl`` (groups with no valid answer).
 
+A rerun into the folder of an interrupted run (a kill, a signal) resumes it: the epoch that was cut short
+is discarded whole, and the run continues with the rest of ``trainer.max_epochs``
+(:mod:`~bbuqc_lightning.training_free.progress`); each epoch is seeded from ``(seed, epoch)``.
+
 The model is kept out of the module's parameters on purpose: nothing is trained, checkpoints stay tiny,
 and Lightning must not move a Teacher spread over GPUs with ``device_map="auto"``.
 
@@ -47,7 +51,9 @@ from bbuqc_lightning.generation.protocol import Engine
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.stage_b.metrics import verdict_metrics
 from bbuqc_lightning.stage_b.prompts import as_templates
+from bbuqc_lightning.tracking.checkpoint import seed_step
 from bbuqc_lightning.tracking.wandb import log_artifact, log_table
+from bbuqc_lightning.training_free import progress
 from bbuqc_lightning.training_free.artifacts import (
     GUIDANCE,
     MANUAL_REVIEW,
@@ -58,6 +64,7 @@ from bbuqc_lightning.training_free.artifacts import (
 )
 from bbuqc_lightning.training_free.config import FinalRolloutConfig, RunnerConfig
 from bbuqc_lightning.training_free.guidance import GuidanceLimits, MissionGuidance, read_guidance_blocks
+from bbuqc_lightning.training_free.progress import RunnerProgress
 from bbuqc_lightning.training_free.reflection import ReflectionTemplates
 from bbuqc_lightning.training_free.reflection_round import MissionRound, reflect_missions
 from bbuqc_lightning.training_free.rollout import (
@@ -102,6 +109,11 @@ class TrainingFreeRunner(L.LightningModule):
         self.final_results: list[GroupResult] | None = None
         self.run_summary: dict[str, float] = {}
         self.epochs_run = 0
+        self.progress: RunnerProgress | None = (
+            None  # resume state (runner_progress.json), set in on_fit_start
+        )
+        self._cut = False  # the last epoch stopped short (a signal): it is discarded, the run not finished
+        self.epoch_offset = 0
         self._results: list[GroupResult] = []
         self._final_keys: set[str] | None = None
         self.automatic_optimization = False
@@ -125,6 +137,20 @@ class TrainingFreeRunner(L.LightningModule):
         model = self.bundle.model
         if not getattr(model, "hf_device_map", None):  # device_map models are placed already
             model.to(self.device)
+        self.progress = resumed = progress.resume_or_start(self.cfg.output_dir, self.run_id)
+        self.epoch_offset = self.epochs_run = resumed.epochs_done
+        self.phase = resumed.phase
+        self.converged.update(resumed.converged)
+        budget = self._max_epochs() if self.phase == "final" else self._reflection_budget()
+        if resumed.epochs_done >= budget:
+            log.warning("runner: the interrupted run had used all %d epochs; nothing left to run", budget)
+            progress.finish(self.cfg.output_dir, resumed)
+            self.trainer.should_stop = True
+
+    @property
+    def epoch(self) -> int:
+        """This epoch's number over an interrupted run and its resume (Lightning's restarts at 0)."""
+        return self.epoch_offset + self.current_epoch
 
     def on_exception(self, exception: BaseException) -> None:
         self.artifacts.close()
@@ -143,6 +169,9 @@ class TrainingFreeRunner(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._results = []
+        seed_step(self.epoch)  # an epoch samples the same whether the run was resumed or not
+        if self.progress is not None:
+            progress.begin_epoch(self.cfg.output_dir, self.progress)
         if self.phase == "final" and self.final_cfg.size is not None:
             self._final_keys = _sample_keys(
                 self.trainer.train_dataloader, self.final_cfg.size, self.final_cfg.seed
@@ -155,9 +184,7 @@ class TrainingFreeRunner(L.LightningModule):
         guidance = [self.guidance_for(s["task_type"]) for s in samples]
         messages = [render_messages(s, self.templates, g) for s, g in zip(samples, guidance, strict=True)]
         versions = [g.version for g in guidance]
-        results = rollout_groups(
-            self.engine, samples, messages, self._sampling(), versions, self.current_epoch
-        )
+        results = rollout_groups(self.engine, samples, messages, self._sampling(), versions, self.epoch)
         for group in results:
             for row in trajectory_rows(group, self.phase):
                 self.artifacts.mission(group.mission).append(TRAJECTORIES, row)
@@ -177,6 +204,10 @@ class TrainingFreeRunner(L.LightningModule):
     # ------------------------------------------------------------------ end of an epoch
     def on_train_epoch_end(self) -> None:
         results, phase = self._results, self.phase
+        trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trained < self.trainer.num_training_batches:  # stopped on a signal: discard it as a whole
+            self._cut = True
+            return
         self.epochs_run += 1
         for group in results:
             self.artifacts.mission(group.mission).append(SELECTIONS, selection_row(group, phase))
@@ -186,12 +217,14 @@ class TrainingFreeRunner(L.LightningModule):
         else:
             rounds = self._reflect(results)
             metrics.update(_reflection_metrics(rounds))
-            if all(self.converged.values()) or self.current_epoch + 1 >= self._reflection_budget():
+            if all(self.converged.values()) or self.epoch + 1 >= self._reflection_budget():
                 self._end_reflection(results)
         metrics.update(self._guidance_metrics())
         metrics["runner/final_rollout"] = float(phase == "final")
         self.log_dict(metrics)
         self._log_selection_table(results)
+        if self.progress is not None:
+            progress.end_epoch(self.cfg.output_dir, self.progress, self.epoch + 1, self.phase, self.converged)
 
     def _reflect(self, results: list[GroupResult]) -> list[MissionRound]:
         by_mission: dict[str, list[GroupResult]] = defaultdict(list)
@@ -205,19 +238,19 @@ class TrainingFreeRunner(L.LightningModule):
             self.templates,
             self.reflection_templates,
             self.cfg,
-            reflection_id=f"{self.run_id}/epoch{self.current_epoch}",
+            reflection_id=f"{self.run_id}/epoch{self.epoch}",
         )
         for r in rounds:
             files = self.artifacts.mission(r.mission)
             for name, row in r.rows:
-                files.append(name, {"epoch": self.current_epoch, **row})
+                files.append(name, {"epoch": self.epoch, **row})
             if r.guidance.version != self.guidance[r.mission].version:
                 self.guidance[r.mission] = r.guidance
                 files.save_guidance(r.guidance)
             self.converged[r.mission] = not r.applied
             log.info(
                 "reflection %s epoch %d: %d proposed, %d applied, %d pending, %d rejected%s -> guidance v%d (%d)",
-                r.mission, self.current_epoch, r.proposed, len(r.applied), r.pending, r.rejected,
+                r.mission, self.epoch, r.proposed, len(r.applied), r.pending, r.rejected,
                 " (answer invalid)" if r.invalid_output else "", r.guidance.version, len(r.guidance.experiences),
             )  # fmt: skip
         return rounds
@@ -235,7 +268,10 @@ class TrainingFreeRunner(L.LightningModule):
 
     # ------------------------------------------------------------------ end of the run
     def on_train_end(self) -> None:
-        results = self.final_results or []
+        if self._cut or self.final_results is None:  # interrupted: the rerun resumes; keep the last queue
+            self.artifacts.close()
+            return
+        results = self.final_results
         self._write_manual_review(results)
         for mission in self.guidance:
             path = self.artifacts.mission(mission).path(GUIDANCE)
@@ -251,6 +287,8 @@ class TrainingFreeRunner(L.LightningModule):
             }
         )
         self.artifacts.close()
+        if self.progress is not None:
+            progress.finish(self.cfg.output_dir, self.progress)
         log.info("training-free runner: artifacts in %s", Path(self.cfg.output_dir).resolve())
 
     def _write_manual_review(self, results: list[GroupResult]) -> None:
