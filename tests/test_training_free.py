@@ -473,7 +473,7 @@ def test_rerun_after_kills_resumes_the_epoch_budget_and_discards_partial_epochs(
         )
         if kind:
             crash_at(engine, kind, nth)
-        monkeypatch.setattr(runner_module, "GenerationEngine", lambda *args, **kwargs: engine)
+        monkeypatch.setattr(engine_module, "GenerationEngine", lambda *args, **kwargs: engine)
         return train(cfg)[0]
 
     reference = run(tmp_path / "reference")
@@ -504,7 +504,7 @@ def test_sigterm_mid_epoch_discards_the_epoch_and_the_rerun_resumes(
         engine, _ = scripted(cfg, small_stage_a)
         if signum is not None:
             crash_at(engine, "rollout", 3, signum)  # epoch 1, first of its two batches
-        monkeypatch.setattr(runner_module, "GenerationEngine", lambda *args, **kwargs: engine)
+        monkeypatch.setattr(engine_module, "GenerationEngine", lambda *args, **kwargs: engine)
         return train(cfg)[0]
 
     run(tmp_path / "reference")
