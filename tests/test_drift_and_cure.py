@@ -41,7 +41,7 @@ def compose_train(compose_at: ComposeAt, argv: list[str], where: Path, data_dir:
     )
     try:
         cfg = compose_at(overrides, where, data_dir)
-        validate_config(cfg)
+        validate_config(cfg, environment=False)  # later steps' inputs, maybe a GPU elsewhere
         OmegaConf.to_container(cfg.module, resolve=True)
         return cfg
     finally:
