@@ -137,7 +137,10 @@ def _missing_option_message(err: MissingConfigException, overrides: list[str]) -
     if not group or not options:
         return one_line(err).split("; Config search path")[0]
     prefix = next((o.split(group, 1)[0] for o in overrides if o.lstrip("+~").startswith(f"{group}=")), "")
-    closest = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
+    # a name that begins an option (stage_b -> stage_b_runner) beats a closer spelling (stage_a)
+    closest = [o for o in options if o.startswith(name)][:1] or difflib.get_close_matches(
+        name, options, n=1, cutoff=0.4
+    )
     hint = f"; did you mean {prefix}{group}={closest[0]}?" if closest else ""
     return f"no {group} '{name}'{hint} (options: {', '.join(options)})"
 

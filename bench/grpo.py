@@ -27,8 +27,9 @@ import yaml
 from common import device_info, random_bundle, sync, write
 
 from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
-from bbuqc_lightning.stage_b.builder import build_stage_b_samples, normalise_stage_a_record
+from bbuqc_lightning.stage_b.builder import build_stage_b_samples
 from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
+from bbuqc_lightning.summaries.records import normalise_stage_a_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = "BBU设备/华为,显示完整,机柜空间充足需要安装/这个BBU设备按要求配备了挡风板×1，螺丝、光纤插头/BBU安装螺丝,显示完整,符合要求×3"

@@ -31,8 +31,8 @@ from common import device_info, random_bundle, sync, write
 from PIL import Image
 
 from bbuqc_lightning.data.images import resize_within
-from bbuqc_lightning.data.summary_prompts import image_conversation, stage_a_prompt
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 # (width, height, weight): phone photos in both orientations dominate; some screenshots and squares

@@ -3,7 +3,7 @@
 The folder loads with ``PeftModel.from_pretrained(base_model, dirpath)``. Saved after every validation
 and at the end of training, overwriting the same folder (Lightning checkpoints keep the history). A module
 without adapters (fusion SFT with ``module.finetune=full``) is left to
-``callbacks.model_folder.ModelFolderCheckpoint``.
+``bbuqc_lightning.callbacks.model_folder.ModelFolderCheckpoint``.
 
 Beside the adapter, ``bbuqc_base.json`` says how to rebuild its base: the model preset, the model config
 (a real folder or hub id in ``model_name_or_path``; for a random-init base the ``architecture`` and

@@ -2,7 +2,7 @@
 
 At the end of a training-free run with distillation (``+experiment=distill``, ``tools/distill.py``) the
 runner holds the selections of its *final rollout* under the converged guidance (``module.final_results``);
-this callback turns them into rows (:mod:`bbuqc_lightning.training_free.distill`: schema and conflict
+this callback turns them into rows (:mod:`bbuqc_lightning.stage_b_runner.distill`: schema and conflict
 policies ``drop`` | ``flip`` | ``mark``) and replaces each mission's file atomically (a crash mid-write
 leaves the previous file intact). Counts go to the run summary (``metrics.json``): ``distill/rows``,
 ``distill/conflicts``, ``distill/dropped``, ``distill/flipped``, ``distill/marked``,
@@ -21,8 +21,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from bbuqc_lightning.constants import MISSIONS
+from bbuqc_lightning.stage_b_runner.distill import POLICIES, build_distill_rows, write_distill_file
 from bbuqc_lightning.tracking.wandb import log_artifact
-from bbuqc_lightning.training_free.distill import POLICIES, build_distill_rows, write_distill_file
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ config, the generation config and the processor (tokenizer, image processor, the
 template), like a ``tools/export.py`` output, so a later run starts from it with
 ``model.model_name_or_path=<run>/model model.random_init=false``. Saved after every validation and at the
 end of training, overwriting the same folder (Lightning checkpoints keep the history). Modules that train
-LoRA adapters are left to ``callbacks.adapter_checkpoint.AdapterCheckpoint``.
+LoRA adapters are left to ``bbuqc_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint``.
 """
 
 from __future__ import annotations

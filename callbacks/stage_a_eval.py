@@ -2,7 +2,7 @@
 
 Part of ``+experiment=stage_a``: after the JSONL writer has written (and, under DDP, merged) the output,
 rank 0 reads it and the reference file and logs ``stage_a/object_f1`` & co. (overall and per mission,
-see :mod:`bbuqc_lightning.stage_a.evaluation`) to every logger, to ``metrics.json`` (through
+see :mod:`bbuqc_lightning.summaries.scoring`) to every logger, to ``metrics.json`` (through
 ``trainer.callback_metrics``) and to ``stage_a_eval.json`` in the run folder, plus a W&B table
 ``stage_a/worst_lines`` of the lines furthest from their reference.
 
@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from bbuqc_lightning.stage_a.evaluation import (
+from bbuqc_lightning.summaries.scoring import (
     WORST_COLUMNS,
     resolve_reference,
     score_stage_a_files,

@@ -8,7 +8,7 @@ Contract with the Stage-A DataModule and LightningModule (``bbuqc_lightning/stag
                                                                # same order and length as batch["meta"]
 
 The writer buffers summaries per ``ticket_key`` and, as soon as all ``num_images`` of a group are in,
-builds the line with :func:`~bbuqc_lightning.stage_a.records.build_stage_a_record` (alignment check)
+builds the line with :func:`~bbuqc_lightning.summaries.records.build_stage_a_record` (alignment check)
 and appends it with :class:`~bbuqc_lightning.data.jsonl.JsonlAppender` (write + flush + fsync per line).
 
 Resume: the constructor reads the ``ticket_key`` s already in the output (and in shards left by a
@@ -48,8 +48,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from bbuqc_lightning.data.jsonl import JsonlAppender, iter_jsonl, read_jsonl_keys
 from bbuqc_lightning.data.tree import GroupRecord
-from bbuqc_lightning.stage_a.records import build_stage_a_record, check_stage_a_line
 from bbuqc_lightning.stage_a.settings import check_output_settings, record_output_settings
+from bbuqc_lightning.summaries.records import build_stage_a_record, check_stage_a_line
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def options(group: str) -> list[str]:
 EXPERIMENTS = options("experiment")
 MODEL_BUILDERS = {  # the factory, and the demo's fitted tiny Teacher (which builds through it)
     "bbuqc_lightning.models.factory.load_model",
-    "bbuqc_lightning.training_free.tiny_teacher.load_tiny_teacher",
+    "bbuqc_lightning.stage_b_runner.tiny_teacher.load_tiny_teacher",
 }
 GROUP_OPTIONS = [
     (group, option)

@@ -25,11 +25,11 @@ from bbuqc_lightning.data.jsonl import read_jsonl
 from bbuqc_lightning.generation.engine import Completion, SamplingParams
 from bbuqc_lightning.generation.openai_engine import EndpointError, OpenAICompatibleEngine
 from bbuqc_lightning.stage_b.prompts import load_stage_b_templates
+from bbuqc_lightning.stage_b_runner.distill import build_distill_rows, write_distill_file
+from bbuqc_lightning.stage_b_runner.guidance import MissionGuidance
+from bbuqc_lightning.stage_b_runner.rollout import render_messages
+from bbuqc_lightning.stage_b_runner.selection import Candidate, GroupResult, select_candidate
 from bbuqc_lightning.train import train
-from bbuqc_lightning.training_free.distill import build_distill_rows, write_distill_file
-from bbuqc_lightning.training_free.guidance import MissionGuidance
-from bbuqc_lightning.training_free.rollout import render_messages
-from bbuqc_lightning.training_free.selection import Candidate, GroupResult, select_candidate
 
 ComposeFn = Callable[[list[str]], DictConfig]
 REPO = config_dir().parent
@@ -76,8 +76,8 @@ def assert_chatml_rows(rows: Sequence[dict[str, Any]]) -> None:
 
 def load_as_fusion_chat_source(path: Path, tmp_path: Path) -> list[dict[str, Any]]:
     """Read ``path`` the way the fusion SFT does, as a ``dataset: chat``, ``template: chatml`` target."""
-    fusion_config = pytest.importorskip("bbuqc_lightning.fusion.config")
-    fusion_rows = pytest.importorskip("bbuqc_lightning.fusion.rows")
+    fusion_config = pytest.importorskip("bbuqc_lightning.fusion_sft.fusion_config")
+    fusion_rows = pytest.importorskip("bbuqc_lightning.fusion_sft.rows")
     entry = {
         "name": "stage_b_distill",
         "dataset": "chat",
@@ -124,7 +124,7 @@ def test_conflict_policies(policy: str, tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys, time
-    from bbuqc_lightning.training_free.distill import write_distill_file
+    from bbuqc_lightning.stage_b_runner.distill import write_distill_file
 
     def rows():
         for i in range(100_000):

@@ -127,7 +127,7 @@ def test_teacher_base_skips_the_teacher_and_settings_are_fixed_by_the_first_call
 def test_the_lenient_source_is_blind_to_exactly_the_seed_negative_items(
     mission: str, summaries: list[str], rules: str, lenient: str
 ) -> None:
-    from bbuqc_lightning.data.synthetic import judge_group
+    from bbuqc_lightning.data.synthetic.scenes import judge_group
 
     assert judge_group(mission, summaries) == rules
     assert drift_data.lenient_label(mission, summaries) == lenient

@@ -21,14 +21,14 @@ from PIL import Image
 
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import MISSIONS, SLUG_TO_MISSION, VERDICT_FAIL, VERDICT_PASS
-from bbuqc_lightning.eval.artifacts import MALFORMED, MANUAL_REVIEW, PREDICTIONS
 from bbuqc_lightning.eval.module import EvalModule
-from bbuqc_lightning.eval.report import EvalReport, evaluate_outputs
 from bbuqc_lightning.generation.engine import Completion, SamplingParams
 from bbuqc_lightning.models.factory import ModelBundle, load_model
 from bbuqc_lightning.models.lora import apply_last_k_lora
 from bbuqc_lightning.stage_b.builder import build_stage_b_samples, read_stage_a_jsonl
 from bbuqc_lightning.stage_b.datamodule import StageBDataModule
+from bbuqc_lightning.stage_b.report import EvalReport, evaluate_outputs
+from bbuqc_lightning.stage_b.report_files import MALFORMED, MANUAL_REVIEW, PREDICTIONS
 from bbuqc_lightning.train import train
 
 GROUNDING = SLUG_TO_MISSION["bbu_grounding"]

@@ -21,7 +21,7 @@ from PIL import Image
 from bbuqc_lightning.constants import LABEL_DIR_NAMES, MISSIONS
 from bbuqc_lightning.data.jsonl import dumps_line
 from bbuqc_lightning.data.tree import DataError, scan_tree
-from bbuqc_lightning.stage_a.records import build_stage_a_record
+from bbuqc_lightning.summaries.records import build_stage_a_record
 from bbuqc_lightning.train import train
 
 PASS_DIR = LABEL_DIR_NAMES["pass"]

@@ -22,13 +22,13 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from omegaconf import DictConfig
 
 import bbuqc_lightning.models.factory as factory
+from bbuqc_lightning.callbacks.adapter_checkpoint import BASE_FILE
+from bbuqc_lightning.callbacks.progress_bar import StepBoundedRichProgressBar, steps_bounded_total
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.data.jsonl import read_jsonl
 from bbuqc_lightning.stage_b.contract import parse_verdict
+from bbuqc_lightning.stage_b_runner import tiny_teacher
 from bbuqc_lightning.train import optimized_value, train
-from bbuqc_lightning.training_free import tiny_teacher
-from callbacks.adapter_checkpoint import BASE_FILE
-from callbacks.progress_bar import StepBoundedRichProgressBar, steps_bounded_total
 
 ComposeFn = Callable[[list[str]], DictConfig]
 REPO = config_dir().parent

@@ -14,11 +14,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from bbuqc_lightning.fusion.config import FusionConfigError, FusionEntry, load_fusion_config
-from bbuqc_lightning.fusion.rows import FusionDataError, read_entry_samples
-from bbuqc_lightning.fusion.sampler import FusionSampler, Pool, epoch_quotas
+from bbuqc_lightning.fusion_sft.datamodule import FusionDataModule
+from bbuqc_lightning.fusion_sft.fusion_config import FusionConfigError, FusionEntry, load_fusion_config
+from bbuqc_lightning.fusion_sft.rows import FusionDataError, read_entry_samples
+from bbuqc_lightning.fusion_sft.sampler import FusionSampler, Pool, epoch_quotas
 from bbuqc_lightning.models.factory import ModelBundle
-from bbuqc_lightning.sft.datamodule import FusionDataModule
 
 
 def write_chat(path: Path, n: int, prefix: str, fail_every: int = 0) -> Path:

@@ -20,13 +20,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bbuqc_lightning.config import config_dir
+from bbuqc_lightning.fusion_sft.collator import IGNORE_INDEX, SFTCollator, SFTLengthError
+from bbuqc_lightning.fusion_sft.datamodule import FusionDataModule
+from bbuqc_lightning.fusion_sft.init import build_trainable_model
+from bbuqc_lightning.fusion_sft.loss import weighted_token_mean
+from bbuqc_lightning.fusion_sft.module import FusionSFTModule
 from bbuqc_lightning.models.factory import ModelBundle, load_model
 from bbuqc_lightning.models.lora import apply_last_k_lora
-from bbuqc_lightning.sft.collator import IGNORE_INDEX, SFTCollator, SFTLengthError
-from bbuqc_lightning.sft.datamodule import FusionDataModule
-from bbuqc_lightning.sft.init import build_trainable_model
-from bbuqc_lightning.sft.loss import weighted_token_mean
-from bbuqc_lightning.sft.module import FusionSFTModule
 from bbuqc_lightning.train import train
 
 IMAGE_PAD_ID = 151655

@@ -30,18 +30,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from bbuqc_lightning.callbacks.stage_a_writer import list_shards, shard_path
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import LABEL_DIR_NAMES, MISSIONS, image_key
 from bbuqc_lightning.data.jsonl import dumps_line
-from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
+from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
 from bbuqc_lightning.data.tree import GroupRecord, scan_tree
 from bbuqc_lightning.models.factory import load_model
 from bbuqc_lightning.stage_a.datamodule import StageADataModule
 from bbuqc_lightning.stage_a.module import StageAModule
-from bbuqc_lightning.stage_a.records import STAGE_A_FIELDS
 from bbuqc_lightning.stage_a.settings import settings_path
+from bbuqc_lightning.summaries.records import STAGE_A_FIELDS
 from bbuqc_lightning.train import train
-from callbacks.stage_a_writer import list_shards, shard_path
 
 # Tiny synthetic data: 1 group per mission in the test split. Seed 16 gives small groups (2+2+3+2 = 9
 # images of 64x48, one group merged from two folders): each decode step of the HF backend costs ~0.1 s on

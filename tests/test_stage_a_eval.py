@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bbuqc_lightning.stage_a.evaluation import (
+from bbuqc_lightning.summaries.grammar import parse_summary
+from bbuqc_lightning.summaries.scoring import (
     StageAScores,
     read_summaries,
     resolve_reference,
@@ -18,7 +19,6 @@ from bbuqc_lightning.stage_a.evaluation import (
     score_stage_a_files,
     synthetic_reference,
 )
-from bbuqc_lightning.stage_a.grammar import parse_summary
 
 SCREWS = "螺丝、光纤插头/BBU安装螺丝,显示完整,符合要求×3"
 BBU = "BBU设备/华为,显示完整,机柜空间充足需要安装/这个BBU设备未按要求配备挡风板×2"
@@ -126,7 +126,7 @@ def test_files_count_missing_and_unreferenced_tickets(tmp_path: Path) -> None:
 def test_a_per_photo_summary_file_is_a_reference_matched_by_photo_path(tmp_path: Path) -> None:
     """A team's summary ``val_jsonl`` (fusion ``dataset: bbu`` rows) references the tickets whose photos it has."""
     from bbuqc_lightning.data.tree import GroupRecord
-    from bbuqc_lightning.stage_a.evaluation import read_reference
+    from bbuqc_lightning.summaries.scoring import read_reference
 
     photos = tmp_path / "photos"
     photos.mkdir()

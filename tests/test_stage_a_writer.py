@@ -15,6 +15,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from bbuqc_lightning.callbacks.stage_a_writer import (
+    StageAJsonlWriter,
+    completed_ticket_keys,
+    list_shards,
+    shard_path,
+)
 from bbuqc_lightning.constants import MISSIONS
 from bbuqc_lightning.data.jsonl import (
     JsonlAppender,
@@ -27,8 +33,7 @@ from bbuqc_lightning.data.jsonl import (
     repair_jsonl,
 )
 from bbuqc_lightning.data.tree import GroupRecord
-from bbuqc_lightning.stage_a.records import build_stage_a_record, check_stage_a_line, clean_summary
-from callbacks.stage_a_writer import StageAJsonlWriter, completed_ticket_keys, list_shards, shard_path
+from bbuqc_lightning.summaries.records import build_stage_a_record, check_stage_a_line, clean_summary
 
 REPO = Path(__file__).resolve().parents[1]
 MISSION = next(iter(MISSIONS))
@@ -177,7 +182,7 @@ import sys, time
 from pathlib import Path
 from bbuqc_lightning.constants import MISSIONS, ticket_key
 from bbuqc_lightning.data.tree import GroupRecord
-from bbuqc_lightning.stage_a.records import build_stage_a_record
+from bbuqc_lightning.summaries.records import build_stage_a_record
 
 def line(i):
     gid, label = f"QC-K-20250101-{i}", ("pass", "fail")[i % 2]

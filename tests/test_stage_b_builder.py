@@ -170,7 +170,7 @@ def test_multi_mission_guidance_file(tmp_path: Path) -> None:
 
 
 def _normalised(**extra: Any) -> dict:
-    from bbuqc_lightning.stage_b.builder import normalise_stage_a_record
+    from bbuqc_lightning.summaries.records import normalise_stage_a_record
 
     return normalise_stage_a_record(_record(**extra))
 

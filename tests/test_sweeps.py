@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from bbuqc_lightning.config import config_dir
-from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
+from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
 
 REPO_ROOT = config_dir().parent
 SWEEPS = sorted(path.stem for path in (config_dir() / "sweeps").glob("*.yaml"))

@@ -20,8 +20,8 @@ from bbuqc_lightning.constants import (
     SLUG_TO_MISSION,
 )
 from bbuqc_lightning.data import synthetic_tree
-from bbuqc_lightning.data.render import render_image
-from bbuqc_lightning.data.synthetic import (
+from bbuqc_lightning.data.synthetic.render import render_image
+from bbuqc_lightning.data.synthetic.scenes import (
     ImageScene,
     SceneObject,
     Vocab,
@@ -29,7 +29,7 @@ from bbuqc_lightning.data.synthetic import (
     judge_group,
     parse_summary,
 )
-from bbuqc_lightning.data.synthetic_tree import ensure_synthetic, generate_synthetic
+from bbuqc_lightning.data.synthetic.tree import ensure_synthetic, generate_synthetic
 
 INSTALL, GROUND, CABLING, BAFFLE = (SLUG_TO_MISSION[s] for s in MISSIONS.values())
 SIZE = (40, 30)

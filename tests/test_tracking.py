@@ -176,7 +176,9 @@ def stage_a_run(
     tmp_path_factory: pytest.TempPathFactory, compose_at: Callable[[list[str], Path, Path], DictConfig]
 ) -> SimpleNamespace:
     """One `train(cfg)` of `+experiment=stage_a`: 2 batches of the tiny synthetic test split (4 groups)."""
-    pytest.importorskip("callbacks.stage_a_writer", reason="the Stage-A JSONL writer is not written yet")
+    pytest.importorskip(
+        "bbuqc_lightning.callbacks.stage_a_writer", reason="the Stage-A JSONL writer is not written yet"
+    )
     import wandb
 
     from bbuqc_lightning.train import train

@@ -22,28 +22,28 @@ import pytest
 from omegaconf import DictConfig
 
 import bbuqc_lightning.generation.engine as engine_module
+from bbuqc_lightning.callbacks.distillation import DistillationCallback
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import MISSIONS
 from bbuqc_lightning.data.jsonl import read_jsonl
-from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
+from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
 from bbuqc_lightning.generation.engine import Completion, SamplingParams
 from bbuqc_lightning.stage_b.prompts import format_summaries
-from bbuqc_lightning.tracking.signals import Interrupted
-from bbuqc_lightning.train import train
-from bbuqc_lightning.training_free.artifacts import MissionArtifacts, snapshot_versions
-from bbuqc_lightning.training_free.config import RunnerConfig
-from bbuqc_lightning.training_free.guidance import (
+from bbuqc_lightning.stage_b_runner.artifacts import MissionArtifacts, snapshot_versions
+from bbuqc_lightning.stage_b_runner.config import RunnerConfig
+from bbuqc_lightning.stage_b_runner.guidance import (
     GuidanceLimits,
     MissionGuidance,
     Operation,
     apply_operations,
     read_guidance_blocks,
 )
-from bbuqc_lightning.training_free.reflection import parse_reflection
-from bbuqc_lightning.training_free.reflection_round import mission_outcome
-from bbuqc_lightning.training_free.review import review_pending
-from bbuqc_lightning.training_free.selection import Candidate, GroupResult, select_candidate
-from callbacks.distillation import DistillationCallback
+from bbuqc_lightning.stage_b_runner.reflection import parse_reflection
+from bbuqc_lightning.stage_b_runner.reflection_round import mission_outcome
+from bbuqc_lightning.stage_b_runner.review import review_pending
+from bbuqc_lightning.stage_b_runner.selection import Candidate, GroupResult, select_candidate
+from bbuqc_lightning.tracking.signals import Interrupted
+from bbuqc_lightning.train import train
 
 ComposeFn = Callable[[list[str]], DictConfig]
 M1, M2 = "BBU接地线检查", "挡风板安装检查"
@@ -249,7 +249,9 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def test_real_tiny_model_run_terminates_and_reports_honestly(compose: ComposeFn, small_stage_a: Path) -> None:
-    cfg = compose(["+experiment=stage_b", f"data.train_jsonl={small_stage_a}", "trainer.max_epochs=3", *FAST])
+    cfg = compose(
+        ["+experiment=stage_b_runner", f"data.train_jsonl={small_stage_a}", "trainer.max_epochs=3", *FAST]
+    )
     metrics, objects = train(cfg)
     module = objects["module"]
     assert 1 <= module.epochs_run <= 3 and module.final_results is not None
@@ -409,7 +411,7 @@ def test_scripted_review_mode_stops_without_changing_guidance(
 ) -> None:
     initial = tmp_path / "initial_guidance.json"
     initial.write_text(json.dumps({M1: {"experiences": ["初始经验"]}}, ensure_ascii=False), encoding="utf-8")
-    cfg = compose(["+experiment=stage_b", f"data.train_jsonl={small_stage_a}", f"data.guidance_path={initial}",
+    cfg = compose(["+experiment=stage_b_runner", f"data.train_jsonl={small_stage_a}", f"data.guidance_path={initial}",
                    "logger=none", "module.runner.review_mode=true", *FAST])  # fmt: skip
     engine, _ = scripted(cfg, small_stage_a)
     monkeypatch.setattr(engine_module, "GenerationEngine", lambda *args, **kwargs: engine)
@@ -498,7 +500,7 @@ def test_sigterm_mid_epoch_discards_the_epoch_and_the_rerun_resumes(
     compose: ComposeFn, small_stage_a: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def run(out: Path, signum: int | None = None) -> dict[str, float]:
-        overrides = ["+experiment=stage_b", f"data.train_jsonl={small_stage_a}", "trainer.max_epochs=3",
+        overrides = ["+experiment=stage_b_runner", f"data.train_jsonl={small_stage_a}", "trainer.max_epochs=3",
                      "logger=none", "data.batch_size=2", f"module.runner.output_dir={out}", *FAST]  # fmt: skip
         cfg = compose(overrides)
         engine, _ = scripted(cfg, small_stage_a)

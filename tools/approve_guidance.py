@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Imported after parsing: the review pulls in torch (through the runner's modules); --help stays instant.
     from bbuqc_lightning.data.jsonl import read_jsonl
-    from bbuqc_lightning.training_free.artifacts import PENDING
-    from bbuqc_lightning.training_free.guidance import GuidanceLimits
-    from bbuqc_lightning.training_free.review import review_pending
+    from bbuqc_lightning.stage_b_runner.artifacts import PENDING
+    from bbuqc_lightning.stage_b_runner.guidance import GuidanceLimits
+    from bbuqc_lightning.stage_b_runner.review import review_pending
 
     if args.list:
         for row in read_jsonl(args.mission_dir / PENDING):

@@ -19,15 +19,10 @@ every visible GPU (``CUDA_VISIBLE_DEVICES=0,1``) when one is not enough. Any ove
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-if importlib.util.find_spec("bbuqc_lightning") is None:
-    # `python tools/distill.py` from a checkout that is not pip-installed: use the checkout.
-    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import hydra
 from omegaconf import DictConfig
@@ -59,7 +54,7 @@ def file_stats(path: Path) -> dict[str, Any]:
 
 def report(objects: dict[str, Any], metrics: dict[str, float], output_dir: str) -> str:
     """The lines printed at the end: one per mission file, then the run summary."""
-    from callbacks.distillation import DistillationCallback
+    from bbuqc_lightning.callbacks.distillation import DistillationCallback
 
     callback = next((c for c in objects["callbacks"] if isinstance(c, DistillationCallback)), None)
     if callback is None or not callback.written:

@@ -29,25 +29,18 @@ Weights are merged in the base's dtype unless ``--dtype`` says otherwise (``floa
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-if importlib.util.find_spec("bbuqc_lightning") is None:
-    # `python tools/export.py` from a checkout that is not pip-installed: use the checkout.
-    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch, transformers and peft load inside the functions: `--help` answers at once
     from bbuqc_lightning.models.factory import ModelBundle
 
 log = logging.getLogger("export")
-BASE_FILE = "bbuqc_base.json"  # = callbacks.adapter_checkpoint.BASE_FILE
+BASE_FILE = "bbuqc_base.json"  # = bbuqc_lightning.callbacks.adapter_checkpoint.BASE_FILE
 
 
 def load_base(base: str, seed: int = 0, dtype: str | None = None) -> ModelBundle:

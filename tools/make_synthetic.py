@@ -9,16 +9,9 @@ Counts are groups per mission per split. An existing generated tree at ``--out``
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-if importlib.util.find_spec("bbuqc_lightning") is None:
-    # `python tools/make_synthetic.py` from a checkout that is not pip-installed: use the checkout.
-    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-
-from bbuqc_lightning.data.synthetic_tree import DEFAULT_GROUPS_PER_SPLIT, generate_synthetic
+from bbuqc_lightning.data.synthetic.tree import DEFAULT_GROUPS_PER_SPLIT, generate_synthetic
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,18 +12,13 @@ Prints ``stage_a/object_precision|object_recall|object_f1``, ``stage_a/exact_mat
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if importlib.util.find_spec("bbuqc_lightning") is None:
-    # `python tools/score_stage_a.py` from a checkout that is not pip-installed: use the checkout.
-    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-
 from bbuqc_lightning.data.tree import scan_tree
-from bbuqc_lightning.stage_a.evaluation import WORST_COLUMNS, score_stage_a_files
+from bbuqc_lightning.summaries.scoring import WORST_COLUMNS, score_stage_a_files
 
 
 def _parser() -> argparse.ArgumentParser:

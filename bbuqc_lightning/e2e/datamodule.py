@@ -16,8 +16,8 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from bbuqc_lightning.data.images import load_image
-from bbuqc_lightning.data.summary_prompts import image_conversation, stage_a_prompt
 from bbuqc_lightning.data.tree import GroupRecord, scan_tree
+from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class E2EDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic and not self.root.exists():
-            from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
+            from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
 
             ensure_synthetic(**self.synthetic)
         if not self.root.is_dir():

@@ -37,14 +37,14 @@ import lightning as L
 
 from bbuqc_lightning.constants import MISSIONS
 from bbuqc_lightning.data.jsonl import JsonlAppender
-from bbuqc_lightning.eval.module import attach_adapter
-from bbuqc_lightning.eval.report import TABLE_COLUMNS, EvalReport
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
 from bbuqc_lightning.models.factory import ModelBundle
-from bbuqc_lightning.stage_a.evaluation import WORST_COLUMNS, StageAScores, read_reference, resolve_reference
-from bbuqc_lightning.stage_a.records import build_stage_a_record, clean_summary
-from bbuqc_lightning.stage_b.builder import build_stage_b_samples, load_guidance, normalise_stage_a_record
+from bbuqc_lightning.models.lora import attach_adapter
+from bbuqc_lightning.stage_b.builder import build_stage_b_samples, load_guidance
 from bbuqc_lightning.stage_b.evaluation import generate_greedy
+from bbuqc_lightning.stage_b.report import TABLE_COLUMNS, EvalReport
+from bbuqc_lightning.summaries.records import build_stage_a_record, clean_summary, normalise_stage_a_record
+from bbuqc_lightning.summaries.scoring import WORST_COLUMNS, StageAScores, read_reference, resolve_reference
 from bbuqc_lightning.tracking.wandb import log_images, log_table
 
 PREFIX = "e2e/"

@@ -34,29 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from bbuqc_lightning.constants import MISSIONS
-from bbuqc_lightning.eval.report import TABLE_COLUMNS, EvalReport
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 from bbuqc_lightning.models.factory import ModelBundle
+from bbuqc_lightning.models.lora import attach_adapter
 from bbuqc_lightning.stage_b.evaluation import generate_greedy
+from bbuqc_lightning.stage_b.report import TABLE_COLUMNS, EvalReport
 from bbuqc_lightning.tracking.wandb import log_images, log_table
-
-
-def attach_adapter(model: torch.nn.Module, adapter_path: str | Path, merge: bool = True) -> torch.nn.Module:
-    """Load a peft LoRA adapter folder onto ``model``; merged into the weights by default (faster decode,
-    and the merged model is what production serves). Raises ``FileNotFoundError`` naming the folder."""
-    path = Path(adapter_path)
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"module.adapter_path={path}: no adapter_config.json there; expected the adapter/ folder of a "
-            "GRPO or fusion SFT run (outputs/<task>/runs/<run>/adapter)"
-        )
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-    return peft_model.merge_and_unload() if merge else peft_model
 
 
 class EvalModule(L.LightningModule):

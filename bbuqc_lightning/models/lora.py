@@ -14,7 +14,9 @@ and the aligner stay frozen, as with LoRA.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
@@ -73,3 +75,16 @@ def train_language_model(model: PreTrainedModel) -> PreTrainedModel:
 def trainable_parameter_names(model: PreTrainedModel) -> list[str]:
     """Names of parameters that will receive gradients (for logging and tests)."""
     return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def attach_adapter(model: torch.nn.Module, adapter_path: str | Path, merge: bool = True) -> torch.nn.Module:
+    """Load a peft LoRA adapter folder onto ``model``; merged into the weights by default (faster decode,
+    and the merged model is what production serves). Raises ``FileNotFoundError`` naming the folder."""
+    path = Path(adapter_path)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"module.adapter_path={path}: no adapter_config.json there; expected the adapter/ folder of a "
+            "GRPO or fusion SFT run (outputs/<task>/runs/<run>/adapter)"
+        )
+    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    return peft_model.merge_and_unload() if merge else peft_model

@@ -24,8 +24,8 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from bbuqc_lightning.data.images import load_image, validate_group_images
-from bbuqc_lightning.data.summary_prompts import image_conversation, stage_a_prompt
 from bbuqc_lightning.data.tree import GroupRecord, scan_tree, shown
+from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class StageADataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic and not self.root.exists():
-            from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
+            from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
 
             ensure_synthetic(**self.synthetic)
         if not self.root.is_dir():

@@ -16,7 +16,7 @@ import torch
 
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
 from bbuqc_lightning.models.factory import ModelBundle
-from bbuqc_lightning.stage_a.records import clean_summary
+from bbuqc_lightning.summaries.records import clean_summary
 from bbuqc_lightning.tracking.wandb import find_wandb_logger, log_table
 
 

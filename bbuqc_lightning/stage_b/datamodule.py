@@ -72,7 +72,7 @@ class StageBDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         missing = [p for p in self.paths.values() if p and not Path(p).exists()]
         if missing and self.synthetic:
-            from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
+            from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
 
             ensure_synthetic(**self.synthetic)
             missing = [p for p in missing if not Path(p).exists()]

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from bbuqc_lightning.constants import MISSIONS, REASON_PREFIXES, VERDICT_PASS
-from bbuqc_lightning.data.synthetic import explain_group
+from bbuqc_lightning.data.synthetic.scenes import explain_group
 
 # Seed negative item -> how it shows in a summary line (substring).
 NEGATIVE_ITEMS: dict[str, str] = {

@@ -70,6 +70,8 @@ def run_step(step: Step, logs: Path) -> None:
         "WANDB_SILENT": "true",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # tools/*.py import the package: from a checkout that is not pip-installed (a lent GPU machine), its root
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     }
     start = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:

@@ -3,7 +3,7 @@
 Why: tests, demos and smoke runs need labelled groups whose labels *follow from* what the photos show,
 so a model can in principle learn them. A scene is structured data (:class:`SceneObject` inside
 :class:`ImageScene` inside :class:`GroupScene`); both the reference summary (SPEC §4 grammar) and the
-drawing (:mod:`bbuqc_lightning.data.render`) are derived from it, so text and pixels never disagree,
+drawing (:mod:`bbuqc_lightning.data.synthetic.render`) are derived from it, so text and pixels never disagree,
 and the label is computed from the summaries by :func:`judge_group`, never chosen independently.
 :func:`generate_synthetic` writes the SPEC §3 tree (with the naming quirks of field data) and the
 matching Stage-A reference JSONL.

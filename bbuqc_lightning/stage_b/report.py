@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bbuqc_lightning.constants import MISSIONS
-from bbuqc_lightning.eval.artifacts import EvalArtifacts
-from bbuqc_lightning.eval.confusion import ConfusionCounts
+from bbuqc_lightning.stage_b.confusion import ConfusionCounts
 from bbuqc_lightning.stage_b.evaluation import (
     ScoredAnswer,
     score_outputs,
@@ -32,6 +31,7 @@ from bbuqc_lightning.stage_b.evaluation import (
     update_verdict_metrics,
 )
 from bbuqc_lightning.stage_b.metrics import VerdictMetrics
+from bbuqc_lightning.stage_b.report_files import EvalArtifacts
 
 # The W&B table of every group: what the model read, what it said, how it was read, what it should say.
 TABLE_COLUMNS: tuple[str, ...] = (

@@ -11,7 +11,7 @@ unasked). Each operation is exactly one of::
 Nothing else is accepted: an unknown or missing key, an empty reason, or evidence that is not a ticket
 key of the cases shown rejects that operation (with a code); an answer that is not such an object rejects
 the whole answer. Rejections are logged by the runner, never applied. Whether an operation fits the
-guidance (known id, size cap, duplicate text) is checked by :mod:`~bbuqc_lightning.training_free.guidance`.
+guidance (known id, size cap, duplicate text) is checked by :mod:`~bbuqc_lightning.stage_b_runner.guidance`.
 
 Example::
 
@@ -34,8 +34,8 @@ from typing import Any
 from bbuqc_lightning.constants import LABEL_TO_VERDICT
 from bbuqc_lightning.stage_b.contract import strip_think
 from bbuqc_lightning.stage_b.prompts import format_guidance, format_summaries
-from bbuqc_lightning.training_free.guidance import OPS, MissionGuidance, Operation, Rejection
-from bbuqc_lightning.training_free.selection import GroupResult
+from bbuqc_lightning.stage_b_runner.guidance import OPS, MissionGuidance, Operation, Rejection
+from bbuqc_lightning.stage_b_runner.selection import GroupResult
 
 _FIELDS = {
     "user": {"mission", "mission_focus", "guidance", "num_experiences", "max_experiences", "max_chars",

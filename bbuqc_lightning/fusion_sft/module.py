@@ -1,6 +1,6 @@
 """Fusion SFT as a LightningModule (``+experiment=fusion_sft``, SPEC §9).
 
-One model learns several tasks at once from a ratio-weighted mix (:mod:`bbuqc_lightning.sft.datamodule`):
+One model learns several tasks at once from a ratio-weighted mix (:mod:`bbuqc_lightning.fusion_sft.datamodule`):
 Stage-A summaries and dense captions (image + text), Stage-B verdicts distilled from the Teacher and
 general chat (text only). Loss on assistant tokens only (:mod:`.loss`), row weights honoured; LoRA on the
 last K LLM layers (or, with ``finetune="full"``, every language-model weight), vision tower and aligner
@@ -13,8 +13,8 @@ batch's rows of data set ``name``; rank-local under DDP), ``train/tokens``, ``tr
 ``val/loss/<target>`` and ``val/loss`` (token means over each target's whole val set, summed over ranks).
 Checkpoints hold only the trainable weights (LoRA, or the whole language model when ``full``), the RNG
 states and the sampler position (exact mid-epoch resume). The result is written by callbacks: the LoRA
-adapter by ``callbacks.adapter_checkpoint.AdapterCheckpoint`` (``adapter/``), a fully fine-tuned model as
-one ``from_pretrained`` folder with its processor by ``callbacks.model_folder.ModelFolderCheckpoint``
+adapter by ``bbuqc_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint`` (``adapter/``), a fully fine-tuned model as
+one ``from_pretrained`` folder with its processor by ``bbuqc_lightning.callbacks.model_folder.ModelFolderCheckpoint``
 (``model/``, usable as ``model.model_name_or_path`` of a later run).
 
 Commands::
@@ -34,10 +34,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from bbuqc_lightning.fusion_sft.init import build_trainable_model
+from bbuqc_lightning.fusion_sft.loss import group_token_means, per_sample_token_losses, weighted_token_mean
 from bbuqc_lightning.models.decoder import base_model, output_embedding
 from bbuqc_lightning.models.factory import ModelBundle
-from bbuqc_lightning.sft.init import build_trainable_model
-from bbuqc_lightning.sft.loss import group_token_means, per_sample_token_losses, weighted_token_mean
 from bbuqc_lightning.tracking.checkpoint import TrainableStateCheckpointing
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")

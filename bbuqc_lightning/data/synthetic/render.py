@@ -1,4 +1,4 @@
-"""Draws synthetic site photos from :class:`~bbuqc_lightning.data.synthetic.ImageScene` data.
+"""Draws synthetic site photos from :class:`~bbuqc_lightning.data.synthetic.scenes.ImageScene` data.
 
 Why: Stage-A needs images whose content *is* their reference summary. Every drawing here is read
 off the scene objects, and each defect the rules care about is visible: loose screws are offset
@@ -8,7 +8,7 @@ upside-down baffle's arrow points down; scattered wires cross. Partial views are
 band, and the uncertainty remarks blur (模糊), occlude (遮挡) or darken (无法判断) the photo.
 Everything comes from a ``random.Random`` seeded per image: no global random state.
 
-:func:`write_synthetic_tree` (in :mod:`bbuqc_lightning.data.synthetic_tree`) saves
+:func:`write_synthetic_tree` (in :mod:`bbuqc_lightning.data.synthetic.tree`) saves
 the photos in the SPEC §3 tree, with the naming quirks of field data, next to the Stage-A JSONL.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from bbuqc_lightning.data.synthetic import (
+from bbuqc_lightning.data.synthetic.scenes import (
     ImageScene,
     SceneObject,
     Vocab,

@@ -31,13 +31,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bbuqc_lightning.constants import IRRELEVANT_IMAGE, LABEL_TO_VERDICT, REASON_PREFIXES, image_key
+from bbuqc_lightning.constants import IRRELEVANT_IMAGE, image_key
 from bbuqc_lightning.data.jsonl import atomic_write_jsonl
-from bbuqc_lightning.data.synthetic import explain_group, parse_summary
+from bbuqc_lightning.data.synthetic.scenes import parse_summary
 from bbuqc_lightning.data.tree import scan_tree
-from bbuqc_lightning.stage_b.builder import build_stage_b_samples, read_stage_a_jsonl
-from bbuqc_lightning.stage_b.contract import parse_verdict
+from bbuqc_lightning.stage_b.builder import read_stage_a_jsonl
 from bbuqc_lightning.stage_b.prompts import as_templates
+from bbuqc_lightning.stage_b.reference_answers import stage_b_rows
 
 SPLITS = ("train", "val")
 _MANIFEST = "manifest.json"
@@ -73,7 +73,11 @@ def write_fusion_sources(
     counts["chat_train.jsonl"] = atomic_write_jsonl(
         out / "chat_train.jsonl", chat_rows(stage_b_templates, texts)
     )
-    manifest = {"generator": "bbuqc_lightning.fusion.synthetic_sources", "from": str(synthetic_dir), **counts}
+    manifest = {
+        "generator": "bbuqc_lightning.fusion_sft.synthetic_sources",
+        "from": str(synthetic_dir),
+        **counts,
+    }
     (out / _MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return counts
 
@@ -131,50 +135,6 @@ def dense_caption(summary: str, texts: Mapping[str, Any]) -> str:
     if remark:
         lines.append(texts["dense_remark"].format(remark=remark))
     return "\n".join(lines)
-
-
-def verdict_answer(mission: str, label: str, summaries: Sequence[str], texts: Mapping[str, Any]) -> str:
-    """The two-line Stage-B answer for a rule-labelled group; raises if it breaks the SPEC §5 contract."""
-    codes = explain_group(mission, summaries)
-    if (label == "fail") != bool(codes):
-        raise ValueError(f"label {label!r} disagrees with the rules ({codes}) for a {mission} group")
-    reasons = texts["reasons"]
-    phrases = [_reason_phrase(code, reasons) for code in dict.fromkeys(codes)] or [reasons["pass"]]
-    reason = texts["reason_template"].format(reasons=texts["reason_separator"].join(phrases))
-    answer = f"{LABEL_TO_VERDICT[label]}\n{REASON_PREFIXES[0]} {reason}"
-    verdict = parse_verdict(answer, summaries)
-    if not verdict.valid or verdict.verdict != label:
-        raise ValueError(f"generated answer breaks the Stage-B contract ({verdict.error}): {answer!r}")
-    return answer
-
-
-def _reason_phrase(code: str, reasons: Mapping[str, str]) -> str:
-    kind, _, what = code.partition(":")
-    if kind not in reasons:
-        raise KeyError(
-            f"no reason text for rule code {kind!r}; add it to data.synthetic_sources.texts.reasons"
-        )
-    return reasons[kind].format(what=what)
-
-
-def stage_b_rows(
-    records: Sequence[Mapping[str, Any]], stage_b_templates: Mapping[str, Any], texts: Mapping[str, Any]
-) -> list[dict[str, Any]]:
-    """Distillation-shaped chatml rows: the Stage-B prompt and the rule-derived verdict."""
-    samples, _ = build_stage_b_samples(records, stage_b_templates, None)
-    rows = []
-    for sample in samples:
-        answer = verdict_answer(sample["task_type"], sample["group_label"], sample["summaries"], texts)
-        rows.append(
-            {
-                "messages": [*sample["messages"], {"role": "assistant", "content": answer}],
-                "ticket_key": sample["ticket_key"],
-                "group_id": sample["group_id"],
-                "mission": sample["task_type"],
-                "label": sample["group_label"],
-            }
-        )
-    return rows
 
 
 def chat_rows(stage_b_templates: Mapping[str, Any], texts: Mapping[str, Any]) -> list[dict[str, Any]]:

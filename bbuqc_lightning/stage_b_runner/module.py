@@ -1,4 +1,4 @@
-"""The training-free Stage-B runner as a LightningModule (``+experiment=stage_b``; SPEC §7).
+"""The training-free Stage-B runner as a LightningModule (``+experiment=stage_b_runner``; SPEC §7).
 
 No optimiser and no gradients: what "trains" is each mission's guidance. One Lightning epoch is one
 reflection round::
@@ -21,15 +21,15 @@ final. The final selections also fill ``manual_review_queue.jsonl`` (groups with
 
 A rerun into the folder of an interrupted run (a kill, a signal) resumes it: the epoch that was cut short
 is discarded whole, and the run continues with the rest of ``trainer.max_epochs``
-(:mod:`~bbuqc_lightning.training_free.progress`); each epoch is seeded from ``(seed, epoch)``.
+(:mod:`~bbuqc_lightning.stage_b_runner.progress`); each epoch is seeded from ``(seed, epoch)``.
 
 The model is kept out of the module's parameters on purpose: nothing is trained, checkpoints stay tiny,
 and Lightning must not move a Teacher spread over GPUs with ``device_map="auto"``.
 
 Commands::
 
-    python -m bbuqc_lightning.train +experiment=stage_b
-    python -m bbuqc_lightning.train +experiment=stage_b data.train_jsonl=/data/qc/stage_a.jsonl \\
+    python -m bbuqc_lightning.train +experiment=stage_b_runner
+    python -m bbuqc_lightning.train +experiment=stage_b_runner data.train_jsonl=/data/qc/stage_a.jsonl \\
         model=qwen3_vl_4b model.model_name_or_path=/models/Qwen3-VL-4B-Instruct trainer.max_epochs=5
 """
 
@@ -51,10 +51,8 @@ from bbuqc_lightning.generation.protocol import Engine
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.stage_b.metrics import verdict_metrics
 from bbuqc_lightning.stage_b.prompts import as_templates
-from bbuqc_lightning.tracking.checkpoint import seed_step
-from bbuqc_lightning.tracking.wandb import log_artifact, log_table
-from bbuqc_lightning.training_free import progress
-from bbuqc_lightning.training_free.artifacts import (
+from bbuqc_lightning.stage_b_runner import progress
+from bbuqc_lightning.stage_b_runner.artifacts import (
     GUIDANCE,
     MANUAL_REVIEW,
     SELECTIONS,
@@ -62,18 +60,20 @@ from bbuqc_lightning.training_free.artifacts import (
     RunArtifacts,
     mission_slug,
 )
-from bbuqc_lightning.training_free.config import FinalRolloutConfig, RunnerConfig
-from bbuqc_lightning.training_free.guidance import GuidanceLimits, MissionGuidance, read_guidance_blocks
-from bbuqc_lightning.training_free.progress import RunnerProgress
-from bbuqc_lightning.training_free.reflection import ReflectionTemplates
-from bbuqc_lightning.training_free.reflection_round import MissionRound, reflect_missions
-from bbuqc_lightning.training_free.rollout import (
+from bbuqc_lightning.stage_b_runner.config import FinalRolloutConfig, RunnerConfig
+from bbuqc_lightning.stage_b_runner.guidance import GuidanceLimits, MissionGuidance, read_guidance_blocks
+from bbuqc_lightning.stage_b_runner.progress import RunnerProgress
+from bbuqc_lightning.stage_b_runner.reflection import ReflectionTemplates
+from bbuqc_lightning.stage_b_runner.reflection_round import MissionRound, reflect_missions
+from bbuqc_lightning.stage_b_runner.rollout import (
     render_messages,
     rollout_groups,
     selection_row,
     trajectory_rows,
 )
-from bbuqc_lightning.training_free.selection import GroupResult
+from bbuqc_lightning.stage_b_runner.selection import GroupResult
+from bbuqc_lightning.tracking.checkpoint import seed_step
+from bbuqc_lightning.tracking.wandb import log_artifact, log_table
 
 log = logging.getLogger(__name__)
 

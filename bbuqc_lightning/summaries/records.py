@@ -10,11 +10,24 @@ Stage-B reason about the wrong photo).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bbuqc_lightning.constants import OBJECT_SEPARATOR, THINK_CLOSE, THINK_OPEN, image_key, ticket_key
+from bbuqc_lightning.constants import (
+    IMAGE_KEY_PREFIX,
+    LABELS,
+    LEGACY_IMAGE_KEY_PREFIX,
+    OBJECT_SEPARATOR,
+    THINK_CLOSE,
+    THINK_OPEN,
+    image_key,
+    ticket_key,
+)
 from bbuqc_lightning.data.tree import GroupRecord
+
+# Keys of a read record's per_image: 图片_i (SPEC §4) or the legacy image_i.
+_KEY_PATTERN = re.compile(rf"^({re.escape(IMAGE_KEY_PREFIX)}|{re.escape(LEGACY_IMAGE_KEY_PREFIX)})([0-9]+)$")
 
 STAGE_A_FIELDS: tuple[str, ...] = ("group_id", "ticket_key", "mission", "label", "images", "per_image")
 
@@ -104,3 +117,56 @@ def _check_summary(ticket: str, where: str, summary: object) -> None:
         raise ValueError(f"group {ticket}, {where}: empty summary")
     if len(summary.splitlines()) != 1 or "\n" in summary or "\r" in summary:
         raise ValueError(f"group {ticket}, {where}: summary is not a single line: {summary!r}")
+
+
+def _normalise_per_image(per_image: Any) -> dict[str, str]:
+    """``{"图片_1": …, …}`` in numeric order from ``图片_i`` or legacy ``image_i`` keys; raises ``ValueError``.
+
+    >>> _normalise_per_image({"image_2": "b", "image_1": "a"})
+    {'图片_1': 'a', '图片_2': 'b'}
+    """
+    if not isinstance(per_image, Mapping) or not per_image:
+        raise ValueError("'per_image' must be a non-empty mapping")
+    numbered: dict[int, str] = {}
+    prefixes: set[str] = set()
+    for key, summary in per_image.items():
+        match = _KEY_PATTERN.match(str(key))
+        if match is None:
+            raise ValueError(f"unexpected per_image key {key!r} (expected 图片_i or image_i)")
+        prefixes.add(match.group(1))
+        if not isinstance(summary, str) or not summary.strip() or "\n" in summary or "\r" in summary:
+            raise ValueError(f"summary of {key!r} must be one non-empty line, got {summary!r}")
+        numbered[int(match.group(2))] = summary
+    if len(prefixes) > 1:
+        raise ValueError("per_image mixes 图片_i and image_i keys")
+    expected = list(range(1, len(per_image) + 1))
+    if sorted(numbered) != expected:
+        raise ValueError(f"per_image keys must be exactly 1..{len(per_image)}, got {sorted(per_image)}")
+    return {image_key(i): numbered[i] for i in expected}
+
+
+def normalise_stage_a_record(raw: Any) -> dict[str, Any]:
+    """Validate one decoded Stage-A line and return it with ``图片_i`` keys and a ``ticket_key``."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+    missing = [k for k in ("group_id", "mission", "per_image") if k not in raw]
+    if missing:
+        raise ValueError(f"missing keys {missing}")
+    group_id, mission, label = raw["group_id"], raw["mission"], raw.get("label")
+    if not isinstance(group_id, str) or not group_id or not isinstance(mission, str) or not mission:
+        raise ValueError("'group_id' and 'mission' must be non-empty strings")
+    if label is not None and label not in LABELS:
+        raise ValueError(f"group {group_id}: label must be one of {list(LABELS)} or null, got {label!r}")
+    try:
+        per_image = _normalise_per_image(raw["per_image"])
+    except ValueError as err:
+        raise ValueError(f"group {group_id}: {err}") from err
+    images = raw.get("images")
+    if images is not None and (not isinstance(images, list) or len(images) != len(per_image)):
+        raise ValueError(f"group {group_id}: {len(per_image)} summaries for images {images!r}")
+    expected_key = ticket_key(group_id, label)
+    if raw.get("ticket_key", expected_key) != expected_key:
+        raise ValueError(f"group {group_id}: ticket_key {raw['ticket_key']!r} != {expected_key!r}")
+    record = dict(raw)
+    record.update(per_image=per_image, ticket_key=expected_key, label=label)
+    return record

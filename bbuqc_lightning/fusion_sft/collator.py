@@ -55,7 +55,7 @@ class Encoded:
 
 
 class SFTCollator:
-    """``collate(samples) -> batch`` for :class:`~bbuqc_lightning.sft.module.FusionSFTModule`."""
+    """``collate(samples) -> batch`` for :class:`~bbuqc_lightning.fusion_sft.module.FusionSFTModule`."""
 
     def __init__(
         self,

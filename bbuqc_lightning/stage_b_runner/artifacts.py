@@ -14,7 +14,7 @@ Streamed files are appended line by line with :class:`~bbuqc_lightning.data.json
 leaves at most a torn last line, cut on the next open); every row carries the ``run_id``, so reruns into
 the same folder append an auditable history. A rerun into a folder that has ``guidance.json`` continues
 from it (versions keep counting, snapshots never clash); ``<output_dir>/runner_progress.json`` makes a rerun
-after an interrupted run resume it (:mod:`bbuqc_lightning.training_free.progress`).
+after an interrupted run resume it (:mod:`bbuqc_lightning.stage_b_runner.progress`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from bbuqc_lightning.constants import MISSIONS
 from bbuqc_lightning.data.jsonl import JsonlAppender, atomic_write, atomic_write_jsonl
-from bbuqc_lightning.training_free.guidance import GuidanceLimits, MissionGuidance
+from bbuqc_lightning.stage_b_runner.guidance import GuidanceLimits, MissionGuidance
 
 log = logging.getLogger(__name__)
 

@@ -2,13 +2,13 @@
 
 A summary line is objects separated by ``，``, each ``类型/属性[,属性][/条件属性]×N``, then an optional
 ``备注: <free text>``; a photo without site equipment is exactly ``无关图片``. Unlike the strict parser of
-the synthetic data (``data/synthetic.py``), this one never raises: a model's output is scored as it is,
+the synthetic data (``data/synthetic/scenes.py``), this one never raises: a model's output is scored as it is,
 and an item that does not follow the grammar is kept as an *unparsed* item (it can match nothing, so it
 costs precision without crashing an evaluation).
 
 Attribute order inside an object is kept as written (it is part of the grammar), and so is object order
 (the grammar orders objects visually); the scorer decides what order matters for (see
-:mod:`bbuqc_lightning.stage_a.evaluation`).
+:mod:`bbuqc_lightning.summaries.scoring`).
 
 >>> line = parse_summary("标签/可以识别×2，光纤/有保护措施,弯曲半径合理/蛇形管×1，备注: 现场光线充足")
 >>> [o.key() for o in line.objects]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bbuqc_lightning.sft.collator import IGNORE_INDEX
+from bbuqc_lightning.fusion_sft.collator import IGNORE_INDEX
 
 
 def per_sample_token_losses(

@@ -34,7 +34,7 @@ from typing import Any
 
 from bbuqc_lightning.constants import LABEL_TO_VERDICT
 from bbuqc_lightning.data.jsonl import atomic_write_jsonl
-from bbuqc_lightning.training_free.selection import GroupResult
+from bbuqc_lightning.stage_b_runner.selection import GroupResult
 
 POLICIES = ("drop", "flip", "mark")
 

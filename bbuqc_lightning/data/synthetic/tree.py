@@ -2,7 +2,7 @@
 
 ``ensure_synthetic(**cfg.synthetic)`` is what the DataModules call on first use; ``generate_synthetic``
 rewrites a data set; ``tools/make_synthetic.py`` is the command line. Scenes, summaries and labels come from
-:mod:`~bbuqc_lightning.data.synthetic`, pictures from :mod:`~bbuqc_lightning.data.render`; image order is
+:mod:`~bbuqc_lightning.data.synthetic.scenes`, pictures from :mod:`~bbuqc_lightning.data.synthetic.render`; image order is
 the tree scanner's own (:func:`~bbuqc_lightning.data.tree.natural_sort_key`).
 """
 
@@ -19,8 +19,8 @@ from typing import Final
 from PIL import Image
 
 from bbuqc_lightning.constants import LABEL_DIR_NAMES, LABELS, MISSIONS, image_key, ticket_key
-from bbuqc_lightning.data.render import render_image
-from bbuqc_lightning.data.synthetic import GroupScene, generate_group
+from bbuqc_lightning.data.synthetic.render import render_image
+from bbuqc_lightning.data.synthetic.scenes import GroupScene, generate_group
 from bbuqc_lightning.data.tree import natural_sort_key
 
 # ---------------------------------------------------------------- the data set on disk
@@ -61,7 +61,7 @@ def ensure_synthetic(
 
 _FOLDER_SUFFIXES: Final = ("补拍", "复检")  # resubmission folders: <id>-补拍
 _NO_ID_FOLDER: Final = "现场照片"  # folders named without the id: the id is in the image names
-_GENERATOR: Final = "bbuqc_lightning.data.synthetic"
+_GENERATOR: Final = "bbuqc_lightning.data.synthetic.scenes"
 
 
 def _folders(rng: random.Random, group_id: str, n_images: int, serial: int) -> list[tuple[str, list[str]]]:

@@ -42,7 +42,7 @@ from typing import Any
 
 from bbuqc_lightning.constants import LABELS
 from bbuqc_lightning.data.jsonl import JsonlError, parse_line
-from bbuqc_lightning.fusion.config import FusionEntry
+from bbuqc_lightning.fusion_sft.fusion_config import FusionEntry
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """The demo's model for the training-free runner and Teacher distillation: a tiny Qwen3 text model fitted to
 the synthetic Stage-B verdicts on first use, cached beside the synthetic data.
 
-A random tiny model never writes a valid two-line verdict, so the embedded demos (``+experiment=stage_b``,
+A random tiny model never writes a valid two-line verdict, so the embedded demos (``+experiment=stage_b_runner``,
 ``python tools/distill.py``) would only show invalid answers and an empty ``distill_chatml.jsonl``. This
 preset (``model=tiny_teacher``) builds the same tiny architecture as ``model=tiny_text`` and, the first
 time, trains all of its weights for ``steps`` AdamW steps (60 by default) on the synthetic train split: each prompt
 rendered exactly as the runner renders it (system + user from ``prompts.stage_b``, chat template, thinking
 off), the loss on the rule-derived answer of
-:func:`~bbuqc_lightning.fusion.synthetic_sources.stage_b_rows` and its ``<|im_end|>``. It learns the
+:func:`~bbuqc_lightning.stage_b.reference_answers.stage_b_rows` and its ``<|im_end|>``. It learns the
 two-line format quickly and the verdicts only roughly (the training split is 32 groups): its answers are
 valid and its accuracy is what it is; ``metrics.json`` says how good.
 
@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
-from bbuqc_lightning.fusion.synthetic_sources import stage_b_rows
+from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
 from bbuqc_lightning.models.factory import ModelBundle, load_model, save_model_folder
 from bbuqc_lightning.stage_b.builder import read_stage_a_jsonl
+from bbuqc_lightning.stage_b.reference_answers import stage_b_rows
 
 log = logging.getLogger(__name__)
 

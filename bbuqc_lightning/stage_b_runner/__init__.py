@@ -2,7 +2,7 @@
 
 Read in this order:
 
-- ``module.py``        the LightningModule (``+experiment=stage_b``): one epoch = one reflection round;
+- ``module.py``        the LightningModule (``+experiment=stage_b_runner``): one epoch = one reflection round;
 - ``rollout.py``       K sampled answers per group under the current guidance (the one engine);
 - ``selection.py``     one answer per group: majority verdict among valid answers, ties -> 不通过;
 - ``reflection.py``    the reflection prompt and the strict JSON operations it must answer;

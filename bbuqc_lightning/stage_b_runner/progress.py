@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bbuqc_lightning.constants import MISSIONS
-from bbuqc_lightning.training_free.artifacts import (
+from bbuqc_lightning.stage_b_runner.artifacts import (
     GUIDANCE,
     PENDING,
     REFLECTION,

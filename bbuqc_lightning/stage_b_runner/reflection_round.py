@@ -23,22 +23,22 @@ from typing import Any
 from bbuqc_lightning.generation.engine import SamplingParams
 from bbuqc_lightning.generation.protocol import Engine
 from bbuqc_lightning.stage_b.prompts import StageBTemplates
-from bbuqc_lightning.training_free.artifacts import PENDING, REFLECTION, mission_slug
-from bbuqc_lightning.training_free.config import RunnerConfig
-from bbuqc_lightning.training_free.guidance import (
+from bbuqc_lightning.stage_b_runner.artifacts import PENDING, REFLECTION, mission_slug
+from bbuqc_lightning.stage_b_runner.config import RunnerConfig
+from bbuqc_lightning.stage_b_runner.guidance import (
     Change,
     MissionGuidance,
     Operation,
     Rejection,
     apply_operations,
 )
-from bbuqc_lightning.training_free.reflection import (
+from bbuqc_lightning.stage_b_runner.reflection import (
     ReflectionTemplates,
     parse_reflection,
     render_reflection_messages,
     select_cases,
 )
-from bbuqc_lightning.training_free.selection import GroupResult
+from bbuqc_lightning.stage_b_runner.selection import GroupResult
 
 
 @dataclass

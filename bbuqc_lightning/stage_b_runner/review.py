@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bbuqc_lightning.data.jsonl import read_jsonl
-from bbuqc_lightning.training_free.artifacts import PENDING, REFLECTION, MissionArtifacts
-from bbuqc_lightning.training_free.guidance import GuidanceLimits, Operation, apply_operations
-from bbuqc_lightning.training_free.reflection_round import change_row, rejection_row
+from bbuqc_lightning.stage_b_runner.artifacts import PENDING, REFLECTION, MissionArtifacts
+from bbuqc_lightning.stage_b_runner.guidance import GuidanceLimits, Operation, apply_operations
+from bbuqc_lightning.stage_b_runner.reflection_round import change_row, rejection_row
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 - ``prepare_data``: checks every file the fusion file names; when some are missing and the embedded
   synthetic data is configured, generates the synthetic tree and its fusion JSONL files first.
-- ``setup``: reads every entry's rows (:mod:`bbuqc_lightning.fusion.rows`), located errors on bad rows.
-- training: one :class:`~bbuqc_lightning.fusion.sampler.FusionSampler` over all entries (quotas per
+- ``setup``: reads every entry's rows (:mod:`bbuqc_lightning.fusion_sft.rows`), located errors on bad rows.
+- training: one :class:`~bbuqc_lightning.fusion_sft.sampler.FusionSampler` over all entries (quotas per
   epoch, reseeded by ``(seed, epoch)``, this rank's slice), in a :class:`ResumableLoader` whose state
   (epoch, rows consumed) is saved in Lightning checkpoints, so ``ckpt_path=...`` resumes mid-epoch on
   the exact next batch. The sampler splits ranks itself: run with ``trainer.use_distributed_sampler=false``
@@ -29,11 +29,11 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bbuqc_lightning.data.resumable import ResumableLoader, trained_batches
-from bbuqc_lightning.data.summary_prompts import stage_a_prompt
-from bbuqc_lightning.fusion.config import FusionConfig, FusionEntry, load_fusion_config
-from bbuqc_lightning.fusion.rows import read_entry_samples
-from bbuqc_lightning.fusion.sampler import FusionSampler, Pool
-from bbuqc_lightning.sft.collator import SFTCollator
+from bbuqc_lightning.fusion_sft.collator import SFTCollator
+from bbuqc_lightning.fusion_sft.fusion_config import FusionConfig, FusionEntry, load_fusion_config
+from bbuqc_lightning.fusion_sft.rows import read_entry_samples
+from bbuqc_lightning.fusion_sft.sampler import FusionSampler, Pool
+from bbuqc_lightning.summaries.prompts import stage_a_prompt
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ class FusionDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         missing = _missing_files(self.load_config())
         if missing and self.synthetic and self.synthetic_sources:
-            from bbuqc_lightning.data.synthetic_tree import ensure_synthetic
-            from bbuqc_lightning.fusion.synthetic_sources import ensure_fusion_sources
+            from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
+            from bbuqc_lightning.fusion_sft.synthetic_sources import ensure_fusion_sources
 
             root = ensure_synthetic(**self.synthetic)
             ensure_fusion_sources(synthetic_dir=root, **self.synthetic_sources)

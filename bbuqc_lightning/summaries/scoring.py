@@ -1,7 +1,7 @@
 """Stage-A summaries scored against reference summaries (SPEC §6), overall and per mission.
 
 Each generated line and its reference are parsed with the SPEC §4 grammar
-(:mod:`bbuqc_lightning.stage_a.grammar`) into items — objects ``(type, attributes, conditional attributes,
+(:mod:`bbuqc_lightning.summaries.grammar`) into items — objects ``(type, attributes, conditional attributes,
 count)`` plus the remark — and matched as multisets:
 
 - ``stage_a/object_precision`` / ``object_recall`` / ``object_f1``: micro over every item of every image;
@@ -34,8 +34,8 @@ from typing import Any
 
 from bbuqc_lightning.constants import MISSIONS, image_key
 from bbuqc_lightning.data.jsonl import iter_jsonl
-from bbuqc_lightning.stage_a.grammar import parse_summary
-from bbuqc_lightning.stage_b.builder import normalise_stage_a_record
+from bbuqc_lightning.summaries.grammar import parse_summary
+from bbuqc_lightning.summaries.records import normalise_stage_a_record
 
 PREFIX = "stage_a/"
 # The W&B table of the worst lines: what the reference says, what the model wrote, how far apart.

@@ -20,8 +20,8 @@ from bbuqc_lightning.constants import image_key
 from bbuqc_lightning.generation.protocol import Engine, naming_prompts
 from bbuqc_lightning.generation.sampling import SamplingParams
 from bbuqc_lightning.stage_b.prompts import StageBTemplates, render_stage_b_messages
-from bbuqc_lightning.training_free.guidance import MissionGuidance
-from bbuqc_lightning.training_free.selection import Candidate, GroupResult, select_candidate
+from bbuqc_lightning.stage_b_runner.guidance import MissionGuidance
+from bbuqc_lightning.stage_b_runner.selection import Candidate, GroupResult, select_candidate
 
 
 def render_messages(
