@@ -27,6 +27,7 @@ import yaml
 from common import device_info, random_bundle, sync, write
 
 from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
+from bbuqc_lightning.models.lora import apply_last_k_lora
 from bbuqc_lightning.stage_b.builder import build_stage_b_samples
 from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
 from bbuqc_lightning.summaries.records import normalise_stage_a_record
@@ -109,7 +110,7 @@ def run_ours(
         config,
         {"label": label_reward, "format": format_reward},
         functools.partial(torch.optim.AdamW, lr=5e-6),
-        lora={"k": 4, "r": 16, "alpha": 32, "dropout": 0.05},
+        lora=functools.partial(apply_last_k_lora, k=4, r=16, alpha=32, dropout=0.05),
         micro_batch_size=args.micro_batch,
         generation=functools.partial(
             GenerationEngine,

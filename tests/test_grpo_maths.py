@@ -17,7 +17,7 @@ from bbuqc_lightning.grpo.advantages import (
 )
 from bbuqc_lightning.grpo.config import GRPOConfig
 from bbuqc_lightning.grpo.logprobs import completion_logprobs
-from bbuqc_lightning.grpo.loss import grpo_loss, k3_kl, mask_truncated_completions, needs_old_logps
+from bbuqc_lightning.grpo.loss import grpo_loss, k3_kl
 
 # ------------------------------------------------------------------------------------------------- advantages
 
@@ -158,21 +158,6 @@ def test_missing_inputs_raise() -> None:
         _loss(logps, None, torch.ones(1), beta=0.1)
     with pytest.raises(ValueError, match="Unknown loss type"):
         _loss(logps, None, torch.ones(1), loss_type="cispo")
-
-
-def test_needs_old_logps_follows_trl_rule() -> None:
-    assert not needs_old_logps(gradient_accumulation_steps=4, steps_per_generation=4, num_iterations=1)
-    assert needs_old_logps(gradient_accumulation_steps=4, steps_per_generation=4, num_iterations=2)
-    assert needs_old_logps(gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=2)
-
-
-def test_mask_truncated_completions() -> None:
-    eos, pad = 2, 0
-    ids = torch.tensor([[5, 6, eos, pad], [5, 6, 7, 8], [5, 6, pad, pad], [pad, pad, pad, pad]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
-    masked, truncated = mask_truncated_completions(ids, mask, [eos], pad)
-    assert truncated.tolist() == [False, True, True, False]
-    assert masked.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
 
 
 # ----------------------------------------------------------------------------------------------------- config

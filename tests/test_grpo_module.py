@@ -19,6 +19,7 @@ from bbuqc_lightning.grpo.forward import run_frozen_prefix, run_suffix, select_r
 from bbuqc_lightning.grpo.module import GRPOModule
 from bbuqc_lightning.models.decoder import output_embedding
 from bbuqc_lightning.models.factory import ModelBundle, build_tokenizer, load_model
+from bbuqc_lightning.models.lora import apply_last_k_lora
 from bbuqc_lightning.stage_b.datamodule import StageBDataModule
 from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
 
@@ -82,7 +83,7 @@ def make_module(bundle: ModelBundle, rewards: dict, lr: float = 1e-2, **grpo: An
         config,
         rewards,
         functools.partial(torch.optim.AdamW, lr=lr),
-        lora={"k": 2, "r": 4, "alpha": 8, "dropout": 0.0},
+        lora=functools.partial(apply_last_k_lora, k=2, r=4, alpha=8, dropout=0.0),
         micro_batch_size=4,
     )
 
@@ -290,7 +291,7 @@ def test_resume_mid_epoch_with_dropout_reproduces_the_next_steps(tmp_path: Path)
             GRPOConfig(num_generations=2, max_new_tokens=4, temperature=1.0),
             {"length": char_length_reward},
             functools.partial(torch.optim.AdamW, lr=1e-2),
-            lora={"k": 2, "r": 4, "alpha": 8, "dropout": 0.2},
+            lora=functools.partial(apply_last_k_lora, k=2, r=4, alpha=8, dropout=0.2),
         )
         steps: list[tuple[float, list[str]]] = []
 

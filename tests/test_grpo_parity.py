@@ -20,7 +20,8 @@ from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
 
 from bbuqc_lightning.grpo.advantages import combine_rewards, compute_advantages
 from bbuqc_lightning.grpo.logprobs import completion_logprobs, selective_log_softmax
-from bbuqc_lightning.grpo.loss import global_token_count, grpo_loss, mask_truncated_completions
+from bbuqc_lightning.grpo.loss import global_token_count, grpo_loss
+from bbuqc_lightning.grpo.rollout import completion_masks
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 EOS, PAD = 2, 0
@@ -58,7 +59,7 @@ def _random_batch(seed: int, batch: int = 8, length: int = 9) -> dict[str, torch
     lengths = torch.randint(1, length + 1, (batch,), generator=gen)
     lengths[0] = length
     mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    mask[-1] = 0  # a completion removed by mask_truncated_completions
+    mask[-1] = 0  # a completion removed by grpo.mask_truncated_completions
     advantages = torch.randn(batch, generator=gen).abs() * torch.tensor([1.0, -1.0]).repeat(batch // 2)
     advantages[1] = 0.0  # signs alternate so both the low and the high clip bound are exercised
     return {
@@ -325,11 +326,12 @@ def test_advantages_and_truncation_mask_match_trl(scale_rewards: str, mask_trunc
     for name in ("reward", "reward_std", "frac_reward_zero_std"):
         torch.testing.assert_close(stats[name].double(), torch.tensor(trl_metrics[name][-1]).double(), **TOL)
 
-    lengths = torch.tensor([len(ids) for ids in completion_ids])
-    mask = (torch.arange(trl_out["completion_ids"].size(1)) < lengths.unsqueeze(1)).long()
+    # The rollout's own masks (grpo/rollout.py), truncated rows dropped as GRPOModule._loss_mask does.
+    mask, truncated = completion_masks(trl_out["completion_ids"], [EOS])
     if mask_truncated:
-        mask, is_truncated = mask_truncated_completions(trl_out["completion_ids"], mask, [EOS], PAD)
-        assert 0 < int(is_truncated.sum()) < num
+        mask = mask * (~truncated).unsqueeze(1).int()
+        assert 0 < int(truncated.sum()) < num
+    mask = mask.to(trl_out["completion_mask"].dtype)
     assert torch.equal(mask, trl_out["completion_mask"])
     assert torch.equal(global_token_count(mask), trl_out["num_items_in_batch"])
 

@@ -24,7 +24,12 @@ from bbuqc_lightning.models.factory import (
     load_model,
     vl_config_from_architecture,
 )
-from bbuqc_lightning.models.lora import DEFAULT_TARGETS, apply_last_k_lora, trainable_parameter_names
+from bbuqc_lightning.models.lora import (
+    DEFAULT_TARGETS,
+    apply_last_k_lora,
+    first_adapted_layer,
+    trainable_parameter_names,
+)
 
 IMAGE_PAD_ID = 151655
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -368,7 +373,7 @@ def test_no_path_and_no_random_init_is_a_clear_error() -> None:
 def test_last_k_lora_trains_only_the_last_k_llm_blocks(tiny_architecture: dict[str, Any]) -> None:
     model = load_model(kind="vl", random_init=True, architecture=tiny_architecture, seed=0).model
     n_layers = tiny_architecture["text"]["num_hidden_layers"]
-    peft_model = apply_last_k_lora(model, k=2)
+    peft_model = apply_last_k_lora(model, k=2, r=8, alpha=16)
     names = trainable_parameter_names(peft_model)
     pattern = re.compile(
         r"\.model\.language_model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.default\.weight$"
@@ -397,10 +402,33 @@ def test_last_k_lora_trains_only_the_last_k_llm_blocks(tiny_architecture: dict[s
     assert torch.equal(adapted, reference)
 
 
+def test_lora_is_built_from_config_and_the_frozen_count_read_off_the_model(
+    tiny_architecture: dict[str, Any],
+) -> None:
+    """conf/lora/last_k.yaml is the one LoRA default: GRPO and fusion SFT compose it as a partial (like the
+    optimizer), and the layers below the first adapted one are what the GRPO forward runs without gradients."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(config_dir()), version_base=None):
+        grpo = compose("train", ["+experiment=grpo", "module.lora.k=3"]).module.lora
+        sft = compose("train", ["+experiment=fusion_sft"]).module.lora
+    assert OmegaConf.to_container(sft) == {**OmegaConf.to_container(grpo), "k": 4}
+    base = load_model(kind="vl", random_init=True, architecture=tiny_architecture, seed=0).model
+    with pytest.raises(ValueError, match="no decoder layer"):
+        first_adapted_layer(base)
+    model = instantiate(grpo)(base)
+    n_layers = tiny_architecture["text"]["num_hidden_layers"]
+    assert first_adapted_layer(model) == n_layers - 3
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in trainable_parameter_names(model)} == set(
+        range(n_layers - 3, n_layers)
+    )
+
+
 @pytest.mark.parametrize("k", [0, 7])
 def test_last_k_lora_rejects_k_outside_the_model(tiny_text_bundle: ModelBundle, k: int) -> None:
     with pytest.raises(ValueError, match=r"lora k must be in \[1, 4\]"):
-        apply_last_k_lora(tiny_text_bundle.model, k=k)
+        apply_last_k_lora(tiny_text_bundle.model, k=k, r=8, alpha=16)
 
 
 # --------------------------------------------------------------------------- generation engine

@@ -31,7 +31,7 @@ from bbuqc_lightning.train import train
 
 IMAGE_PAD_ID = 151655
 PROMPTS = {"common": "描述照片。", "missions": {"BBU接地线检查": "任务：{mission}。"}}
-LORA = {"k": 2, "r": 4, "alpha": 8, "dropout": 0.0}
+LORA = functools.partial(apply_last_k_lora, k=2, r=4, alpha=8, dropout=0.0)
 
 
 def image(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> str:

@@ -9,13 +9,12 @@ for the verdicts of the same tickets.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from bbuqc_lightning.data.images import load_image
+from bbuqc_lightning.data.photo_tree import PhotoTreeDataModule
 from bbuqc_lightning.data.tree import GroupRecord, scan_tree
 from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
@@ -49,46 +48,14 @@ def collate_tickets(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-class E2EDataModule(L.LightningDataModule):
+class E2EDataModule(PhotoTreeDataModule):
     """Scans ``root`` (the synthetic test tree by default, generated on first use) for the test loop."""
 
-    def __init__(
-        self,
-        root: str,
-        prompts: dict,
-        processor: Any = None,
-        strict: bool = True,
-        batch_size: int = 4,
-        num_workers: int = 0,
-        min_pixels: int = 4096,
-        max_pixels: int = 786432,
-        limit_groups: int | None = None,
-        synthetic: dict | None = None,
-    ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        self.prompts = prompts
-        self.strict = strict
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
+    def __init__(self, *args: Any, limit_groups: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.limit_groups = limit_groups
-        self.synthetic = synthetic
         self.records: list[GroupRecord] = []
         self.skipped: list[tuple[str, str]] = []
-
-    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
-        """Photos and records stay on the host; the generation engine moves the encoded tensors."""
-        return batch
-
-    def prepare_data(self) -> None:
-        if self.synthetic and not self.root.exists():
-            from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
-
-            ensure_synthetic(**self.synthetic)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"data.root={self.root} is not a folder (see README: data layout)")
 
     def setup(self, stage: str | None = None) -> None:
         scan = scan_tree(self.root, strict=self.strict)

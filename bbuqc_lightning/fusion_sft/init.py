@@ -27,13 +27,12 @@ Either way the vision tower and the aligner (``merger``, ``deepstack_merger_list
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable
 
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from bbuqc_lightning.models.lora import apply_last_k_lora, train_language_model, trainable_parameter_names
+from bbuqc_lightning.models.lora import train_language_model, trainable_parameter_names
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +42,26 @@ FINETUNE_MODES = ("lora", "full")
 
 def build_trainable_model(
     model: PreTrainedModel,
-    lora: Mapping[str, Any] | None = None,
+    lora: Callable[[PreTrainedModel], PeftModel] | None = None,
     adapter: str | None = None,
     adapter_mode: str = "merge",
     finetune: str = "lora",
 ) -> PeftModel | PreTrainedModel:
-    """``model`` ready for SFT: LoRA on the last K layers (``lora``) or, with ``finetune="full"``, the whole
-    language model trainable; optionally starting from an adapter."""
+    """``model`` ready for SFT: LoRA from the ``lora`` partial (``conf/lora/last_k.yaml``: the last K layers) or,
+    with ``finetune="full"``, the whole language model trainable; optionally starting from an adapter."""
     if adapter_mode not in ADAPTER_MODES:
         raise ValueError(f"module.init.adapter_mode must be one of {ADAPTER_MODES}, got {adapter_mode!r}")
     if finetune not in FINETUNE_MODES:
         raise ValueError(f"module.finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
     if finetune == "full":
         return _full(model, adapter, adapter_mode)
-    lora = dict(lora or {})
-    if adapter is None:
-        return apply_last_k_lora(model, **lora)
-    if adapter_mode == "merge":
-        log.info("merging the init adapter %s into the base, then adding LoRA %s", adapter, lora)
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        return apply_last_k_lora(merged, **lora)
+    if adapter is None or adapter_mode == "merge":
+        if lora is None:
+            raise ValueError("module.finetune=lora needs module.lora (conf/lora/last_k.yaml)")
+        if adapter is None:
+            return lora(model)
+        log.info("merging the init adapter %s into the base, then adding LoRA", adapter)
+        return lora(PeftModel.from_pretrained(model, adapter).merge_and_unload())
     log.info("continuing to train the init adapter %s (module.lora is not used)", adapter)
     peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     touched = [n for n in trainable_parameter_names(peft_model) if _in_vision(n)]

@@ -50,7 +50,7 @@ class FusionSFTModule(TrainableStateCheckpointing, L.LightningModule):
         self,
         bundle: ModelBundle,
         optimizer: Callable[..., torch.optim.Optimizer],
-        lora: Mapping[str, Any] | None = None,
+        lora: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         init: Mapping[str, Any] | None = None,
         scheduler: Callable[..., Any] | None = None,
         gradient_checkpointing: bool = False,

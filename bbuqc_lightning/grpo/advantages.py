@@ -24,6 +24,7 @@ from torch import Tensor
 #: Added to the std before dividing, exactly TRL's constant (not a paper value).
 STD_EPS: float = 1e-4
 
+#: ``LightningModule.all_gather`` (or any function with its shape): one tensor in, every rank's stacked out.
 AllGather = Callable[[Tensor], Tensor]
 
 

@@ -17,7 +17,9 @@ Where this departs from TRL / the paper:
 5. Importance sampling is per token by default (``importance_sampling_level="token"``); ``"sequence"`` (GSPO)
    uses TRL's length-normalised sequence log-ratio.
 6. When ``old_per_token_logps`` is ``None`` the ratio is ``exp(logp - logp.detach()) == 1``, as TRL does when
-   ``num_iterations == 1`` and generation is aligned with optimiser steps (see ``needs_old_logps``); the
+   ``num_iterations == 1`` and generation is aligned with optimiser steps (TRL's rule
+   ``GA % (steps_per_generation * num_iterations) != 0``; GRPOModule optimises each generation batch right away,
+   so it keeps old log-probs exactly when ``num_iterations > 1``); the
    clipping then never triggers and the gradient is the plain policy gradient.
 7. ``delta`` (two-sided clipping, INTELLECT-2) caps the unclipped ratio after the clipped one is formed, and
    TRL's clip-ratio metrics are computed from that capped ratio; both are reproduced as is.
@@ -32,43 +34,19 @@ Where this departs from TRL / the paper:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-AllGather = Callable[[Tensor], Tensor]
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
-
-
-def needs_old_logps(gradient_accumulation_steps: int, steps_per_generation: int, num_iterations: int) -> bool:
-    """TRL's rule for storing log-probs at generation time (vLLM aside).
-
-    Old log-probs are needed when a generated batch is optimised on after the policy has already moved, i.e.
-    when generation is not aligned with optimiser steps: ``GA % (steps_per_generation * num_iterations)``.
-    """
-    return gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0
+from bbuqc_lightning.grpo.advantages import AllGather
+from bbuqc_lightning.grpo.config import LOSS_TYPES  # torch-free: the config check imports it before torch
 
 
 def k3_kl(per_token_logps: Tensor, ref_per_token_logps: Tensor) -> Tensor:
     """Per-token k3 estimator of KL(pi || pi_ref): unbiased, always >= 0, low variance (Schulman)."""
     diff = ref_per_token_logps - per_token_logps
     return torch.exp(diff) - diff - 1
-
-
-def mask_truncated_completions(
-    completion_ids: Tensor, completion_mask: Tensor, eos_token_ids: Sequence[int], pad_token_id: int
-) -> tuple[Tensor, Tensor]:
-    """Zero the mask of completions whose last real token is neither EOS nor pad (TRL's truncation test).
-
-    ``completion_mask`` is right-padded and covers the tokens up to and including the first EOS, as TRL builds
-    it. Returns ``(masked completion_mask, is_truncated (B,))``; empty completions count as not truncated.
-    """
-    lengths = completion_mask.sum(dim=1).long()
-    last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    stop = torch.tensor([*eos_token_ids, pad_token_id], device=completion_ids.device)
-    is_truncated = (lengths > 0) & ~torch.isin(last, stop)
-    return completion_mask * (~is_truncated).unsqueeze(1).to(completion_mask.dtype), is_truncated
 
 
 def global_token_count(loss_mask: Tensor, all_gather: AllGather | None = None) -> Tensor:
@@ -199,10 +177,10 @@ def grpo_loss(
     Args:
         per_token_logps: ``(B, T)`` current-policy log-probs of the completion tokens (carries the gradient).
         old_per_token_logps: ``(B, T)`` log-probs at generation time, or ``None`` (ratio 1; see
-            ``needs_old_logps``).
+            ``num_iterations > 1``).
         ref_per_token_logps: ``(B, T)`` reference log-probs; required when ``beta != 0``.
         advantages: ``(B,)`` (or ``(B, T)``) advantages from ``compute_advantages``.
-        completion_mask: ``(B, T)`` 1 for loss tokens (after ``mask_truncated_completions`` if used).
+        completion_mask: ``(B, T)`` 1 for loss tokens (truncated rows zeroed when ``grpo.mask_truncated_completions``).
         num_items_in_batch: ``dapo`` only: loss tokens of the whole generation batch over all ranks.
         max_completion_length: ``dr_grpo`` only: the completion budget (``max_new_tokens``).
         num_processes: data-parallel world size (``dapo`` divides ``num_items_in_batch`` by it; DDP then

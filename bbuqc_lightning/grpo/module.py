@@ -53,7 +53,7 @@ from bbuqc_lightning.grpo.rescue import blind_fail_groups, rescue_fail_groups
 from bbuqc_lightning.grpo.rollout import Rollout, generate_rollout
 from bbuqc_lightning.models.decoder import output_embedding
 from bbuqc_lightning.models.factory import ModelBundle
-from bbuqc_lightning.models.lora import apply_last_k_lora, num_text_layers
+from bbuqc_lightning.models.lora import first_adapted_layer
 from bbuqc_lightning.stage_b.evaluation import (
     TABLE_COLUMNS,
     evaluate_greedy,
@@ -74,7 +74,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         grpo: GRPOConfig,
         reward_funcs: Mapping[str, Callable[..., list[float]]],
         optimizer: Callable[..., torch.optim.Optimizer],
-        lora: Mapping[str, Any] | None = None,
+        lora: Callable[[torch.nn.Module], torch.nn.Module],
         micro_batch_size: int = 8,
         max_grad_norm: float | None = 1.0,
         val_max_new_tokens: int | None = None,
@@ -82,10 +82,8 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         generation: Callable[..., GenerationEngine] | None = None,
     ) -> None:
         super().__init__()
-        lora = dict(lora or {})
-        k = int(lora.get("k", 4))
-        self.model = apply_last_k_lora(bundle.model, **lora)
-        self.num_frozen = num_text_layers(bundle.model) - k
+        self.model = lora(bundle.model)  # conf/lora/last_k.yaml: LoRA on the last K blocks, the rest frozen
+        self.num_frozen = first_adapted_layer(self.model)  # layers below run once, without gradients
         self.engine = (generation or GenerationEngine)(self.model, bundle.processor)
         self.grpo = grpo
         self.reward_funcs = dict(reward_funcs)

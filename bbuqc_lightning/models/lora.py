@@ -6,6 +6,13 @@ the language model get LoRA adapters; the vision tower (``model.visual``), the a
 ``layers_pattern="layers"`` selects ``model.language_model.layers.{L-k..L-1}``; the vision linears are
 named ``qkv``/``proj``/``linear_fc*`` and never match the LLM projection names.
 
+It is built from config like the optimizer (``conf/lora/last_k.yaml``, the one place its defaults live,
+``_partial_: true``), and the module calls the partial on its model::
+
+    lora = instantiate(cfg.module.lora)          # functools.partial(apply_last_k_lora, k=4, r=8, alpha=16, ...)
+    model = lora(bundle.model)
+    first_adapted_layer(model)                   # = L - k: the layers below it are frozen and adapter-free
+
 Full fine-tuning (:func:`train_language_model`, fusion SFT with ``module.finetune=full``): every weight of
 the language model trains (embeddings, every decoder block, the final norm, ``lm_head``); the vision tower
 and the aligner stay frozen, as with LoRA.
@@ -34,13 +41,17 @@ def num_text_layers(model: PreTrainedModel) -> int:
 
 def apply_last_k_lora(
     model: PreTrainedModel,
-    k: int = 4,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.05,
+    *,
+    k: int,
+    r: int,
+    alpha: int,
+    dropout: float = 0.0,
     target_modules: Sequence[str] = DEFAULT_TARGETS,
 ) -> PeftModel:
-    """Freeze ``model`` and add LoRA adapters to the last ``k`` LLM blocks (``k = L`` means all)."""
+    """Freeze ``model`` and add LoRA adapters to the last ``k`` LLM blocks (``k = L`` means all).
+
+    The product's defaults are in ``conf/lora/last_k.yaml``; callers outside Hydra name ``k``, ``r``, ``alpha``.
+    """
     n_layers = num_text_layers(model)
     if not 1 <= k <= n_layers:
         raise ValueError(f"lora k must be in [1, {n_layers}] for this model, got {k}")
@@ -57,6 +68,20 @@ def apply_last_k_lora(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def first_adapted_layer(model: torch.nn.Module) -> int:
+    """Index of the first decoder layer that carries a LoRA adapter; layers below it are frozen and plain.
+
+    Read off the adapted model, so it holds whatever built the adapters (a config's ``k``, an adapter loaded with
+    ``continue``). Raises ``ValueError`` when no decoder layer has one.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for index, layer in enumerate(language_model(model).layers):
+        if any(isinstance(module, LoraLayer) for module in layer.modules()):
+            return index
+    raise ValueError("no decoder layer of this model carries a LoRA adapter")
 
 
 def train_language_model(model: PreTrainedModel) -> PreTrainedModel:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from bbuqc_lightning.data.images import load_image, validate_group_images
+from bbuqc_lightning.data.photo_tree import PhotoTreeDataModule
 from bbuqc_lightning.data.tree import GroupRecord, scan_tree, shown
 from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
@@ -68,30 +67,11 @@ def collate_images(items: list[dict[str, Any]]) -> dict[str, list]:
     return {key: [item[key] for item in items] for key in ("image", "conversation", "meta")}
 
 
-class StageADataModule(L.LightningDataModule):
+class StageADataModule(PhotoTreeDataModule):
     """Scans ``root`` (generating the synthetic tree first when ``synthetic`` is set and it is missing)."""
 
-    def __init__(
-        self,
-        root: str,
-        prompts: dict,
-        processor: Any = None,
-        strict: bool = True,
-        batch_size: int = 4,
-        num_workers: int = 0,
-        min_pixels: int = 4096,
-        max_pixels: int = 786432,
-        synthetic: dict | None = None,
-    ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        self.prompts = prompts
-        self.strict = strict
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
-        self.synthetic = synthetic
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # Filled by the JSONL writer callback on resume: groups already in the output file.
         self.skip_ticket_keys: set[str] = set()
         # Under DDP a rank may have no group left to do: an empty dataloader is fine (see module docstring).
@@ -103,18 +83,6 @@ class StageADataModule(L.LightningDataModule):
         self.skipped: list[tuple[str, str]] = []
         self.scan_skipped = 0
         self.dataset: StageAImages | None = None
-
-    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
-        """PIL images and metadata stay on the host; the generation engine moves the encoded tensors."""
-        return batch
-
-    def prepare_data(self) -> None:
-        if self.synthetic and not self.root.exists():
-            from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
-
-            ensure_synthetic(**self.synthetic)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"data.root={self.root} is not a folder (see README: data layout)")
 
     def setup(self, stage: str | None = None) -> None:
         scan = scan_tree(self.root, strict=self.strict)

@@ -78,7 +78,7 @@ from bbuqc_lightning.tracking.wandb import log_artifact, log_table
 log = logging.getLogger(__name__)
 
 
-class TrainingFreeRunner(L.LightningModule):
+class StageBRunnerModule(L.LightningModule):
     """Prompt + guidance + reflection per mission; see the module docstring."""
 
     def __init__(
