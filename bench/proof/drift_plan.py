@@ -14,7 +14,8 @@ files concatenated into ``distill/distill_chatml.jsonl``). Per seed ``k``, under
 - ``eval_<stage>`` (``eval_drift_<mechanism>``): ``+experiment=eval`` (Stage-B from reference summaries, ``test/*``) and ``+experiment=e2e``
   (own summaries, ``e2e/*`` and ``stage_a/*``) of that stage's model folder.
 
-Each step reads only earlier steps' folders, so one GPU call can run any prefix of what is left. The drift
+Each step names the steps whose folders it reads (``after``: the DAG's edges, ``proof/dag.py``), so
+``proof/scheduler.py`` runs independent steps at once and a GPU call can run any closed part of what is left. The drift
 steps carry their mechanism in their name: a second mechanism can be tried from the same base models
 (``--drift summary`` on a later call) as long as no cure has run from the first one.
 """
