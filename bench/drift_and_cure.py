@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -266,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcome = None
     if not args.report_only:
         signal.signal(signal.SIGTERM, _interrupt)  # a killed call stops its subprocesses too
+        if jobs > 1:  # each process's CPU thread pool sized to its share of the cores
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         outcome = run_plan(s, plan, wanted, done, jobs=jobs, max_minutes=args.max_minutes, started=started)
     report = write_report({**s, "device_name": device_name(s["device"])}, done)
     print(markdown(report))

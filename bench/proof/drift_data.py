@@ -116,9 +116,9 @@ def summaries_by_ticket(stage_a_jsonl: Path) -> dict[str, dict[str, Any]]:
 
 
 def pass_answer(repo: Path) -> str:
-    """The synthetic data's own pass answer (``conf/data/fusion.yaml`` reason texts), e.g. ``通过\\n理由: …。``."""
-    texts = yaml.safe_load((repo / "conf" / "data" / "fusion.yaml").read_text(encoding="utf-8"))
-    texts = texts["synthetic_sources"]["texts"]
+    """The synthetic data's own pass answer (``conf/prompts/synthetic.yaml``, the phrases the fusion sources
+    and the Teacher share), e.g. ``通过`` + newline + ``理由: …。``."""
+    texts = yaml.safe_load((repo / "conf" / "prompts" / "synthetic.yaml").read_text(encoding="utf-8"))
     reason = texts["reason_template"].format(reasons=texts["reasons"]["pass"])
     return f"{VERDICT_PASS}\n{REASON_PREFIXES[0]} {reason}"
 

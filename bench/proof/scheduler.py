@@ -15,6 +15,7 @@ propagates; steps already recorded stay done, the others rerun from scratch on t
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -39,9 +40,10 @@ class Outcome:
 
 
 def _message(exc: BaseException) -> str:
+    """A failed subprocess's message (its log's tail), or the traceback of an error in this process."""
     if isinstance(exc, SystemExit):
         return str(exc.code)
-    return f"{type(exc).__name__}: {exc}"
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 def run_dag(
