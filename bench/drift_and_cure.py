@@ -3,12 +3,16 @@ GRPO, and check that Stage-A summaries survive — through the project's own ent
 
 The successor of ``bench/learning_proof.py`` (whose fusion SFT is this pipeline's ``base``). Steps
 (``bench/proof/drift_plan.py`` says what each does): ``data``; per seed ``s<k>/base``, ``s<k>/eval_base``,
-``s<k>/drift_<mechanism>``, ``s<k>/eval_drift_<mechanism>``; ``teacher`` (unless ``--teacher base``) and ``distill``; per seed
-``s<k>/cure_a``, ``s<k>/cure_b``, ``s<k>/cure_b_penalty`` and their ``eval_*``. Every step is one or more
-subprocesses (``python -m bbuqc_lightning.train ...``, ``tools/distill.py``, ``tools/export.py``) whose model
-folder feeds the next step; ``<out>/state.json`` records what is done, so a rerun with the same ``--out``
-goes on where the last call stopped (a step cut off mid-way is rerun from scratch). ``--steps`` picks what
-to run now (default: everything left), ``--max-minutes`` stops before a step whose estimate would not fit.
+``s<k>/drift_<mechanism>``, ``s<k>/eval_drift_<mechanism>``; ``teacher`` (unless ``--teacher base``) and
+``distill``; per seed ``s<k>/cure_a``, ``s<k>/cure_b``, ``s<k>/cure_b_penalty`` and their ``eval_*``. Every step
+is one or more subprocesses (``python -m bbuqc_lightning.train ...``, ``tools/distill.py``, ``tools/export.py``)
+whose model folder feeds the steps after it. The steps form a DAG (``proof/dag.py``): ``--jobs N`` runs up to N
+ready steps at once as separate processes on the one GPU (default 4 on cuda, 1 on cpu; ``proof/scheduler.py``),
+and a failed step stops only its dependants. ``<out>/state.json`` (written by this process alone) records
+what is done, so a rerun with the same ``--out`` goes on where the last call stopped (a step cut off mid-way is
+rerun from scratch). ``--steps`` picks what to run now (default: everything left), ``--max-minutes`` is the
+call's wall-clock budget: a step whose estimate would end past it is not started. ``--bundle DIR`` copies the
+report, the step logs and the W&B report run into at most 8 files of at most 16 MiB (``proof/bundle.py``).
 
 Writes to ``--out``: ``drift_and_cure.json`` / ``.md`` (tables per stage, overall and per mission, mean and
 spread over seeds, the issue's checks), ``false_pass.png``, ``wandb/`` (an offline run with the results table
@@ -17,9 +21,10 @@ their offline W&B runs), ``fusion/`` (the mixes), ``distill/`` (Teacher input an
 
 Commands::
 
-    python bench/drift_and_cure.py --device cuda --out outputs/drift --plan            # steps + minutes
-    python bench/drift_and_cure.py --device cuda --out outputs/drift --max-minutes 9   # repeat until done
-    python bench/drift_and_cure.py --device cuda --out outputs/drift --steps s0/drift,s0/eval_drift
+    python bench/drift_and_cure.py --device cuda --out outputs/drift --plan    # DAG waves, minutes, the calls
+    # one H200: 3 calls of this same command (each resumes; ~9 + 9 + 6.5 min estimated)
+    python bench/drift_and_cure.py --device cuda --out outputs/drift --jobs 4 --max-minutes 9 --bundle "$OUT"
+    python bench/drift_and_cure.py --device cuda --out outputs/drift --steps s0/drift_lenient,s0/eval_drift_lenient
     python bench/drift_and_cure.py --device cuda --out outputs/drift --report-only
     python bench/drift_and_cure.py --device cpu --out /tmp/drift_smoke --seeds 0 --teacher base   # CPU smoke
 
@@ -31,20 +36,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from proof.bundle import bundle
+from proof.dag import describe
 from proof.drift_plan import DRIFTS, PlannedStep, build_plan
-from proof.drift_profiles import PROFILES
+from proof.drift_profiles import DEFAULT_JOBS, PLAN_MINUTES, PROFILES
 from proof.drift_report import log_to_wandb, markdown, write_report
 from proof.runs import device_name, run_step
+from proof.scheduler import Outcome, run_dag
 
 STATE = "state.json"
 CHOICES = {"teacher": ("train", "base"), "conflict_policy": ("drop", "flip", "mark")}
+_PREPARE = threading.Lock()  # steps' input files are written one step at a time
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,7 +78,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", help="comma-separated step names to run now (default: every step left)")
     parser.add_argument(
-        "--max-minutes", type=float, default=0.0, help="stop before a step that would not fit"
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="wall-clock budget of this call: do not start a step whose estimate would end past it",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="steps run at once as separate processes (default: 4 on cuda, 1 on cpu)",
+    )
+    parser.add_argument(
+        "--bundle", metavar="DIR", help="also copy the report, logs and W&B report run into DIR (<= 8 files)"
     )
     parser.add_argument("--plan", action="store_true", help="print the steps and their commands, run nothing")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from what is done")
@@ -143,7 +166,8 @@ def run_planned(step: PlannedStep, logs: Path) -> dict[str, Any]:
     record: dict[str, Any] = {"commands": [], "seconds": 0.0}
     start = time.perf_counter()
     if step.prepare is not None:
-        record["prepared"] = step.prepare()
+        with _PREPARE:
+            record["prepared"] = step.prepare()
     for command in step.commands:
         for folder in (command.run_dir, _export_target(command)):
             if folder is not None and folder.exists():
@@ -162,13 +186,70 @@ def _export_target(command: Any) -> Path | None:
     return Path(out) if out and "export.py" in " ".join(command.argv[:2]) else None
 
 
+def run_plan(
+    s: dict[str, Any],
+    plan: list[PlannedStep],
+    wanted: list[str],
+    done: dict[str, Any],
+    *,
+    jobs: int,
+    max_minutes: float = 0.0,
+    started: float | None = None,
+    report: bool = True,
+) -> Outcome:
+    """Run the ``wanted`` steps through the scheduler; after each finished step (main thread only) record it
+    in ``state.json`` and, with ``report``, rewrite the report. ``started``: ``time.monotonic()`` of the
+    call's start, for ``max_minutes`` (default: now)."""
+    out = Path(s["out"])
+    save_state(s, done)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic() if started is None else started
+    named = {**s, "device_name": device_name(s["device"])} if report else s
+
+    def finished(name: str, record: dict[str, Any]) -> None:
+        done[name] = record
+        save_state(s, done)
+        if report:
+            try:
+                write_report(named, done)
+            except Exception as err:  # a report problem must not stop the steps still running
+                print(f"warning: report not rewritten after {name}: {type(err).__name__}: {err}")
+
+    return run_dag(
+        plan,
+        wanted,
+        done,
+        jobs=jobs,
+        max_minutes=max_minutes,
+        elapsed=lambda: (time.monotonic() - t0) / 60,
+        execute=lambda step: run_planned(step, out / "logs"),
+        on_finish=finished,
+    )
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def call_command(args: argparse.Namespace, jobs: int, max_minutes: float) -> str:
+    """The command of one GPU call of this plan (every call is the same: it resumes from ``state.json``)."""
+    return (
+        f"python bench/drift_and_cure.py --device {args.device} --out {args.out} --jobs {jobs} "
+        f'--max-minutes {max_minutes:g} --bundle "$OUT"'
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
     s = settings(args)
     out = Path(s["out"])
     plan = build_plan(s)
     names = [step.name for step in plan]
     done = load_done(out)
+    jobs = args.jobs or DEFAULT_JOBS[s["device"]]
+    if jobs < 1:
+        sys.exit("error: --jobs must be at least 1")
     wanted = args.steps.split(",") if args.steps else [n for n in names if n not in done]
     unknown = [n for n in wanted if n not in names]
     if unknown:
@@ -176,28 +257,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         for step in plan:
             mark = "done" if step.name in done else f"~{step.minutes:.1f} min"
-            print(f"{step.name}  [{mark}]")
+            print(f"{step.name}  [{mark}]  after: {', '.join(step.after) or '-'}")
             for command in step.commands:
                 print("    " + command.command)
+        budget = args.max_minutes or PLAN_MINUTES
+        lines = describe(plan, done, jobs=jobs, max_minutes=budget, command=call_command(args, jobs, budget))
+        print("\n".join(lines))
         return 0
+    outcome = None
     if not args.report_only:
-        save_state(s, done)
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        spent = 0.0
-        for step in (st for st in plan if st.name in wanted):
-            if args.max_minutes and spent + step.minutes > args.max_minutes:
-                print(f"stopping before {step.name}: ~{step.minutes:.1f} min would pass --max-minutes")
-                break
-            print(f"[{time.strftime('%H:%M:%S')}] step {step.name}", flush=True)
-            done[step.name] = run_planned(step, out / "logs")
-            spent += done[step.name]["seconds"] / 60
-            save_state(s, done)
-            write_report({**s, "device_name": device_name(s["device"])}, done)
+        signal.signal(signal.SIGTERM, _interrupt)  # a killed call stops its subprocesses too
+        if jobs > 1:  # each process's CPU thread pool sized to its share of the cores
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        outcome = run_plan(s, plan, wanted, done, jobs=jobs, max_minutes=args.max_minutes, started=started)
     report = write_report({**s, "device_name": device_name(s["device"])}, done)
     print(markdown(report))
-    print(f"W&B (offline) run of the results table: {log_to_wandb(report, out)}")
+    wandb_dir = log_to_wandb(report, out)
+    print(f"W&B (offline) run of the results table: {wandb_dir}")
+    if args.bundle:
+        files = bundle(out, Path(args.bundle), wandb_dir)
+        print(f"bundle: {len(files)} files in {args.bundle} ({', '.join(f.name for f in files)})")
     left = [n for n in names if n not in done]
     print(f"steps left: {', '.join(left) if left else 'none'}; report: {out / 'drift_and_cure.md'}")
+    if outcome is not None and not outcome.ok:
+        for name, error in outcome.failed.items():
+            print(f"\nFAILED {name}:\n{error}", file=sys.stderr)
+        for name, why in outcome.blocked.items():
+            print(f"not run: {name} ({why})", file=sys.stderr)
+        return 1
     return 0
 
 

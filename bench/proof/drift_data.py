@@ -13,7 +13,9 @@ do (:func:`lenient_label`). Its verdicts are what the ``lenient`` drift trains o
 from __future__ import annotations
 
 import json
+import os
 import random
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -87,10 +89,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: a step that runs concurrently and reads ``path`` (both
+    seeds' drift steps share one lenient file and one mix) sees the old or the new file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
     lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
-    path.write_text("".join(lines), encoding="utf-8")
+    write_atomic(path, "".join(lines))
     return len(lines)
 
 
@@ -106,9 +116,9 @@ def summaries_by_ticket(stage_a_jsonl: Path) -> dict[str, dict[str, Any]]:
 
 
 def pass_answer(repo: Path) -> str:
-    """The synthetic data's own pass answer (``conf/data/fusion.yaml`` reason texts), e.g. ``通过\\n理由: …。``."""
-    texts = yaml.safe_load((repo / "conf" / "data" / "fusion.yaml").read_text(encoding="utf-8"))
-    texts = texts["synthetic_sources"]["texts"]
+    """The synthetic data's own pass answer (``conf/prompts/synthetic.yaml``, the phrases the fusion sources
+    and the Teacher share), e.g. ``通过`` + newline + ``理由: …。``."""
+    texts = yaml.safe_load((repo / "conf" / "prompts" / "synthetic.yaml").read_text(encoding="utf-8"))
     reason = texts["reason_template"].format(reasons=texts["reasons"]["pass"])
     return f"{VERDICT_PASS}\n{REASON_PREFIXES[0]} {reason}"
 
@@ -140,9 +150,8 @@ def fusion_file(
     path: Path, targets: Sequence[Mapping[str, Any]], sources: Sequence[Mapping[str, Any]]
 ) -> Path:
     """Write a fusion YAML (SPEC §9 shape) with absolute paths; returns its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {"fail_oversample": 1.0, "targets": list(targets), "sources": list(sources)}
-    path.write_text(yaml.safe_dump(body, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_atomic(path, yaml.safe_dump(body, allow_unicode=True, sort_keys=False))
     return path
 
 

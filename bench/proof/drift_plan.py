@@ -14,7 +14,8 @@ files concatenated into ``distill/distill_chatml.jsonl``). Per seed ``k``, under
 - ``eval_<stage>`` (``eval_drift_<mechanism>``): ``+experiment=eval`` (Stage-B from reference summaries, ``test/*``) and ``+experiment=e2e``
   (own summaries, ``e2e/*`` and ``stage_a/*``) of that stage's model folder.
 
-Each step reads only earlier steps' folders, so one GPU call can run any prefix of what is left. The drift
+Each step names the steps whose folders it reads (``after``: the DAG's edges, ``proof/dag.py``), so
+``proof/scheduler.py`` runs independent steps at once and a GPU call can run any closed part of what is left. The drift
 steps carry their mechanism in their name: a second mechanism can be tried from the same base models
 (``--drift summary`` on a later call) as long as no cure has run from the first one.
 """
@@ -28,7 +29,7 @@ from typing import Any
 
 from proof import drift_commands as cmd
 from proof import drift_data as dd
-from proof.drift_profiles import MINUTES
+from proof.drift_profiles import minutes
 from proof.runs import REPO, Step
 
 STAGES = ("base", "drift", "cure_a", "cure_b", "cure_b_penalty")
@@ -43,6 +44,7 @@ class PlannedStep:
     commands: list[Step]
     minutes: float
     needs: list[Path] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)  # steps whose outputs this one reads (the DAG's edges)
     prepare: Callable[[], dict[str, Any]] | None = None
     finish: Callable[[], dict[str, Any]] | None = None
 
@@ -168,8 +170,9 @@ def _step(name: str, argv: list[str], run_dir: Path | None) -> Step:
 
 
 def shared_steps(s: Mapping[str, Any]) -> list[PlannedStep]:
-    p = paths(s)
-    steps = [PlannedStep("data", [_step("data", cmd.data_argv(s), None)], MINUTES["data"])]
+    p, est = paths(s), minutes(dict(s))
+    steps = [PlannedStep("data", [_step("data", cmd.data_argv(s), None)], est["data"])]
+    teacher = "teacher" if s["teacher"] == "train" else f"s{s['seeds'][0]}/base"
     if s["teacher"] == "train":
         run = p["runs"] / "teacher"
         argv = cmd.sft_argv(
@@ -182,14 +185,15 @@ def shared_steps(s: Mapping[str, Any]) -> list[PlannedStep]:
             lr=s["base_lr"],
             max_minutes=s["teacher_max_minutes"],
         )
-        steps.append(PlannedStep("teacher", [_step("teacher", argv, run)], MINUTES["teacher"]))
+        steps.append(PlannedStep("teacher", [_step("teacher", argv, run)], est["teacher"], after=["data"]))
     run, inputs = p["runs"] / "distill", p["distill"] / "input.jsonl"
     steps.append(
         PlannedStep(
             "distill",
             [_step("distill", cmd.distill_argv(s, run, teacher_folder(s), inputs), run)],
-            MINUTES["distill"],
+            est["distill"],
             needs=[teacher_folder(s) / "config.json"],
+            after=[teacher],
             prepare=lambda: {
                 "input": dd.stratified_subset(
                     p["synthetic"] / "stage_a_train.jsonl", s["distill_per_cell"], s["data_seed"], inputs
@@ -202,9 +206,10 @@ def shared_steps(s: Mapping[str, Any]) -> list[PlannedStep]:
 
 
 def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
-    p, model = paths(s), s["model"]
+    p, model, est = paths(s), s["model"], minutes(dict(s))
     d = {stage: stage_dir(s, seed, stage) for stage in STAGES}
     drifted = cmd.from_folder(model, stage_model(s, seed, "drift"))
+    base, drift = f"s{seed}/base", f"s{seed}/drift_{s['drift']}"
     steps = [
         PlannedStep(
             f"s{seed}/base",
@@ -224,8 +229,9 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
                     d["base"],
                 )
             ],
-            MINUTES["base"],
+            est["base"],
             needs=[p["synthetic"] / "manifest.json"],
+            after=["data"],
         ),
         PlannedStep(
             f"s{seed}/drift_{s['drift']}",
@@ -246,8 +252,9 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
                     d["drift"],
                 )
             ],
-            MINUTES["drift"],
+            est["drift"],
             needs=[stage_model(s, seed, "base") / "config.json"],
+            after=[base],
             prepare=lambda: drift_mix(s),
         ),
         PlannedStep(
@@ -277,8 +284,9 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
                     None,
                 ),
             ],
-            MINUTES["cure_a"],
+            est["cure_a"],
             needs=[stage_model(s, seed, "drift") / "config.json", p["distill"] / "distill_chatml.jsonl"],
+            after=[drift, "distill"],
             prepare=lambda: cure_a_mix(s),
         ),
     ]
@@ -289,12 +297,13 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             PlannedStep(
                 f"s{seed}/{stage}",
                 [_step(stage, grpo, d[stage]), _step("export", export, None)],
-                MINUTES[stage],
+                est[stage],
                 needs=[stage_model(s, seed, "drift") / "config.json"],
+                after=[drift],
             )
         )
     evals = []
-    for stage in STAGES:
+    for stage, trained in zip(STAGES, steps, strict=True):
         folder = cmd.from_folder(model, stage_model(s, seed, stage))
         run = p["runs"] / f"s{seed}" / f"eval_{stage_dir(s, seed, stage).name}"
         evals.append(
@@ -308,8 +317,9 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
                     ),
                     _step("e2e", cmd.e2e_argv(s, run / "e2e", seed, folder, f"e2e_{stage}"), run / "e2e"),
                 ],
-                MINUTES["eval"],
+                est["eval"],
                 needs=[stage_model(s, seed, stage) / "config.json"],
+                after=[trained.name],
             )
         )
     # Order: each stage, then its evaluation (so a call that stops early has numbers for what it trained).

@@ -12,12 +12,15 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+_ACTIVE: set[subprocess.Popen] = set()  # subprocesses running now (steps may run in several threads)
+_LOCK = threading.Lock()
 
 
 @dataclass
@@ -61,7 +64,8 @@ def max_time(minutes: float) -> list[str]:
 
 
 def run_step(step: Step, logs: Path) -> None:
-    """Run ``step`` (from the current folder), its output in ``logs/<name>.log``; exit on failure."""
+    """Run ``step`` (from the current folder), its output in ``logs/<name>.log``; exit on failure (in a
+    worker thread the ``SystemExit`` is that step's error, see ``proof/scheduler.py``)."""
     log_path = logs / f"{step.name}.log"
     print(f"[{time.strftime('%H:%M:%S')}] {step.name}: {step.command}", flush=True)
     env = {
@@ -75,7 +79,14 @@ def run_step(step: Step, logs: Path) -> None:
     }
     start = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:
-        code = subprocess.call(step.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(step.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with _LOCK:
+            _ACTIVE.add(process)
+        try:
+            code = process.wait()
+        finally:
+            with _LOCK:
+                _ACTIVE.discard(process)
     step.seconds = time.perf_counter() - start
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
@@ -83,6 +94,19 @@ def run_step(step: Step, logs: Path) -> None:
     if step.run_dir is not None:
         step.wandb_runs = sorted(str(p) for p in step.run_dir.glob("wandb/offline-run-*"))
     print(f"  done in {step.seconds:.0f} s", flush=True)
+
+
+def stop_all(grace: float = 10.0) -> None:
+    """Terminate every running step subprocess (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+    with _LOCK:
+        processes = list(_ACTIVE)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def read_json(path: Path) -> dict[str, Any]:

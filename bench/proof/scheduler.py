@@ -1,0 +1,141 @@
+"""Run a DAG of steps concurrently, each step's subprocesses in a worker thread, on one GPU.
+
+``run_dag`` starts a step once every step it reads (``after``) is done, at most ``jobs`` at a time, in the
+order of :func:`proof.dag.start_rank`, and not at all when its estimate (``minutes * slowdown(jobs)``) would
+end past ``max_minutes`` of wall time (it and its dependants are then *left* for the next call). Only the
+calling (main) thread sees results: ``on_finish(name, record)`` runs there, one step at a time, so the one
+writer of ``state.json`` is the main process. A step that raises (a failed subprocess exits with
+``SystemExit``) is *failed*: its dependants are *blocked*, every other branch goes on. An interrupt
+(Ctrl-C, SIGTERM turned into ``KeyboardInterrupt`` by the caller) stops the running subprocesses and
+propagates; steps already recorded stay done, the others rerun from scratch on the next call.
+
+``bench/drift_and_cure.py --jobs N --max-minutes M`` drives it; the tests drive it with ``python -c`` steps.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from proof.dag import Node, slowdown, start_rank
+from proof.runs import stop_all
+
+
+@dataclass
+class Outcome:
+    """What one call did with the steps it was asked to run."""
+
+    finished: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # name -> error (the log's tail)
+    blocked: dict[str, str] = field(default_factory=dict)  # name -> why it cannot start
+    left: list[str] = field(default_factory=list)  # over the budget (or after such a step): next call
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked
+
+
+def _message(exc: BaseException) -> str:
+    """A failed subprocess's message (its log's tail), or the traceback of an error in this process."""
+    if isinstance(exc, SystemExit):
+        return str(exc.code)
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def run_dag(
+    steps: Sequence[Node],
+    wanted: Collection[str],
+    done: Mapping[str, Any],
+    *,
+    jobs: int,
+    execute: Callable[[Any], dict[str, Any]],
+    on_finish: Callable[[str, dict[str, Any]], None],
+    max_minutes: float = 0.0,
+    elapsed: Callable[[], float] | None = None,
+    log: Callable[[str], None] = print,
+) -> Outcome:
+    """Run the ``wanted`` steps of ``steps`` (a step in ``done`` and not wanted counts as finished).
+
+    ``execute(step)`` runs in a worker thread and returns what the state records; ``elapsed()`` gives the
+    call's minutes so far (default: since this function started)."""
+    if jobs < 1:
+        raise ValueError("jobs must be at least 1")
+    if elapsed is None:
+        t0 = time.monotonic()
+        elapsed = lambda: (time.monotonic() - t0) / 60  # noqa: E731
+    factor, rank = slowdown(jobs), start_rank(steps, jobs)
+    by_name = {s.name: s for s in steps}
+    pending = sorted((n for n in by_name if n in set(wanted)), key=rank.__getitem__)
+    ok = set(done) - set(pending)
+    out, running = Outcome(), {}  # type: ignore[var-annotated]
+    windows: dict[str, tuple[float, float]] = {}
+
+    def settle() -> None:
+        """Move pending steps that cannot start this call to blocked / left (to a fixed point)."""
+        moved = True
+        while moved:
+            moved = False
+            for name in list(pending):
+                deps = by_name[name].after
+                bad = [d for d in deps if d in out.failed or d in out.blocked]
+                later = [d for d in deps if d in out.left]
+                absent = [d for d in deps if d not in ok and d not in pending and d not in running.values()]
+                absent = [d for d in absent if d not in bad and d not in later]
+                if bad or absent:
+                    why = f"{', '.join(bad)} failed or blocked" if bad else ""
+                    why = why or f"needs {', '.join(absent)}: neither done nor selected"
+                    out.blocked[name] = why
+                elif later:
+                    out.left.append(name)
+                else:
+                    continue
+                pending.remove(name)
+                moved = True
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="step") as pool:
+        try:
+            while True:
+                settle()
+                for name in [n for n in pending if all(d in ok for d in by_name[n].after)]:
+                    if len(running) >= jobs:
+                        break
+                    now = elapsed()
+                    estimate = by_name[name].minutes * factor
+                    pending.remove(name)
+                    if max_minutes and now + estimate > max_minutes:
+                        log(
+                            f"not starting {name}: ~{estimate:.1f} min would pass --max-minutes {max_minutes:g}"
+                        )
+                        out.left.append(name)
+                        continue
+                    log(
+                        f"[{time.strftime('%H:%M:%S')}] start {name} (~{estimate:.1f} min, {len(running) + 1} running)"
+                    )
+                    windows[name] = (now, now)
+                    future: Future = pool.submit(execute, by_name[name])
+                    running[future] = name
+                settle()
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=lambda f: rank[running[f]]):
+                    name = running.pop(future)
+                    windows[name] = (windows[name][0], elapsed())
+                    error = future.exception()
+                    if error is not None:
+                        out.failed[name] = _message(error)
+                        log(f"[{time.strftime('%H:%M:%S')}] FAILED {name}: its dependants will not start")
+                        continue
+                    record = dict(future.result())
+                    record["window_minutes"] = [round(t, 2) for t in windows[name]]
+                    ok.add(name)
+                    out.finished.append(name)
+                    on_finish(name, record)
+        except BaseException:
+            stop_all()  # the running subprocesses; their threads then return
+            raise
+    return out

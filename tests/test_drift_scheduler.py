@@ -1,0 +1,260 @@
+"""The drift/cure pipeline's DAG, concurrent scheduler and bundle, without models: the plan's edges, the cuda
+plan's split into 3 GPU calls, and the scheduler on trivial ``python -c`` steps run through the real
+``run_planned`` / ``run_step`` path (concurrency and ``--jobs`` shown by marker files, never by timing; the
+budget by an injected clock; failure isolation; resume after the main process is killed); the bundle's limits.
+The real steps run in ``tests/test_drift_and_cure.py``'s slow CPU smoke test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import drift_and_cure as pipeline  # noqa: E402
+from proof import bundle, dag, drift_plan, scheduler  # noqa: E402
+from proof.drift_plan import PlannedStep  # noqa: E402
+from proof.runs import Step  # noqa: E402
+
+WAIT = """import pathlib, sys, time
+def wait(path, seconds=120):
+    end = time.time() + seconds
+    while not pathlib.Path(path).exists():
+        if time.time() > end:
+            sys.exit(f"timed out waiting for {path}")
+        time.sleep(0.02)
+"""
+
+
+def fake(
+    name: str, code: str, after: tuple[str, ...] = (), run_dir: Path | None = None, minutes: float = 0.1
+):
+    """A step whose one command is ``python -c <code>`` (``wait(path)`` available)."""
+    return PlannedStep(
+        name, [Step("cmd", [sys.executable, "-c", WAIT + code], run_dir)], minutes, after=list(after)
+    )
+
+
+def touch(path: Path) -> str:
+    return f"pathlib.Path({str(path)!r}).touch()\n"
+
+
+def settings_for(tmp_path: Path) -> dict:
+    return {"out": str(tmp_path / "out")}
+
+
+def test_the_plan_dag_has_the_right_edges(tmp_path: Path) -> None:
+    s = pipeline.settings(pipeline.parse_args(["--device", "cuda", "--out", str(tmp_path / "out")]))
+    plan = drift_plan.build_plan(s)
+    expected = {("data", "teacher"), ("teacher", "distill")}
+    for k in (0, 1):
+        b, d = f"s{k}/base", f"s{k}/drift_lenient"
+        expected |= {("data", b), (b, d), (d, f"s{k}/cure_a"), ("distill", f"s{k}/cure_a")}
+        expected |= {(d, f"s{k}/cure_b"), (d, f"s{k}/cure_b_penalty")}
+        for stage in ("base", "drift_lenient", "cure_a", "cure_b", "cure_b_penalty"):
+            expected.add((f"s{k}/{stage}", f"s{k}/eval_{stage}"))
+    assert dag.edges(plan) == expected
+    names = [p.name for p in plan]  # the plan's order is a topological order
+    assert all(names.index(a) < names.index(b) for a, b in expected)
+    waves = [[step.name for step in wave] for wave in dag.waves(plan)]
+    assert waves[0] == ["data"] and set(waves[1]) == {"s0/base", "s1/base", "teacher"}
+    assert dag.waves(plan, {"data": {}, "teacher": {}})[0][0].name == "s0/base"
+    other = pipeline.settings(
+        pipeline.parse_args(
+            ["--device", "cpu", "--out", str(tmp_path / "b"), "--teacher", "base", "--seeds", "2"]
+        )
+    )
+    assert ("s2/base", "distill") in dag.edges(drift_plan.build_plan(other))
+
+
+def test_the_cuda_plan_fits_three_calls_of_nine_minutes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = str(tmp_path / "out")
+    s = pipeline.settings(pipeline.parse_args(["--device", "cuda", "--out", out]))
+    plan = drift_plan.build_plan(s)
+    calls = dag.simulate(plan, jobs=4, max_minutes=9)
+    assert len(calls) <= 3 and all(c.minutes < 10 for c in calls) and sum(c.minutes for c in calls) <= 26
+    runs = [r for c in calls for r in c.runs]
+    assert sorted(r[0] for r in runs) == sorted(p.name for p in plan)  # each step once
+    when = {name: (i, start, end) for i, c in enumerate(calls) for name, start, end in c.runs}
+    for before, after in dag.edges(plan):  # a dependant starts after its inputs, in that call or a later one
+        assert when[before][0] < when[after][0] or when[before][2] <= when[after][1]
+    for c in calls:
+        for _, start, _ in c.runs:
+            assert sum(s0 <= start < e0 for _, s0, e0 in c.runs) <= 4
+    assert pipeline.main(["--device", "cuda", "--out", out, "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(calls)} call(s)" in text and "wave 1: " in text
+    assert f'--out {out} --jobs 4 --max-minutes 9 --bundle "$OUT"' in text
+
+
+def test_independent_steps_run_concurrently_and_dependants_after(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    m.mkdir()
+    plan = [  # a and b wait for each other: they finish only if both run at once
+        fake("a", touch(m / "a.start") + f"wait({str(m / 'b.start')!r})\n" + touch(m / "a.end")),
+        fake("b", touch(m / "b.start") + f"wait({str(m / 'a.start')!r})\n" + touch(m / "b.end")),
+        fake("c", f"assert pathlib.Path({str(m / 'a.end')!r}).exists() and pathlib.Path({str(m / 'b.end')!r}).exists()\n"
+             + touch(m / "c.end"), after=("a", "b")),
+    ]  # fmt: skip
+    s, done = settings_for(tmp_path), {}
+    outcome = pipeline.run_plan(s, plan, ["a", "b", "c"], done, jobs=2, report=False)
+    assert outcome.ok and outcome.finished[-1] == "c" and (m / "c.end").exists()
+    assert set(pipeline.load_done(Path(s["out"]))) == {"a", "b", "c"}
+    assert (Path(s["out"]) / "logs" / "a.cmd.log").is_file()
+
+
+def test_jobs_bounds_the_processes_running_at_once(tmp_path: Path) -> None:
+    running, peaks = tmp_path / "running", tmp_path / "peaks"
+    running.mkdir()
+    peaks.mkdir()
+
+    def step(name: str, partner: str) -> PlannedStep:
+        code = (
+            touch(running / name)
+            + f"pathlib.Path({str(peaks / name)!r}).write_text(str(len(list(pathlib.Path({str(running)!r}).iterdir()))))\n"
+            + f"wait({str(peaks / partner)!r})\npathlib.Path({str(running / name)!r}).unlink()\n"
+        )
+        return fake(name, code)
+
+    plan = [step("a", "b"), step("b", "a"), step("c", "d"), step("d", "c")]
+    outcome = pipeline.run_plan(settings_for(tmp_path), plan, "abcd", {}, jobs=2, report=False)
+    assert outcome.ok and sorted(outcome.finished) == list("abcd")
+    assert max(int((peaks / n).read_text()) for n in "abcd") == 2  # pairs overlapped, never 3 at once
+
+
+def test_a_failed_step_stops_only_its_dependants(tmp_path: Path) -> None:
+    plan = [
+        fake("a", "sys.exit('broken on purpose')"),
+        fake("a2", "", after=("a",)),
+        fake("b", ""),
+        fake("b2", "", after=("b",)),
+        fake("c", "", after=("a2", "b2")),
+    ]
+    s = settings_for(tmp_path)
+    outcome = pipeline.run_plan(s, plan, [p.name for p in plan], {}, jobs=2, report=False)
+    assert list(outcome.failed) == ["a"] and "broken on purpose" in outcome.failed["a"]
+    assert set(outcome.blocked) == {"a2", "c"} and sorted(outcome.finished) == ["b", "b2"]
+    assert set(pipeline.load_done(Path(s["out"]))) == {"b", "b2"}
+    assert "broken on purpose" in (Path(s["out"]) / "logs" / "a.cmd.log").read_text()
+
+
+def test_max_minutes_leaves_what_would_not_fit_for_the_next_call() -> None:
+    plan = [fake("a", "", minutes=1), fake("big", "", minutes=20), fake("after_big", "", ("big",), minutes=1),
+            fake("d", "", ("a",), minutes=8), fake("e", "", minutes=5)]  # fmt: skip
+    clock, ran = [0.0], []
+
+    def execute(step: PlannedStep) -> dict:
+        ran.append(step.name)
+        return {}
+
+    def finished(name: str, record: dict) -> None:  # the injected clock: each step takes its estimate
+        clock[0] += next(p.minutes for p in plan if p.name == name)
+
+    outcome = scheduler.run_dag(plan, [p.name for p in plan], {}, jobs=1, execute=execute, on_finish=finished,
+                                max_minutes=10, elapsed=lambda: clock[0], log=lambda _: None)  # fmt: skip
+    assert ran == ["a", "d"] and sorted(outcome.left) == ["after_big", "big", "e"] and outcome.ok
+    calls = dag.simulate([p for p in plan if "big" not in p.name], jobs=1, max_minutes=10)
+    assert [[r[0] for r in c.runs] for c in calls] == [["a", "d"], ["e"]]  # the scheduler's choices
+    with pytest.raises(ValueError, match="big: longer than"):
+        dag.simulate(plan, {"a": {}, "d": {}, "e": {}}, jobs=1, max_minutes=10)
+
+
+DRIVER = """import sys
+sys.path.insert(0, {bench!r})
+from test_drift_scheduler_plan import build
+import drift_and_cure as pipeline
+s = {{"out": {out!r}}}
+plan = build({m!r})
+done = pipeline.load_done(pipeline.Path(s["out"]))
+outcome = pipeline.run_plan(s, plan, [p.name for p in plan if p.name not in done], done, jobs=2, report=False)
+sys.exit(0 if outcome.ok else 1)
+"""
+PLAN = """import sys
+from pathlib import Path
+from proof.drift_plan import PlannedStep
+from proof.runs import Step
+WAIT = {wait!r}
+
+def build(m):
+    m = Path(m)
+    def step(name, code, after=(), run_dir=None):
+        return PlannedStep(name, [Step("cmd", [sys.executable, "-c", WAIT + code], run_dir)], 0.1, after=list(after))
+    b_dir = m / "b_run"
+    return [
+        step("a", f"open({{str(m / 'a.runs')!r}}, 'a').write('x')\\n"),
+        step("b", f"d = pathlib.Path({{str(b_dir)!r}})\\nd.mkdir(parents=True, exist_ok=True)\\n"
+             f"(d / 'started').touch()\\nwait({{str(m / 'go')!r}})\\n(d / 'model').write_text('ok')\\n",
+             ("a",), b_dir),
+        step("c", ""),
+    ]
+"""
+
+
+def test_resume_after_the_main_process_is_killed(tmp_path: Path) -> None:
+    m, out = tmp_path / "m", tmp_path / "out"
+    m.mkdir()
+    (tmp_path / "test_drift_scheduler_plan.py").write_text(PLAN.format(wait=WAIT), encoding="utf-8")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(bench=str(BENCH), out=str(out), m=str(m)), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(BENCH), str(BENCH.parent)])}
+    first = subprocess.Popen([sys.executable, str(driver)], cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120  # waiting for markers, not measuring anything
+        while not ((m / "b_run" / "started").exists() and set(pipeline.load_done(out)) == {"a", "c"}):
+            assert first.poll() is None and time.time() < deadline, "the first call ended early"
+            time.sleep(0.02)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the main process and its step subprocesses
+        first.wait()
+    assert set(json.loads((out / "state.json").read_text())["done"]) == {"a", "c"}  # b was cut off
+    (m / "b_run" / "stale").write_text("left by the killed call")
+    (m / "go").touch()
+    second = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env=env, timeout=300)
+    assert second.returncode == 0
+    assert set(pipeline.load_done(out)) == {"a", "b", "c"}
+    assert (m / "a.runs").read_text() == "x"  # a ran once
+    assert (
+        not (m / "b_run" / "stale").exists() and (m / "b_run" / "model").read_text() == "ok"
+    )  # b from scratch
+
+
+def test_bundle_is_at_most_eight_files_each_under_the_limit(tmp_path: Path) -> None:
+    out, dest = tmp_path / "out", tmp_path / "OUT"
+    for name in bundle.REPORT_FILES:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
+    (out / "logs").mkdir()
+    (out / "logs" / "s0_base.base.log").write_bytes(os.urandom(300_000))  # incompressible: forces a cut
+    (out / "logs" / "data.data.log").write_text("ok\n")
+    (out / "state.json").write_text("{}")
+    for run in ("s0/eval_base/stage_b", "s0/eval_base/e2e"):
+        (out / "runs" / run).mkdir(parents=True)
+        (out / "runs" / run / "metrics.json").write_text('{"test/accuracy": 1.0}')
+    (out / "runs" / "s0" / "base" / "model").mkdir(parents=True)
+    (out / "runs" / "s0" / "base" / "model" / "model.safetensors").write_bytes(b"0" * 1000)
+    files = out / "wandb" / "offline-run-1" / "files"
+    files.mkdir(parents=True)
+    (files / "media.json").write_text("{}")
+    written = bundle.bundle(out, dest, str(files), limit=200_000)
+    assert len(written) <= bundle.MAX_FILES and all(p.stat().st_size <= 200_000 for p in written)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in written)  # flat, nothing else
+    manifest = json.loads((dest / "bundle.json").read_text())
+    assert any("s0_base.base.log" in cut for cut in manifest["logs.tar.gz"]["cut"])
+    import tarfile
+
+    with tarfile.open(dest / "metrics.tar.gz") as tar:
+        names = tar.getnames()
+    assert "runs/s0/eval_base/e2e/metrics.json" in names and not any("safetensors" in n for n in names)
+    with tarfile.open(dest / "wandb_report.tar.gz") as tar:
+        assert "wandb/offline-run-1/files/media.json" in tar.getnames()
