@@ -19,7 +19,7 @@ from bbuqc_lightning.constants import (
     MISSIONS,
     SLUG_TO_MISSION,
 )
-from bbuqc_lightning.data import synthetic_tree
+from bbuqc_lightning.data.synthetic import tree as synthetic_tree
 from bbuqc_lightning.data.synthetic.render import render_image
 from bbuqc_lightning.data.synthetic.scenes import (
     ImageScene,
