@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bbuqc_lightning.config import config_dir
@@ -83,6 +84,7 @@ def test_reward_columns_feed_the_real_reward_functions(samples: list[StageBSampl
 def test_batches_are_lists_of_samples_under_every_sampler(samples: list[StageBSample]) -> None:
     plain = list(DataLoader(samples, batch_size=2, collate_fn=collate_samples))
     assert plain == [samples[:2], samples[2:]]
+    assert move_data_to_device(plain[0], "cpu") == samples[:2]  # a module's default batch transfer
     ranks = [
         [s.ticket_key for b in DataLoader(samples, batch_size=2, sampler=DistributedSampler(samples, 2, r, shuffle=False),
                                           collate_fn=collate_samples) for s in b]

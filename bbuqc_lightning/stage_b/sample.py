@@ -25,7 +25,9 @@ from typing import Any, Literal
 Label = Literal["pass", "fail"]
 
 
-@dataclass(frozen=True)
+# Not frozen: Lightning's default batch transfer (a module fed by a plain DataLoader) rebuilds dataclasses
+# field by field and refuses frozen ones.
+@dataclass
 class StageBSample:
     """A group's Stage-B prompt and what is known about it (text only; no images)."""
 
