@@ -30,6 +30,7 @@ from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
 from bbuqc_lightning.models.lora import apply_last_k_lora
 from bbuqc_lightning.stage_b.builder import build_stage_b_samples
 from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.summaries.records import normalise_stage_a_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def prompt_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
     return len(tokenizer(text).input_ids)
 
 
-def samples(tokenizer: Any, n: int, prompt_tokens: int) -> list[dict[str, Any]]:
+def samples(tokenizer: Any, n: int, prompt_tokens: int) -> list[StageBSample]:
     """``n`` Stage-B samples whose prompts are about ``prompt_tokens`` long."""
     templates = yaml.safe_load((ROOT / "conf" / "prompts" / "stage_b.yaml").read_text())
     out = []
@@ -63,7 +64,7 @@ def samples(tokenizer: Any, n: int, prompt_tokens: int) -> list[dict[str, Any]]:
                 }
             )
             sample = build_stage_b_samples([record], templates, None)[0][0]
-            length = prompt_length(tokenizer, sample["messages"])
+            length = prompt_length(tokenizer, sample.messages)
             if length >= prompt_tokens:
                 break
             images += 1
@@ -71,7 +72,7 @@ def samples(tokenizer: Any, n: int, prompt_tokens: int) -> list[dict[str, Any]]:
     return out
 
 
-def mixed_samples(n: int, seed: int = 0, max_photos: int = 24) -> list[dict[str, Any]]:
+def mixed_samples(n: int, seed: int = 0, max_photos: int = 24) -> list[StageBSample]:
     """``n`` Stage-B samples of tickets with 1..``max_photos`` photos each, drawn with ``seed``."""
     import random
 
@@ -92,7 +93,7 @@ def mixed_samples(n: int, seed: int = 0, max_photos: int = 24) -> list[dict[str,
 
 
 def run_ours(
-    args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]], extra: dict[str, Any]
+    args: argparse.Namespace, bundle: Any, data: list[StageBSample], extra: dict[str, Any]
 ) -> list[float]:
     import functools
 
@@ -158,7 +159,7 @@ def run_ours(
 
 
 def run_trl(
-    args: argparse.Namespace, bundle: Any, data: list[dict[str, Any]], extra: dict[str, Any]
+    args: argparse.Namespace, bundle: Any, data: list[StageBSample], extra: dict[str, Any]
 ) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig
@@ -167,9 +168,7 @@ def run_trl(
 
     tokenizer = bundle.tokenizer
     tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE
-    rows = [
-        {"prompt": s["messages"], "group_label": s["group_label"], "summaries": s["summaries"]} for s in data
-    ]
+    rows = [{"prompt": s.messages, **s.reward_columns()} for s in data]
     config = GRPOConfig(
         output_dir=str(Path(args.workdir) / "trl"),
         per_device_train_batch_size=args.trl_micro_batch or args.prompts * 8,
@@ -262,7 +261,7 @@ def main() -> None:
         data = mixed_samples(args.prompts * args.steps, max_photos=args.max_photos)
     else:
         data = samples(bundle.tokenizer, args.prompts, args.prompt_tokens) * args.steps
-    lengths = [prompt_length(bundle.tokenizer, d["messages"]) for d in data]
+    lengths = [prompt_length(bundle.tokenizer, d.messages) for d in data]
     extra: dict[str, Any] = {}
     times = (run_ours if args.impl == "ours" else run_trl)(args, bundle, data, extra)
     steady = times[1:] if len(times) > 1 else times

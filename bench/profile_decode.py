@@ -45,7 +45,7 @@ def main() -> None:
     params = SamplingParams(
         max_new_tokens=64, min_new_tokens=64, do_sample=True, temperature=0.7, num_return_sequences=8
     )
-    convs = [d["messages"] for d in data]
+    convs = [d.messages for d in data]
     engine.generate(convs, params)
     sync()
     start = time.perf_counter()

@@ -25,6 +25,7 @@ from bbuqc_lightning.data.jsonl import read_jsonl
 from bbuqc_lightning.generation.engine import Completion, SamplingParams
 from bbuqc_lightning.generation.openai_engine import EndpointError, OpenAICompatibleEngine
 from bbuqc_lightning.stage_b.prompts import load_stage_b_templates
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.stage_b_runner.distill import build_distill_rows, write_distill_file
 from bbuqc_lightning.stage_b_runner.guidance import MissionGuidance
 from bbuqc_lightning.stage_b_runner.rollout import render_messages
@@ -45,8 +46,7 @@ FAST = [
 
 def group(key: str, label: str, texts: list[str]) -> GroupResult:
     summaries = ["光纤/无保护措施,弯曲半径不合理×1", "标签/可以识别×2"]
-    sample = {"ticket_key": f"{key}::{label}", "group_id": key, "task_type": MISSION, "group_label": label,
-              "summaries": summaries}  # fmt: skip
+    sample = StageBSample([], key, f"{key}::{label}", MISSION, label, summaries)
     messages = render_messages(sample, load_stage_b_templates(config_dir() / "prompts" / "stage_b.yaml"),
                                MissionGuidance(MISSION))  # fmt: skip
     candidates = [Candidate.parse(i, t, summaries) for i, t in enumerate(texts)]

@@ -29,6 +29,7 @@ from bbuqc_lightning.stage_b.builder import build_stage_b_samples, read_stage_a_
 from bbuqc_lightning.stage_b.datamodule import StageBDataModule
 from bbuqc_lightning.stage_b.report import EvalReport, evaluate_outputs
 from bbuqc_lightning.stage_b.report_files import MALFORMED, MANUAL_REVIEW, PREDICTIONS
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.train import train
 
 GROUNDING = SLUG_TO_MISSION["bbu_grounding"]
@@ -107,7 +108,7 @@ def templates() -> dict[str, Any]:
 
 
 @pytest.fixture
-def known_samples(tmp_path: Path) -> list[dict[str, Any]]:
+def known_samples(tmp_path: Path) -> list[StageBSample]:
     records, _ = read_stage_a_jsonl(write_known_set(tmp_path / "known.jsonl"))
     samples, _ = build_stage_b_samples(records, templates(), None)
     return samples
@@ -117,15 +118,15 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def assert_known_files(run: Path, samples: Sequence[dict[str, Any]]) -> None:
+def assert_known_files(run: Path, samples: Sequence[StageBSample]) -> None:
     """predictions / review queue / malformed / confusion files of the known set."""
     predictions = read_lines(run / PREDICTIONS)
-    assert [p["ticket_key"] for p in predictions] == [s["ticket_key"] for s in samples]
+    assert [p["ticket_key"] for p in predictions] == [s.ticket_key for s in samples]
     assert [p["output"] for p in predictions] == [answer for _, _, answer in CASES]
     assert [p["verdict"] for p in predictions] == ["pass", "fail", "pass", None, "fail", "fail", None, "pass"]
     assert [p["valid"] for p in predictions] == [i not in INVALID for i in range(len(CASES))]
     review = read_lines(run / MANUAL_REVIEW)
-    assert [r["ticket_key"] for r in review] == [samples[i]["ticket_key"] for i in INVALID]
+    assert [r["ticket_key"] for r in review] == [samples[i].ticket_key for i in INVALID]
     assert [r["reason"].split(":")[0] for r in review] == list(INVALID.values())
     assert {r["source"] for r in review} == {"eval"}
     malformed = read_lines(run / MALFORMED)
@@ -140,7 +141,7 @@ def assert_known_files(run: Path, samples: Sequence[dict[str, Any]]) -> None:
 
 # --------------------------------------------------------------------------- known answers
 def test_evaluate_outputs_gives_the_hand_computed_rates(
-    tmp_path: Path, known_samples: list[dict[str, Any]]
+    tmp_path: Path, known_samples: list[StageBSample]
 ) -> None:
     result = evaluate_outputs(known_samples, [answer for _, _, answer in CASES], tmp_path / "run")
     assert result.metrics == pytest.approx(EXPECTED)
@@ -151,14 +152,14 @@ def test_evaluate_outputs_gives_the_hand_computed_rates(
 
 
 def test_files_are_streamed_per_batch_and_restarted_per_run(
-    tmp_path: Path, known_samples: list[dict[str, Any]]
+    tmp_path: Path, known_samples: list[StageBSample]
 ) -> None:
     answers = [answer for _, _, answer in CASES]
     report = EvalReport(tmp_path, fsync=False)
     report.add(known_samples[:4], answers[:4])
     # Before the run ends, the first batch is on disk, its invalid answer already queued for review.
     assert len(read_lines(tmp_path / PREDICTIONS)) == 4
-    assert [r["ticket_key"] for r in read_lines(tmp_path / MANUAL_REVIEW)] == [known_samples[3]["ticket_key"]]
+    assert [r["ticket_key"] for r in read_lines(tmp_path / MANUAL_REVIEW)] == [known_samples[3].ticket_key]
     report.add(known_samples[4:], answers[4:])
     report.finish()
     assert len(read_lines(tmp_path / PREDICTIONS)) == 8
@@ -185,7 +186,7 @@ class CannedEngine:
 
 
 def test_eval_module_logs_the_known_rates_through_trainer_test(
-    tmp_path: Path, tiny_bundle: ModelBundle, known_samples: list[dict[str, Any]]
+    tmp_path: Path, tiny_bundle: ModelBundle, known_samples: list[StageBSample]
 ) -> None:
     data = StageBDataModule(
         None,
@@ -197,7 +198,7 @@ def test_eval_module_logs_the_known_rates_through_trainer_test(
     )
     module = EvalModule(tiny_bundle, output_dir=str(tmp_path / "run"), fsync=False)
     answers = {
-        s["messages"][-1]["content"]: answer for s, (_, _, answer) in zip(known_samples, CASES, strict=True)
+        s.messages[-1]["content"]: answer for s, (_, _, answer) in zip(known_samples, CASES, strict=True)
     }
     module.engine = CannedEngine(answers)  # type: ignore[assignment]
     trainer = L.Trainer(

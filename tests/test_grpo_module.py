@@ -298,7 +298,7 @@ def test_resume_mid_epoch_with_dropout_reproduces_the_next_steps(tmp_path: Path)
         class Record(L.Callback):
             def on_train_batch_end(self, trainer: L.Trainer, m: Any, out: Any, batch: Any, i: int) -> None:
                 loss = float(trainer.callback_metrics["train/loss"])
-                steps.append((loss, [s["ticket_key"] for s in batch]))
+                steps.append((loss, [s.ticket_key for s in batch]))
 
         saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1)
         t = trainer(root, max_steps=max_steps, callbacks=[Record(), saver], enable_checkpointing=True)

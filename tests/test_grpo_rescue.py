@@ -11,10 +11,15 @@ from bbuqc_lightning.grpo.rescue import blind_fail_groups, rescue_fail_groups
 from bbuqc_lightning.grpo.rollout import Rollout, score
 from bbuqc_lightning.models.factory import build_tokenizer
 from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
+from bbuqc_lightning.stage_b.sample import StageBSample
 
 REWARDS = {"label": label_reward, "format": format_reward}
 PASS = "通过\n理由: 图片_1显示各要素齐全。"
 FAIL = "不通过\n理由: 图片_1螺丝未拧紧。"
+
+
+def sample(label: str, i: int = 0) -> StageBSample:
+    return StageBSample([], f"G{i}", f"G{i}::{label}", "BBU安装方式检查（正装）", label, ["螺丝/未拧紧×1"])
 
 
 def rollout(texts: list[str], labels: list[str], prompt_len: int = 3, width: int = 24) -> Rollout:
@@ -26,7 +31,7 @@ def rollout(texts: list[str], labels: list[str], prompt_len: int = 3, width: int
         ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], IM_END_ID]
         completion[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = 1
-    samples = [{"messages": [], "group_label": label, "summaries": ["螺丝/未拧紧×1"]} for label in labels]
+    samples = [sample(label, i) for i, label in enumerate(labels)]
     prompt = torch.full((n, prompt_len), 7, dtype=torch.long)
     return Rollout(
         input_ids=torch.cat([prompt, completion], dim=1),
@@ -43,7 +48,7 @@ def rollout(texts: list[str], labels: list[str], prompt_len: int = 3, width: int
 def test_blind_fail_groups_are_counted() -> None:
     texts = [PASS, PASS, PASS, FAIL, PASS, PASS, "乱写", "乱写"]
     labels = ["fail"] * 2 + ["fail"] * 2 + ["pass"] * 2 + ["fail"] * 2
-    assert blind_fail_groups(texts, [{"group_label": x} for x in labels], 2) == (3, [0, 3])
+    assert blind_fail_groups(texts, [sample(x, i) for i, x in enumerate(labels)], 2) == (3, [0, 3])
 
 
 def test_rescue_rewrites_one_valid_answer_and_gives_the_group_a_signal() -> None:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
+import hydra
 import pytest
+from omegaconf import DictConfig
 
 from bbuqc_lightning.stage_b.rewards import (
-    REWARD_FUNCS,
     completion_text,
     false_pass_penalty,
     format_reward,
     label_reward,
-    resolve_reward,
 )
 
 PASS = "通过\n理由: 图片_1螺丝齐全且符合要求。"
@@ -72,14 +73,27 @@ def test_length_mismatch_is_an_error() -> None:
         label_reward([PASS, FAIL], group_label=["pass"])
 
 
-def test_resolve_reward_by_name_and_dotted_path() -> None:
-    assert resolve_reward("label") is label_reward
-    assert set(REWARD_FUNCS) == {"label", "format", "false_pass"}
-    assert resolve_reward("bbuqc_lightning.stage_b.rewards.format_reward") is format_reward
-    with pytest.raises(KeyError, match="unknown reward"):
-        resolve_reward("nope")
-    with pytest.raises(KeyError, match="cannot import"):
-        resolve_reward("bbuqc_lightning.stage_b.rewards.nope")
+def length_reward(completions: list[str], **kwargs: object) -> list[float]:
+    """A reward of a user's own, named in config by its dotted import path."""
+    return [float(len(c)) for c in completions]
+
+
+def test_grpo_config_is_the_name_to_reward_table(compose: Callable[[list[str]], DictConfig]) -> None:
+    """GRPO's rewards come from one table, ``module.reward_funcs``: names -> dotted import paths."""
+    extra = [
+        "+module.reward_funcs.length._target_=test_rewards.length_reward",
+        "+module.reward_funcs.length._partial_=true",
+    ]
+    cfg = compose(["+experiment=grpo", *extra])
+    table = hydra.utils.instantiate(cfg.module.reward_funcs)
+    assert {name: func.func for name, func in table.items()} == {
+        "label": label_reward,
+        "format": format_reward,
+        "false_pass": false_pass_penalty,
+        "length": length_reward,
+    }
+    with pytest.raises(hydra.errors.InstantiationException, match="nope"):
+        hydra.utils.instantiate({"_target_": "bbuqc_lightning.stage_b.rewards.nope", "_partial_": True})
 
 
 def _tiny_qwen3(vocab_size: int):
@@ -125,12 +139,7 @@ def _grpo_dataset():
         for i, label in enumerate(["pass", "fail"])
     ]
     samples, _ = build_stage_b_samples(records, templates, None)
-    return Dataset.from_list(
-        [
-            {"prompt": s["messages"], "group_label": s["group_label"], "summaries": s["summaries"]}
-            for s in samples
-        ]
-    )
+    return Dataset.from_list([{"prompt": s.messages, **s.reward_columns()} for s in samples])
 
 
 def test_rewards_run_inside_trl_grpo_trainer(tmp_path: Path) -> None:

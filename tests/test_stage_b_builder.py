@@ -62,11 +62,18 @@ def test_sample_schema(tmp_path: Path, templates: StageBTemplates) -> None:
     samples, n_skipped = build_stage_b_samples(records, templates, None)
     assert (skipped, n_skipped, len(samples)) == (0, 0, 2)
     sample = samples[0]
-    assert set(sample) == {"messages", "group_id", "ticket_key", "task_type", "group_label", "summaries"}
-    assert [m["role"] for m in sample["messages"]] == ["system", "user"]
-    assert sample["ticket_key"] == "QC-TEMP-20250118-0015123::fail"
-    assert (sample["task_type"], sample["group_label"], sample["summaries"]) == (MISSION, "fail", [S1, S2])
-    user = sample["messages"][1]["content"]
+    assert set(sample.to_json()) == {
+        "messages",
+        "group_id",
+        "ticket_key",
+        "task_type",
+        "group_label",
+        "summaries",
+    }
+    assert [m["role"] for m in sample.messages] == ["system", "user"]
+    assert sample.ticket_key == "QC-TEMP-20250118-0015123::fail"
+    assert (sample.mission, sample.label, sample.summaries) == (MISSION, "fail", [S1, S2])
+    user = sample.messages[1]["content"]
     assert f"图片_1: {S1}" in user and f"图片_2: {S2}" in user and MISSION in user
     assert templates.no_guidance in user
 
@@ -145,7 +152,7 @@ def test_guidance_is_injected_into_the_user_message(tmp_path: Path, templates: S
     guidance = load_guidance(guidance_file)
     assert guidance == {MISSION: ["需要安装却未配备挡风板必须不通过", "方向错误不通过"]}
     samples, _ = build_stage_b_samples([_normalised()], templates, guidance)
-    user = samples[0]["messages"][1]["content"]
+    user = samples[0].messages[1]["content"]
     assert "G0. 需要安装却未配备挡风板必须不通过\nG1. 方向错误不通过" in user
     assert templates.no_guidance not in user
 
@@ -207,7 +214,7 @@ def test_templates_accept_a_plain_mapping_and_reject_unknown_fields() -> None:
         "no_guidance": "无",
     }
     samples, _ = build_stage_b_samples([_normalised()], mapping, None)
-    assert samples[0]["messages"][1]["content"] == f"{MISSION}:图片_1: {S1}\n图片_2: {S2}"
+    assert samples[0].messages[1]["content"] == f"{MISSION}:图片_1: {S1}\n图片_2: {S2}"
     with pytest.raises(ValueError, match="unknown user fields"):
         StageBTemplates.from_mapping({**mapping, "user": "{mision}"})
     with pytest.raises(ValueError, match="missing key 'no_guidance'"):

@@ -29,6 +29,7 @@ from bbuqc_lightning.data.jsonl import read_jsonl
 from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
 from bbuqc_lightning.generation.engine import Completion, SamplingParams
 from bbuqc_lightning.stage_b.prompts import format_summaries
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.stage_b_runner.artifacts import MissionArtifacts, snapshot_versions
 from bbuqc_lightning.stage_b_runner.config import RunnerConfig
 from bbuqc_lightning.stage_b_runner.guidance import (
@@ -82,13 +83,7 @@ def test_majority_tie_and_invalid_selection() -> None:
 def test_group_flags() -> None:
     def group(label: str | None, verdicts: list[str | None]) -> GroupResult:
         cands = [cand(i, v) for i, v in enumerate(verdicts)]
-        sample = {
-            "ticket_key": "K",
-            "group_id": "K",
-            "task_type": M1,
-            "group_label": label,
-            "summaries": ["a"],
-        }
+        sample = StageBSample([], group_id="K", ticket_key="K", mission=M1, label=label, summaries=["a"])
         return GroupResult(sample, [], 0, 0, cands, select_candidate(cands))
 
     false_pass = group("fail", ["pass", "pass"])
@@ -193,8 +188,8 @@ def test_review_mode_queues_then_approval_applies(tmp_path: Path, capsys: pytest
     cfg = RunnerConfig(output_dir=str(tmp_path), review_mode=True, fsync=False)
     files = MissionArtifacts(tmp_path / "bbu_grounding", "run", fsync=False)
     files.save_guidance(MissionGuidance(M1))
-    case = GroupResult({"ticket_key": "K::fail", "group_id": "K", "task_type": M1, "group_label": "fail",
-                        "summaries": ["a"]}, [], 0, 0, [cand(0, "pass")], select_candidate([cand(0, "pass")]))  # fmt: skip
+    case = GroupResult(StageBSample([], "K", "K::fail", M1, "fail", ["a"]), [], 0, 0, [cand(0, "pass")],
+                       select_candidate([cand(0, "pass")]))  # fmt: skip
     text = json.dumps({"operations": [{"op": "add", "text": "规则A", "evidence": ["K::fail"], "reason": "误放行"},
                                       {"op": "add", "text": "规则B", "evidence": ["K::fail"], "reason": "误放行"}]})  # fmt: skip
     result = mission_outcome(MissionGuidance(M1), [case], text, cfg, "run/epoch0/bbu_grounding")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 
@@ -41,6 +40,7 @@ from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.models.lora import attach_adapter
 from bbuqc_lightning.stage_b.evaluation import generate_greedy
 from bbuqc_lightning.stage_b.report import TABLE_COLUMNS, EvalReport
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.tracking.wandb import log_images, log_table
 
 
@@ -85,7 +85,7 @@ class EvalModule(L.LightningModule):
         )
         self._seconds = 0.0
 
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+    def test_step(self, batch: list[StageBSample], batch_idx: int) -> None:
         assert self.report is not None, "on_test_start creates the report"
         start = time.perf_counter()
         texts, truncated = generate_greedy(self.engine, batch, self.sampling)

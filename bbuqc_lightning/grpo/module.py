@@ -61,6 +61,8 @@ from bbuqc_lightning.stage_b.evaluation import (
     update_verdict_metrics,
 )
 from bbuqc_lightning.stage_b.metrics import VerdictMetrics
+from bbuqc_lightning.stage_b.rewards import RewardFunc
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.tracking.checkpoint import TrainableStateCheckpointing
 from bbuqc_lightning.tracking.wandb import log_table
 
@@ -72,7 +74,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         self,
         bundle: ModelBundle,
         grpo: GRPOConfig,
-        reward_funcs: Mapping[str, Callable[..., list[float]]],
+        reward_funcs: Mapping[str, RewardFunc],
         optimizer: Callable[..., torch.optim.Optimizer],
         lora: Callable[[torch.nn.Module], torch.nn.Module],
         micro_batch_size: int = 8,
@@ -112,7 +114,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable (LoRA) weights
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: list[StageBSample], batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()
         rollout = generate_rollout(self.engine, batch, self.sampling, self.reward_funcs)
         gen_seconds = time.perf_counter() - start
@@ -295,15 +297,15 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         self.train_verdicts.reset()
 
     # --------------------------------------------------------------- evaluation
-    def _greedy_step(self, batch: list[dict[str, Any]], metric: VerdictMetrics) -> None:
+    def _greedy_step(self, batch: list[StageBSample], metric: VerdictMetrics) -> None:
         answers = evaluate_greedy(self.engine, batch, self.greedy, metric)
         room = self.num_table_samples - len(self._val_rows)
         self._val_rows.extend(answer.table_row() for answer in answers[: max(room, 0)])
 
-    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+    def validation_step(self, batch: list[StageBSample], batch_idx: int) -> None:
         self._greedy_step(batch, self.val_verdicts)
 
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+    def test_step(self, batch: list[StageBSample], batch_idx: int) -> None:
         self._greedy_step(batch, self.test_verdicts)
 
     def on_validation_epoch_end(self) -> None:

@@ -31,22 +31,24 @@ from typing import Any
 import torch
 
 from bbuqc_lightning.constants import LABEL_TO_VERDICT
-from bbuqc_lightning.grpo.rollout import RewardFunc, Rollout, score
+from bbuqc_lightning.grpo.rollout import Rollout, score
 from bbuqc_lightning.stage_b.contract import parse_verdict
+from bbuqc_lightning.stage_b.rewards import RewardFunc
+from bbuqc_lightning.stage_b.sample import StageBSample
 
 
 def blind_fail_groups(
-    texts: Sequence[str], samples: Sequence[Mapping[str, Any]], num_generations: int
+    texts: Sequence[str], samples: Sequence[StageBSample], num_generations: int
 ) -> tuple[int, list[int]]:
     """``(fail-labelled groups, indices of those with no valid 不通过 completion)``; rows grouped by prompt."""
     fail_groups, blind = 0, []
     for group in range(len(texts) // num_generations):
         rows = range(group * num_generations, (group + 1) * num_generations)
         sample = samples[rows[0]]
-        if sample.get("group_label") != "fail":
+        if sample.label != "fail":
             continue
         fail_groups += 1
-        summaries = list(sample.get("summaries") or [])
+        summaries = list(sample.summaries)
         verdicts = [parse_verdict(texts[r], summaries) for r in rows]
         if not any(v.valid and v.verdict == "fail" for v in verdicts):
             blind.append(group)
@@ -72,7 +74,7 @@ def rescue_fail_groups(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
     for group in groups:
         rows = range(group * num_generations, (group + 1) * num_generations)
-        summaries = list(rollout.samples[rows[0]].get("summaries") or [])
+        summaries = list(rollout.samples[rows[0]].summaries)
         row = next((r for r in rows if parse_verdict(rollout.texts[r], summaries).valid), None)
         if row is None:
             continue

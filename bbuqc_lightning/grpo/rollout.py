@@ -6,16 +6,15 @@ consecutive rows, so a group never straddles micro-batches' bookkeeping or ranks
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 from bbuqc_lightning.generation.protocol import naming_prompts
-
-RewardFunc = Callable[..., list[float]]
+from bbuqc_lightning.stage_b.rewards import RewardFunc
+from bbuqc_lightning.stage_b.sample import StageBSample, reward_columns
 
 
 @dataclass
@@ -29,7 +28,7 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: hit max_new_tokens without EOS
     texts: list[str]
     rewards_per_func: torch.Tensor  # (N, F)
-    samples: list[dict[str, Any]]  # the prompt's sample, repeated per completion
+    samples: list[StageBSample]  # the prompt's sample, repeated per completion
 
     @property
     def prompt_length(self) -> int:
@@ -38,13 +37,13 @@ class Rollout:
 
 def generate_rollout(
     engine: GenerationEngine,
-    samples: Sequence[Mapping[str, Any]],
+    samples: Sequence[StageBSample],
     params: SamplingParams,
     reward_funcs: Mapping[str, RewardFunc],
 ) -> Rollout:
     """Sample ``params.num_return_sequences`` completions per sample and score them."""
-    encoded = engine.encode([s["messages"] for s in samples])
-    with naming_prompts([str(s.get("ticket_key", i)) for i, s in enumerate(samples)]):
+    encoded = engine.encode([s.messages for s in samples])
+    with naming_prompts([s.ticket_key for s in samples]):
         sequences = engine.generate_ids(encoded, params)
     prompt_len = encoded.input_ids.shape[1]
     completion_ids = sequences[:, prompt_len:]
@@ -55,7 +54,7 @@ def generate_rollout(
         engine.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
         for ids, mask in zip(completion_ids, completion_mask, strict=True)
     ]
-    repeated = [dict(s) for s in samples for _ in range(g)]
+    repeated = [s for s in samples for _ in range(g)]
     rewards = score(reward_funcs, texts, repeated).to(completion_ids.device)
     return Rollout(
         input_ids=sequences,
@@ -85,11 +84,11 @@ def completion_masks(
 
 
 def score(
-    reward_funcs: Mapping[str, RewardFunc], texts: list[str], samples: list[dict[str, Any]]
+    reward_funcs: Mapping[str, RewardFunc], texts: list[str], samples: Sequence[StageBSample]
 ) -> torch.Tensor:
     """``(N, F)`` rewards; dataset columns reach each function as keyword lists (TRL's convention)."""
-    columns = {key: [s[key] for s in samples] for key in samples[0] if key != "messages"} if samples else {}
-    prompts = [s["messages"] for s in samples]
+    columns = reward_columns(samples)
+    prompts = [s.messages for s in samples]
     values = [
         [float("nan") if v is None else float(v) for v in func(completions=texts, prompts=prompts, **columns)]
         for func in reward_funcs.values()

@@ -4,11 +4,13 @@ Pipeline: :func:`read_stage_a_jsonl` (parse + validate + normalise legacy ``imag
 :func:`build_stage_b_samples` (render prompts, enforce ``max_prompt_tokens``). Every bad input is
 either a located error (``strict=True``, the default) or a counted, logged skip — never a silent drop.
 
-A sample::
+A sample is a :class:`~bbuqc_lightning.stage_b.sample.StageBSample`::
 
-    {"messages": [{"role": "system", ...}, {"role": "user", ...}],
-     "group_id": "QC-TEMP-20250118-0015123", "ticket_key": "QC-TEMP-20250118-0015123::fail",
-     "task_type": "挡风板安装检查", "group_label": "fail", "summaries": ["…", "…"]}
+    StageBSample(messages=[{"role": "system", ...}, {"role": "user", ...}],
+                 group_id="QC-TEMP-20250118-0015123", ticket_key="QC-TEMP-20250118-0015123::fail",
+                 mission="挡风板安装检查", label="fail", summaries=["…", "…"])
+
+(on disk, ``sample.to_json()`` gives SPEC §5's keys: ``task_type`` for the mission, ``group_label``).
 
 Guidance files (:func:`load_guidance`) are either one mission's guidance
 ``{"mission": "BBU接地线检查", "version": 3, "experiences": [{"id": "G0", "text": "…"}]}`` or a mapping
@@ -36,6 +38,7 @@ from bbuqc_lightning.stage_b.prompts import (
     record_summaries,
     render_stage_b_messages,
 )
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.summaries.records import normalise_stage_a_record
 
 log = logging.getLogger(__name__)
@@ -102,16 +105,16 @@ def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
 
 def build_sample(
     record: Mapping[str, Any], templates: StageBTemplates, guidance: Guidance | None
-) -> dict[str, Any]:
+) -> StageBSample:
     """One SPEC §5 sample from a normalised record."""
-    return {
-        "messages": render_stage_b_messages(record, templates, guidance),
-        "group_id": record["group_id"],
-        "ticket_key": record["ticket_key"],
-        "task_type": record["mission"],
-        "group_label": record.get("label"),
-        "summaries": record_summaries(record),
-    }
+    return StageBSample(
+        messages=render_stage_b_messages(record, templates, guidance),
+        group_id=record["group_id"],
+        ticket_key=record["ticket_key"],
+        mission=record["mission"],
+        label=record.get("label"),
+        summaries=record_summaries(record),
+    )
 
 
 def _sample_or_error(
@@ -120,7 +123,7 @@ def _sample_or_error(
     guidance_by_mission: Mapping[str, Guidance] | None,
     tokenizer: Any,
     max_prompt_tokens: int | None,
-) -> dict[str, Any]:
+) -> StageBSample:
     """Build one sample; raises :class:`StageBDataError` naming the ticket key on any problem."""
     key = record.get("ticket_key", "<unknown ticket>")
     where = f"{record[SOURCE]}: {key}" if SOURCE in record else key
@@ -131,7 +134,7 @@ def _sample_or_error(
         )
     sample = build_sample(record, templates, (guidance_by_mission or {}).get(mission))
     if max_prompt_tokens is not None:
-        n_tokens = count_prompt_tokens(tokenizer, sample["messages"])
+        n_tokens = count_prompt_tokens(tokenizer, sample.messages)
         if n_tokens > max_prompt_tokens:
             raise StageBDataError(
                 f"{where}: prompt has {n_tokens} tokens > max_prompt_tokens={max_prompt_tokens}"
@@ -146,7 +149,7 @@ def build_stage_b_samples(
     tokenizer: Any = None,
     max_prompt_tokens: int | None = None,
     strict: bool = True,
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[StageBSample], int]:
     """Stage-B samples for normalised Stage-A records; returns ``(samples, skipped)``.
 
     A record of an unknown mission or with a prompt over ``max_prompt_tokens`` raises
@@ -155,7 +158,7 @@ def build_stage_b_samples(
     if max_prompt_tokens is not None and tokenizer is None:
         raise ValueError("max_prompt_tokens needs a tokenizer to count prompt tokens")
     tpl = as_templates(templates)
-    samples: list[dict[str, Any]] = []
+    samples: list[StageBSample] = []
     skipped = 0
     for record in records:
         try:

@@ -1,7 +1,8 @@
 """Stage-B DataModule: Stage-A JSONL (train / val) -> text-only Stage-B samples (SPEC §5).
 
-Batches are lists of sample dicts (``messages``, ``group_label``, ``summaries``, ...): the GRPO module
-generates from ``messages`` and hands the other columns to the reward functions, TRL-style. Under DDP
+Batches are lists of :class:`~bbuqc_lightning.stage_b.sample.StageBSample`: the GRPO module generates from
+``messages`` and hands :meth:`~bbuqc_lightning.stage_b.sample.StageBSample.reward_columns` to the reward
+functions, TRL-style. Under DDP
 the training order is an :class:`~bbuqc_lightning.data.resumable.EpochSampler` (seeded by ``(seed, epoch)``)
 whose position Lightning checkpoints, so ``ckpt_path=...`` resumes on the exact next batch. Under DDP the
 sampler splits *prompts* across ranks (or Lightning's distributed sampler does, when
@@ -20,12 +21,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bbuqc_lightning.data.resumable import EpochSampler, ResumableLoader, trained_batches
 from bbuqc_lightning.stage_b.builder import build_stage_b_samples, load_guidance, read_stage_a_jsonl
+from bbuqc_lightning.stage_b.sample import StageBSample
 
 log = logging.getLogger(__name__)
 
 
-def collate_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep samples as a list of dicts (messages are nested; nothing to tensorise before generation)."""
+def collate_samples(samples: list[StageBSample]) -> list[StageBSample]:
+    """Keep samples as a list (messages are nested text; nothing to tensorise before generation)."""
     return samples
 
 
@@ -62,7 +64,7 @@ class StageBDataModule(L.LightningDataModule):
         self.limit_samples = limit_samples
         self.synthetic = synthetic
         self.seed = seed
-        self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.samples: dict[str, list[StageBSample]] = {}
         self.skipped: dict[str, int] = {}
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:

@@ -16,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 from bbuqc_lightning.generation.protocol import naming_prompts
 from bbuqc_lightning.stage_b.contract import parse_verdict
 from bbuqc_lightning.stage_b.metrics import VerdictMetrics
+from bbuqc_lightning.stage_b.sample import StageBSample
 
 # The short sample table GRPO logs for val/test (one row per answer).
 TABLE_COLUMNS: tuple[str, ...] = ("ticket_key", "mission", "label", "output", "verdict", "valid")
@@ -53,12 +54,11 @@ class ScoredAnswer:
 
 
 def score_outputs(
-    samples: Sequence[Mapping[str, Any]], outputs: Sequence[str], truncated: Sequence[bool] | None = None
+    samples: Sequence[StageBSample], outputs: Sequence[str], truncated: Sequence[bool] | None = None
 ) -> list[ScoredAnswer]:
-    """Parse each output against its sample (Stage-B sample dicts, as built by ``stage_b.builder``).
+    """Parse each output against its sample (as built by ``stage_b.builder``).
 
-    >>> s = {"ticket_key": "QC-A-20250101-1::fail", "group_id": "QC-A-20250101-1",
-    ...      "task_type": "BBU接地线检查", "group_label": "fail", "summaries": ["电线/分布散乱×1"]}
+    >>> s = StageBSample([], "QC-A-20250101-1", "QC-A-20250101-1::fail", "BBU接地线检查", "fail", ["电线/分布散乱×1"])
     >>> score_outputs([s], ["不通过\\n理由: 图片_1电线分布散乱。"])[0].verdict
     'fail'
     """
@@ -67,14 +67,14 @@ def score_outputs(
     flags = list(truncated) if truncated is not None else [False] * len(outputs)
     answers = []
     for sample, text, cut in zip(samples, outputs, flags, strict=True):
-        summaries = list(sample.get("summaries") or [])
+        summaries = list(sample.summaries)
         parsed = parse_verdict(text, summaries)
         answers.append(
             ScoredAnswer(
-                ticket_key=sample["ticket_key"],
-                group_id=sample.get("group_id", sample["ticket_key"].split("::")[0]),
-                mission=sample["task_type"],
-                label=sample.get("group_label"),
+                ticket_key=sample.ticket_key,
+                group_id=sample.group_id,
+                mission=sample.mission,
+                label=sample.label,
                 summaries=summaries,
                 output=text,
                 verdict=parsed.verdict,
@@ -98,17 +98,17 @@ def update_verdict_metrics(metric: VerdictMetrics, answers: Sequence[ScoredAnswe
 
 
 def generate_greedy(
-    engine: GenerationEngine, samples: Sequence[Mapping[str, Any]], params: SamplingParams
+    engine: GenerationEngine, samples: Sequence[StageBSample], params: SamplingParams
 ) -> tuple[list[str], list[bool]]:
     """One answer per sample through the shared engine: ``(texts, truncated flags)``."""
-    with naming_prompts([s["ticket_key"] for s in samples]):
-        outputs = engine.generate([s["messages"] for s in samples], params)
+    with naming_prompts([s.ticket_key for s in samples]):
+        outputs = engine.generate([s.messages for s in samples], params)
     return [out[0].text for out in outputs], [out[0].truncated for out in outputs]
 
 
 def evaluate_greedy(
     engine: GenerationEngine,
-    samples: Sequence[Mapping[str, Any]],
+    samples: Sequence[StageBSample],
     params: SamplingParams,
     metric: VerdictMetrics | None = None,
 ) -> list[ScoredAnswer]:

@@ -53,14 +53,14 @@ def stage_b_rows(
     samples, _ = build_stage_b_samples(records, stage_b_templates, None)
     rows = []
     for sample in samples:
-        answer = verdict_answer(sample["task_type"], sample["group_label"], sample["summaries"], texts)
+        answer = verdict_answer(sample.mission, sample.label, sample.summaries, texts)
         rows.append(
             {
-                "messages": [*sample["messages"], {"role": "assistant", "content": answer}],
-                "ticket_key": sample["ticket_key"],
-                "group_id": sample["group_id"],
-                "mission": sample["task_type"],
-                "label": sample["group_label"],
+                "messages": [*sample.messages, {"role": "assistant", "content": answer}],
+                "ticket_key": sample.ticket_key,
+                "group_id": sample.group_id,
+                "mission": sample.mission,
+                "label": sample.label,
             }
         )
     return rows

@@ -32,6 +32,7 @@ from bbuqc_lightning.stage_b.evaluation import (
 )
 from bbuqc_lightning.stage_b.metrics import VerdictMetrics
 from bbuqc_lightning.stage_b.report_files import EvalArtifacts
+from bbuqc_lightning.stage_b.sample import StageBSample
 
 # The W&B table of every group: what the model read, what it said, how it was read, what it should say.
 TABLE_COLUMNS: tuple[str, ...] = (
@@ -79,7 +80,7 @@ class EvalReport:
 
     def add(
         self,
-        samples: Sequence[Mapping[str, Any]],
+        samples: Sequence[StageBSample],
         outputs: Sequence[str],
         truncated: Sequence[bool] | None = None,
     ) -> list[ScoredAnswer]:
@@ -115,7 +116,7 @@ def _table_row(answer: ScoredAnswer) -> list[Any]:
 
 
 def evaluate_outputs(
-    samples: Sequence[Mapping[str, Any]],
+    samples: Sequence[StageBSample],
     outputs: Sequence[str],
     output_dir: str | Path,
     **report_kwargs: Any,

@@ -8,26 +8,28 @@ our own GRPO loop), so the same function means the same thing everywhere.
 Completions may be plain strings or TRL's conversational form (a list of message dicts; the last
 assistant message is scored). An optional ``summaries`` column (one list per completion) enables the
 no-copy rule of the contract. Extra keywords TRL sends (``prompts``, ``completion_ids``,
-``trainer_state``, ``log_metric``…) are ignored.
+``trainer_state``, ``log_metric``…) are ignored. The column names are SPEC §5's keys, which
+:meth:`~bbuqc_lightning.stage_b.sample.StageBSample.reward_columns` gives for a sample.
+
+Which rewards a run uses is the name -> function table ``module.reward_funcs`` of ``conf/module/grpo.yaml``:
+each entry names a function by its dotted import path (``_target_``, ``_partial_: true``), so a reward of
+your own is one more entry (``+module.reward_funcs.length._target_=my_pkg.rewards.length_reward``).
 
 Example::
 
     >>> label_reward(["通过\\n理由: 齐全。", "通过\\n理由: 齐全。"], group_label=["pass", "fail"])
     [1.0, 0.0]
-    >>> resolve_reward("format") is format_reward
-    True
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from bbuqc_lightning.constants import VERDICT_TO_LABEL
 from bbuqc_lightning.stage_b.contract import Verdict, parse_verdict
 
-RewardFunc = Callable[..., list[float]]
+RewardFunc = Callable[..., list[float]]  # f(completions, **columns) -> one float per completion
 
 
 def completion_text(completion: Any) -> str:
@@ -98,30 +100,3 @@ def false_pass_penalty(completions: Sequence[Any], group_label: Sequence[Any], *
         -1.0 if v.valid and v.verdict == "pass" and _normalise_label(lab) == "fail" else 0.0
         for v, lab in zip(verdicts, group_label, strict=True)
     ]
-
-
-REWARD_FUNCS: dict[str, RewardFunc] = {
-    "label": label_reward,
-    "format": format_reward,
-    "false_pass": false_pass_penalty,
-}
-
-
-def resolve_reward(name: str) -> RewardFunc:
-    """A reward by table name (``"label"``) or dotted import path (``"my_pkg.rewards.length_reward"``).
-
-    >>> resolve_reward("bbuqc_lightning.stage_b.rewards.label_reward") is label_reward
-    True
-    """
-    if name in REWARD_FUNCS:
-        return REWARD_FUNCS[name]
-    module_name, _, attr = name.rpartition(".")
-    if not module_name:
-        raise KeyError(f"unknown reward {name!r}; use one of {sorted(REWARD_FUNCS)} or a dotted import path")
-    try:
-        func = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise KeyError(f"cannot import reward {name!r}: {err}") from err
-    if not callable(func):
-        raise TypeError(f"reward {name!r} resolves to a non-callable {type(func).__name__}")
-    return func

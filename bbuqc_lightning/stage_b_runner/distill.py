@@ -69,7 +69,7 @@ def distill_row(
     row = {
         "messages": [*group.messages, {"role": "assistant", "content": answer}],
         "ticket_key": group.ticket_key,
-        "group_id": group.sample["group_id"],
+        "group_id": group.sample.group_id,
         "mission": group.mission,
         "label": group.label,
         "verdict": "fail" if flipped else group.selection.verdict,

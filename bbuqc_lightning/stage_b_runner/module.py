@@ -51,6 +51,7 @@ from bbuqc_lightning.generation.protocol import Engine
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.stage_b.metrics import verdict_metrics
 from bbuqc_lightning.stage_b.prompts import as_templates
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.stage_b_runner import progress
 from bbuqc_lightning.stage_b_runner.artifacts import (
     GUIDANCE,
@@ -177,11 +178,11 @@ class StageBRunnerModule(L.LightningModule):
                 self.trainer.train_dataloader, self.final_cfg.size, self.final_cfg.seed
             )
 
-    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        samples = [s for s in batch if self._final_keys is None or s["ticket_key"] in self._final_keys]
+    def training_step(self, batch: list[StageBSample], batch_idx: int) -> None:
+        samples = [s for s in batch if self._final_keys is None or s.ticket_key in self._final_keys]
         if not samples:
             return
-        guidance = [self.guidance_for(s["task_type"]) for s in samples]
+        guidance = [self.guidance_for(s.mission) for s in samples]
         messages = [render_messages(s, self.templates, g) for s, g in zip(samples, guidance, strict=True)]
         versions = [g.version for g in guidance]
         results = rollout_groups(self.engine, samples, messages, self._sampling(), versions, self.epoch)
@@ -297,7 +298,7 @@ class StageBRunnerModule(L.LightningModule):
             if g.selection.verdict is None:
                 errors = sorted({c.error or "" for c in g.candidates})
                 rows[g.mission].append(
-                    {"run_id": self.run_id, "ticket_key": g.ticket_key, "group_id": g.sample["group_id"],
+                    {"run_id": self.run_id, "ticket_key": g.ticket_key, "group_id": g.sample.group_id,
                      "mission": g.mission, "label": g.label, "epoch": g.epoch,
                      "reason": "no valid answer among the rollouts: " + "; ".join(errors),
                      "raw_texts": [c.text for c in g.candidates]}
@@ -378,7 +379,7 @@ def _sample_keys(loader: Any, size: int, seed: int) -> set[str]:
     """``size`` ticket keys per mission, drawn with ``seed`` from the train loader's samples."""
     by_mission: dict[str, list[str]] = defaultdict(list)
     for sample in loader.dataset:
-        by_mission[sample["task_type"]].append(sample["ticket_key"])
+        by_mission[sample.mission].append(sample.ticket_key)
     rng = random.Random(seed)
     keys: set[str] = set()
     for mission in sorted(by_mission):

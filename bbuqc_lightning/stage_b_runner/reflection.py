@@ -127,7 +127,7 @@ def render_case(index: int, group: GroupResult, templates: ReflectionTemplates) 
         fail_votes=votes["fail"],
         invalid_votes=votes["invalid"],
         rollouts=rollouts,
-        summaries=format_summaries(group.sample["summaries"]),
+        summaries=format_summaries(group.sample.summaries),
     )
 
 

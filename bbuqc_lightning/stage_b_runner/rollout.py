@@ -13,47 +13,46 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from bbuqc_lightning.constants import image_key
 from bbuqc_lightning.generation.protocol import Engine, naming_prompts
 from bbuqc_lightning.generation.sampling import SamplingParams
 from bbuqc_lightning.stage_b.prompts import StageBTemplates, render_stage_b_messages
+from bbuqc_lightning.stage_b.sample import StageBSample
 from bbuqc_lightning.stage_b_runner.guidance import MissionGuidance
 from bbuqc_lightning.stage_b_runner.selection import Candidate, GroupResult, select_candidate
 
 
 def render_messages(
-    sample: Mapping[str, Any], templates: StageBTemplates, guidance: MissionGuidance
+    sample: StageBSample, templates: StageBTemplates, guidance: MissionGuidance
 ) -> list[dict[str, str]]:
     """System + user messages of one Stage-B sample under ``guidance``."""
-    per_image = {image_key(i): s for i, s in enumerate(sample["summaries"], start=1)}
-    record = {"mission": sample["task_type"], "per_image": per_image}
+    per_image = {image_key(i): s for i, s in enumerate(sample.summaries, start=1)}
+    record = {"mission": sample.mission, "per_image": per_image}
     return render_stage_b_messages(record, templates, guidance.as_prompt())
 
 
 def rollout_groups(
     engine: Engine,
-    samples: Sequence[dict[str, Any]],
+    samples: Sequence[StageBSample],
     messages: Sequence[list[dict[str, str]]],
     params: SamplingParams,
     versions: Sequence[int],
     epoch: int,
 ) -> list[GroupResult]:
     """Generate ``params.num_return_sequences`` answers per sample, parse them, select one per group."""
-    with naming_prompts([s["ticket_key"] for s in samples]):
+    with naming_prompts([s.ticket_key for s in samples]):
         outputs = engine.generate(list(messages), params)
     if len(outputs) != len(samples):
         raise RuntimeError(f"engine returned {len(outputs)} groups of completions for {len(samples)} prompts")
     results = []
     for sample, msgs, version, completions in zip(samples, messages, versions, outputs, strict=True):
         candidates = [
-            Candidate.parse(i, c.text, sample["summaries"], c.truncated) for i, c in enumerate(completions)
+            Candidate.parse(i, c.text, sample.summaries, c.truncated) for i, c in enumerate(completions)
         ]
-        results.append(
-            GroupResult(dict(sample), msgs, version, epoch, candidates, select_candidate(candidates))
-        )
+        results.append(GroupResult(sample, msgs, version, epoch, candidates, select_candidate(candidates)))
     return results
 
 
@@ -65,7 +64,7 @@ def trajectory_rows(group: GroupResult, phase: str) -> list[dict[str, Any]]:
             "phase": phase,
             "mission": group.mission,
             "ticket_key": group.ticket_key,
-            "group_id": group.sample["group_id"],
+            "group_id": group.sample.group_id,
             "guidance_version": group.guidance_version,
             "rollout_index": c.index,
             "raw_text": c.text,
@@ -86,7 +85,7 @@ def selection_row(group: GroupResult, phase: str) -> dict[str, Any]:
         "phase": phase,
         "mission": group.mission,
         "ticket_key": group.ticket_key,
-        "group_id": group.sample["group_id"],
+        "group_id": group.sample.group_id,
         "label": group.label,
         "guidance_version": group.guidance_version,
         "verdict": s.verdict,

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
 
 from bbuqc_lightning.stage_b.contract import parse_verdict, strip_think
-
-Label = Literal["pass", "fail"]
+from bbuqc_lightning.stage_b.sample import Label, StageBSample
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ def select_candidate(candidates: Sequence[Candidate]) -> Selection:
 class GroupResult:
     """One group's rollout and selection in one epoch (what artifacts, reflection and distillation read)."""
 
-    sample: dict[str, Any]  # the Stage-B sample (ticket_key, group_id, task_type, group_label, summaries)
+    sample: StageBSample
     messages: list[dict[str, str]]  # system + user exactly as prompted (current guidance)
     guidance_version: int
     epoch: int
@@ -94,15 +92,15 @@ class GroupResult:
 
     @property
     def mission(self) -> str:
-        return self.sample["task_type"]
+        return self.sample.mission
 
     @property
     def ticket_key(self) -> str:
-        return self.sample["ticket_key"]
+        return self.sample.ticket_key
 
     @property
     def label(self) -> Label | None:
-        return self.sample.get("group_label")
+        return self.sample.label
 
     @property
     def label_match(self) -> bool | None:
