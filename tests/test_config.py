@@ -269,6 +269,18 @@ def test_misspelt_experiment_names_the_closest(cli_runs: dict[str, CliRun]) -> N
     assert "did you mean +experiment=grpo?" in one_error_line(cli_runs["misspelt_experiment"])
 
 
+def test_an_experiment_name_that_begins_an_existing_one_points_to_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``+experiment=stage_b`` (the runner's earlier name) names ``stage_b_runner``, not the closer ``stage_a``."""
+    from bbuqc_lightning.cli import check_composition
+
+    with pytest.raises(SystemExit) as exit_info:
+        check_composition(["+experiment=stage_b"])
+    assert exit_info.value.code == 2
+    assert "did you mean +experiment=stage_b_runner?" in capsys.readouterr().err
+
+
 def test_misspelt_key_names_the_closest(cli_runs: dict[str, CliRun]) -> None:
     line = one_error_line(cli_runs["misspelt_key"])
     assert "no config key 'trainer.max_step'; did you mean trainer.max_steps?" in line

@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,26 @@ def read_jsonl_keys(path: str | Path, key: str) -> set[Any]:
     return keys
 
 
-class JsonlAppender:
+class OpenCloseContext:
+    """``with writer:`` opens it on entry and closes it on exit, for writers with ``open()`` / ``close()``."""
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class JsonlAppender(OpenCloseContext):
     """Context manager that appends one object per line, durable line by line.
 
     On open it creates the parent folder and repairs a torn tail (see module docstring); each
@@ -140,15 +159,6 @@ class JsonlAppender:
         self.repair = repair
         self.lines_written = 0
         self._file: Any = None
-
-    def __enter__(self) -> JsonlAppender:
-        self.open()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def open(self) -> None:
         """Create the folder, repair the tail, open for appending (idempotent)."""

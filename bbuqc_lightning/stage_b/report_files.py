@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from bbuqc_lightning.data.jsonl import JsonlAppender
+from bbuqc_lightning.data.jsonl import JsonlAppender, OpenCloseContext
 from bbuqc_lightning.stage_b.evaluation import ScoredAnswer
 
 PREDICTIONS = "predictions.jsonl"
@@ -74,7 +73,7 @@ def malformed_row(answer: ScoredAnswer) -> dict[str, Any]:
     }
 
 
-class EvalArtifacts:
+class EvalArtifacts(OpenCloseContext):
     """Streams :func:`prediction_row` for every answer and routes invalid ones to review + malformed."""
 
     def __init__(self, output_dir: str | Path, fsync: bool = True, source: str = "eval") -> None:
@@ -113,12 +112,3 @@ class EvalArtifacts:
         for appender in self._files.values():
             appender.close()
         self._files = {}
-
-    def __enter__(self) -> EvalArtifacts:
-        self.open()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
