@@ -15,9 +15,10 @@ repeated blocks:
 Each half is one Python function compiled once and called for every layer with the layer as an argument:
 with ``torch._dynamo.config.inline_inbuilt_nn_modules`` (on by default since PyTorch 2.5) a layer's
 parameters are graph inputs, not constants, so the 36 identical layers reuse one compiled artifact (layers
-with LoRA adapters get one more, bounded). The row dimension is marked dynamic, so buckets of different row
-counts reuse it too (a single row is specialised by PyTorch: one more at most); prompt lengths never reach
-these functions. Mode "default" (no CUDA graphs of its own): the engine captures the step, compiled code
+with LoRA adapters get one more, bounded). The row dimension is marked *unbacked* (``mark_unbacked``: no
+specialisation, not even for a single row), so buckets of every row count reuse it; prompt lengths never
+reach these functions. Should a PyTorch fail to compile with an unbacked row dimension, the regions log a
+warning and mark it dynamic instead (one more compile, for the single-row bucket). Mode "default" (no CUDA graphs of its own): the engine captures the step, compiled code
 included, once per bucket as before; compiling happens in the capture's warm-up run, never inside a capture.
 
 Counting: :func:`compiled_graphs` reads Dynamo's counter of graphs compiled in this process;
@@ -31,14 +32,17 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from bbuqc_lightning.generation.pool_attention import DecodeBatch, pool_attention
 
+log = logging.getLogger(__name__)
 Rope = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -75,6 +79,7 @@ class LayerRegions:
 
     def __init__(self, backend: str = "inductor") -> None:
         self.backend = backend
+        self.unbacked_rows = True
         self.before = torch.compile(_before_attention, backend=backend, dynamic=None)
         self.after = torch.compile(_after_attention, backend=backend, dynamic=None)
 
@@ -88,18 +93,35 @@ class LayerRegions:
         """One decoder layer of a decode step: compiled halves around the eager pool attention."""
         attn = layer.self_attn
         cos, sin = embeddings
-        _mark_rows(hidden, cos, sin)
-        q, k, v = self.before(layer, hidden, cos, sin, _rope_of(attn))
+        q, k, v = self._call(self.before, layer, hidden, cos, sin, _rope_of(attn))
         batch.update(k, v, attn.layer_idx)
         attended = pool_attention(attn.layer_idx, q, batch, attn.scaling)
-        _mark_rows(attended)
-        return self.after(layer, hidden, attended)
+        return self._call(self.after, layer, hidden, attended)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with the row dimension of every tensor argument marked (see the module docstring)."""
+        _mark_rows(args, self.unbacked_rows)
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if not self.unbacked_rows:
+                raise
+            log.warning("compile_layers: unbacked row dimension failed (%s); marking it dynamic instead", exc)
+            self.unbacked_rows = False
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)  # drop the marks
+            _mark_rows(args, unbacked=False)
+            return fn(*args)
 
 
-def _mark_rows(*tensors: torch.Tensor) -> None:
-    """Compile for any row count >= 2 (dimension 0) rather than once per bucket."""
-    for t in tensors:
-        torch._dynamo.decorators.mark_unbacked(t, 0)
+def _mark_rows(args: tuple[Any, ...], unbacked: bool) -> None:
+    """Compile for any row count (dimension 0) rather than once per bucket."""
+    for t in args:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if unbacked:
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+        elif t.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def _rope_of(attn: nn.Module) -> Rope:
