@@ -10,7 +10,11 @@ Run each implementation in its own process so each peak-memory figure is its own
     python bench/grpo.py --impl trl --out grpo_trl.json
     python bench/grpo.py --impl ours --mixed --steps 8 --out grpo_mixed_ours.json
     python bench/grpo.py --impl trl --mixed --steps 8 --out grpo_mixed_trl.json
+    python bench/grpo.py --impl ours --mixed --steps 8 --compile-layers --out grpo_mixed_ours_compiled.json
     python bench/grpo.py --impl ours --preset tiny --device cpu --prompt-tokens 200 --steps 2   # CPU smoke
+
+``--compile-layers`` (ours only): the decode step's layers compiled regionally (``generation.compile_layers``);
+the JSON then records ``compiles`` and ``compile_seconds`` (inside the first step's time) beside the captures.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ def run_ours(
         generation=functools.partial(
             GenerationEngine,
             cuda_graphs=not args.no_graphs,
+            compile_layers=args.compile_layers,
             max_rows=args.prompts * 8,
             prompt_slots=args.prompts,
             max_prompt_len=4096 if args.mixed else 2048,
@@ -154,6 +159,9 @@ def run_ours(
     if module.engine.decode_step is not None:
         extra["captures"] = module.engine.decode_step.captures
         extra["capture_seconds"] = module.engine.decode_step.capture_seconds
+        extra["compile_layers"] = args.compile_layers
+        extra["compiles"] = module.engine.decode_step.compiles
+        extra["compile_seconds"] = module.engine.decode_step.compile_seconds
         extra["pool"] = module.engine.layout.describe()
     return times
 
@@ -251,6 +259,9 @@ def main() -> None:
     parser.add_argument("--max-photos", type=int, default=24, help="--mixed: photos per ticket, 1 to this")
     parser.add_argument("--mixed", action="store_true", help="tickets of 1..24 photos, a new draw per step")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
+    parser.add_argument(
+        "--compile-layers", action="store_true", help="ours: compile the decode step's layers regionally"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 

@@ -60,3 +60,21 @@ def test_profile_decode(tmp_path: Path) -> None:
         ],
         tmp_path,
     )
+
+
+def test_attention_kernels(tmp_path: Path) -> None:
+    out = tmp_path / "attention.json"
+    run(["attention_kernels.py", "--device", "cpu", "--smoke", "--out", str(out)], tmp_path)
+    row = json.loads(out.read_text())["scenarios"]["smoke"]
+    assert row["pool_vs_fp32_reference"] < 1e-4
+    assert row["flex"]["max_abs_diff_vs_pool"] < 1e-4  # the block masks encode the pool layout
+    assert "skipped" in row["flashinfer"] and "skipped" in row["flash_attn"]
+
+
+@pytest.mark.slow
+def test_grpo_compile_layers(tmp_path: Path) -> None:
+    out = tmp_path / "grpo.json"
+    run(["grpo.py", "--impl", "ours", "--mixed", "--max-photos", "2", "--preset", "tiny", "--device", "cpu",
+         "--steps", "2", "--prompts", "2", "--new-tokens", "4", "--compile-layers", "--out", str(out)], tmp_path)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["compile_layers"] and 1 <= result["compiles"] <= 4  # plain and LoRA layers, two halves each

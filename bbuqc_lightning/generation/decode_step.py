@@ -5,8 +5,13 @@ token logits of every row. Its shapes depend only on the *bucket* ``(slots, grou
 new_bucket)``: the number of prompt slots in flight rounded up to a power of two, the samples per prompt,
 the longest prompt rounded up to a length bucket and the completion budget rounded up to a power of two.
 So a process captures a handful of graphs whatever prompt lengths, image sizes and row counts it sees
-(vLLM captures per batch size the same way), all sharing one memory pool; no ``torch.compile``.
-On CPU the same step runs eagerly.
+(vLLM captures per batch size the same way), all sharing one memory pool. On CPU the same step runs
+eagerly.
+
+``compile_layers=True`` (``generation.compile_layers``) runs each decoder layer's attention-free halves
+through ``torch.compile`` (:mod:`~bbuqc_lightning.generation.compiled_layers`): compiled once for all layers
+and row counts in the first warm-up run (a one-time cost, counted in ``compiles`` / ``compile_seconds``), then
+captured inside each bucket's graph like the eager code. Never the whole step, never per prompt length.
 
 Example::
 
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bbuqc_lightning.generation.compiled_layers import LayerRegions, compiled_graphs
 from bbuqc_lightning.generation.kv_pool import KVPool
 from bbuqc_lightning.generation.pool_attention import DecodeBatch
 from bbuqc_lightning.models.decoder import language_model, output_embedding, uses_mrope
@@ -48,7 +54,14 @@ class Bucket:
 class DecodeStep:
     """Static input buffers, the step function, and one CUDA graph per bucket seen (GPU)."""
 
-    def __init__(self, model: nn.Module, pool: KVPool, cuda_graphs: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: KVPool,
+        cuda_graphs: bool,
+        compile_layers: bool = False,
+        compile_backend: str = "inductor",
+    ) -> None:
         self.model = model
         self.pool = pool
         layout = pool.layout
@@ -62,6 +75,9 @@ class DecodeStep:
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph | None] = {}
         self.capture_seconds = 0.0
+        self.regions = LayerRegions(compile_backend) if compile_layers else None
+        self.compiles = 0  # Dynamo graphs compiled by this step's runs (first compiles and recompiles)
+        self.compile_seconds = 0.0  # wall time of the runs that compiled (compiling dominates them)
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     @property
@@ -75,7 +91,7 @@ class DecodeStep:
             self.graphs[bucket] = self._capture(bucket) if self.cuda_graphs else None
         graph = self.graphs[bucket]
         if graph is None:
-            self._forward(bucket)
+            self._counted_forward(bucket)
         else:
             graph.replay()
         return self.logits[: bucket.rows]
@@ -85,7 +101,8 @@ class DecodeStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(bucket)  # warm-up: cuBLAS handles and workspaces exist before the capture
+            # warm-up: cuBLAS handles and workspaces exist (and compiling is done) before the capture
+            self._counted_forward(bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
@@ -93,8 +110,28 @@ class DecodeStep:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
-        log.debug("captured decode graph %s in %.2f s", bucket, seconds)
+        log.log(
+            logging.INFO if self.regions is not None else logging.DEBUG,
+            "captured decode graph %s in %.2f s (%d captures, %.2f s; %d compiles, %.2f s so far)",
+            bucket,
+            seconds,
+            len(self.graphs) + 1,
+            self.capture_seconds,
+            self.compiles,
+            self.compile_seconds,
+        )
         return graph
+
+    def _counted_forward(self, bucket: Bucket) -> None:
+        """:meth:`_forward`, adding what it compiled to ``compiles`` and ``compile_seconds``."""
+        before = compiled_graphs() if self.regions is not None else 0
+        start = time.perf_counter()
+        self._forward(bucket)
+        new = compiled_graphs() - before if self.regions is not None else 0
+        if new:
+            self.compiles += new
+            self.compile_seconds += time.perf_counter() - start
+            log.info("compiled %d decode-layer graphs for %s (%d in all)", new, bucket, self.compiles)
 
     @torch.no_grad()
     def _forward(self, bucket: Bucket) -> None:
@@ -119,7 +156,10 @@ class DecodeStep:
         rope = positions[None].expand(3, rows, 1) if uses_mrope(lm) else positions
         embeddings = lm.rotary_emb(hidden, rope)
         for layer in lm.layers:
-            hidden = _layer_forward(layer, hidden, batch, positions, embeddings)
+            if self.regions is not None:
+                hidden = self.regions.layer(layer, hidden, batch, embeddings)
+            else:
+                hidden = _layer_forward(layer, hidden, batch, positions, embeddings)
         hidden = lm.norm(hidden)
         self.logits[:rows].copy_(output_embedding(self.model)(hidden[:, -1]).float())
 

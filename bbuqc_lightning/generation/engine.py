@@ -15,6 +15,8 @@ size (:mod:`~bbuqc_lightning.generation.scheduler`, :mod:`~bbuqc_lightning.gener
    A prompt over ``max_prompt_len`` is an error naming it; more prompts than slots wait in a queue;
 2. **no per-shape compiles**: the decode step is captured as a CUDA graph once per bucket (slots in flight
    rounded to a power of two, the longest prompt rounded to ``length_buckets``), not per prompt length;
+   ``compile_layers=True`` also fuses each decoder layer's element-wise work with ``torch.compile``, compiled
+   once for all layers and buckets (:mod:`~bbuqc_lightning.generation.compiled_layers`);
 3. **continuous batching**: a prompt whose samples have all ended frees its slot for a waiting prompt;
 4. **shared prompts**: the G samples of a prompt read one copy of its keys/values, once per step
    (:mod:`~bbuqc_lightning.generation.pool_attention`).
@@ -87,6 +89,8 @@ class GenerationEngine:
         length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
         max_prefill_tokens: int = 16384,
         prefix_sharing: bool = True,
+        compile_layers: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         if backend not in ("auto", "pool", "hf"):
             raise ValueError(f"generation.backend must be auto | pool | hf, got {backend!r}")
@@ -104,6 +108,8 @@ class GenerationEngine:
             "kv_memory_fraction": kv_memory_fraction,
         }
         self.cuda_graphs = cuda_graphs
+        self.compile_layers = compile_layers
+        self.compile_backend = compile_backend
         self.length_buckets = tuple(length_buckets)
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_sharing = prefix_sharing
@@ -224,7 +230,9 @@ class GenerationEngine:
             # a training step writes into them later.
             with torch.inference_mode(False):
                 pool = KVPool(layout, dtype, device)
-                self.decode_step = DecodeStep(self.model, pool, self.cuda_graphs)
+                self.decode_step = DecodeStep(
+                    self.model, pool, self.cuda_graphs, self.compile_layers, self.compile_backend
+                )
                 self._batcher = ContinuousBatcher(
                     self.decode_step, self._prefill, self.length_buckets, self.max_prefill_tokens
                 )
