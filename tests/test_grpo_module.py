@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -363,12 +364,25 @@ class _RankReport(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-def test_ddp_two_cpu_processes_keep_groups_whole_and_weights_in_sync(tmp_path: Path) -> None:
+def _ddp_fit(tmp: str) -> None:
+    """Two forked DDP ranks fit GRPO for 2 steps; each writes ``rank<r>.json``, the parent ``before.json``."""
+    tmp_path = Path(tmp)
     bundle = tiny(init=0.3)
     module = make_module(bundle, {"length": char_length_reward}, scale_rewards="batch", loss_type="dapo")
     before = [p.detach().double().sum().item() for p in module.parameters() if p.requires_grad]
+    (tmp_path / "before.json").write_text(json.dumps(before))
     t = trainer(tmp_path, max_steps=2, devices=2, strategy="ddp_fork", callbacks=[_RankReport(tmp_path)])
     t.fit(module, make_data(bundle, tmp_path, n=8, batch_size=2))
+
+
+def test_ddp_two_cpu_processes_keep_groups_whole_and_weights_in_sync(tmp_path: Path) -> None:
+    # Forked ranks cannot run autograd once their parent has (PyTorch refuses autograd after fork), and other
+    # tests in this process run backward passes: the ranks fork from a fresh spawned process instead.
+    child = multiprocessing.get_context("spawn").Process(target=_ddp_fit, args=(str(tmp_path),))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    before = json.loads((tmp_path / "before.json").read_text())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # Each rank sampled its own prompts (2 per step) with all G rollouts: a group never straddles ranks.
     assert ranks[0]["prompts"] == ranks[1]["prompts"] == [2, 2]

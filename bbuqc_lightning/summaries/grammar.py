@@ -52,13 +52,6 @@ class SummaryObject:
         """What must be equal for two objects to match (everything, count included)."""
         return (self.kind, self.attributes, self.conditional, self.count)
 
-    def text(self) -> str:
-        """The object as the grammar writes it."""
-        body = f"{self.kind}/{','.join(self.attributes)}"
-        if self.conditional:
-            body += "/" + ",".join(self.conditional)
-        return f"{body}{COUNT_MARK}{self.count}"
-
 
 @dataclass(frozen=True)
 class ParsedSummary:
