@@ -144,9 +144,12 @@ def train_or_exit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         return train(cfg)
     except Exception as err:
-        from bbuqc_lightning.tracking.signals import Interrupted  # imports Lightning: not before a run
-
-        if isinstance(err, Interrupted):  # SIGTERM / SIGINT: outputs flushed, exit 128 + signal number
+        # Only a run that started can be Interrupted (it imported the module); a configuration error must not wait
+        # for the ~8 s Lightning import that importing the module would cost.
+        signals = sys.modules.get("bbuqc_lightning.tracking.signals")
+        if signals is not None and isinstance(
+            err, signals.Interrupted
+        ):  # SIGTERM / SIGINT: exit 128 + signal
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -156,6 +156,23 @@ def test_tool_help_does_not_load_torch(tool: str) -> None:
     assert "usage" in result.stdout.lower() or "Powered by Hydra" in result.stdout
 
 
+def test_a_wrong_setting_is_reported_without_loading_torch(tmp_path: Path) -> None:
+    """The ``error:`` line of a bad value comes before torch or Lightning load (measured, not timed)."""
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['train', '+experiment=grpo', 'module.grpo.learning_rate=-1e-5', 'logger=none',\n"
+        f"            'hydra.run.dir={tmp_path}']\n"
+        "try:\n    runpy.run_module('bbuqc_lightning.train', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    assert e.code == 2, e.code\n"
+        "print('HEAVY' if {'torch', 'lightning'} & set(sys.modules) else 'LIGHT')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "LIGHT"
+    assert "learning_rate must be > 0" in result.stderr
+
+
 # ------------------------------------------------------------------------------ adapter base
 def test_adapter_says_how_to_rebuild_its_base_and_export_uses_it(compose: ComposeFn, tmp_path: Path) -> None:
     import importlib.util
