@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import device_info, write
+from common import device_info, ms_per_call, sync, write
 
 from bbuqc_lightning.generation.decode_step import _bias
 from bbuqc_lightning.generation.kv_pool import KVPool, PoolLayout
@@ -104,7 +104,7 @@ def flex_candidate(case: Case, device: str) -> tuple[Callable[[], torch.Tensor],
     )
     sync()
     info["first_block_mask_s"] = time.perf_counter() - start
-    info["block_mask_ms"] = timed(
+    info["block_mask_ms"] = ms_per_call(
         lambda: (
             fa.create_block_mask(prompt_mask, case.slots, None, case.group, prompt_bucket, device=device),
             fa.create_block_mask(decode_mask, case.rows, None, 1, new_bucket, device=device),
@@ -164,7 +164,7 @@ def flashinfer_candidate(case: Case) -> tuple[Callable[[], torch.Tensor], dict[s
     start = time.perf_counter()
     plan()
     sync()
-    info: dict[str, Any] = {"first_plan_s": time.perf_counter() - start, "plan_ms": timed(plan, 3)}
+    info: dict[str, Any] = {"first_plan_s": time.perf_counter() - start, "plan_ms": ms_per_call(plan, 3)}
 
     def run() -> torch.Tensor:
         o1, l1 = prefill.run(q, (pk, pv), return_lse=True)
@@ -198,22 +198,6 @@ def flash_attn_candidate(case: Case) -> tuple[Callable[[], torch.Tensor], dict[s
         return case.merge(o1.transpose(1, 2), l1, o2.transpose(1, 2), l2)
 
     return run, {"note": "caches copied to (batch, seq, heads, dim) outside the timing"}
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], iters: int) -> float:
-    """Milliseconds per call after one warm-up call."""
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def reference(case: Case) -> torch.Tensor:
@@ -268,7 +252,7 @@ def main() -> None:
                 run, info = build()
                 got = run().float()
                 info["max_abs_diff_vs_pool"] = float((got - want).abs().max())
-                info["ms"] = timed(run, iters)
+                info["ms"] = ms_per_call(run, iters)
             except Exception as exc:  # a candidate that cannot run is a result, not a crash
                 info = {"skipped": f"{type(exc).__name__}: {str(exc)[:300]}"}
             row[key] = info

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,17 @@ def random_bundle(
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def ms_per_call(fn: Callable[[], Any], iters: int) -> float:
+    """Milliseconds per call of ``fn`` after one warm-up call, the GPU synchronised around the timed loop."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters * 1e3
 
 
 @contextmanager

@@ -15,22 +15,12 @@ import argparse
 import time
 
 import torch
-from common import device_info, random_bundle, sync, write
+from common import device_info, ms_per_call, random_bundle, sync, write
 from grpo import samples
 
 from bbuqc_lightning.generation.decode_step import Bucket
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 from bbuqc_lightning.generation.sampling import make_sampler
-
-
-def per_call_ms(fn, iters: int) -> float:
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def main() -> None:
@@ -79,12 +69,12 @@ def main() -> None:
         Bucket(64, 1, 1024, 128),
         Bucket(64, 1, 2048, 128),
     ):
-        ms = per_call_ms(lambda b=bucket: step.run(b), args.iters)
+        ms = ms_per_call(lambda b=bucket: step.run(b), args.iters)
         result["replay_ms"][f"slots{bucket.slots}_group{bucket.group}_prompt{bucket.prompt_bucket}"] = ms
         print(f"replay {bucket}: {ms:.2f} ms")
     sampler = make_sampler(params, engine.eos_token_ids)
     steps = torch.zeros(64, dtype=torch.long, device=step.logits.device)
-    result["sampling_ms"] = per_call_ms(lambda: sampler(step.logits[:64], steps), args.iters)
+    result["sampling_ms"] = ms_per_call(lambda: sampler(step.logits[:64], steps), args.iters)
     print(f"sampling 64 rows: {result['sampling_ms']:.2f} ms")
     result.update(
         captures=step.captures,

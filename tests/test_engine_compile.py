@@ -19,25 +19,13 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from test_engine import IMAGES, TEXT, prompts_of_lengths, tokens  # the engine tests' prompts and helpers
 
 from bbuqc_lightning.generation.compiled_layers import compiled_graphs
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 from bbuqc_lightning.models.factory import ModelBundle, load_model
 
 BACKEND = "aot_eager"  # the default run; the slow tests use "inductor"
-TEXT = [
-    [{"role": "user", "content": "你好，请判断"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "长一点的问题在这里吗？再长一点的问题"}],
-]
-IMAGES = [
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "描述"}]}],
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "描述这张图片的内容"}]}],
-]
-
-
-def prompts_of_lengths(lengths: list[int]) -> list[list[dict]]:
-    words = "光纤弯曲半径不合理螺丝未拧紧标签无法识别挡风板安装方向正确接地线捆扎整齐"
-    return [[{"role": "user", "content": (words * 40)[:n]}] for n in lengths]
 
 
 def varied_bundle(tiny_architecture: dict[str, Any]) -> ModelBundle:
@@ -52,10 +40,6 @@ def varied_bundle(tiny_architecture: dict[str, Any]) -> ModelBundle:
 def pool_engine(bundle: ModelBundle, **kwargs: Any) -> GenerationEngine:
     settings = {"max_rows": 16, "prompt_slots": 8, "max_new_tokens": 64, "max_prompt_len": 512, **kwargs}
     return GenerationEngine(bundle.model, bundle.processor, backend="pool", **settings)
-
-
-def tokens(engine: GenerationEngine, convs: list, params: SamplingParams, images: list | None = None):
-    return [c.token_ids for group in engine.generate(convs, params, images) for c in group]
 
 
 @pytest.fixture(scope="module")
