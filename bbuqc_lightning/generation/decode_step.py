@@ -124,10 +124,13 @@ class DecodeStep:
 
     def _counted_forward(self, bucket: Bucket) -> None:
         """:meth:`_forward`, adding what it compiled to ``compiles`` and ``compile_seconds``."""
-        before = compiled_graphs() if self.regions is not None else 0
+        if self.regions is None:
+            self._forward(bucket)
+            return
+        before = compiled_graphs()
         start = time.perf_counter()
         self._forward(bucket)
-        new = compiled_graphs() - before if self.regions is not None else 0
+        new = compiled_graphs() - before
         if new:
             self.compiles += new
             self.compile_seconds += time.perf_counter() - start

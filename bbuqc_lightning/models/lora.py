@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from bbuqc_lightning.models.decoder import language_model, output_embedding
@@ -76,8 +77,6 @@ def first_adapted_layer(model: torch.nn.Module) -> int:
     Read off the adapted model, so it holds whatever built the adapters (a config's ``k``, an adapter loaded with
     ``continue``). Raises ``ValueError`` when no decoder layer has one.
     """
-    from peft.tuners.lora import LoraLayer
-
     for index, layer in enumerate(language_model(model).layers):
         if any(isinstance(module, LoraLayer) for module in layer.modules()):
             return index
