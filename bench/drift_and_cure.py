@@ -22,8 +22,9 @@ their offline W&B runs), ``fusion/`` (the mixes), ``distill/`` (Teacher input an
 Commands::
 
     python bench/drift_and_cure.py --device cuda --out outputs/drift --plan    # DAG waves, minutes, the calls
-    # one H200: 3 calls of this same command (each resumes; ~9 + 9 + 6.5 min estimated)
-    python bench/drift_and_cure.py --device cuda --out outputs/drift --jobs 4 --max-minutes 9 --bundle "$OUT"
+    # one H200: the whole proof in one run (13 min measured with the earlier, shorter cures; ~18 estimated now)
+    python bench/drift_and_cure.py --device cuda --out outputs/drift --jobs 4 --max-minutes 22 --bundle BUNDLE_DIR
+    # or, where one command may run 10 minutes at most: the same command with --max-minutes 9, 3 times (resumes)
     python bench/drift_and_cure.py --device cuda --out outputs/drift --steps s0/drift_lenient,s0/eval_drift_lenient
     python bench/drift_and_cure.py --device cuda --out outputs/drift --report-only
     python bench/drift_and_cure.py --device cpu --out /tmp/drift_smoke --seeds 0 --teacher base   # CPU smoke

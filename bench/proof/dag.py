@@ -2,8 +2,8 @@
 calls that run it (``python bench/drift_and_cure.py --device cuda --out outputs/drift --plan`` prints them).
 
 Every :class:`proof.drift_plan.PlannedStep` names the steps whose outputs it reads (``after``); a step may
-start once those are done. Estimates: a step's ``minutes`` are its wall time *alone* on one H100 (scaled from
-the learning proof's measured run). With ``n`` processes sharing the GPU each one runs :func:`slowdown`
+start once those are done. Estimates: a step's ``minutes`` are its wall time *alone* on one H200 (scaled from
+the measured drift/cure run, ``proof/drift_profiles.py``). With ``n`` processes sharing the GPU each one runs :func:`slowdown`
 ``(n)`` times slower, an assumption (1.5x at 4), not a measurement. The scheduler (``proof/scheduler.py``)
 and :func:`simulate` budget every step at ``slowdown(jobs)`` whatever runs beside it, so a call that runs
 fewer processes than ``--jobs`` finishes earlier than planned, not later.
@@ -142,7 +142,7 @@ def describe(
     factor = slowdown(jobs)
     lines = [
         "",
-        f"DAG waves left (minutes alone on one H100; x{factor:.2f} assumed with --jobs {jobs}):",
+        f"DAG waves left (minutes alone on one GPU; x{factor:.2f} assumed with --jobs {jobs}):",
     ]
     for k, wave in enumerate(waves(steps, done)):
         lines.append(f"  wave {k}: " + ", ".join(f"{s.name} {s.minutes:.1f}" for s in wave))

@@ -1,10 +1,11 @@
 """Per-device settings of the drift/cure pipeline (``bench/drift_and_cure.py --set KEY=VALUE`` overrides one).
 
-cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer) on one H200, sized so the
-whole proof runs in 3 GPU calls of ``--jobs 4 --max-minutes 9`` (``--plan`` prints them); base SFT is the
-learning proof's H100 run (650 steps of 64 rows). Training-time caps (``*_max_minutes``) sit ~1.6x above
-each run's alone time, so the assumed 1.5x slowdown of 4 processes sharing the GPU does not cut training; a
-step that hits its cap says so in its log. cpu: a smoke run of the ``tiny`` preset that only shows every
+cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer) on one H200; base SFT is the
+learning proof's H100 run (650 steps of 64 rows). The cure settings are those of the measured H200 run 2
+(docs/RESULTS.md: cure A 500 LoRA steps, GRPO 120 steps). Training-time caps (``*_max_minutes``) are safety
+nets set ~1.3x above what each run took with 4-6 processes sharing the GPU on 2026-12-03 (run 1's base cap of
+4.7 min cut it at ~593 of 650 steps, run 2's cure A cap of 4.5 min at 356 of 500), so the step counts, not the
+clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny`` preset that only shows every
 step runs and feeds the next (its numbers mean nothing).
 """
 
@@ -24,31 +25,31 @@ PROFILES: dict[str, dict[str, Any]] = {
         "stage_b_ratio": 6.0,
         "base_steps": 650,
         "base_lr": 5e-4,
-        "base_max_minutes": 4.7,  # training-time caps: ~1.6x the alone time (slowdown 1.5x at --jobs 4)
+        "base_max_minutes": 7.0,  # safety caps: ~1.3x the measured time at --jobs 4-6 (see above)
         "teacher_steps": 800,  # 1.2x the base budget (was 1200: the critical path did not fit a call)
-        "teacher_max_minutes": 5.8,
+        "teacher_max_minutes": 8.0,
         "drift_steps": 300,
         "drift_lr": 2e-4,
-        "drift_max_minutes": 2.2,
+        "drift_max_minutes": 3.5,
         "lenient_ratio": 6.0,
         "distill_per_cell": 50,  # 400 Teacher tickets (was 600)
         "distill_rollouts": 4,
         "distill_epochs": 2,
         "reflection_tokens": 256,
         "distill_fallback": False,  # an empty distill file stops cure_a (the Teacher wrote no valid answer)
-        "cure_a_steps": 300,
+        "cure_a_steps": 500,
         "cure_a_lr": 2e-4,
         "cure_a_k": 4,
         "cure_a_share": 0.5,
-        "cure_a_max_minutes": 2.2,
+        "cure_a_max_minutes": 8.0,
         "lora_r": 16,
-        "grpo_steps": 60,
+        "grpo_steps": 120,
         "grpo_prompts": 16,
         "grpo_generations": 8,
         "grpo_lr": 1e-4,
         "grpo_temperature": 1.0,
         "grpo_beta": 0.04,
-        "grpo_max_minutes": 2.3,
+        "grpo_max_minutes": 6.0,
         "fail_rescue": True,
         "max_new_tokens": 64,
         "summary_tokens": 128,
@@ -98,11 +99,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "e2e_batch": 4,
     },
 }
-# Measured on one H100 by the learning proof (docs/RESULTS.md): process start-up ~20 s, fusion SFT 650 steps
-# of 64 rows 198 s, Stage-B eval of 400 tickets 32 s, GRPO 60 steps of 16 x 8 105 s. The end-to-end eval
-# and the distill run have not been timed: E2E_S and the distill terms are guesses, on the safe side.
-START_S, SFT_STEP_S, GRPO_STEP_S, VERDICT_S = 20.0, (198 - 20) / 650, (105 - 20) / 60, (32 - 20) / 400
-E2E_S = 0.25  # per ticket: ~4.5 photos summarised (128 tokens) + one verdict, batches of 32 tickets
+# Alone-on-the-GPU seconds, from the H200 run of 2026-12-03 (docs/RESULTS.md; each step's measured window with
+# 4 processes sharing the GPU divided by slowdown(4) = 1.5): process start-up ~20 s, full fusion SFT ~0.29 s a
+# step of 64 rows, LoRA fusion SFT (cure A) ~0.2 s, GRPO ~0.75 s a step of 16 x 8, a Stage-B verdict ~0.03 s and
+# an end-to-end ticket ~0.01 s in batches, a distill rollout ~0.003 s a ticket (batches of 100).
+START_S, SFT_STEP_S, LORA_STEP_S, GRPO_STEP_S, VERDICT_S, E2E_S = 20.0, 0.29, 0.2, 0.75, 0.03, 0.01
+ROLLOUT_S = 0.003  # per ticket and rollout of the distill run
 EXPORT_S = 30.0  # tools/export.py: load base + adapter, merge, save (start-up included)
 
 
@@ -114,18 +116,19 @@ def minutes(s: dict[str, Any]) -> dict[str, float]:
         return dict.fromkeys(("teacher", "distill", "base", "drift", "cure_a", "cure_b", "cure_b_penalty", "eval"), 1.5) | {"data": 0.2}  # fmt: skip
     tickets = 4 * s["test"]  # four missions
     distill_tickets = 8 * s["distill_per_cell"]  # four missions x pass / fail
-    sft = lambda steps, extra=0.0: (START_S + steps * SFT_STEP_S + extra) / 60  # noqa: E731
+    sft = lambda steps, extra=0.0, step_s=SFT_STEP_S: (START_S + steps * step_s + extra) / 60  # noqa: E731
     grpo = (START_S + s["grpo_steps"] * GRPO_STEP_S + EXPORT_S) / 60
+    # rollouts: every reflection epoch but the last, then the final one
+    rollouts = s["distill_rollouts"] * (s["distill_epochs"] - 1) + 1
     return {
-        "data": 0.6,  # 35 s measured (4000 / 100 / 400 tickets)
+        "data": 0.6,  # 22-35 s measured (4000 / 100 / 200 tickets)
         "teacher": sft(s["teacher_steps"]),
         "base": sft(s["base_steps"]),
         "drift": sft(s["drift_steps"], 5.0),  # + the lenient verdict file
-        "cure_a": sft(s["cure_a_steps"], EXPORT_S),
+        "cure_a": sft(s["cure_a_steps"], EXPORT_S, LORA_STEP_S),
         "cure_b": grpo,
         "cure_b_penalty": grpo,
-        # rollouts of every reflection epoch but the last, then the final rollout, plus the reflection calls
-        "distill": (START_S + distill_tickets * VERDICT_S * 2 * (s["distill_rollouts"] * (s["distill_epochs"] - 1) + 1) + 30) / 60,
+        "distill": (START_S + distill_tickets * ROLLOUT_S * rollouts + 30) / 60,  # + the reflection calls
         "eval": (2 * START_S + tickets * (VERDICT_S + E2E_S)) / 60,  # +experiment=eval, then +experiment=e2e
     }  # fmt: skip
 
