@@ -349,6 +349,7 @@ def test_local_checkpoint_folder_round_trip(tiny_bundle: ModelBundle, tmp_path: 
     tiny_bundle.processor.save_pretrained(tmp_path)
     loaded = load_model(kind="vl", model_name_or_path=str(tmp_path), min_pixels=4096, max_pixels=16384)
     assert isinstance(loaded.model, Qwen3VLForConditionalGeneration)
+    assert all(m.training for m in loaded.model.modules())  # train mode, as a random-init model
     reference = tiny_bundle.model.state_dict()
     assert all(torch.equal(reference[k], v) for k, v in loaded.model.state_dict().items())
     assert loaded.tokenizer.padding_side == "left"

@@ -205,6 +205,10 @@ def load_model(
         model, processor, tokenizer = _pretrained(
             kind, model_name_or_path, torch_dtype, attn_implementation, trust_remote_code, device_map
         )
+        # ``from_pretrained`` returns the model in eval mode; a random-init one is in train mode. One mode for
+        # both: training from a folder then starts as training from scratch does (Lightning warned of every
+        # module in eval mode), and inference sets eval mode itself (the engine, the eval and e2e modules).
+        model.train()
         if kind == "vl" and use_project_chat_template:
             processor.chat_template = QWEN3_VL_CHAT_TEMPLATE
             image_processor = processor.image_processor
