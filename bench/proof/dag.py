@@ -34,6 +34,13 @@ def slowdown(n: int) -> float:
     return 1.0 + max(0, n - 1) / 6
 
 
+def end_if_started(step: Node, now: float, factor: float, max_minutes: float) -> float | None:
+    """The start rule shared by the scheduler and :func:`simulate`: the minute ``step`` would end if started
+    ``now`` with every step ``factor`` times slower, or ``None`` when that passes ``max_minutes`` (0: no budget)."""
+    end = now + step.minutes * factor
+    return None if max_minutes and end > max_minutes else end
+
+
 def edges(steps: Iterable[Node]) -> set[tuple[str, str]]:
     """``(before, after)`` pairs: ``after`` reads what ``before`` wrote."""
     return {(dep, step.name) for step in steps for dep in step.after}
@@ -116,8 +123,8 @@ def simulate(
             for step in (s for s in ready if s.name not in started):
                 if len(running) >= jobs:
                     break
-                end = now + step.minutes * factor
-                if max_minutes and end > max_minutes:
+                end = end_if_started(step, now, factor, max_minutes)
+                if end is None:
                     skipped.add(step.name)
                     continue
                 running.append((step.name, end))

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from proof.dag import Node, slowdown, start_rank
+from proof.dag import Node, end_if_started, slowdown, start_rank
 from proof.runs import stop_all
 
 
@@ -106,7 +106,7 @@ def run_dag(
                     now = elapsed()
                     estimate = by_name[name].minutes * factor
                     pending.remove(name)
-                    if max_minutes and now + estimate > max_minutes:
+                    if end_if_started(by_name[name], now, factor, max_minutes) is None:
                         log(
                             f"not starting {name}: ~{estimate:.1f} min would pass --max-minutes {max_minutes:g}"
                         )
