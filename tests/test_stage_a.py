@@ -41,7 +41,7 @@ from bbuqc_lightning.stage_a.datamodule import StageADataModule
 from bbuqc_lightning.stage_a.module import StageAModule
 from bbuqc_lightning.stage_a.settings import settings_path
 from bbuqc_lightning.summaries.records import STAGE_A_FIELDS
-from bbuqc_lightning.train import train
+from bbuqc_lightning.train import train, train_or_exit
 
 # Tiny synthetic data: 1 group per mission in the test split. Seed 16 gives small groups (2+2+3+2 = 9
 # images of 64x48, one group merged from two folders): each decode step of the HF backend costs ~0.1 s on
@@ -263,7 +263,7 @@ def test_images_match_the_synthetic_reference_order(
 
 @pytest.fixture(scope="module")
 def killed_then_resumed(
-    stage_a_data: Path, tree_root: Path, tmp_path_factory: pytest.TempPathFactory
+    compose_at: ComposeAt, stage_a_data: Path, tree_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     """Run the CLI, ``kill -9`` its process group after the first line(s), add a torn line, rerun."""
     root = tmp_path_factory.mktemp("killed")
@@ -297,9 +297,9 @@ def killed_then_resumed(
     with open(out, "ab") as f:  # a kill in the middle of the next line's write
         f.write(TORN_TAIL)
 
-    resumed = run_cli(overrides, root / "run2", env)
-    assert resumed.returncode == 0, resumed.stderr.decode("utf-8", "replace")[-3000:]
-    metrics = json.loads((root / "run2" / "metrics.json").read_text(encoding="utf-8"))
+    # The rerun resumes in this process (train(cfg), what the CLI calls): the resume is the writer's work,
+    # and a second interpreter would only add its imports. test_signal_..._cli reruns through the CLI.
+    metrics = run_in_process(compose_at, overrides, root / "rerun", stage_a_data)
     return {"before": before, "after": jsonl_rows(out), "metrics": metrics, "out": out}
 
 
@@ -314,8 +314,48 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     assert after[: len(before)] == before  # lines written before the kill are kept as they were
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
-def test_signal_finishes_the_group_in_hand_and_exits_128_plus_signal(
+def test_signal_finishes_the_batch_in_hand_and_exits_128_plus_signal(
+    compose_at: ComposeAt, stage_a_data: Path, tree_root: Path, tmp_path: Path,
+    reference: tuple[list[dict[str, Any]], dict, Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """SIGTERM arrives while the first batch is generated (sent by this process to itself, as a scheduler
+    would): that batch is finished and written, the run stops before the next one with exit code 143 and
+    ``metrics.json``, and a rerun completes the file as an uninterrupted run wrote it. The same through the
+    real command line, signalled from outside: ``test_signal_..._through_the_cli`` (slow)."""
+    out = tmp_path / "stage_a.jsonl"
+    overrides = overrides_for(tree_root, f"stage_a.output_jsonl={out}")
+    predict_step = StageAModule.predict_step
+
+    def signalled_step(self: StageAModule, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return predict_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(StageAModule, "predict_step", signalled_step)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    cfg = compose_at(overrides, tmp_path / "stopped", stage_a_data)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_or_exit(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "error: stopped on SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == handler  # the run gave the previous handler back
+    before = jsonl_rows(out)  # every line whole
+    assert 1 <= len(before) < len(reference[0])
+    assert (tmp_path / "stopped" / "run" / "metrics.json").is_file()  # written on the way out
+    monkeypatch.setattr(StageAModule, "predict_step", predict_step)
+    run_in_process(compose_at, overrides, tmp_path / "rerun", stage_a_data)
+    after = jsonl_rows(out)
+    assert by_ticket(after) == by_ticket(reference[0]) and after[: len(before)] == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_group_in_hand_and_exits_128_plus_signal_through_the_cli(
     sig: signal.Signals, stage_a_data: Path, tree_root: Path, tmp_path: Path,
     reference: tuple[list[dict[str, Any]], dict, Path],
 ) -> None:  # fmt: skip
@@ -417,6 +457,32 @@ def test_non_strict_skips_and_counts_the_corrupt_group(
 
 
 def test_strict_run_exits_with_a_located_error(
+    compose_at: ComposeAt, stage_a_data: Path, corrupt_tree: tuple[Path, GroupRecord, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """``train_or_exit`` (the command line's ``train``): one located ``error:`` line, exit 2, nothing written.
+    The same through ``python -m bbuqc_lightning.train``: ``test_strict_run_..._through_the_cli`` (slow)."""
+    root, victim, bad = corrupt_tree
+    out = tmp_path / "stage_a.jsonl"
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_at(
+        overrides_for(root, "data.strict=true", f"stage_a.output_jsonl={out}"), tmp_path, stage_a_data
+    )
+    try:
+        with pytest.raises(SystemExit) as failed:
+            train_or_exit(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    stderr = capsys.readouterr().err
+    assert failed.value.code == 2
+    assert str(bad) in stderr and victim.ticket_key in stderr
+    assert stderr.startswith("error: ") and len(stderr.splitlines()) == 1 and "Traceback" not in stderr
+    assert "Traceback (most recent call last)" in (tmp_path / "run" / "error.log").read_text(encoding="utf-8")
+    assert not out.exists() or out.read_bytes() == b""  # nothing half-done
+
+
+@pytest.mark.slow
+def test_strict_run_exits_with_a_located_error_through_the_cli(
     stage_a_data: Path, corrupt_tree: tuple[Path, GroupRecord, Path], tmp_path: Path
 ) -> None:
     root, victim, bad = corrupt_tree
