@@ -1,15 +1,18 @@
 """W&B sweep files (``conf/sweeps/*.yaml``): each is a valid sweep whose parameters exist in the composed
 experiment, one sampled configuration runs through the exact command a W&B agent would build (in this
-process; as an agent's own process under ``-m slow``), and a Hydra multirun over the same parameters (a
-real ``python -m bbuqc_lightning.train -m`` process) writes one run folder per value."""
+process; as an agent's own process under ``-m slow``), and a Hydra multirun over the same parameters
+(the command line's ``main()`` in this process; a real process under ``-m slow``) writes one run folder per
+value."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE
@@ -24,6 +27,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from bbuqc_lightning.cli import check_composition
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
+from bbuqc_lightning.train import main as train_main
 from bbuqc_lightning.train import train
 
 REPO_ROOT = config_dir().parent
@@ -274,15 +278,60 @@ def test_sampled_configuration_runs_and_logs_the_sweep_metric_as_an_agent_proces
     assert set(load_sweep(name)["parameters"]) <= {o.split("=", 1)[0] for o in overrides}
 
 
-def test_hydra_multirun_over_a_sweep_parameter_writes_a_folder_per_value(multirun: Run) -> None:
-    run = multirun
-    assert run.returncode == 0, f"{' '.join(run.command)}\n{run.output[-4000:]}"
+def assert_a_folder_per_value(folder: Path) -> None:
     metric = load_sweep(MULTIRUN_SWEEP)["metric"]["name"]
     lr = load_sweep(MULTIRUN_SWEEP)["parameters"]["module.grpo.learning_rate"]
     seen = []
     for job in ("0", "1"):
-        assert metric in metrics_of(run.folder / job)
-        config = OmegaConf.load(run.folder / job / ".hydra" / "config.yaml")
+        assert metric in metrics_of(folder / job)
+        config = OmegaConf.load(folder / job / ".hydra" / "config.yaml")
         seen.append(config.module.grpo.learning_rate)
     assert seen == [lr["min"], lr["max"]]
-    assert not (run.folder / "2").exists()
+    assert not (folder / "2").exists()
+
+
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """Hydra configures logging for itself and each job (handlers on the root logger, some to files): put
+    every logger back as it was, so later tests log as before and no handler outlives its stream."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate, disabled in saved:
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
+
+
+def test_hydra_multirun_over_a_sweep_parameter_writes_a_folder_per_value(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m bbuqc_lightning.train -m ...`` run by its ``main()`` in this process (Hydra's basic launcher
+    runs the jobs one after the other in the calling process). As a process of its own: the slow test below."""
+    command, folder = multirun_command(tmp_path)
+    env = subprocess_env(data_dir)
+    for key in ("PROJECT_ROOT", "WANDB_SWEEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("BBUQC_DATA_DIR", "HYDRA_FULL_ERROR"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train", *command[command.index("bbuqc_lightning.train") + 1 :]])
+    assert sys.argv[1] == "-m"
+    try:
+        with logging_restored():
+            train_main()
+    finally:
+        HydraConfig.instance().cfg = None
+    assert_a_folder_per_value(folder)
+
+
+@pytest.mark.slow
+def test_hydra_multirun_over_a_sweep_parameter_writes_a_folder_per_value_as_a_process(multirun: Run) -> None:
+    run = multirun
+    assert run.returncode == 0, f"{' '.join(run.command)}\n{run.output[-4000:]}"
+    assert_a_folder_per_value(run.folder)
