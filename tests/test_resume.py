@@ -87,18 +87,31 @@ def assert_resumed_exactly(full: Path, resumed: Path, steps: range, keys: tuple[
         assert [again[s - 1] for s in steps] == [reference[s - 1] for s in steps], key
 
 
-def test_grpo_resumes_from_last_ckpt_and_from_a_step_checkpoint(fit: Callable[..., Path]) -> None:
-    full = fit("full", [*GRPO, "trainer.max_steps=4", EVERY_STEP])
-    # The README's resume: last.ckpt written when fit returned mid-epoch (checkpoint cadence 4 > 2 steps),
-    # resumed with a larger max_steps.
-    half = fit("half", [*GRPO, "trainer.max_steps=2"])
+# GRPO over 4 samples: 2 steps per epoch, so 2 epochs are 4 steps and a resume can cross an epoch end.
+GRPO_EPOCHS = [*GRPO, "data.limit_samples=4", "trainer.max_steps=-1"]
+
+
+@pytest.fixture(scope="module")
+def grpo_full(compose_at: Compose, tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """The uninterrupted GRPO run both GRPO resume tests compare with: 2 epochs, a checkpoint every step."""
+    root = tmp_path_factory.mktemp("grpo_full")
+    return fit_at(compose_at, root, data_dir, [*GRPO_EPOCHS, "trainer.max_epochs=2", EVERY_STEP])
+
+
+def test_grpo_resumes_from_last_ckpt_and_from_a_step_checkpoint(
+    fit: Callable[..., Path], grpo_full: Path
+) -> None:
+    # The README's resume: last.ckpt written when fit returned mid-epoch (at max_steps=1; the checkpoint
+    # cadence, 4 steps, never came), resumed with a larger budget: steps 2-4, across the epoch end.
+    half = fit("half", [*GRPO_EPOCHS, "trainer.max_epochs=2", "trainer.max_steps=1"])
     resumed = fit(
-        "resumed", [*GRPO, "trainer.max_steps=4", f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"]
+        "resumed", [*GRPO_EPOCHS, "trainer.max_epochs=2", f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"]
     )
-    assert_resumed_exactly(full, resumed, range(3, 5), ("train/loss", "train/reward"))
-    # After kill -9 only the checkpoints written during the run are left: step 3's resumes too.
-    killed = fit("killed", [*GRPO, "trainer.max_steps=4", f"ckpt_path={full / 'checkpoints' / 'step3.ckpt'}"])
-    assert_resumed_exactly(full, killed, range(4, 5), ("train/loss", "train/reward"))
+    assert_resumed_exactly(grpo_full, resumed, range(2, 5), ("train/loss", "train/reward"))
+    # After kill -9 only the checkpoints written during the run are left: step 3's (mid-epoch) resumes too.
+    step3 = grpo_full / "checkpoints" / "step3.ckpt"
+    killed = fit("killed", [*GRPO_EPOCHS, "trainer.max_epochs=2", f"ckpt_path={step3}"])
+    assert_resumed_exactly(grpo_full, killed, range(4, 5), ("train/loss", "train/reward"))
 
 
 def test_fusion_sft_resumes_mid_epoch_with_dropout_bit_exactly(fit: Callable[..., Path]) -> None:
@@ -114,14 +127,14 @@ def test_fusion_sft_resumes_mid_epoch_with_dropout_bit_exactly(fit: Callable[...
     assert_resumed_exactly(full, killed, range(4, 5), ("train/loss",))
 
 
-def test_grpo_resume_with_more_epochs_starts_the_next_epoch(fit: Callable[..., Path]) -> None:
-    epochs = [*GRPO, "data.limit_samples=4", "trainer.max_steps=-1"]  # 2 steps per epoch
-    full = fit("full", [*epochs, "trainer.max_epochs=2"])
-    one = fit("one", [*epochs, "trainer.max_epochs=1"])
+def test_grpo_resume_with_more_epochs_starts_the_next_epoch(
+    fit: Callable[..., Path], grpo_full: Path
+) -> None:
+    one = fit("one", [*GRPO_EPOCHS, "trainer.max_epochs=1"])
     resumed = fit(
-        "resumed", [*epochs, "trainer.max_epochs=2", f"ckpt_path={one / 'checkpoints' / 'last.ckpt'}"]
+        "resumed", [*GRPO_EPOCHS, "trainer.max_epochs=2", f"ckpt_path={one / 'checkpoints' / 'last.ckpt'}"]
     )
-    assert_resumed_exactly(full, resumed, range(3, 5), ("train/loss", "train/reward"))
+    assert_resumed_exactly(grpo_full, resumed, range(3, 5), ("train/loss", "train/reward"))
     checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])  # adapters only
