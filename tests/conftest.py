@@ -67,8 +67,8 @@ def offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def parsed_tokenizer_once() -> Iterator[None]:
     """The bundled Qwen3 tokenizer is parsed once per session; every later ``build_tokenizer()`` gets a copy.
 
-    Parsing its 11 MB ``tokenizer.json`` costs ~1 s, and the tests build a model (``train(cfg)``, the tiny
-    presets) well over a hundred times. A copy is the tokenizer ``build_tokenizer`` returned (left padding, pad
+    Parsing its 11 MB ``tokenizer.json`` costs ~1 s, and the tests build a model many times (every
+    ``train(cfg)``, every tiny-model helper). A copy is the tokenizer ``build_tokenizer`` returned (left padding, pad
     id), with its own Python attributes (a test that sets one changes no other test's tokenizer); the
     compiled vocabulary is shared, and nothing here adds tokens to it. A ``tokenizer_path`` is loaded as
     before.
