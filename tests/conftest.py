@@ -7,6 +7,7 @@ into the checkout.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +23,12 @@ import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
+from transformers import PreTrainedTokenizerBase
 
+import bbuqc_lightning.models.factory as factory
 from bbuqc_lightning.config import config_dir, register_resolvers
 from bbuqc_lightning.models.factory import ModelBundle, load_model
+from bbuqc_lightning.models.factory import build_tokenizer as real_build_tokenizer
 
 # The tiny models gain nothing from intra-op threads; 2 keeps torch off the other cores of a larger box.
 # (Measured on a busy 2-core machine: 1 thread ran test_model_factory.py in half the time of 2.)
@@ -57,6 +61,34 @@ def offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in TEST_ENV.items():
         monkeypatch.setenv(key, value)
     torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def parsed_tokenizer_once() -> Iterator[None]:
+    """The bundled Qwen3 tokenizer is parsed once per session; every later ``build_tokenizer()`` gets a copy.
+
+    Parsing its 11 MB ``tokenizer.json`` costs ~1 s, and the tests build a model many times (every
+    ``train(cfg)``, every tiny-model helper). A copy is the tokenizer ``build_tokenizer`` returned (left padding, pad
+    id), with its own Python attributes (a test that sets one changes no other test's tokenizer); the
+    compiled vocabulary is shared, and nothing here adds tokens to it. A ``tokenizer_path`` is loaded as
+    before.
+    """
+    built: list[PreTrainedTokenizerBase] = []
+
+    def build_tokenizer(tokenizer_path: str | Path | None = None) -> PreTrainedTokenizerBase:
+        if tokenizer_path is not None:
+            return real_build_tokenizer(tokenizer_path)
+        if not built:
+            built.append(real_build_tokenizer())
+        clone = copy.copy(built[0])
+        for name, value in vars(built[0]).items():
+            if isinstance(value, dict | list):
+                setattr(clone, name, copy.copy(value))
+        return clone
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(factory, "build_tokenizer", build_tokenizer)
+        yield
 
 
 @pytest.fixture(scope="session")

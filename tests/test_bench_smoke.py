@@ -1,19 +1,28 @@
-"""Every GPU benchmark script runs in its CPU smoke mode (tiny model), so the scripts cannot rot."""
+"""Every GPU benchmark script runs in its CPU smoke mode (tiny model), so the scripts cannot rot.
+
+The default run executes each script as ``__main__`` in this process (``runpy``, with ``bench/`` first on
+``sys.path`` and as the working directory, as ``python <script>`` would have them): the same code, without
+a fresh interpreter's ~8 s of imports per script. ``test_script_runs_as_its_own_process`` (slow) runs them
+exactly as a user would, one ``python`` process each.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+Run = Callable[[list[str]], str]
 
 
-def run(args: list[str], tmp_path: Path) -> str:
+def run_as_process(args: list[str]) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, *args], cwd=BENCH, env=env, capture_output=True, text=True, timeout=900
@@ -22,59 +31,105 @@ def run(args: list[str], tmp_path: Path) -> str:
     return done.stdout
 
 
-def test_stage_a_mixed(tmp_path: Path) -> None:
-    out = tmp_path / "stage_a.json"
-    run(["stage_a.py", "--mixed", "--preset", "tiny", "--device", "cpu", "--images", "4", "--baseline-images", "2",
-         "--new-tokens", "4", "--call-size", "4", "--baseline-batches", "2", "--out", str(out)], tmp_path)  # fmt: skip
+@pytest.fixture
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
+    """``run(args) -> stdout``: ``python <args>`` from ``bench/``, in this process."""
+
+    def in_process(args: list[str]) -> str:
+        script = BENCH / args[0]
+        monkeypatch.syspath_prepend(str(BENCH))
+        monkeypatch.chdir(BENCH)
+        monkeypatch.setattr(sys, "argv", [str(script), *args[1:]])
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exit_:
+            assert exit_.code in (0, None), capsys.readouterr().err[-3000:]
+        return capsys.readouterr().out
+
+    return in_process
+
+
+def stage_a_mixed(out: Path) -> list[str]:
+    return ["stage_a.py", "--mixed", "--preset", "tiny", "--device", "cpu", "--images", "4", "--baseline-images", "2",
+            "--new-tokens", "4", "--call-size", "4", "--baseline-batches", "2", "--out", str(out)]  # fmt: skip
+
+
+def grpo_mixed(out: Path) -> list[str]:
+    return ["grpo.py", "--impl", "ours", "--mixed", "--max-photos", "2", "--preset", "tiny", "--device", "cpu",
+            "--steps", "2", "--prompts", "2", "--new-tokens", "4", "--out", str(out)]  # fmt: skip
+
+
+def attention_kernels(out: Path) -> list[str]:
+    return ["attention_kernels.py", "--device", "cpu", "--smoke", "--out", str(out)]
+
+
+def check_stage_a(out: Path) -> None:
     result = json.loads(out.read_text())
     assert result["engine"]["images"] == 4 and result["engine"]["captures"] >= 1
     assert result["summary"]["hf_best_images_per_s"] > 0
 
 
-def test_grpo_mixed(tmp_path: Path) -> None:
-    out = tmp_path / "grpo.json"
-    run(["grpo.py", "--impl", "ours", "--mixed", "--max-photos", "2", "--preset", "tiny", "--device", "cpu",
-         "--steps", "2", "--prompts", "2", "--new-tokens", "4", "--out", str(out)], tmp_path)  # fmt: skip
+def check_grpo(out: Path) -> None:
     result = json.loads(out.read_text())
     assert len(result["step_seconds"]) == 2 and result["completions_per_s_all_steps"] > 0
 
 
-def test_mixed_tree(tmp_path: Path) -> None:
-    run(["mixed_tree.py", "--out", str(tmp_path / "tree"), "--photos", "6"], tmp_path)
-    assert len(list((tmp_path / "tree").rglob("*.jpg"))) == 6
-
-
-@pytest.mark.slow
-def test_profile_decode(tmp_path: Path) -> None:
-    assert "replay" in run(
-        [
-            "profile_decode.py",
-            "--preset",
-            "tiny",
-            "--device",
-            "cpu",
-            "--iters",
-            "1",
-            "--prompt-tokens",
-            "300",
-        ],
-        tmp_path,
-    )
-
-
-def test_attention_kernels(tmp_path: Path) -> None:
-    out = tmp_path / "attention.json"
-    run(["attention_kernels.py", "--device", "cpu", "--smoke", "--out", str(out)], tmp_path)
+def check_attention(out: Path) -> None:
     row = json.loads(out.read_text())["scenarios"]["smoke"]
     assert row["pool_vs_fp32_reference"] < 1e-4
     assert row["flex"]["max_abs_diff_vs_pool"] < 1e-4  # the block masks encode the pool layout
     assert "skipped" in row["flashinfer"] and "skipped" in row["flash_attn"]
 
 
+def test_stage_a_mixed(run: Run, tmp_path: Path) -> None:
+    run(stage_a_mixed(tmp_path / "stage_a.json"))
+    check_stage_a(tmp_path / "stage_a.json")
+
+
+def test_grpo_mixed(run: Run, tmp_path: Path) -> None:
+    run(grpo_mixed(tmp_path / "grpo.json"))
+    check_grpo(tmp_path / "grpo.json")
+
+
+def test_mixed_tree(run: Run, tmp_path: Path) -> None:
+    assert "6 photos under" in run(["mixed_tree.py", "--out", str(tmp_path / "tree"), "--photos", "6"])
+    assert len(list((tmp_path / "tree").rglob("*.jpg"))) == 6
+
+
+def test_attention_kernels(run: Run, tmp_path: Path) -> None:
+    run(attention_kernels(tmp_path / "attention.json"))
+    check_attention(tmp_path / "attention.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["stage_a", "grpo", "mixed_tree", "attention_kernels"])
+def test_script_runs_as_its_own_process(script: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{script}.json"
+    if script == "stage_a":
+        run_as_process(stage_a_mixed(out))
+        check_stage_a(out)
+    elif script == "grpo":
+        run_as_process(grpo_mixed(out))
+        check_grpo(out)
+    elif script == "attention_kernels":
+        run_as_process(attention_kernels(out))
+        check_attention(out)
+    else:
+        run_as_process(["mixed_tree.py", "--out", str(tmp_path / "tree"), "--photos", "6"])
+        assert len(list((tmp_path / "tree").rglob("*.jpg"))) == 6
+
+
+@pytest.mark.slow
+def test_profile_decode(tmp_path: Path) -> None:
+    assert "replay" in run_as_process(
+        ["profile_decode.py", "--preset", "tiny", "--device", "cpu", "--iters", "1", "--prompt-tokens", "300"]
+    )
+
+
 @pytest.mark.slow
 def test_grpo_compile_layers(tmp_path: Path) -> None:
     out = tmp_path / "grpo.json"
-    run(["grpo.py", "--impl", "ours", "--mixed", "--max-photos", "2", "--preset", "tiny", "--device", "cpu",
-         "--steps", "2", "--prompts", "2", "--new-tokens", "4", "--compile-layers", "--out", str(out)], tmp_path)  # fmt: skip
+    run_as_process(["grpo.py", "--impl", "ours", "--mixed", "--max-photos", "2", "--preset", "tiny", "--device", "cpu",
+                    "--steps", "2", "--prompts", "2", "--new-tokens", "4", "--compile-layers", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["compile_layers"] and 1 <= result["compiles"] <= 4  # plain and LoRA layers, two halves each

@@ -3,6 +3,8 @@ config, validation reports every problem at once, and the command line fails wit
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -217,8 +219,29 @@ class CliRun:
     cwd: Path
 
 
-@pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliRun]:
+def run_in_process(args: list[str], cwd: Path, compose_at: Callable[..., DictConfig]) -> CliRun:
+    """What ``python -m bbuqc_lightning.train <args>`` does up to its error, in this process: the composition
+    check (``main``), then ``train_or_exit`` on the composed config, run folder ``cwd/run``, from ``cwd``."""
+    from bbuqc_lightning.cli import check_composition
+    from bbuqc_lightning.train import train_or_exit
+
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("HYDRA_FULL_ERROR", "PROJECT_ROOT", "BBUQC_DATA_DIR"):
+            patch.delenv(key, raising=False)
+        patch.chdir(cwd)
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                check_composition(args)
+                train_or_exit(compose_at(args, cwd, cwd / "data"))
+        except SystemExit as exit_:
+            returncode = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            HydraConfig.instance().cfg = None
+    return CliRun(returncode, stdout.getvalue(), stderr.getvalue(), cwd)
+
+
+def run_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliRun]:
     """Run the failing commands in parallel (each pays the torch import once), each in a scratch folder."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PROJECT_ROOT", "BBUQC_DATA_DIR")
@@ -239,6 +262,23 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliRun]:
         stdout, stderr = proc.communicate(timeout=180)
         results[name] = CliRun(proc.returncode, stdout, stderr, cwd)
     return results
+
+
+@pytest.fixture(scope="module", params=["in_process", pytest.param("processes", marks=pytest.mark.slow)])
+def cli_runs(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    compose_at: Callable[..., DictConfig],
+) -> dict[str, CliRun]:
+    """Each failing command line, run as the command line runs it: in this process in the default run, as
+    real ``python -m bbuqc_lightning.train`` processes under ``-m slow``. (One real process of a bad value
+    is in the default run too: ``test_first_hour.py::test_a_wrong_setting_is_reported_without_loading_torch``.)"""
+    if request.param == "processes":
+        return run_processes(tmp_path_factory)
+    return {
+        name: run_in_process(args, tmp_path_factory.mktemp(name), compose_at)
+        for name, args in CLI_CASES.items()
+    }
 
 
 def _no_traceback(result: CliRun) -> None:

@@ -4,6 +4,7 @@ OpenAI-compatible HTTP Teacher against a local stand-in server."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import bbuqc_lightning.generation.engine as engine_module
@@ -204,6 +206,44 @@ def test_scripted_teacher_run_writes_a_fusion_source(
         assert len(load_as_fusion_chat_source(path, tmp_path)) == len(rows)
 
 
+def test_distill_tool_on_embedded_defaults_in_process(
+    compose_at: Callable[[list[str], Path, Path], DictConfig],
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``tools/distill.py`` with the tiny text Teacher (only sizes shrunk for CPU time), in this process: its
+    ``main`` prepares the command line (adds ``+experiment=distill``), its Hydra task runs on the composed
+    config and prints the report. As its own process: ``test_distill_tool_on_embedded_defaults`` (slow)."""
+    spec = importlib.util.spec_from_file_location("distill_tool", REPO / "tools" / "distill.py")
+    assert spec and spec.loader
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = ["logger=none", "extras.print_config=false", "data.limit_samples=2", *FAST]
+    monkeypatch.setattr(sys, "argv", ["distill.py", *args])
+    task = tool.run
+    monkeypatch.setattr(tool, "run", lambda: None)  # main() ends by handing sys.argv to Hydra
+    tool.main()
+    assert sys.argv[1:] == [*args, tool.EXPERIMENT]
+    cfg = compose_at(sys.argv[1:], tmp_path, data_dir)
+    try:
+        task(cfg)  # the @hydra.main task, given its config (Hydra passes a config through)
+    finally:
+        HydraConfig.instance().cfg = None
+    run = tmp_path / "run"
+    path = run / "stage_b" / "bbu_installation" / "distill_chatml.jsonl"
+    stdout = capsys.readouterr().out
+    assert f"{path}" in stdout and "rows=" in stdout
+    rows = read_jsonl(path)
+    assert_chatml_rows(rows)  # the random tiny Teacher's answers are invalid: usually no rows, never bad ones
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["distill/rows"] == len(rows) and metrics["distill/rows"] + metrics["distill/invalid_skipped"] + metrics[
+        "distill/dropped"] == 2  # fmt: skip
+    assert len(load_as_fusion_chat_source(path, tmp_path)) == len(rows)
+
+
+@pytest.mark.slow
 def test_distill_tool_on_embedded_defaults(tmp_path: Path, data_dir: Path) -> None:
     """``python tools/distill.py`` with the tiny text Teacher (only sizes shrunk for CPU time)."""
     run = tmp_path / "run"

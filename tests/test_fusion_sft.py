@@ -313,7 +313,8 @@ def test_full_sft_model_folder_starts_grpo_and_eval(
     assert not torch.equal(saved[name], tiny().model.state_dict()[name])  # not the random init
 
     start = [f"model.model_name_or_path={folder}", "model.random_init=false"]
-    metrics, grpo = run(["+experiment=grpo", *start, "trainer.max_steps=1"], tmp_path / "grpo")
+    short = ["module.grpo.max_new_tokens=4", "module.grpo.num_generations=2"]  # only the start matters here
+    metrics, grpo = run(["+experiment=grpo", *start, *short, "trainer.max_steps=1"], tmp_path / "grpo")
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     base = grpo["module"].model.get_base_model().state_dict()
     torch.testing.assert_close(base[name], saved[name])  # GRPO started from the SFT weights
@@ -321,7 +322,13 @@ def test_full_sft_model_folder_starts_grpo_and_eval(
     assert (adapter / "adapter_model.safetensors").is_file()
 
     metrics, _ = run(
-        ["+experiment=eval", *start, f"module.adapter_path={adapter}", "data.limit_samples=4"],
+        [
+            "+experiment=eval",
+            *start,
+            f"module.adapter_path={adapter}",
+            "data.limit_samples=4",
+            "module.max_new_tokens=8",
+        ],
         tmp_path / "eval",
     )
     assert metrics["test/groups"] == 4 and 0.0 <= metrics["test/format_valid_rate"] <= 1.0

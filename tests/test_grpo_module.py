@@ -1,5 +1,9 @@
 """The GRPO LightningModule with the real tiny Qwen3-VL: trainable boundary, a real update, shared-prefix
-forward equality, exact resume, and learning on a reward the tiny model can move."""
+forward equality, exact resume, and learning on a reward the tiny model can move.
+
+The two resume tests here drive a bare ``L.Trainer`` and are slow; the default run resumes GRPO through
+``train(cfg)`` in ``test_resume.py`` (mid-epoch with dropout from ``last.ckpt`` and from a step checkpoint,
+and at an epoch end, checking that a checkpoint stores only the adapters)."""
 
 from __future__ import annotations
 
@@ -254,6 +258,7 @@ def test_validation_logs_verdict_metrics(tmp_path: Path) -> None:
         assert key in metrics
 
 
+@pytest.mark.slow  # default run: test_resume.py::test_grpo_resume_with_more_epochs_starts_the_next_epoch
 def test_resume_reproduces_the_next_step(tmp_path: Path) -> None:
     def run(max_steps: int, ckpt: str | None, root: Path) -> list[float]:
         L.seed_everything(0)
@@ -281,6 +286,7 @@ def test_resume_reproduces_the_next_step(tmp_path: Path) -> None:
     assert all("lora_" in k for k in checkpoint["state_dict"])  # only the adapters are stored
 
 
+@pytest.mark.slow  # default run: test_resume.py::test_grpo_resumes_from_last_ckpt_and_from_a_step_checkpoint
 def test_resume_mid_epoch_with_dropout_reproduces_the_next_steps(tmp_path: Path) -> None:
     """A checkpoint of step 1 of a 4-step epoch resumes on the same prompts, samples and loss, bit for bit."""
 

@@ -17,13 +17,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bbuqc_lightning.train import train
+from bbuqc_lightning.grpo.module import GRPOModule
+from bbuqc_lightning.train import train, train_or_exit
 
 Compose = Callable[[list[str], Path, Path], DictConfig]
 
@@ -62,17 +64,20 @@ def logged(run: Path, key: str) -> dict[int, str]:
         return {int(row["step"]): row[key] for row in csv.DictReader(f) if row.get(key)}
 
 
+def fit_at(compose_at: Compose, root: Path, data_dir: Path, overrides: list[str]) -> Path:
+    """One ``train()`` of ``COMMON + overrides`` with its run folder under ``root``; returns that folder."""
+    cfg = compose_at(COMMON + overrides, root, data_dir)
+    try:
+        train(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    return root / "run"
+
+
 @pytest.fixture
 def fit(compose_at: Compose, tmp_path: Path, data_dir: Path) -> Callable[..., Path]:
     """``fit(name, overrides) -> run folder``: one ``train()`` of the composed config in ``tmp_path/name``."""
-
-    def run(name: str, overrides: list[str]) -> Path:
-        cfg = compose_at(COMMON + overrides, tmp_path / name, data_dir)
-        train(cfg)
-        return tmp_path / name / "run"
-
-    yield run
-    HydraConfig.instance().cfg = None
+    return lambda name, overrides: fit_at(compose_at, tmp_path / name, data_dir, overrides)
 
 
 def assert_resumed_exactly(full: Path, resumed: Path, steps: range, keys: tuple[str, ...]) -> None:
@@ -82,18 +87,31 @@ def assert_resumed_exactly(full: Path, resumed: Path, steps: range, keys: tuple[
         assert [again[s - 1] for s in steps] == [reference[s - 1] for s in steps], key
 
 
-def test_grpo_resumes_from_last_ckpt_and_from_a_step_checkpoint(fit: Callable[..., Path]) -> None:
-    full = fit("full", [*GRPO, "trainer.max_steps=4", EVERY_STEP])
-    # The README's resume: last.ckpt written when fit returned mid-epoch (checkpoint cadence 4 > 2 steps),
-    # resumed with a larger max_steps.
-    half = fit("half", [*GRPO, "trainer.max_steps=2"])
+# GRPO over 4 samples: 2 steps per epoch, so 2 epochs are 4 steps and a resume can cross an epoch end.
+GRPO_EPOCHS = [*GRPO, "data.limit_samples=4", "trainer.max_steps=-1"]
+
+
+@pytest.fixture(scope="module")
+def grpo_full(compose_at: Compose, tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """The uninterrupted GRPO run both GRPO resume tests compare with: 2 epochs, a checkpoint every step."""
+    root = tmp_path_factory.mktemp("grpo_full")
+    return fit_at(compose_at, root, data_dir, [*GRPO_EPOCHS, "trainer.max_epochs=2", EVERY_STEP])
+
+
+def test_grpo_resumes_from_last_ckpt_and_from_a_step_checkpoint(
+    fit: Callable[..., Path], grpo_full: Path
+) -> None:
+    # The README's resume: last.ckpt written when fit returned mid-epoch (at max_steps=1; the checkpoint
+    # cadence, 4 steps, never came), resumed with a larger budget: steps 2-4, across the epoch end.
+    half = fit("half", [*GRPO_EPOCHS, "trainer.max_epochs=2", "trainer.max_steps=1"])
     resumed = fit(
-        "resumed", [*GRPO, "trainer.max_steps=4", f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"]
+        "resumed", [*GRPO_EPOCHS, "trainer.max_epochs=2", f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"]
     )
-    assert_resumed_exactly(full, resumed, range(3, 5), ("train/loss", "train/reward"))
-    # After kill -9 only the checkpoints written during the run are left: step 3's resumes too.
-    killed = fit("killed", [*GRPO, "trainer.max_steps=4", f"ckpt_path={full / 'checkpoints' / 'step3.ckpt'}"])
-    assert_resumed_exactly(full, killed, range(4, 5), ("train/loss", "train/reward"))
+    assert_resumed_exactly(grpo_full, resumed, range(2, 5), ("train/loss", "train/reward"))
+    # After kill -9 only the checkpoints written during the run are left: step 3's (mid-epoch) resumes too.
+    step3 = grpo_full / "checkpoints" / "step3.ckpt"
+    killed = fit("killed", [*GRPO_EPOCHS, "trainer.max_epochs=2", f"ckpt_path={step3}"])
+    assert_resumed_exactly(grpo_full, killed, range(4, 5), ("train/loss", "train/reward"))
 
 
 def test_fusion_sft_resumes_mid_epoch_with_dropout_bit_exactly(fit: Callable[..., Path]) -> None:
@@ -109,19 +127,56 @@ def test_fusion_sft_resumes_mid_epoch_with_dropout_bit_exactly(fit: Callable[...
     assert_resumed_exactly(full, killed, range(4, 5), ("train/loss",))
 
 
-def test_grpo_resume_with_more_epochs_starts_the_next_epoch(fit: Callable[..., Path]) -> None:
-    epochs = [*GRPO, "data.limit_samples=4", "trainer.max_steps=-1"]  # 2 steps per epoch
-    full = fit("full", [*epochs, "trainer.max_epochs=2"])
-    one = fit("one", [*epochs, "trainer.max_epochs=1"])
+def test_grpo_resume_with_more_epochs_starts_the_next_epoch(
+    fit: Callable[..., Path], grpo_full: Path
+) -> None:
+    one = fit("one", [*GRPO_EPOCHS, "trainer.max_epochs=1"])
     resumed = fit(
-        "resumed", [*epochs, "trainer.max_epochs=2", f"ckpt_path={one / 'checkpoints' / 'last.ckpt'}"]
+        "resumed", [*GRPO_EPOCHS, "trainer.max_epochs=2", f"ckpt_path={one / 'checkpoints' / 'last.ckpt'}"]
     )
-    assert_resumed_exactly(full, resumed, range(3, 5), ("train/loss", "train/reward"))
+    assert_resumed_exactly(grpo_full, resumed, range(3, 5), ("train/loss", "train/reward"))
     checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4
+    assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])  # adapters only
 
 
 def test_sigterm_during_grpo_stops_after_the_step_with_a_resumable_last_ckpt(
+    compose_at: Compose, tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """SIGTERM inside the second step (this process signals itself): that step finishes, ``last.ckpt`` is
+    written mid-epoch with both steps, with ``metrics.json`` and the adapter, and the command line's
+    ``train`` exits 143 (resuming a mid-epoch ``last.ckpt``: the tests above). The same from outside,
+    through ``python -m bbuqc_lightning.train``: ``test_sigterm_..._through_the_cli`` (slow)."""
+    training_step = GRPOModule.training_step
+
+    def signalled_step(self: GRPOModule, batch: Any, batch_idx: int) -> Any:
+        if self.trainer.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GRPOModule, "training_step", signalled_step)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_at(
+        [*COMMON, *GRPO_BASE, "trainer.max_steps=200", EVERY_STEP], tmp_path / "stopped", data_dir
+    )
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_or_exit(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "error: stopped on SIGTERM" in capsys.readouterr().err
+    run = tmp_path / "stopped" / "run"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2  # the step in hand was finished, no further one started
+    epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert epochs["started"] == 1 and epochs["completed"] == 0  # mid-epoch: a resume continues this epoch
+    assert (run / "metrics.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_during_grpo_stops_after_the_step_with_a_resumable_last_ckpt_through_the_cli(
     tmp_path: Path, data_dir: Path
 ) -> None:
     run = tmp_path / "run"

@@ -2,12 +2,14 @@
 
 What the writer- and scanner-level tests (``test_stage_a_writer.py``, ``test_tree.py``) cannot show:
 batched greedy generation equals batch-1 generation when a batch mixes image sizes; ``train(cfg)`` writes
-the SPEC §4 JSONL in the scanner's order with the right metrics; a real ``python -m bbuqc_lightning.train``
-killed with ``kill -9`` resumes without loss, duplicates or regeneration; a corrupt image is a logged skip
-(``data.strict=false``) or one located error (``data.strict=true``); DDP over 2 CPU ranks merges its
-shards into one file, also when a resumed run leaves a rank (or every rank) nothing to generate.
+the SPEC §4 JSONL in the scanner's order with the right metrics; a run killed with ``kill -9`` resumes
+without loss, duplicates or regeneration; SIGTERM finishes the batch in hand and exits 143; a corrupt image
+is a logged skip (``data.strict=false``) or one located error (``data.strict=true``); DDP over 2 CPU ranks
+merges its shards into one file, also when a resumed run leaves a rank (or every rank) nothing to generate.
 
-Every run here shares one tiny synthetic tree and one uninterrupted reference run (module fixtures).
+Every run here shares one tiny synthetic tree and one uninterrupted reference run (module fixtures). The
+default run kills a forked ``train(cfg)`` and stops runs by signals and errors in this process; ``-m slow``
+does the same through real ``python -m bbuqc_lightning.train`` processes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -26,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from bbuqc_lightning.callbacks.stage_a_writer import list_shards, shard_path
+from bbuqc_lightning.callbacks.stage_a_writer import StageAJsonlWriter, list_shards, shard_path
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.constants import LABEL_DIR_NAMES, MISSIONS, image_key
 from bbuqc_lightning.data.jsonl import dumps_line
@@ -41,7 +45,7 @@ from bbuqc_lightning.stage_a.datamodule import StageADataModule
 from bbuqc_lightning.stage_a.module import StageAModule
 from bbuqc_lightning.stage_a.settings import settings_path
 from bbuqc_lightning.summaries.records import STAGE_A_FIELDS
-from bbuqc_lightning.train import train
+from bbuqc_lightning.train import train, train_or_exit
 
 # Tiny synthetic data: 1 group per mission in the test split. Seed 16 gives small groups (2+2+3+2 = 9
 # images of 64x48, one group merged from two folders): each decode step of the HF backend costs ~0.1 s on
@@ -261,11 +265,40 @@ def test_images_match_the_synthetic_reference_order(
 # ------------------------------------------------------------------ 3 + 5. kill -9 and resume (real CLI)
 
 
-@pytest.fixture(scope="module")
+def _run_until_killed(
+    compose_at: ComposeAt, overrides: list[str], run_root: Path, data_dir: Path, out: Path
+) -> None:
+    """A forked child's work: ``train(cfg)``, which stops in its tracks once a line of ``out`` is durable,
+    to wait there for its ``kill -9`` (so the kill always lands mid-run, however slow the machine)."""
+    os.setsid()  # its own process group, as a run started from a shell
+    # One intra-op thread, as Lightning gives each forked DDP rank here: the OpenMP pool this process
+    # inherited from its parent has no threads behind it, and a parallel region would wait for them forever.
+    torch.set_num_threads(1)
+    write = StageAJsonlWriter.write_on_batch_end
+
+    def write_then_wait(self: StageAJsonlWriter, *args: Any, **kwargs: Any) -> None:
+        write(self, *args, **kwargs)
+        while complete_lines(out) >= 1:
+            signal.pause()
+
+    StageAJsonlWriter.write_on_batch_end = write_then_wait  # type: ignore[method-assign]
+    run_in_process(compose_at, overrides, run_root, data_dir)
+
+
+@pytest.fixture(
+    scope="module",
+    # fork: a child of this process runs train(cfg) (what the command line runs), rerun here; cli: a real
+    # `python -m bbuqc_lightning.train`, rerun by another (two interpreters' imports: slow).
+    params=["fork", pytest.param("cli", marks=pytest.mark.slow)],
+)
 def killed_then_resumed(
-    stage_a_data: Path, tree_root: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    compose_at: ComposeAt,
+    stage_a_data: Path,
+    tree_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
-    """Run the CLI, ``kill -9`` its process group after the first line(s), add a torn line, rerun."""
+    """A run, ``kill -9`` of its process group after the first line(s), a torn line added, a rerun."""
     root = tmp_path_factory.mktemp("killed")
     out = root / "stage_a.jsonl"
     env = cli_env(root, stage_a_data)
@@ -273,23 +306,39 @@ def killed_then_resumed(
     total = len(scan_tree(tree_root).records)
     err = root / "run1.stderr"
     with open(err, "wb") as stderr:  # a file, not a pipe: a full pipe would stall the run
-        proc = subprocess.Popen(  # its own process group: kill -9 takes every process of the run at once
-            cli_args(overrides, root / "run1"),
-            cwd=root,
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+        if request.param == "cli":
+            proc: Any = (
+                subprocess.Popen(  # its own process group: kill -9 takes every process of the run at once
+                    cli_args(overrides, root / "run1"),
+                    cwd=root,
+                    env=env,
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            )
+            alive, wait = (lambda: proc.poll() is None), (lambda: proc.wait(timeout=30))
+        else:
+            args = (compose_at, overrides, root / "run1", stage_a_data, out)
+            proc = multiprocessing.get_context("fork").Process(target=_run_until_killed, args=args)
+            proc.start()
+            alive = proc.is_alive
+
+            def wait() -> int | None:
+                proc.join(timeout=30)
+                return proc.exitcode
+
         try:
-            deadline = time.monotonic() + 60
-            while complete_lines(out) < 1 and proc.poll() is None:
-                assert time.monotonic() < deadline, "no Stage-A line within 60 s"
+            deadline = time.monotonic() + 120  # a hung run fails here instead of hanging the suite
+            while complete_lines(out) < 1 and alive():
+                assert time.monotonic() < deadline, "no Stage-A line within 120 s"
                 time.sleep(0.01)
         finally:  # also when the wait above fails: never leave the run behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):  # a child killed before its setsid()
+                os.kill(proc.pid, signal.SIGKILL)
+            rc = wait()
     tail = err.read_text(encoding="utf-8", errors="replace")[-3000:]
     assert rc == -signal.SIGKILL, f"the run ended before it was killed (rc={rc}):\n{tail}"
     before = jsonl_rows(out)
@@ -297,9 +346,12 @@ def killed_then_resumed(
     with open(out, "ab") as f:  # a kill in the middle of the next line's write
         f.write(TORN_TAIL)
 
-    resumed = run_cli(overrides, root / "run2", env)
-    assert resumed.returncode == 0, resumed.stderr.decode("utf-8", "replace")[-3000:]
-    metrics = json.loads((root / "run2" / "metrics.json").read_text(encoding="utf-8"))
+    if request.param == "cli":
+        resumed = run_cli(overrides, root / "run2", env)
+        assert resumed.returncode == 0, resumed.stderr.decode("utf-8", "replace")[-3000:]
+        metrics = json.loads((root / "run2" / "metrics.json").read_text(encoding="utf-8"))
+    else:
+        metrics = run_in_process(compose_at, overrides, root / "rerun", stage_a_data)
     return {"before": before, "after": jsonl_rows(out), "metrics": metrics, "out": out}
 
 
@@ -314,8 +366,48 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     assert after[: len(before)] == before  # lines written before the kill are kept as they were
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
-def test_signal_finishes_the_group_in_hand_and_exits_128_plus_signal(
+def test_signal_finishes_the_batch_in_hand_and_exits_128_plus_signal(
+    compose_at: ComposeAt, stage_a_data: Path, tree_root: Path, tmp_path: Path,
+    reference: tuple[list[dict[str, Any]], dict, Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """SIGTERM arrives while the first batch is generated (sent by this process to itself, as a scheduler
+    would): that batch is finished and written, the run stops before the next one with exit code 143 and
+    ``metrics.json``, and a rerun completes the file as an uninterrupted run wrote it. The same through the
+    real command line, signalled from outside: ``test_signal_..._through_the_cli`` (slow)."""
+    out = tmp_path / "stage_a.jsonl"
+    overrides = overrides_for(tree_root, f"stage_a.output_jsonl={out}")
+    predict_step = StageAModule.predict_step
+
+    def signalled_step(self: StageAModule, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return predict_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(StageAModule, "predict_step", signalled_step)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    cfg = compose_at(overrides, tmp_path / "stopped", stage_a_data)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_or_exit(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "error: stopped on SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == handler  # the run gave the previous handler back
+    before = jsonl_rows(out)  # every line whole
+    assert 1 <= len(before) < len(reference[0])
+    assert (tmp_path / "stopped" / "run" / "metrics.json").is_file()  # written on the way out
+    monkeypatch.setattr(StageAModule, "predict_step", predict_step)
+    run_in_process(compose_at, overrides, tmp_path / "rerun", stage_a_data)
+    after = jsonl_rows(out)
+    assert by_ticket(after) == by_ticket(reference[0]) and after[: len(before)] == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_group_in_hand_and_exits_128_plus_signal_through_the_cli(
     sig: signal.Signals, stage_a_data: Path, tree_root: Path, tmp_path: Path,
     reference: tuple[list[dict[str, Any]], dict, Path],
 ) -> None:  # fmt: skip
@@ -417,6 +509,32 @@ def test_non_strict_skips_and_counts_the_corrupt_group(
 
 
 def test_strict_run_exits_with_a_located_error(
+    compose_at: ComposeAt, stage_a_data: Path, corrupt_tree: tuple[Path, GroupRecord, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """``train_or_exit`` (the command line's ``train``): one located ``error:`` line, exit 2, nothing written.
+    The same through ``python -m bbuqc_lightning.train``: ``test_strict_run_..._through_the_cli`` (slow)."""
+    root, victim, bad = corrupt_tree
+    out = tmp_path / "stage_a.jsonl"
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_at(
+        overrides_for(root, "data.strict=true", f"stage_a.output_jsonl={out}"), tmp_path, stage_a_data
+    )
+    try:
+        with pytest.raises(SystemExit) as failed:
+            train_or_exit(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    stderr = capsys.readouterr().err
+    assert failed.value.code == 2
+    assert str(bad) in stderr and victim.ticket_key in stderr
+    assert stderr.startswith("error: ") and len(stderr.splitlines()) == 1 and "Traceback" not in stderr
+    assert "Traceback (most recent call last)" in (tmp_path / "run" / "error.log").read_text(encoding="utf-8")
+    assert not out.exists() or out.read_bytes() == b""  # nothing half-done
+
+
+@pytest.mark.slow
+def test_strict_run_exits_with_a_located_error_through_the_cli(
     stage_a_data: Path, corrupt_tree: tuple[Path, GroupRecord, Path], tmp_path: Path
 ) -> None:
     root, victim, bad = corrupt_tree

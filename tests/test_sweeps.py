@@ -1,14 +1,18 @@
 """W&B sweep files (``conf/sweeps/*.yaml``): each is a valid sweep whose parameters exist in the composed
-experiment, one sampled configuration runs through the exact command a W&B agent would build, and a Hydra
-multirun over the same parameters writes one run folder per value."""
+experiment, one sampled configuration runs through the exact command a W&B agent would build (in this
+process; as an agent's own process under ``-m slow``), and a Hydra multirun over the same parameters
+(the command line's ``main()`` in this process; a real process under ``-m slow``) writes one run folder per
+value."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE
@@ -16,11 +20,15 @@ from typing import Any
 
 import pytest
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
+from bbuqc_lightning.cli import check_composition
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
+from bbuqc_lightning.train import main as train_main
+from bbuqc_lightning.train import train
 
 REPO_ROOT = config_dir().parent
 SWEEPS = sorted(path.stem for path in (config_dir() / "sweeps").glob("*.yaml"))
@@ -153,11 +161,9 @@ class Run:
     folder: Path
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Run]:
-    """One sampled configuration per sweep and one Hydra multirun, run side by side in scratch folders."""
+def subprocess_env(data_dir: Path) -> dict[str, str]:
     synthetic = OmegaConf.load(config_dir() / "train.yaml").synthetic
-    ensure_synthetic(  # generated once here, not raced by the parallel runs
+    ensure_synthetic(  # generated here, once, not by (possibly parallel) runs
         data_dir / "synthetic", synthetic.seed, dict(synthetic.groups_per_split), list(synthetic.image_size)
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PROJECT_ROOT", "WANDB_SWEEP_ID")}
@@ -167,17 +173,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, 
         WANDB_MODE="offline",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",  # three runs share the cores: threads would only wait on each other
         HYDRA_FULL_ERROR="1",
     )
-    commands: dict[str, tuple[list[str], Path]] = {}
-    for name in SWEEPS:
-        sweep = load_sweep(name)
-        folder = tmp_path_factory.mktemp(f"sweep_{name}")
-        params = {key: sample(spec) for key, spec in sweep["parameters"].items()}
-        tiny = [*TINY_COMMON, *TINY.get(experiment_of(sweep), []), f"hydra.run.dir={folder / 'run'}"]
-        commands[name] = (agent_command(sweep, params) + tiny, folder / "run")
-    commands["multirun"] = multirun_command(tmp_path_factory.mktemp("multirun"))
+    return env
+
+
+def run_commands(commands: dict[str, tuple[list[str], Path]], env: dict[str, str]) -> dict[str, Run]:
+    """Run the commands side by side (each in its own folder's parent) and wait for all of them."""
+    if len(commands) > 1:  # the runs share the cores: threads would only wait on each other
+        env = {**env, "OMP_NUM_THREADS": "1"}
     procs = {
         name: subprocess.Popen(
             command, cwd=folder.parent, env=env, stdout=PIPE, stderr=subprocess.STDOUT, text=True
@@ -191,15 +195,42 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, 
     return results
 
 
+def sampled_params(sweep: dict[str, Any]) -> dict[str, Any]:
+    return {key: sample(spec) for key, spec in sweep["parameters"].items()}
+
+
+def tiny_overrides(sweep: dict[str, Any]) -> list[str]:
+    return [*TINY_COMMON, *TINY.get(experiment_of(sweep), [])]
+
+
+@pytest.fixture(scope="module")
+def agent_runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Run]:
+    """One sampled configuration per sweep, each through the exact command a W&B agent runs (a process)."""
+    commands: dict[str, tuple[list[str], Path]] = {}
+    for name in SWEEPS:
+        sweep = load_sweep(name)
+        folder = tmp_path_factory.mktemp(f"sweep_{name}")
+        tiny = [*tiny_overrides(sweep), f"hydra.run.dir={folder / 'run'}"]
+        commands[name] = (agent_command(sweep, sampled_params(sweep)) + tiny, folder / "run")
+    return run_commands(commands, subprocess_env(data_dir))
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Run:
+    return run_commands(
+        {"multirun": multirun_command(tmp_path_factory.mktemp("multirun"))}, subprocess_env(data_dir)
+    )["multirun"]
+
+
 def multirun_command(folder: Path) -> tuple[list[str], Path]:
     """``-m`` with two values of the learning rate (the range ends), every other parameter sampled."""
     sweep = load_sweep(MULTIRUN_SWEEP)
-    params = {key: sample(spec) for key, spec in sweep["parameters"].items()}
+    params = sampled_params(sweep)
     lr = sweep["parameters"]["module.grpo.learning_rate"]
     params["module.grpo.learning_rate"] = f"{lr['min']},{lr['max']}"
     overrides = [f"{key}={value}" for key, value in params.items()]
     command = [sys.executable, "-m", "bbuqc_lightning.train", "-m", f"+experiment={experiment_of(sweep)}"]
-    tiny = [*TINY_COMMON, *TINY[MULTIRUN_SWEEP], f"hydra.sweep.dir={folder / 'multirun'}"]
+    tiny = [*tiny_overrides(sweep), f"hydra.sweep.dir={folder / 'multirun'}"]
     return command + overrides + tiny, folder / "multirun"
 
 
@@ -208,8 +239,34 @@ def metrics_of(folder: Path) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_sampled_configuration_runs_and_logs_the_sweep_metric(name: str, runs: dict[str, Run]) -> None:
-    run = runs[name]
+def test_sampled_configuration_runs_and_logs_the_sweep_metric(
+    name: str, compose_at: Callable[[list[str], Path, Path], DictConfig], tmp_path: Path, data_dir: Path
+) -> None:
+    """The agent's command line (wandb's own formatting of the sampled parameters), run as the CLI runs it
+    (composition check, then ``train(cfg)``) in this process. As a process of its own: the slow test below."""
+    sweep = load_sweep(name)
+    params = sampled_params(sweep)
+    command = agent_command(sweep, params) + tiny_overrides(sweep)
+    assert command[:2] == ["/usr/bin/env", sys.executable]  # ${env} ${interpreter}, as the agent expands them
+    argv = command[command.index("bbuqc_lightning.train") + 1 :]
+    check_composition(argv)
+    cfg = compose_at(argv, tmp_path, data_dir)
+    try:
+        reached = {key: OmegaConf.select(cfg, key) for key in params}
+        assert reached == params  # every sampled parameter reached the run's config
+        metrics, _ = train(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    metric = sweep["metric"]["name"]
+    assert metric in metrics and metric in metrics_of(tmp_path / "run"), sorted(metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sampled_configuration_runs_and_logs_the_sweep_metric_as_an_agent_process(
+    name: str, agent_runs: dict[str, Run]
+) -> None:
+    run = agent_runs[name]
     assert run.returncode == 0, f"{' '.join(run.command)}\n{run.output[-4000:]}"
     metric = load_sweep(name)["metric"]["name"]
     assert metric in metrics_of(run.folder), sorted(metrics_of(run.folder))
@@ -217,15 +274,60 @@ def test_sampled_configuration_runs_and_logs_the_sweep_metric(name: str, runs: d
     assert set(load_sweep(name)["parameters"]) <= {o.split("=", 1)[0] for o in overrides}
 
 
-def test_hydra_multirun_over_a_sweep_parameter_writes_a_folder_per_value(runs: dict[str, Run]) -> None:
-    run = runs["multirun"]
-    assert run.returncode == 0, f"{' '.join(run.command)}\n{run.output[-4000:]}"
+def assert_a_folder_per_value(folder: Path) -> None:
     metric = load_sweep(MULTIRUN_SWEEP)["metric"]["name"]
     lr = load_sweep(MULTIRUN_SWEEP)["parameters"]["module.grpo.learning_rate"]
     seen = []
     for job in ("0", "1"):
-        assert metric in metrics_of(run.folder / job)
-        config = OmegaConf.load(run.folder / job / ".hydra" / "config.yaml")
+        assert metric in metrics_of(folder / job)
+        config = OmegaConf.load(folder / job / ".hydra" / "config.yaml")
         seen.append(config.module.grpo.learning_rate)
     assert seen == [lr["min"], lr["max"]]
-    assert not (run.folder / "2").exists()
+    assert not (folder / "2").exists()
+
+
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """Hydra configures logging for itself and each job (handlers on the root logger, some to files): put
+    every logger back as it was, so later tests log as before and no handler outlives its stream."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate, disabled in saved:
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
+
+
+def test_hydra_multirun_over_a_sweep_parameter_writes_a_folder_per_value(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m bbuqc_lightning.train -m ...`` run by its ``main()`` in this process (Hydra's basic launcher
+    runs the jobs one after the other in the calling process). As a process of its own: the slow test below."""
+    command, folder = multirun_command(tmp_path)
+    env = subprocess_env(data_dir)
+    for key in ("PROJECT_ROOT", "WANDB_SWEEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("BBUQC_DATA_DIR", "HYDRA_FULL_ERROR"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train", *command[command.index("bbuqc_lightning.train") + 1 :]])
+    assert sys.argv[1] == "-m"
+    try:
+        with logging_restored():
+            train_main()
+    finally:
+        HydraConfig.instance().cfg = None
+    assert_a_folder_per_value(folder)
+
+
+@pytest.mark.slow
+def test_hydra_multirun_over_a_sweep_parameter_writes_a_folder_per_value_as_a_process(multirun: Run) -> None:
+    run = multirun
+    assert run.returncode == 0, f"{' '.join(run.command)}\n{run.output[-4000:]}"
+    assert_a_folder_per_value(run.folder)
