@@ -199,3 +199,8 @@ def use_engine_attention(model: nn.Module) -> None:
     inner = base_model(model)
     if inner.config._attn_implementation != NAME:
         inner.set_attn_implementation(NAME)
+
+
+# Registered on import as well: a process that receives a switched model by pickling (a spawned DDP rank, a
+# DataLoader worker) has never called ``use_engine_attention``, and transformers would not know the name there.
+register()
