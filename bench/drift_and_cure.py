@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from proof.bundle import bundle
-from proof.dag import describe
+from proof.dag import describe, edges
 from proof.drift_plan import DRIFTS, PlannedStep, build_plan
 from proof.drift_profiles import DEFAULT_JOBS, PLAN_MINUTES, PROFILES
 from proof.drift_report import log_to_wandb, markdown, write_report
@@ -79,6 +79,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", help="comma-separated step names to run now (default: every step left)")
     parser.add_argument(
+        "--rerun",
+        help="comma-separated done steps to run again with every step after them; on a later call, --set then "
+        "changes settings for those steps only (an error names a done step the change would also alter)",
+    )
+    parser.add_argument(
         "--max-minutes",
         type=float,
         default=0.0,
@@ -104,11 +109,16 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if state.is_file():
         saved = json.loads(state.read_text(encoding="utf-8"))["settings"]
         given = {"seeds": args.seeds, "teacher": args.teacher, "set": args.set or None}
+        if args.rerun and args.set:  # new values for the steps run again (checked against the rest in main)
+            given["set"] = None
+            saved = apply_sets(saved, args.set)
+            saved["_given"] = {**saved["_given"], "set": [*(saved["_given"].get("set") or []), *args.set]}
         changed = [k for k, v in given.items() if v is not None and v != saved["_given"].get(k)]
         if changed or saved["device"] != args.device:
             sys.exit(
                 f"error: {out} was started with other settings ({', '.join(changed) or 'device'}); "
-                "drop those options or pick a new --out"
+                "drop those options, pick a new --out, or name the steps to run again under new --set values with "
+                "--rerun"
             )
         if args.drift and args.drift != saved["drift"]:
             cured = [name for name in load_done(out) if "/cure_" in name or "/eval_cure_" in name]
@@ -119,14 +129,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                 )
             saved["drift"] = args.drift  # another mechanism from the same base models
         return saved
-    s: dict[str, Any] = dict(PROFILES[args.device])
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in s:
-            sys.exit(f"error: --set {key}: not a profile key ({', '.join(sorted(s))})")
-        s[key] = (
-            type(s[key])(value) if not isinstance(s[key], bool) else value.lower() in ("1", "true", "yes")
-        )
+    s = apply_sets(dict(PROFILES[args.device]), args.set)
     s |= {
         "device": args.device,
         "out": str(out.resolve()),
@@ -144,6 +147,52 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     return s
+
+
+def apply_sets(s: dict[str, Any], items: Sequence[str]) -> dict[str, Any]:
+    """``s`` with each ``KEY=VALUE`` of ``--set`` applied, typed as the profile's value."""
+    s = dict(s)
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in PROFILES["cpu"]:
+            sys.exit(f"error: --set {key}: not a profile key ({', '.join(sorted(PROFILES['cpu']))})")
+        s[key] = (
+            type(s[key])(value) if not isinstance(s[key], bool) else value.lower() in ("1", "true", "yes")
+        )
+    return s
+
+
+def rerun(
+    old: dict[str, Any], new: dict[str, Any], steps: Sequence[str], done: dict[str, Any], sets: Sequence[str]
+) -> dict[str, Any]:
+    """``done`` without ``steps`` and every step after them (they run again); records the rerun in ``new``.
+
+    A done step that is kept must not change: its commands under ``new`` must equal those under ``old``, else
+    the call stops naming it (a setting that only shapes a step's prepared input files is not seen here)."""
+    plan = build_plan(new)
+    names = {step.name for step in plan}
+    unknown = [n for n in steps if n not in names]
+    if unknown:
+        sys.exit(f"error: --rerun: unknown step(s) {', '.join(unknown)}")
+    drop, grew = set(steps), True
+    while grew:  # the steps after them, transitively
+        after = {b for a, b in edges(plan) if a in drop} - drop
+        drop |= after
+        grew = bool(after)
+    before = {step.name: [c.command for c in step.commands] for step in build_plan(old)}
+    altered = [
+        step.name
+        for step in plan
+        if step.name in done
+        and step.name not in drop
+        and [c.command for c in step.commands] != before.get(step.name)
+    ]
+    if altered:
+        sys.exit(
+            f"error: --set {' '.join(sets)} changes {', '.join(altered)}, done and not rerun; add to --rerun"
+        )
+    new["reruns"] = [*old.get("reruns", []), {"steps": sorted(drop & set(done)), "set": list(sets)}]
+    return {name: record for name, record in done.items() if name not in drop}
 
 
 def load_done(out: Path) -> dict[str, Any]:
@@ -248,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = build_plan(s)
     names = [step.name for step in plan]
     done = load_done(out)
+    if args.rerun:  # recorded in state.json when the steps start (--plan only shows them)
+        if args.report_only:
+            sys.exit("error: --rerun runs steps again; --report-only runs none")
+        old = json.loads((out / STATE).read_text(encoding="utf-8"))["settings"] if done else s
+        done = rerun(old, s, args.rerun.split(","), done, args.set)
     jobs = args.jobs or DEFAULT_JOBS[s["device"]]
     if jobs < 1:
         sys.exit("error: --jobs must be at least 1")

@@ -117,6 +117,34 @@ def test_teacher_base_skips_the_teacher_and_settings_are_fixed_by_the_first_call
         pipeline.settings(pipeline.parse_args(["--device", "cpu", "--out", s["out"], "--drift", "lenient"]))
 
 
+def test_rerun_with_new_settings_drops_the_named_steps_and_those_after_them(tmp_path: Path) -> None:
+    """The run-2 protocol: the cures again, longer, from the same drifted students; a change that would also
+    alter a kept step is refused, naming it."""
+    s, plan = plan_for(tmp_path, "--device", "cpu", "--seeds", "0", "--teacher", "base")
+    done = {step.name: {"seconds": 1.0} for step in plan}
+    pipeline.save_state(s, done)
+    cures = "s0/cure_a,s0/cure_b,s0/cure_b_penalty"
+    base = ["--device", "cpu", "--out", s["out"]]
+    with pytest.raises(SystemExit, match="other settings"):  # --set on a later call needs --rerun
+        pipeline.settings(pipeline.parse_args([*base, "--set", "grpo_steps=9"]))
+    args = pipeline.parse_args([*base, "--rerun", cures, "--set", "grpo_steps=9", "--set", "cure_a_steps=7"])
+    new = pipeline.settings(args)
+    assert (new["grpo_steps"], new["cure_a_steps"], new["base_steps"]) == (9, 7, s["base_steps"])
+    with pytest.raises(SystemExit, match="changes s0/cure_b_penalty, done and not rerun"):
+        pipeline.rerun(s, dict(new), ["s0/cure_a", "s0/cure_b"], done, args.set)  # the penalty arm too
+    kept = pipeline.rerun(s, new, cures.split(","), done, args.set)
+    assert set(done) - set(kept) == {
+        f"s0/{p}cure_{c}" for p in ("", "eval_") for c in ("a", "b", "b_penalty")
+    }
+    assert new["reruns"] == [
+        {"steps": sorted(set(done) - set(kept)), "set": ["grpo_steps=9", "cure_a_steps=7"]}
+    ]
+    commands = {step.name: " ".join(c.command for c in step.commands) for step in drift_plan.build_plan(new)}
+    assert "trainer.max_steps=9" in commands["s0/cure_b"] and "trainer.max_steps=7" in commands["s0/cure_a"]
+    with pytest.raises(SystemExit, match="unknown step"):
+        pipeline.rerun(s, new, ["s0/cure_c"], done, args.set)
+
+
 @pytest.mark.parametrize(
     ("mission", "summaries", "rules", "lenient"),
     [

@@ -167,6 +167,10 @@ def markdown(report: Mapping[str, Any]) -> str:
         "e2e = verdicts from the model's own summaries of the held-out photos; Stage-A = those summaries "
         "against the references.",
         "",
+        *[
+            f"Rerun with `--set {' '.join(r['set'])}`: {', '.join(r['steps'])}.\n"
+            for r in s.get("reruns", [])
+        ],
         "| stage | view | false-pass | false-fail | accuracy | format-valid |",
         "|---|---|---|---|---|---|",
     ]
