@@ -27,6 +27,8 @@ Commands::
     # or, where one command may run 10 minutes at most: the same command with --max-minutes 9, 3 times (resumes)
     python bench/drift_and_cure.py --device cuda --out outputs/drift --steps s0/drift_lenient,s0/eval_drift_lenient
     python bench/drift_and_cure.py --device cuda --out outputs/drift --report-only
+    # the cures again, longer, from the same drifted students (their evaluations follow)
+    python bench/drift_and_cure.py --device cuda --out outputs/drift --rerun s0/cure_b,s1/cure_b,s0/cure_b_penalty,s1/cure_b_penalty --set grpo_steps=240
     python bench/drift_and_cure.py --device cpu --out /tmp/drift_smoke --seeds 0 --teacher base   # CPU smoke
 
 Settings are fixed by the first call (``state.json``); later calls take them from there, except ``--drift``,
