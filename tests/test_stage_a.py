@@ -508,6 +508,37 @@ def test_non_strict_skips_and_counts_the_corrupt_group(
     assert by_ticket(jsonl_rows(out)) == expected
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_image_checks_on_threads_keep_the_sequential_outcome_and_order(
+    corrupt_tree: tuple[Path, GroupRecord, Path],
+    tree_root: Path,
+    records: list[GroupRecord],
+    tmp_path: Path,
+    num_workers: int,
+) -> None:
+    """``num_workers`` threads check the groups' images before inference (Pillow decodes without the GIL);
+    strict or not, the result is a sequential pass's: the same groups kept, the bad ones skipped in tree
+    order, and strict names the first bad group."""
+    root = tmp_path / "test"
+    shutil.copytree(corrupt_tree[0], root)
+    (root / records[3].image_paths[0].relative_to(tree_root)).write_bytes(b"\x00" * 64)  # a 2nd bad group
+    prompts = OmegaConf.to_container(OmegaConf.load(config_dir() / "prompts" / "stage_a.yaml"))
+    dm = StageADataModule(str(root), prompts, batch_size=4, num_workers=num_workers, strict=False)
+    dm.setup("predict")
+    dm.predict_dataloader()
+    assert [r.ticket_key for r in dm.records] == [
+        r.ticket_key for i, r in enumerate(records) if i not in (1, 3)
+    ]
+    reasons = [reason for _, reason in dm.skipped]
+    assert len(reasons) == 2, reasons
+    assert reasons[0].startswith(f"group {records[1].ticket_key}: ")
+    assert reasons[1].startswith(f"group {records[3].ticket_key}: ")
+    strict = StageADataModule(str(root), prompts, batch_size=4, num_workers=num_workers, strict=True)
+    strict.setup("predict")
+    with pytest.raises(ValueError, match=f"group {records[1].ticket_key}: "):
+        strict.predict_dataloader()
+
+
 def test_strict_run_exits_with_a_located_error(
     compose_at: ComposeAt, stage_a_data: Path, corrupt_tree: tuple[Path, GroupRecord, Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
