@@ -165,6 +165,19 @@ def test_same_seed_same_weights_other_seed_other_weights(
     assert all(not torch.equal(reference[k], other_state[k]) for k in random_keys)
 
 
+def test_a_bf16_random_model_is_built_in_bf16_and_is_a_function_of_its_seed(
+    tiny_architecture: dict[str, Any],
+) -> None:
+    def build(seed: int) -> torch.nn.Module:
+        arch = tiny_architecture
+        return load_model(kind="vl", random_init=True, architecture=arch, seed=seed, dtype="bfloat16").model
+
+    one, again, other = _state(build(0)), _state(build(0)), _state(build(1))
+    assert {v.dtype for v in one.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert any(not torch.equal(one[k], other[k]) for k in one)
+
+
 # --------------------------------------------------------------------------- chat template and image tokens
 def test_chat_template_renders_vision_block(tiny_bundle: ModelBundle) -> None:
     expected = f"<|im_start|>user\n{VISION_BLOCK}描述这张照片<|im_end|>\n<|im_start|>assistant\n"
