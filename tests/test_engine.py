@@ -26,13 +26,18 @@ IMAGES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def varied(tiny_architecture: dict[str, Any]) -> ModelBundle:
+def varied_bundle(tiny_architecture: dict[str, Any]) -> ModelBundle:
+    """The tiny VL model with larger weights, so greedy outputs vary (equality then means something)."""
     arch = {
         "text": {**tiny_architecture["text"], "initializer_range": 0.3},
         "vision": tiny_architecture["vision"],
     }
     return load_model(kind="vl", random_init=True, architecture=arch, seed=0, max_pixels=65536)
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_architecture: dict[str, Any]) -> ModelBundle:
+    return varied_bundle(tiny_architecture)
 
 
 def pool_engine(bundle: ModelBundle, **kwargs: Any) -> GenerationEngine:

@@ -17,29 +17,21 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import test_engine as engine_tests
 import torch
 from PIL import Image
-from test_engine import IMAGES, TEXT, prompts_of_lengths, tokens  # the engine tests' prompts and helpers
+from test_engine import IMAGES, TEXT, prompts_of_lengths, tokens, varied_bundle  # the engine tests' helpers
 
 from bbuqc_lightning.generation.compiled_layers import compiled_graphs
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
-from bbuqc_lightning.models.factory import ModelBundle, load_model
+from bbuqc_lightning.models.factory import ModelBundle
 
 BACKEND = "aot_eager"  # the default run; the slow tests use "inductor"
 
 
-def varied_bundle(tiny_architecture: dict[str, Any]) -> ModelBundle:
-    """The tiny VL model with larger weights, so greedy outputs vary (equality then means something)."""
-    arch = {
-        "text": {**tiny_architecture["text"], "initializer_range": 0.3},
-        "vision": tiny_architecture["vision"],
-    }
-    return load_model(kind="vl", random_init=True, architecture=arch, seed=0, max_pixels=65536)
-
-
 def pool_engine(bundle: ModelBundle, **kwargs: Any) -> GenerationEngine:
-    settings = {"max_rows": 16, "prompt_slots": 8, "max_new_tokens": 64, "max_prompt_len": 512, **kwargs}
-    return GenerationEngine(bundle.model, bundle.processor, backend="pool", **settings)
+    """The engine tests' pool engine with room for 16 rows (the compile-count test goes up to 16)."""
+    return engine_tests.pool_engine(bundle, **{"max_rows": 16, "prompt_slots": 8, **kwargs})
 
 
 @pytest.fixture(scope="module")
