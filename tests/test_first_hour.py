@@ -139,36 +139,42 @@ def test_progress_total_follows_max_steps_and_limits(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ tools
-@pytest.mark.parametrize("tool", TOOLS)
-def test_tool_help_does_not_load_torch(tool: str) -> None:
-    """``--help`` answers before any heavy import (measured, not timed: torch never loads)."""
+def probe_imports(
+    argv: list[str], run: str, exit_codes: tuple, heavy: set[str]
+) -> subprocess.CompletedProcess[str]:
+    """In a fresh interpreter, ``sys.argv = argv`` and ``run`` (a ``runpy`` call), which must end with one of
+    ``exit_codes``; stdout's last line is ``HEAVY`` when any module of ``heavy`` loaded, else ``LIGHT``
+    (measured, not timed)."""
     probe = (
         "import runpy, sys\n"
-        f"sys.argv = [{str(REPO / 'tools' / tool)!r}, '--help']\n"
-        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
-        "    assert e.code in (0, None), e.code\n"
-        "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH')\n"
+        f"sys.argv = {argv!r}\n"
+        f"try:\n    {run}\nexcept SystemExit as e:\n"
+        f"    assert e.code in {exit_codes!r}, e.code\n"
+        f"print('HEAVY' if {heavy!r} & set(sys.modules) else 'LIGHT')\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "NO_TORCH"
+    return result
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tool_help_does_not_load_torch(tool: str) -> None:
+    """``--help`` answers before any heavy import: torch never loads."""
+    result = probe_imports(
+        [str(REPO / "tools" / tool), "--help"], "runpy.run_path(sys.argv[0], run_name='__main__')", (0, None),
+        {"torch"},
+    )  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1] == "LIGHT"
     assert "usage" in result.stdout.lower() or "Powered by Hydra" in result.stdout
 
 
 def test_a_wrong_setting_is_reported_without_loading_torch(tmp_path: Path) -> None:
-    """The ``error:`` line of a bad value comes before torch or Lightning load (measured, not timed)."""
-    probe = (
-        "import runpy, sys\n"
-        "sys.argv = ['train', '+experiment=grpo', 'module.grpo.learning_rate=-1e-5', 'logger=none',\n"
-        f"            'hydra.run.dir={tmp_path}']\n"
-        "try:\n    runpy.run_module('bbuqc_lightning.train', run_name='__main__')\nexcept SystemExit as e:\n"
-        "    assert e.code == 2, e.code\n"
-        "print('HEAVY' if {'torch', 'lightning'} & set(sys.modules) else 'LIGHT')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    """The ``error:`` line of a bad value comes before torch or Lightning load."""
+    result = probe_imports(
+        ["train", "+experiment=grpo", "module.grpo.learning_rate=-1e-5", "logger=none", f"hydra.run.dir={tmp_path}"],
+        "runpy.run_module('bbuqc_lightning.train', run_name='__main__')", (2,), {"torch", "lightning"},
+    )  # fmt: skip
     assert result.stdout.strip().splitlines()[-1] == "LIGHT"
     assert "learning_rate must be > 0" in result.stderr
 
