@@ -150,6 +150,18 @@ def compose(tmp_path: Path, data_dir: Path) -> Iterator[Callable[[list[str]], Di
     HydraConfig.instance().cfg = None
 
 
+def exit_code_of_train(cfg: DictConfig) -> int | str | None:
+    """Run ``train_or_exit(cfg)`` (the command line's ``train``), which must end in ``SystemExit``; its code."""
+    from bbuqc_lightning.train import train_or_exit
+
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_or_exit(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    return stop.value.code
+
+
 @pytest.fixture(scope="session")
 def compose_at() -> Callable[[list[str], Path, Path], DictConfig]:
     """:func:`compose_config` itself, for module-scoped fixtures that choose their own folders."""

@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import exit_code_of_train
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from bbuqc_lightning.grpo.module import GRPOModule
-from bbuqc_lightning.train import train, train_or_exit
+from bbuqc_lightning.train import train
 
 Compose = Callable[[list[str], Path, Path], DictConfig]
 
@@ -160,12 +161,8 @@ def test_sigterm_during_grpo_stops_after_the_step_with_a_resumable_last_ckpt(
     cfg = compose_at(
         [*COMMON, *GRPO_BASE, "trainer.max_steps=200", EVERY_STEP], tmp_path / "stopped", data_dir
     )
-    try:
-        with pytest.raises(SystemExit) as stop:
-            train_or_exit(cfg)
-    finally:
-        HydraConfig.instance().cfg = None
-    assert stop.value.code == 128 + signal.SIGTERM
+    code = exit_code_of_train(cfg)
+    assert code == 128 + signal.SIGTERM
     assert "error: stopped on SIGTERM" in capsys.readouterr().err
     run = tmp_path / "stopped" / "run"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)

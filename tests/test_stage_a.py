@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import exit_code_of_train
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -45,7 +46,7 @@ from bbuqc_lightning.stage_a.datamodule import StageADataModule
 from bbuqc_lightning.stage_a.module import StageAModule
 from bbuqc_lightning.stage_a.settings import settings_path
 from bbuqc_lightning.summaries.records import STAGE_A_FIELDS
-from bbuqc_lightning.train import train, train_or_exit
+from bbuqc_lightning.train import train
 
 # Tiny synthetic data: 1 group per mission in the test split. Seed 16 gives small groups (2+2+3+2 = 9
 # images of 64x48, one group merged from two folders): each decode step of the HF backend costs ~0.1 s on
@@ -388,12 +389,8 @@ def test_signal_finishes_the_batch_in_hand_and_exits_128_plus_signal(
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     handler = signal.getsignal(signal.SIGTERM)
     cfg = compose_at(overrides, tmp_path / "stopped", stage_a_data)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            train_or_exit(cfg)
-    finally:
-        HydraConfig.instance().cfg = None
-    assert stop.value.code == 128 + signal.SIGTERM
+    code = exit_code_of_train(cfg)
+    assert code == 128 + signal.SIGTERM
     assert "error: stopped on SIGTERM" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == handler  # the run gave the previous handler back
     before = jsonl_rows(out)  # every line whole
@@ -551,13 +548,9 @@ def test_strict_run_exits_with_a_located_error(
     cfg = compose_at(
         overrides_for(root, "data.strict=true", f"stage_a.output_jsonl={out}"), tmp_path, stage_a_data
     )
-    try:
-        with pytest.raises(SystemExit) as failed:
-            train_or_exit(cfg)
-    finally:
-        HydraConfig.instance().cfg = None
+    code = exit_code_of_train(cfg)
     stderr = capsys.readouterr().err
-    assert failed.value.code == 2
+    assert code == 2
     assert str(bad) in stderr and victim.ticket_key in stderr
     assert stderr.startswith("error: ") and len(stderr.splitlines()) == 1 and "Traceback" not in stderr
     assert "Traceback (most recent call last)" in (tmp_path / "run" / "error.log").read_text(encoding="utf-8")
