@@ -231,9 +231,13 @@ def test_distill_tool_on_embedded_defaults_in_process(
         task(cfg)  # the @hydra.main task, given its config (Hydra passes a config through)
     finally:
         HydraConfig.instance().cfg = None
-    run = tmp_path / "run"
+    assert_embedded_distill_run(tmp_path / "run", capsys.readouterr().out, tmp_path)
+
+
+def assert_embedded_distill_run(run: Path, stdout: str, tmp_path: Path) -> None:
+    """What ``tools/distill.py`` on 2 embedded samples leaves: the distill file printed and well formed, its
+    rows counted in ``metrics.json`` (kept + invalid + dropped = 2), and readable as a fusion chat source."""
     path = run / "stage_b" / "bbu_installation" / "distill_chatml.jsonl"
-    stdout = capsys.readouterr().out
     assert f"{path}" in stdout and "rows=" in stdout
     rows = read_jsonl(path)
     assert_chatml_rows(rows)  # the random tiny Teacher's answers are invalid: usually no rows, never bad ones
@@ -252,14 +256,7 @@ def test_distill_tool_on_embedded_defaults(tmp_path: Path, data_dir: Path) -> No
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    path = run / "stage_b" / "bbu_installation" / "distill_chatml.jsonl"
-    assert f"{path}" in result.stdout and "rows=" in result.stdout
-    rows = read_jsonl(path)
-    assert_chatml_rows(rows)  # the random tiny Teacher's answers are invalid: usually no rows, never bad ones
-    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["distill/rows"] == len(rows) and metrics["distill/rows"] + metrics["distill/invalid_skipped"] + metrics[
-        "distill/dropped"] == 2  # fmt: skip
-    assert len(load_as_fusion_chat_source(path, tmp_path)) == len(rows)
+    assert_embedded_distill_run(run, result.stdout, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ HTTP Teacher

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import preset_architecture
 from omegaconf import OmegaConf
 from PIL import Image
 from transformers import Qwen3ForCausalLM, Qwen3VLForConditionalGeneration
@@ -41,12 +42,6 @@ TEXT_CONVS = [
     [{"role": "user", "content": "请详细描述这张图片中的BBU安装方式，螺丝是否齐全，并说明是否合格。"}],
     [{"role": "user", "content": "hi there"}],
 ]
-
-
-def preset_architecture(name: str) -> dict[str, Any]:
-    arch = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{name}.yaml").architecture)
-    assert isinstance(arch, dict)
-    return arch
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
