@@ -211,12 +211,9 @@ def load_model(
         model.train()
         if kind == "vl" and use_project_chat_template:
             processor.chat_template = QWEN3_VL_CHAT_TEMPLATE
-            image_processor = processor.image_processor
-            image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-            # transformers 5 reads the bounds from ``size``; the legacy attributes, when a saved config brings
-            # them back, are passed to every processor call and warn there (FutureWarning per batch)
-            for legacy in ("min_pixels", "max_pixels"):
-                image_processor.__dict__.pop(legacy, None)
+            # the bounds through ``size`` only: transformers 5 passes ``min_pixels`` / ``max_pixels`` attributes to
+            # every processor call, where they warn (a FutureWarning per batch)
+            processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelBundle(model, processor, tokenizer, kind, name or model_name_or_path or f"random-{kind}")
 
