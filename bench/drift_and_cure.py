@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from proof.bundle import bundle
-from proof.dag import describe, edges
+from proof.dag import describe, with_dependants
 from proof.drift_plan import DRIFTS, PlannedStep, build_plan
 from proof.drift_profiles import DEFAULT_JOBS, PLAN_MINUTES, PROFILES
 from proof.drift_report import log_to_wandb, markdown, write_report
@@ -113,7 +113,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         given = {"seeds": args.seeds, "teacher": args.teacher, "set": args.set or None}
         if args.rerun and args.set:  # new values for the steps run again (checked against the rest in main)
             given["set"] = None
-            saved = apply_sets(saved, args.set)
+            saved = apply_sets(saved, args.set, saved["device"])
             saved["_given"] = {**saved["_given"], "set": [*(saved["_given"].get("set") or []), *args.set]}
         changed = [k for k, v in given.items() if v is not None and v != saved["_given"].get(k)]
         if changed or saved["device"] != args.device:
@@ -131,7 +131,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                 )
             saved["drift"] = args.drift  # another mechanism from the same base models
         return saved
-    s = apply_sets(dict(PROFILES[args.device]), args.set)
+    s = apply_sets(PROFILES[args.device], args.set, args.device)
     s |= {
         "device": args.device,
         "out": str(out.resolve()),
@@ -151,13 +151,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
-def apply_sets(s: dict[str, Any], items: Sequence[str]) -> dict[str, Any]:
-    """``s`` with each ``KEY=VALUE`` of ``--set`` applied, typed as the profile's value."""
-    s = dict(s)
+def apply_sets(s: dict[str, Any], items: Sequence[str], device: str) -> dict[str, Any]:
+    """``s`` with each ``KEY=VALUE`` of ``--set`` applied, typed as the ``device`` profile's value."""
+    s, profile = dict(s), PROFILES[device]
     for item in items:
         key, _, value = item.partition("=")
-        if key not in PROFILES["cpu"]:
-            sys.exit(f"error: --set {key}: not a profile key ({', '.join(sorted(PROFILES['cpu']))})")
+        if key not in profile:
+            sys.exit(f"error: --set {key}: not a profile key ({', '.join(sorted(profile))})")
         s[key] = (
             type(s[key])(value) if not isinstance(s[key], bool) else value.lower() in ("1", "true", "yes")
         )
@@ -176,11 +176,7 @@ def rerun(
     unknown = [n for n in steps if n not in names]
     if unknown:
         sys.exit(f"error: --rerun: unknown step(s) {', '.join(unknown)}")
-    drop, grew = set(steps), True
-    while grew:  # the steps after them, transitively
-        after = {b for a, b in edges(plan) if a in drop} - drop
-        drop |= after
-        grew = bool(after)
+    drop = with_dependants(plan, steps)
     before = {step.name: [c.command for c in step.commands] for step in build_plan(old)}
     altered = [
         step.name

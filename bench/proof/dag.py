@@ -46,6 +46,16 @@ def edges(steps: Iterable[Node]) -> set[tuple[str, str]]:
     return {(dep, step.name) for step in steps for dep in step.after}
 
 
+def with_dependants(steps: Iterable[Node], names: Iterable[str]) -> set[str]:
+    """``names`` and every step that reads, directly or through others, what one of them wrote."""
+    pairs, out, grew = edges(steps), set(names), True
+    while grew:
+        after = {b for a, b in pairs if a in out} - out
+        out |= after
+        grew = bool(after)
+    return out
+
+
 def chain_minutes(steps: Sequence[Node]) -> dict[str, float]:
     """Per step: its minutes plus the longest chain of dependants after it (the critical path from it)."""
     children: dict[str, list[str]] = {step.name: [] for step in steps}
