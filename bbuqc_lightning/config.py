@@ -27,10 +27,20 @@ def config_dir() -> Path:
     )
 
 
+def photo_prompt_len(max_pixels: int, text_tokens: int = 256) -> int:
+    """Tokens a one-photo prompt can take: Qwen3-VL's image tokens at ``max_pixels`` (16-pixel patches merged
+    2x2: one token per 32x32 pixels) plus ``text_tokens`` for the chat template and the mission prompt
+    (the shipped Stage-A prompts take ~180), rounded up to a multiple of 128. 4B preset: 1024."""
+    tokens = int(max_pixels) // (32 * 32) + int(text_tokens)
+    return -(-tokens // 128) * 128
+
+
 def register_resolvers() -> None:
     """Resolvers used by the YAML files (idempotent)."""
     if not OmegaConf.has_resolver("bbuqc.wandb_offline"):
         OmegaConf.register_new_resolver("bbuqc.wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("bbuqc.photo_prompt_len"):
+        OmegaConf.register_new_resolver("bbuqc.photo_prompt_len", photo_prompt_len)
 
 
 REQUIRED_KEYS = ("stage", "task_name", "seed", "model", "data", "module", "trainer", "paths")

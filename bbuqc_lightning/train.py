@@ -48,7 +48,7 @@ def build_objects(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    bundle = instantiate(cfg.model, _convert_="all")
+    bundle = instantiate(cfg.model, _convert_="all", **_random_init_device(cfg, trainer))
     datamodule = instantiate(cfg.data, processor=bundle.processor, _convert_="all")
     module = instantiate(cfg.module, bundle=bundle, _convert_="all")
     return {
@@ -59,6 +59,16 @@ def build_objects(cfg: DictConfig) -> dict[str, Any]:
         "loggers": loggers,
         "trainer": trainer,
     }
+
+
+def _random_init_device(cfg: DictConfig, trainer: Any) -> dict[str, Any]:
+    """``init_device`` for a random-init model on a one-GPU trainer: its weights are drawn there (a 4B model: a
+    minute on the host CPU). Multi-device runs keep drawing on the CPU (under ``ddp_spawn`` the model is built
+    before the ranks exist)."""
+    if not cfg.model.get("random_init") or trainer.num_devices != 1:
+        return {}
+    device = trainer.strategy.root_device
+    return {"init_device": str(device)} if device.type == "cuda" else {}
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

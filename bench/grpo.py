@@ -140,6 +140,7 @@ def run_ours(
             times.append(time.perf_counter() - self.start)
             generation = float(trainer.callback_metrics.get("train/generation_seconds", float("nan")))
             extra.setdefault("generation_seconds", []).append(generation)
+            extra.setdefault("engine_stats", []).append(module.engine.stats)  # cumulative, per step
             record_memory(extra)
             print(f"ours step {len(times)}: {times[-1]:.2f} s (generation {generation:.2f} s)", flush=True)
 

@@ -9,7 +9,10 @@ small screenshots, up to the preset's ``max_pixels``), and summaries that end at
 so lengths are spread up to ``--new-tokens``. Without ``--mixed``: uniform 1024x768 photos, forced lengths.
 Every capture is inside the timed run; "steady" leaves out the first call. ``--compile-layers``: our engine
 with the decode step's layers compiled regionally (``generation.compile_layers``); the compile is inside
-the first call's time and recorded as ``compiles`` / ``compile_seconds``.
+the first call's time and recorded as ``compiles`` / ``compile_seconds``. Our engine gets its prompts as the
+Stage-A entry point does: encoded (chat template, image processor) by ``--encode-workers`` DataLoader workers
+beside the generation loop (0: inside ``generate``, timed), in prompt slots of ``bbuqc.photo_prompt_len``
+tokens. ``engine.stats`` in the JSON splits the time into prefill and decode.
 
     python bench/stage_a.py --mixed --images 1000 --baseline-images 64 --out stage_a_mixed.json   # one H100
     python bench/stage_a.py --images 256 --out stage_a_uniform.json
@@ -32,9 +35,11 @@ import torch
 import yaml
 from common import device_info, random_bundle, sync, write
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
+from bbuqc_lightning.config import photo_prompt_len
 from bbuqc_lightning.data.images import resize_within
-from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
+from bbuqc_lightning.generation.engine import GenerationEngine, PromptEncoder, SamplingParams
 from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,17 +71,58 @@ def stage_a_prompts() -> list[str]:
     return [stage_a_prompt(prompts, mission) for mission in prompts["missions"]]
 
 
-def run(engine: GenerationEngine, pics: Sequence[Image.Image], prompts: list[str], call: int, params) -> dict:
-    """Seconds per call over ``pics`` in calls of ``call`` images; images/s overall and after the first call."""
+class Photos(Dataset):
+    """(conversation, image, encoded prompt or None) per photo, the missions' prompts in turn."""
+
+    def __init__(
+        self, pics: Sequence[Image.Image], prompts: list[str], encoder: PromptEncoder | None
+    ) -> None:
+        self.pics, self.prompts, self.encoder = pics, prompts, encoder
+
+    def __len__(self) -> int:
+        return len(self.pics)
+
+    def __getitem__(self, i: int) -> tuple[list[dict], Image.Image, dict | None]:
+        conv = image_conversation(self.prompts[i % len(self.prompts)])
+        return conv, self.pics[i], self.encoder(conv, [self.pics[i]]) if self.encoder else None
+
+
+def columns(items: list[tuple]) -> list[tuple]:
+    return list(zip(*items, strict=True))
+
+
+def run(
+    engine: GenerationEngine,
+    pics: Sequence[Image.Image],
+    prompts: list[str],
+    call: int,
+    params,
+    encode_workers: int = 0,
+    pixel_dtype: str | None = None,
+) -> dict:
+    """Seconds per call over ``pics`` in calls of ``call`` images; images/s overall and after the first call.
+    With ``encode_workers`` the prompts come encoded from DataLoader workers and the clock runs from the
+    first call's start to the last call's end (waiting for a batch counts)."""
+    encoder = PromptEncoder(engine.processor, pixel_dtype=pixel_dtype) if encode_workers else None
+    loader = DataLoader(
+        Photos(pics, prompts, encoder),
+        batch_size=call,
+        num_workers=encode_workers,
+        collate_fn=columns,
+        prefetch_factor=1 if encode_workers else None,
+    )
     seconds: list[float] = []
-    for start in range(0, len(pics), call):
-        chunk = pics[start : start + call]
-        convs = [image_conversation(prompts[(start + i) % len(prompts)]) for i in range(len(chunk))]
+    batches = iter(loader)
+    sync()
+    begin = time.perf_counter()
+    for convs, images, encoded in batches:
+        engine.generate(
+            list(convs), params, images=[[p] for p in images], encoded=list(encoded) if encoder else None
+        )
         sync()
-        begin = time.perf_counter()
-        engine.generate(convs, params, images=[[p] for p in chunk])
-        sync()
-        seconds.append(time.perf_counter() - begin)
+        now = time.perf_counter()
+        seconds.append(now - begin)
+        begin = now
     total = sum(seconds)
     steady = sum(seconds[1:])
     steady_images = len(pics) - min(call, len(pics))
@@ -107,6 +153,15 @@ def main() -> None:
         help="HF generate batch sizes (none: skip)",
     )
     parser.add_argument("--compile-layers", action="store_true", help="ours: compile the decode layers")
+    parser.add_argument(
+        "--encode-workers",
+        type=int,
+        default=2,
+        help="ours: DataLoader workers encoding prompts (0: in generate)",
+    )
+    parser.add_argument(
+        "--prompt-len", type=int, default=None, help="generation.max_prompt_len (default: photo)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -136,14 +191,23 @@ def main() -> None:
     ours = make(
         backend="pool",
         max_rows=args.rows,
-        max_prompt_len=2048,
+        max_prompt_len=args.prompt_len or photo_prompt_len(preset["max_pixels"]),
         max_new_tokens=args.new_tokens,
         compile_layers=args.compile_layers,
     )
     ours.eos_token_ids = [*ours.eos_token_ids, *eos_extra]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    results["engine"] = run(ours, pics, prompts, args.call_size, params)
+    results["engine"] = run(
+        ours,
+        pics,
+        prompts,
+        args.call_size,
+        params,
+        args.encode_workers,
+        str(bundle.model.dtype).split(".")[-1],
+    )
+    results["engine"]["stats"] = ours.stats
     results["engine"]["captures"] = ours.decode_step.captures
     results["engine"]["capture_seconds"] = ours.decode_step.capture_seconds
     results["engine"]["compile_layers"] = args.compile_layers

@@ -66,6 +66,8 @@ def attention_kernels(out: Path) -> list[str]:
 def check_stage_a(out: Path) -> None:
     result = json.loads(out.read_text())
     assert result["engine"]["images"] == 4 and result["engine"]["captures"] >= 1
+    stats = result["engine"]["stats"]  # prompts encoded by the DataLoader workers, not inside generate
+    assert stats["prompts"] == 4 and stats["encode_seconds"] == 0 and stats["decode_steps"] > 0
     assert result["summary"]["hf_best_images_per_s"] > 0
 
 
@@ -133,3 +135,12 @@ def test_grpo_compile_layers(tmp_path: Path) -> None:
                     "--steps", "2", "--prompts", "2", "--new-tokens", "4", "--compile-layers", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["compile_layers"] and 1 <= result["compiles"] <= 4  # plain and LoRA layers, two halves each
+
+
+def test_profile_prefill(run: Run, tmp_path: Path) -> None:
+    out = tmp_path / "prefill.json"
+    run(["profile_prefill.py", "--preset", "tiny", "--device", "cpu", "--photos", "4", "--chunks", "2", "4",
+         "--iters", "1", "--out", str(out)])  # fmt: skip
+    chunks = json.loads(out.read_text())["chunks"]
+    assert set(chunks) == {"2", "4"}
+    assert all(0 < row["vision_s"] < row["prefill_s"] and row["tokens_per_s"] > 0 for row in chunks.values())

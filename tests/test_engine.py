@@ -4,13 +4,19 @@ its memory is allocated once."""
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
-from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
+from bbuqc_lightning.generation.engine import (
+    GenerationEngine,
+    PromptEncoder,
+    SamplingParams,
+    line_break_token_ids,
+)
 from bbuqc_lightning.generation.kv_pool import KVPool, PoolLayout
 from bbuqc_lightning.generation.pool_attention import DecodeBatch, pool_attention
 from bbuqc_lightning.generation.scheduler import PromptTooLongError
@@ -75,6 +81,35 @@ def test_greedy_images_of_different_sizes(varied: ModelBundle) -> None:
     assert pool == hf
 
 
+def test_prompts_encoded_ahead_give_the_same_tokens(varied: ModelBundle) -> None:
+    """Prompts encoded outside the engine (pickled, as from DataLoader workers) give the tokens of
+    conversations encoded inside it, on both backends; the pool's stats count the work and its encoding."""
+    images = [[Image.new("RGB", (200, 120), (200, 10, 10))], [Image.new("RGB", (90, 160), (10, 200, 10))]]
+    params = SamplingParams(max_new_tokens=10)
+    encoder = pickle.loads(pickle.dumps(PromptEncoder(varied.processor)))
+    encoded = [encoder(conv, imgs) for conv, imgs in zip(IMAGES, images, strict=True)]
+    for backend in ("hf", "pool"):
+        inside = (
+            pool_engine(varied)
+            if backend == "pool"
+            else GenerationEngine(varied.model, varied.processor, backend="hf")
+        )
+        ahead = (
+            pool_engine(varied)
+            if backend == "pool"
+            else GenerationEngine(varied.model, varied.processor, backend="hf")
+        )
+        want = tokens(inside, IMAGES, params, images)
+        got = [c.token_ids for group in ahead.generate(IMAGES, params, encoded=encoded) for c in group]
+        assert got == want, backend
+        assert inside.stats["encode_seconds"] > 0 and ahead.stats["encode_seconds"] == 0
+    stats = ahead.stats
+    assert stats["prompts"] == 2 and stats["prompt_tokens"] == sum(e["input_ids"].shape[1] for e in encoded)
+    assert stats["decode_steps"] >= 9 and 0 < stats["occupancy"] <= 1 and stats["decode_seconds"] > 0
+    with pytest.raises(ValueError, match="1 encoded prompts for 2 conversations"):
+        ahead.generate(IMAGES, params, encoded=encoded[:1])
+
+
 def test_mixed_lengths_early_ends_and_a_queue(varied: ModelBundle) -> None:
     """Nine prompts of nine lengths through 3 slots; rows end early on a chosen end token."""
     convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
@@ -87,6 +122,20 @@ def test_mixed_lengths_early_ends_and_a_queue(varied: ModelBundle) -> None:
     want, got = tokens(hf, convs, params), tokens(pool, convs, params)
     assert got == want
     assert len({len(ids) for ids in got}) > 1 and len(got[0]) == 4
+
+
+def test_the_last_waiting_prompts_start_without_waiting_for_free_slots(varied: ModelBundle) -> None:
+    """Eight prompts for eight slots, prefilled one at a time (a small prefill budget), every row 20 tokens:
+    all are admitted within the first steps, so the call takes about 8 + 20 steps, not ~20 more for a last
+    prompt left waiting for a quarter of the slots to free (what a fixed admission threshold did)."""
+    convs = prompts_of_lengths([40, 41, 42, 43, 44, 45, 46, 47])
+    params = SamplingParams(max_new_tokens=20, min_new_tokens=20)
+    engine = pool_engine(varied, max_rows=8, prompt_slots=8, max_prefill_tokens=60)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    assert tokens(engine, convs, params) == tokens(hf, convs, params)
+    stats = engine.stats
+    assert stats["prefills"] == 8
+    assert stats["decode_steps"] <= 8 + 20, stats
 
 
 def test_samples_share_the_prompt(varied: ModelBundle) -> None:

@@ -173,6 +173,36 @@ def test_a_bf16_random_model_is_built_in_bf16_and_is_a_function_of_its_seed(
     assert any(not torch.equal(one[k], other[k]) for k in one)
 
 
+def test_random_weights_are_drawn_on_the_run_s_gpu_only_for_one_gpu_runs(
+    tiny_bundle: ModelBundle, tiny_architecture: dict[str, Any]
+) -> None:
+    """``train`` draws a random-init model on its one GPU (a 4B model: seconds, not a minute on the host);
+    CPU and multi-device runs draw on the CPU, where ``init_device="cpu"`` is the default's weights."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from bbuqc_lightning.train import _random_init_device
+
+    def trainer(devices: int, device: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            num_devices=devices, strategy=SimpleNamespace(root_device=torch.device(device))
+        )
+
+    random_cfg = OmegaConf.create({"model": {"random_init": True}})
+    assert _random_init_device(random_cfg, trainer(1, "cuda:0")) == {"init_device": "cuda:0"}
+    assert _random_init_device(random_cfg, trainer(2, "cuda:0")) == {}
+    assert _random_init_device(random_cfg, trainer(1, "cpu")) == {}
+    assert (
+        _random_init_device(OmegaConf.create({"model": {"random_init": False}}), trainer(1, "cuda:0")) == {}
+    )
+    on_cpu = load_model(
+        kind="vl", random_init=True, architecture=tiny_architecture, seed=0, init_device="cpu"
+    )
+    reference = _state(tiny_bundle.model)
+    assert all(torch.equal(reference[k], v) for k, v in _state(on_cpu.model).items())
+
+
 # --------------------------------------------------------------------------- chat template and image tokens
 def test_chat_template_renders_vision_block(tiny_bundle: ModelBundle) -> None:
     expected = f"<|im_start|>user\n{VISION_BLOCK}描述这张照片<|im_end|>\n<|im_start|>assistant\n"

@@ -200,7 +200,8 @@ def test_batched_greedy_equals_batch_of_one(
     tiny_architecture: dict[str, Any], records: list[GroupRecord], tmp_path: Path
 ) -> None:
     """Left padding: one batch of 4 images with different image-token counts (and two prompts) decodes
-    exactly like 4 batches of 1, through the DataModule and ``StageAModule.predict_step``."""
+    exactly like 4 batches of 1, through the DataModule and ``StageAModule.predict_step``; so does a batch
+    whose prompts a DataLoader worker encoded (the DataModule given the processor, as ``train`` gives it)."""
     # A larger initializer_range makes the random model's output depend on its input (0.02: near-constant).
     arch = {**tiny_architecture, "text": {**tiny_architecture["text"], "initializer_range": 0.3}}
     bundle = load_model(kind="vl", random_init=True, architecture=arch, seed=0, max_pixels=65536)
@@ -209,11 +210,12 @@ def test_batched_greedy_equals_batch_of_one(
     root = _varied_tree(records, tmp_path / "tree")
     image_pad = bundle.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
-    def summaries(batch_size: int) -> tuple[dict[tuple[str, int], str], list[list[int]]]:
-        dm = StageADataModule(str(root), prompts, batch_size=batch_size, max_pixels=65536)
+    def summaries(batch_size: int, **kw: Any) -> tuple[dict[tuple[str, int], str], list[list[int]]]:
+        dm = StageADataModule(str(root), prompts, batch_size=batch_size, max_pixels=65536, **kw)
         dm.setup("predict")
         out, image_tokens = {}, []
         for i, batch in enumerate(dm.predict_dataloader()):
+            assert ("prompt" in batch) == ("processor" in kw)
             enc = module.engine.encode(batch["conversation"], [[im] for im in batch["image"]])
             image_tokens.append((enc.input_ids == image_pad).sum(dim=1).tolist())
             pred = module.predict_step(batch, i)
@@ -226,6 +228,9 @@ def test_batched_greedy_equals_batch_of_one(
     assert len(image_tokens) == 1 and len(set(image_tokens[0])) == 4, image_tokens  # padding differs
     assert len(one) == 4 and len(set(one.values())) > 1, one  # output depends on the image: a real check
     assert four == one
+    encoded_in_worker, _ = summaries(4, processor=bundle.processor, num_workers=1)
+    assert encoded_in_worker == one
+    assert module.engine.stats["encode_seconds"] > 0  # the other runs encoded inside the engine
 
 
 # ------------------------------------------------------------------ 2. train(cfg) end to end
@@ -505,22 +510,24 @@ def test_non_strict_skips_and_counts_the_corrupt_group(
     assert by_ticket(jsonl_rows(out)) == expected
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("cores", [1, 2])
 def test_image_checks_on_threads_keep_the_sequential_outcome_and_order(
     corrupt_tree: tuple[Path, GroupRecord, Path],
     tree_root: Path,
     records: list[GroupRecord],
     tmp_path: Path,
-    num_workers: int,
+    cores: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``num_workers`` threads check the groups' images before inference (Pillow decodes without the GIL);
+    """A thread per core checks the groups' images before inference (Pillow decodes without the GIL);
     strict or not, the result is a sequential pass's: the same groups kept, the bad ones skipped in tree
     order, and strict names the first bad group."""
     root = tmp_path / "test"
     shutil.copytree(corrupt_tree[0], root)
     (root / records[3].image_paths[0].relative_to(tree_root)).write_bytes(b"\x00" * 64)  # a 2nd bad group
     prompts = OmegaConf.to_container(OmegaConf.load(config_dir() / "prompts" / "stage_a.yaml"))
-    dm = StageADataModule(str(root), prompts, batch_size=4, num_workers=num_workers, strict=False)
+    monkeypatch.setattr("bbuqc_lightning.stage_a.datamodule.os.cpu_count", lambda: cores)
+    dm = StageADataModule(str(root), prompts, batch_size=4, strict=False)
     dm.setup("predict")
     dm.predict_dataloader()
     assert [r.ticket_key for r in dm.records] == [
@@ -530,7 +537,7 @@ def test_image_checks_on_threads_keep_the_sequential_outcome_and_order(
     assert len(reasons) == 2, reasons
     assert reasons[0].startswith(f"group {records[1].ticket_key}: ")
     assert reasons[1].startswith(f"group {records[3].ticket_key}: ")
-    strict = StageADataModule(str(root), prompts, batch_size=4, num_workers=num_workers, strict=True)
+    strict = StageADataModule(str(root), prompts, batch_size=4, strict=True)
     strict.setup("predict")
     with pytest.raises(ValueError, match=f"group {records[1].ticket_key}: "):
         strict.predict_dataloader()

@@ -1,8 +1,8 @@
 """What the DataModules over a SPEC §3 photo tree share (Stage-A, end-to-end evaluation).
 
 Both scan ``root`` (the synthetic tree, generated on first use when ``synthetic`` is set and ``root`` is
-missing), load photos within one pixel window, and keep PIL images and records on the host: the generation
-engine encodes each batch and moves the tensors itself.
+missing), load photos within one pixel window, and keep PIL images, records and encoded prompts on the host:
+the generation engine moves the tensors itself.
 """
 
 from __future__ import annotations
@@ -27,16 +27,19 @@ class PhotoTreeDataModule(L.LightningDataModule):
         min_pixels: int = 4096,
         max_pixels: int = 786432,
         synthetic: dict | None = None,
+        pixel_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
         self.prompts = prompts
+        self.processor = processor  # Stage-A encodes prompts with it in the DataLoader's workers
         self.strict = strict
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.synthetic = synthetic
+        self.pixel_dtype = pixel_dtype  # encoded pixel values in the model's dtype (host memory)
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         """PIL images and records stay on the host; the generation engine moves the encoded tensors."""

@@ -3,7 +3,8 @@
 One :meth:`ContinuousBatcher.run` call serves one ``generate`` call. Prompts wait in a queue (longest first,
 so the length bucket shrinks as the call goes on); whenever slots are free, a chunk of waiting prompts is
 prefilled (eagerly, at most ``max_prefill_tokens`` padded tokens at a time) into the lowest free slots and its
-G sample rows start decoding beside the rows already running. A slot is freed when all its G rows have ended
+G sample rows start decoding beside the rows already running. Once rows are running, prompts are admitted when a
+quarter of the slots are free, or when every waiting prompt fits. A slot is freed when all its G rows have ended
 (end-of-sequence or ``max_new_tokens``), so Stage-A summaries and eval answers of different lengths do not
 wait for the longest one, and a batch larger than the pool is queued, not refused. The G rows of a prompt
 come from the same weights: a call never spans an optimiser step, so GRPO's semantics hold.
@@ -14,9 +15,10 @@ rounded up to a power of two (:class:`~bbuqc_lightning.generation.decode_step.Bu
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -37,6 +39,29 @@ class Request:
     inputs: dict[str, torch.Tensor]
     length: int
     name: str
+
+
+@dataclass
+class SchedulerStats:
+    """Where the pool's time went since the batcher was built: host wall seconds (each prefill and decode step
+    ends in a host synchronisation, so they are GPU time too) and counts. ``occupancy`` is the share of the
+    decode steps' rows that were running (the rest: ended rows waiting for their group, or bucket padding)."""
+
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prefills: int = 0
+    prompts: int = 0
+    prompt_tokens: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0
+    running_rows: int = 0
+
+    @property
+    def occupancy(self) -> float:
+        return self.running_rows / self.decode_rows if self.decode_rows else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "occupancy": self.occupancy}
 
 
 @dataclass
@@ -83,6 +108,7 @@ class ContinuousBatcher:
         self.length_buckets.append(self.layout.max_prompt_len)
         self.max_prefill_tokens = max_prefill_tokens
         device = step.tokens.device
+        self.stats = SchedulerStats()
         self.offsets = torch.zeros(self.layout.rows, dtype=torch.long, device=device)
         self.out = torch.zeros(self.layout.rows, self.layout.max_new_tokens, dtype=torch.long, device=device)
 
@@ -107,9 +133,12 @@ class ContinuousBatcher:
         results: dict[int, list[list[int]]] = {}
         while waiting or any(s is not None for s in slots):
             free = [i for i, s in enumerate(slots) if s is None]
-            busy = len(free) < capacity
-            if waiting and free and (not busy or len(free) >= max(1, capacity // 4)):
+            # Prefill in chunks worth stalling the running rows for (a quarter of the slots), or the last
+            # waiting prompts at once: the tail of a call must not wait for a whole generation to free slots.
+            if waiting and free and len(free) >= min(len(waiting), max(1, capacity // 4)):
+                start = time.perf_counter()
                 self._admit(waiting, free, slots, group, sample, eos, max_new_tokens, finished)
+                self.stats.prefill_seconds += time.perf_counter() - start
             if not bool((~finished[: capacity * group]).any()):  # e.g. every first token was an end
                 self._collect(slots, group, finished, results)
                 continue
@@ -121,7 +150,13 @@ class ContinuousBatcher:
                 prompt_bucket=next_bucket(longest, self.length_buckets),
                 new_bucket=new_bucket,
             )
-            if self._decode(bucket, sample, eos, max_new_tokens, finished):
+            start = time.perf_counter()
+            self.stats.decode_steps += 1
+            self.stats.decode_rows += bucket.rows
+            self.stats.running_rows += int((~finished[: bucket.rows]).sum())
+            ended = self._decode(bucket, sample, eos, max_new_tokens, finished)
+            self.stats.decode_seconds += time.perf_counter() - start
+            if ended:
                 self._collect(slots, group, finished, results)
         return [results[r.index] for r in requests]
 
@@ -161,6 +196,9 @@ class ContinuousBatcher:
                 break
             chunk.append(waiting.popleft())
         logits, offsets, layer_kv = self.prefill(chunk)
+        self.stats.prefills += 1
+        self.stats.prompts += len(chunk)
+        self.stats.prompt_tokens += sum(r.length for r in chunk)
         chosen = free[: len(chunk)]
         self.step.pool.store_prompts(layer_kv, [r.length for r in chunk], chosen)
         del layer_kv

@@ -7,6 +7,7 @@ Generation goes through the shared :class:`~bbuqc_lightning.generation.engine.Ge
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,8 @@ from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, 
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.summaries.records import clean_summary
 from bbuqc_lightning.tracking.wandb import find_wandb_logger, log_table
+
+log = logging.getLogger(__name__)
 
 
 class StageAModule(L.LightningModule):
@@ -63,7 +66,11 @@ class StageAModule(L.LightningModule):
             f"{m['ticket_key']} image {m['record'].image_paths[m['image_index']].name}" for m in batch["meta"]
         ]
         outputs = self.engine.generate(
-            batch["conversation"], self.sampling, images=[[im] for im in batch["image"]], names=names
+            batch["conversation"],
+            self.sampling,
+            images=[[im] for im in batch["image"]],
+            names=names,
+            encoded=batch.get("prompt"),  # encoded in the DataLoader's workers
         )
         self._seconds += time.perf_counter() - start
         self._images += len(outputs)
@@ -95,6 +102,23 @@ class StageAModule(L.LightningModule):
         if stage != "predict" or self._trainer is None:
             return
         self.run_summary = self._global_summary()
+        stats = getattr(self.engine, "stats", None)
+        if isinstance(stats, dict) and "decode_seconds" in stats:
+            log.info(
+                "Stage-A engine (this rank): %.1f s generating; prefill %.1f s (%d prompts, %d tokens), decode "
+                "%.1f s (%d steps, %.0f %% of rows running), %d captures (%.1f s), prompts encoded in the "
+                "generation loop %.1f s",
+                self._seconds,
+                stats["prefill_seconds"],
+                stats["prompts"],
+                stats["prompt_tokens"],
+                stats["decode_seconds"],
+                stats["decode_steps"],
+                100 * stats["occupancy"],
+                stats["captures"],
+                stats["capture_seconds"],
+                stats["encode_seconds"],
+            )
         # Spawned/forked DDP ranks run in child processes: train() in the parent reads callback_metrics,
         # which Lightning carries back from rank 0 (the module's attributes stay behind).
         self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.run_summary.items()})
