@@ -23,14 +23,20 @@ from bbuqc_lightning.models.factory import (
     build_vl_processor,
     vl_config_from_architecture,
 )
+from bbuqc_lightning.models.patch_embed import use_linear_patch_embed
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
 def random_bundle(
-    preset: str, device: str, dtype: torch.dtype = torch.bfloat16, max_pixels: int = 786432
+    preset: str,
+    device: str,
+    dtype: torch.dtype = torch.bfloat16,
+    max_pixels: int = 786432,
+    linear_patch_embed: bool = True,
 ) -> ModelBundle:
-    """The preset's architecture with random weights, initialised on ``device`` (fast, no CPU copy)."""
+    """The preset's architecture with random weights, initialised on ``device`` (fast, no CPU copy); the patch
+    embedding as a matrix product, as ``load_model`` builds it (``linear_patch_embed=False``: HF's Conv3d)."""
     arch = yaml.safe_load((CONF / f"{preset}.yaml").read_text())["architecture"]
     config = vl_config_from_architecture(arch)
     config._attn_implementation = "sdpa"
@@ -43,6 +49,8 @@ def random_bundle(
     finally:
         torch.set_default_dtype(previous)
     model.eval()
+    if linear_patch_embed:
+        use_linear_patch_embed(model)
     tokenizer = build_tokenizer()
     processor = build_vl_processor(tokenizer, min_pixels=4096, max_pixels=max_pixels)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

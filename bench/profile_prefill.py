@@ -7,6 +7,7 @@ GPU kernels of one chunk.
 Photos in the field sizes of ``bench/stage_a.py --mixed``, encoded as Stage-A encodes them, prefilled through the
 engine's own prefill (``GenerationEngine._prefill``) in chunks of ``--chunks`` prompts (longest first, as the
 scheduler takes them). ``vision_s`` times the vision tower alone on the same chunk; the rest is the language model.
+``vision_conv3d_s``: the vision tower with HF's ``Conv3d`` patch embedding instead of the matrix product.
 """
 
 from __future__ import annotations
@@ -25,7 +26,27 @@ from bbuqc_lightning.config import photo_prompt_len
 from bbuqc_lightning.data.images import resize_within
 from bbuqc_lightning.generation.engine import GenerationEngine, PromptEncoder, collate
 from bbuqc_lightning.generation.scheduler import Request
+from bbuqc_lightning.models.patch_embed import LinearPatchEmbed, Qwen3VLVisionPatchEmbed
 from bbuqc_lightning.summaries.prompts import image_conversation
+
+
+def vision_seconds_with_conv3d(visual, chunks, device: str, dtype: torch.dtype, iters: int) -> float:
+    """The vision tower's seconds over ``chunks`` with HF's ``Conv3d`` patch embedding (A/B in one process)."""
+    embed = visual.patch_embed
+    embed.__class__ = Qwen3VLVisionPatchEmbed
+    try:
+        batches = [collate([r.inputs for r in chunk], 0) for chunk in chunks]
+        run = [(b["pixel_values"].to(device, dtype), b["image_grid_thw"].to(device)) for b in batches]
+        visual(*run[0][:1], grid_thw=run[0][1])  # warm-up (cuDNN picks its algorithm)
+        sync()
+        start = time.perf_counter()
+        for _ in range(iters):
+            for pixels, grid in run:
+                visual(pixels, grid_thw=grid)
+        sync()
+        return (time.perf_counter() - start) / iters
+    finally:
+        embed.__class__ = LinearPatchEmbed
 
 
 def main() -> None:
@@ -79,9 +100,11 @@ def main() -> None:
                     )
             sync()
             vision = (time.perf_counter() - start) / args.iters
+            conv3d = vision_seconds_with_conv3d(visual, chunks, args.device, dtype, args.iters)
             row = {
                 "prefill_s": total,
                 "vision_s": vision,
+                "vision_conv3d_s": conv3d,  # the same with HF's Conv3d patch embedding
                 "language_s": total - vision,
                 "prompts_per_s": len(requests) / total,
                 "tokens_per_s": tokens / total,

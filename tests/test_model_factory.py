@@ -203,6 +203,36 @@ def test_random_weights_are_drawn_on_the_run_s_gpu_only_for_one_gpu_runs(
     assert all(torch.equal(reference[k], v) for k, v in _state(on_cpu.model).items())
 
 
+def test_patch_embedding_runs_as_a_matrix_product_with_the_conv_s_output_and_weights(
+    tiny_bundle: ModelBundle, tiny_architecture: dict[str, Any]
+) -> None:
+    """``load_model`` runs the vision tower's Conv3d patch embedding as ``F.linear`` (slow cuDNN paths, see
+    models/patch_embed.py): the same output as the Conv3d, the same state dict, and the model still pickles."""
+    import pickle
+
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchEmbed
+
+    from bbuqc_lightning.models.patch_embed import LinearPatchEmbed
+
+    embed = tiny_bundle.model.model.visual.patch_embed
+    assert type(embed) is LinearPatchEmbed
+    pixels = torch.randn(24, embed.proj.weight[0].numel())
+    linear = embed(pixels)
+    embed.__class__ = Qwen3VLVisionPatchEmbed
+    try:
+        conv = embed(pixels)
+    finally:
+        embed.__class__ = LinearPatchEmbed
+    assert linear.shape == conv.shape == (24, embed.embed_dim)
+    torch.testing.assert_close(linear, conv, rtol=1e-5, atol=1e-5)
+    plain = load_model(
+        kind="vl", random_init=True, architecture=tiny_architecture, seed=0, linear_patch_embed=False
+    )
+    assert type(plain.model.model.visual.patch_embed) is Qwen3VLVisionPatchEmbed
+    assert list(plain.model.state_dict()) == list(tiny_bundle.model.state_dict())
+    assert type(pickle.loads(pickle.dumps(embed))) is LinearPatchEmbed
+
+
 # --------------------------------------------------------------------------- chat template and image tokens
 def test_chat_template_renders_vision_block(tiny_bundle: ModelBundle) -> None:
     expected = f"<|im_start|>user\n{VISION_BLOCK}描述这张照片<|im_end|>\n<|im_start|>assistant\n"

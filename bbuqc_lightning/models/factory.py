@@ -41,6 +41,7 @@ from transformers import (
 
 from bbuqc_lightning.constants import PAD_TOKEN_ID
 from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
+from bbuqc_lightning.models.patch_embed import use_linear_patch_embed
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +188,13 @@ def load_model(
     use_project_chat_template: bool = True,
     name: str | None = None,
     init_device: str | torch.device | None = None,
+    linear_patch_embed: bool = True,
 ) -> ModelBundle:
     """Build or load a model bundle. Same ``seed``, ``architecture`` and ``init_device`` -> identical random
     weights. ``init_device`` (random init only): where the weights are drawn, e.g. the run's GPU (``train``
     passes it on a one-GPU trainer): a 4B model in seconds instead of a minute on the host CPU; the draws on a
-    GPU differ from those on the CPU for the same seed."""
+    GPU differ from those on the CPU for the same seed. ``linear_patch_embed``: the vision tower's patch embedding
+    runs as a matrix product (same weights; :mod:`~bbuqc_lightning.models.patch_embed` says why)."""
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
@@ -218,6 +221,8 @@ def load_model(
             # the bounds through ``size`` only: transformers 5 passes ``min_pixels`` / ``max_pixels`` attributes to
             # every processor call, where they warn (a FutureWarning per batch)
             processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    if kind == "vl" and linear_patch_embed:
+        use_linear_patch_embed(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelBundle(model, processor, tokenizer, kind, name or model_name_or_path or f"random-{kind}")
 
