@@ -15,6 +15,11 @@ Run each implementation in its own process so each peak-memory figure is its own
 
 ``--compile-layers`` (ours only): the decode step's layers compiled regionally (``generation.compile_layers``);
 the JSON then records ``compiles`` and ``compile_seconds`` (inside the first step's time) beside the captures.
+
+Ours also records where each step's time goes (``phase_seconds``: rollout, frozen prefix, reference log-probs,
+optimisation, the rest; the GPU synchronised at each boundary), and ``--profile-step N`` runs step N under
+``torch.profiler`` and writes its top operators by CPU and by CUDA time into the JSON (``profile``), to see what
+a first step spends that later ones do not.
 """
 
 from __future__ import annotations
@@ -129,15 +134,27 @@ def run_ours(
     )
     module.sampling = replace(module.sampling, min_new_tokens=args.new_tokens)
     times: list[float] = []
+    phases: dict[str, float] = {}
+    time_phases(module, phases)
+    profiler: list[Any] = []
 
     class Timer(L.Callback):
         def on_train_batch_start(self, *a: Any) -> None:
+            if len(times) + 1 == args.profile_step:
+                profiler.append(torch.profiler.profile(activities=profiled_activities()))
+                profiler[0].__enter__()
+            phases.clear()
             sync()
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer: Any, *a: Any) -> None:
             sync()
             times.append(time.perf_counter() - self.start)
+            phases["other"] = times[-1] - sum(phases.values())
+            extra.setdefault("phase_seconds", []).append({k: round(v, 4) for k, v in phases.items()})
+            if profiler and len(times) == args.profile_step:
+                profiler[0].__exit__(None, None, None)
+                extra["profile"] = {"step": len(times), **profile_tables(profiler[0])}
             generation = float(trainer.callback_metrics.get("train/generation_seconds", float("nan")))
             extra.setdefault("generation_seconds", []).append(generation)
             extra.setdefault("engine_stats", []).append(module.engine.stats)  # cumulative, per step
@@ -165,6 +182,45 @@ def run_ours(
         extra["compile_seconds"] = module.engine.decode_step.compile_seconds
         extra["pool"] = module.engine.layout.describe()
     return times
+
+
+def time_phases(module: Any, phases: dict[str, float]) -> None:
+    """Wrap the phases of ``GRPOModule.training_step`` with synchronised timers (this benchmark only)."""
+    import bbuqc_lightning.grpo.module as grpo_module
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync()
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    grpo_module.generate_rollout = timed("rollout", grpo_module.generate_rollout)
+    grpo_module.run_frozen_prefix = timed("frozen_prefix", grpo_module.run_frozen_prefix)
+    module._reference_and_old = timed("reference", module._reference_and_old)
+    module._optimise = timed("optimise", module._optimise)
+
+
+def profiled_activities() -> list[Any]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def profile_tables(prof: Any, rows: int = 25) -> dict[str, str]:
+    averages = prof.key_averages()
+    tables = {"cpu_top": averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)}
+    if torch.cuda.is_available():
+        tables["cuda_top"] = averages.table(
+            sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70
+        )
+    return tables
 
 
 def run_trl(
@@ -262,6 +318,9 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument(
         "--compile-layers", action="store_true", help="ours: compile the decode step's layers regionally"
+    )
+    parser.add_argument(
+        "--profile-step", type=int, default=0, help="ours: run this step (1-based) under torch.profiler"
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

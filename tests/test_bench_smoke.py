@@ -56,7 +56,8 @@ def stage_a_mixed(out: Path) -> list[str]:
 
 def grpo_mixed(out: Path) -> list[str]:
     return ["grpo.py", "--impl", "ours", "--mixed", "--max-photos", "2", "--preset", "tiny", "--device", "cpu",
-            "--steps", "2", "--prompts", "2", "--new-tokens", "4", "--out", str(out)]  # fmt: skip
+            "--steps", "2", "--prompts", "2", "--new-tokens", "4", "--profile-step", "2",
+            "--out", str(out)]  # fmt: skip
 
 
 def attention_kernels(out: Path) -> list[str]:
@@ -74,6 +75,10 @@ def check_stage_a(out: Path) -> None:
 def check_grpo(out: Path) -> None:
     result = json.loads(out.read_text())
     assert len(result["step_seconds"]) == 2 and result["completions_per_s_all_steps"] > 0
+    for step, phases in zip(result["step_seconds"], result["phase_seconds"], strict=True):
+        assert {"rollout", "frozen_prefix", "reference", "optimise", "other"} <= phases.keys()
+        assert sum(phases.values()) == pytest.approx(step, abs=1e-3)
+    assert result["profile"]["step"] == 2 and "aten::" in result["profile"]["cpu_top"]
 
 
 def check_attention(out: Path) -> None:

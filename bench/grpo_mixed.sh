@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Mixed-shape GRPO in one GPU call (one H100 / H200): ours for 8 steps with each step's phases timed, ours again
+# for 2 steps with the first one under torch.profiler (what a first step spends that later ones do not), then TRL
+# 1.16 on the same prompts (gradient accumulation over micro-batches of 16 completions; all 64 at once runs out of
+# memory). Each run is its own process with its own time limit; a run that would end past BUDGET seconds (default
+# 600) is skipped; RUNS (default "ours profile trl") picks the runs. Writes OUT_DIR/<run>.json and
+# OUT_DIR/logs_<runs>.tar.gz:
+#
+#   bash bench/grpo_mixed.sh "$OUT"
+#   RUNS=trl BUDGET=400 bash bench/grpo_mixed.sh "$OUT"   # the baseline alone, later in the same hold
+set -u
+out=${1:?usage: bench/grpo_mixed.sh OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")" || exit 1
+export PYTHONPATH=..${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
+budget=${BUDGET:-600}
+steps=${STEPS:-8}
+runs=" ${RUNS:-ours profile trl} "
+
+step() {  # step NAME LIMIT_S COMMAND...: run COMMAND, log to OUT_DIR/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  [[ $runs == *" ${name##*_} "* ]] || return 0
+  if ((SECONDS + limit > budget)); then
+    echo "== $name skipped: ${SECONDS}s used of ${budget}s"
+    return
+  fi
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "== $name rc=$? $((SECONDS - start))s"
+  grep -E "step [0-9]+:|completions_per_s|Error|error:" "$out/$name.log" | tail -n 12
+}
+
+"$py" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
+step grpo_mixed_ours 150 "$py" grpo.py --impl ours --mixed --steps "$steps" --out "$out/grpo_mixed_ours.json"
+step grpo_mixed_ours_profile 100 "$py" grpo.py --impl ours --mixed --steps 2 --profile-step 1 \
+    --out "$out/grpo_mixed_ours_profile.json"
+step grpo_mixed_trl 360 "$py" grpo.py --impl trl --mixed --steps "$steps" --trl-micro-batch 16 \
+    --out "$out/grpo_mixed_trl.json"
+tag=${RUNS:-all}
+tar czf "$out/logs_${tag// /_}.tar.gz" -C "$out" --remove-files $(cd "$out" && ls ./*.log)
