@@ -215,7 +215,9 @@ def profiled_activities() -> list[Any]:
 
 def profile_tables(prof: Any, rows: int = 25) -> dict[str, str]:
     averages = prof.key_averages()
-    tables = {"cpu_top": averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)}
+    tables = {
+        "cpu_top": averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)
+    }
     if torch.cuda.is_available():
         tables["cuda_top"] = averages.table(
             sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70
