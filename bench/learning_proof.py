@@ -32,7 +32,7 @@ Commands::
 The step runner, the result readers and the report live in ``bench/proof/`` (shared with
 ``bench/drift_and_cure.py``, which goes on from here: drift, then two cures).
 
-Every knob has a per-device default (``PROFILES``); ``--sft-override``, ``--grpo-override`` and
+Every knob has a per-device default (``proof/learning_profiles.py``); ``--sft-override``, ``--grpo-override`` and
 ``--eval-override`` append raw Hydra overrides (repeatable), e.g. ``--grpo-override module.grpo.beta=0``.
 """
 
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from proof.learning_profiles import PROFILES, SFT_SETTINGS
 from proof.learning_report import (
     GRPO_SERIES,
     SFT_SERIES,
@@ -58,68 +59,6 @@ from proof.results import data_summary, eval_results, training_summary
 from proof.runs import REPO, Step, device_name, max_time, read_json, run_step, trainer_overrides
 
 SFT_STEPS = ("data", "sft", "eval_sft")
-# Settings that define the data, the SFT model and its evaluation: --reuse-sft takes them from that run.
-SFT_SETTINGS = (
-    "model",
-    "seed",
-    "train",
-    "val",
-    "test",
-    "sft_steps",
-    "sft_batch",
-    "sft_lr",
-    "sft_workers",
-    "stage_b_ratio",
-    "max_new_tokens",
-)
-
-# Per-device defaults. cuda: sized for one H100 (whole pipeline ~8 min); cpu: a rehearsal on 2 cores.
-PROFILES: dict[str, dict[str, Any]] = {
-    "cuda": {
-        "model": "small",
-        "train": 1000,  # groups per mission: 4000 train tickets, ~16000 photos
-        "val": 25,
-        "test": 100,  # 400 held-out tickets (200 pass / 200 fail)
-        "sft_steps": 1200,
-        "sft_batch": 64,  # 1200 x 64 rows: ~38k Stage-B rows, each train ticket seen ~10 times
-        "sft_lr": 5e-4,
-        "sft_workers": 8,  # collation (tokenising, image processing) off the training loop
-        "sft_max_minutes": 3.5,  # safety caps: the whole script stays inside a 10-minute GPU session
-        "grpo_max_minutes": 2.5,
-        "stage_b_ratio": 6.0,  # Stage-B rows per epoch = 6 x tickets: about half of every batch
-        "grpo_steps": 100,
-        "grpo_prompts": 16,
-        "grpo_generations": 8,
-        "grpo_lr": 1e-4,
-        "grpo_lora_r": 16,
-        "grpo_temperature": 1.0,
-        "grpo_beta": 0.04,
-        "max_new_tokens": 64,
-        "eval_batch": 100,
-    },
-    "cpu": {
-        "model": "tiny",
-        "train": 64,
-        "val": 8,
-        "test": 16,
-        "sft_steps": 300,
-        "sft_batch": 8,
-        "sft_lr": 3e-3,
-        "sft_workers": 0,  # 2 cores: worker processes would compete with torch's threads
-        "sft_max_minutes": 0.0,  # 0: no time cap
-        "grpo_max_minutes": 0.0,
-        "stage_b_ratio": 4.0,
-        "grpo_steps": 10,
-        "grpo_prompts": 4,
-        "grpo_generations": 4,
-        "grpo_lr": 5e-4,
-        "grpo_lora_r": 16,
-        "grpo_temperature": 1.0,
-        "grpo_beta": 0.04,
-        "max_new_tokens": 48,
-        "eval_batch": 32,
-    },
-}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -128,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=sorted(PROFILES), required=True)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--seed", type=int, help="data, weights and sampling seed (default 0)")
-    knobs = parser.add_argument_group("scale (defaults per --device: see PROFILES)")
+    knobs = parser.add_argument_group("scale (defaults per --device: see proof/learning_profiles.py)")
     knobs.add_argument("--model", help="conf/model preset with random_init (small | tiny | ...)")
     for split in ("train", "val", "test"):
         knobs.add_argument(f"--{split}", type=int, help=f"{split} groups per mission")
