@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,24 @@ def photo_prompt_len(max_pixels: int, text_tokens: int = 256) -> int:
     return -(-tokens // 128) * 128
 
 
+def loader_workers(limit: int = 8) -> int:
+    """DataLoader workers for a photo loop: one per usable CPU core but one (the main process drives the GPU),
+    at most ``limit``; 0 on a one-core machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(int(limit), cores - 1))
+
+
 def register_resolvers() -> None:
     """Resolvers used by the YAML files (idempotent)."""
     if not OmegaConf.has_resolver("bbuqc.wandb_offline"):
         OmegaConf.register_new_resolver("bbuqc.wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("bbuqc.photo_prompt_len"):
         OmegaConf.register_new_resolver("bbuqc.photo_prompt_len", photo_prompt_len)
+    if not OmegaConf.has_resolver("bbuqc.loader_workers"):
+        OmegaConf.register_new_resolver("bbuqc.loader_workers", loader_workers)
 
 
 REQUIRED_KEYS = ("stage", "task_name", "seed", "model", "data", "module", "trainer", "paths")

@@ -201,7 +201,8 @@ def test_batched_greedy_equals_batch_of_one(
 ) -> None:
     """Left padding: one batch of 4 images with different image-token counts (and two prompts) decodes
     exactly like 4 batches of 1, through the DataModule and ``StageAModule.predict_step``; so does a batch
-    whose prompts a DataLoader worker encoded (the DataModule given the processor, as ``train`` gives it)."""
+    whose prompts a DataLoader worker encoded (the DataModule given the processor, as ``train`` gives it),
+    whole or loaded in units of 2 and re-batched (``data.load_batch_size``)."""
     # A larger initializer_range makes the random model's output depend on its input (0.02: near-constant).
     arch = {**tiny_architecture, "text": {**tiny_architecture["text"], "initializer_range": 0.3}}
     bundle = load_model(kind="vl", random_init=True, architecture=arch, seed=0, max_pixels=65536)
@@ -214,10 +215,22 @@ def test_batched_greedy_equals_batch_of_one(
         dm = StageADataModule(str(root), prompts, batch_size=batch_size, max_pixels=65536, **kw)
         dm.setup("predict")
         out, image_tokens = {}, []
-        for i, batch in enumerate(dm.predict_dataloader()):
-            assert ("prompt" in batch) == ("processor" in kw)
-            enc = module.engine.encode(batch["conversation"], [[im] for im in batch["image"]])
-            image_tokens.append((enc.input_ids == image_pad).sum(dim=1).tolist())
+        loader = dm.predict_dataloader()
+        assert len(loader) == -(-4 // batch_size)
+        for i, batch in enumerate(loader):
+            assert ("prompt" in batch) == ("processor" in kw) != ("image" in batch)  # the photo travels once
+            assert (
+                len(batch["meta"])
+                == len(batch["conversation"])
+                == (batch_size if i < len(loader) - 1 else 4 - i * batch_size)
+            )
+            if "prompt" in batch:
+                ids = [p["input_ids"][0] for p in batch["prompt"]]
+            else:
+                ids = list(
+                    module.engine.encode(batch["conversation"], [[im] for im in batch["image"]]).input_ids
+                )
+            image_tokens.append([int((row == image_pad).sum()) for row in ids])
             pred = module.predict_step(batch, i)
             keys = zip(pred["ticket_key"], pred["image_index"], strict=True)
             out.update(zip(keys, pred["summary"], strict=True))
@@ -230,6 +243,12 @@ def test_batched_greedy_equals_batch_of_one(
     assert four == one
     encoded_in_worker, _ = summaries(4, processor=bundle.processor, num_workers=1)
     assert encoded_in_worker == one
+    module._samples.clear()  # the W&B table's photos: loaded again from their files when the batch has none
+    rebatched, tokens = summaries(4, processor=bundle.processor, num_workers=1, load_batch_size=2)
+    assert rebatched == one and tokens == image_tokens  # same batches, same order
+    assert len(module._samples) == 4 and all(
+        img.width * img.height <= 512 * 384 for img, _, _ in module._samples
+    )
     assert module.engine.stats["encode_seconds"] > 0  # the other runs encoded inside the engine
 
 

@@ -15,12 +15,15 @@ from typing import Any
 import lightning as L
 import torch
 
+from bbuqc_lightning.data.images import load_image
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.summaries.records import clean_summary
 from bbuqc_lightning.tracking.wandb import find_wandb_logger, log_table
 
 log = logging.getLogger(__name__)
+
+SAMPLE_PIXELS = 512 * 384  # the W&B table's photos
 
 
 class StageAModule(L.LightningModule):
@@ -68,7 +71,7 @@ class StageAModule(L.LightningModule):
         outputs = self.engine.generate(
             batch["conversation"],
             self.sampling,
-            images=[[im] for im in batch["image"]],
+            images=[[im] for im in batch["image"]] if "image" in batch else None,
             names=names,
             encoded=batch.get("prompt"),  # encoded in the DataLoader's workers
         )
@@ -91,9 +94,15 @@ class StageAModule(L.LightningModule):
         }
 
     def _keep_samples(self, batch: dict[str, list], summaries: list[str]) -> None:
-        for image, meta, summary in zip(batch["image"], batch["meta"], summaries, strict=True):
-            if len(self._samples) < self.num_table_samples:
-                self._samples.append((image, meta["ticket_key"], summary))
+        for i, (meta, summary) in enumerate(zip(batch["meta"], summaries, strict=True)):
+            if len(self._samples) >= self.num_table_samples:
+                return
+            if "image" in batch:
+                image = batch["image"][i]
+            else:  # prompts encoded in the loader's workers ship no photo: load the table's few again, small
+                path = meta["record"].image_paths[meta["image_index"]]
+                image = load_image(path, min_pixels=4096, max_pixels=SAMPLE_PIXELS)
+            self._samples.append((image, meta["ticket_key"], summary))
 
     def teardown(self, stage: str) -> None:
         """The run summary, over all ranks: every rank reaches ``teardown``, even one that had no batch
