@@ -324,8 +324,15 @@ def main() -> None:
     parser.add_argument(
         "--profile-step", type=int, default=0, help="ours: run this step (1-based) under torch.profiler"
     )
+    parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="SDPA without cuDNN (model.cudnn_attention=false): no execution plan built per new shape",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     bundle = random_bundle(
         args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Mixed-shape GRPO in one GPU call (one H100 / H200): ours for 8 steps with each step's phases timed, ours again
-# for 2 steps with the first one under torch.profiler (what a first step spends that later ones do not), then TRL
+# Mixed-shape GRPO in one GPU call (one H100 / H200): ours for 8 steps with each step's phases timed, the same
+# without cuDNN attention (nocudnn: model.cudnn_attention=false), ours again for 2 steps with the first one under
+# torch.profiler (what a first step spends that later ones do not), then TRL
 # 1.16 on the same prompts (gradient accumulation over micro-batches of 16 completions; all 64 at once runs out of
 # memory). Each run is its own process with its own time limit; a run that would end past BUDGET seconds (default
-# 600) is skipped; RUNS (default "ours profile trl") picks the runs. Writes OUT_DIR/<run>.json and
+# 750) is skipped; RUNS (default "ours nocudnn profile trl") picks the runs. Writes OUT_DIR/<run>.json and
 # OUT_DIR/logs_<runs>.tar.gz:
 #
 #   bash bench/grpo_mixed.sh "$OUT"
@@ -15,9 +16,9 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")" || exit 1
 export PYTHONPATH=..${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
-budget=${BUDGET:-600}
+budget=${BUDGET:-750}
 steps=${STEPS:-8}
-runs=" ${RUNS:-ours profile trl} "
+runs=" ${RUNS:-ours nocudnn profile trl} "
 
 step() {  # step NAME LIMIT_S COMMAND...: run COMMAND, log to OUT_DIR/NAME.log
   local name=$1 limit=$2
@@ -35,6 +36,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run COMMAND, log to OUT_DIR/NAME.log
 
 "$py" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
 step grpo_mixed_ours 150 "$py" grpo.py --impl ours --mixed --steps "$steps" --out "$out/grpo_mixed_ours.json"
+step grpo_mixed_ours_nocudnn 150 "$py" grpo.py --impl ours --mixed --steps "$steps" --no-cudnn-attention \
+    --out "$out/grpo_mixed_ours_nocudnn.json"
 step grpo_mixed_ours_profile 100 "$py" grpo.py --impl ours --mixed --steps 2 --profile-step 1 \
     --out "$out/grpo_mixed_ours_profile.json"
 step grpo_mixed_trl 360 "$py" grpo.py --impl trl --mixed --steps "$steps" --trl-micro-batch 16 \

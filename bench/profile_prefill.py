@@ -6,8 +6,11 @@ GPU kernels of one chunk.
 
 Photos in the field sizes of ``bench/stage_a.py --mixed``, encoded as Stage-A encodes them, prefilled through the
 engine's own prefill (``GenerationEngine._prefill``) in chunks of ``--chunks`` prompts (longest first, as the
-scheduler takes them). ``vision_s`` times the vision tower alone on the same chunk; the rest is the language model.
-``vision_conv3d_s``: the vision tower with HF's ``Conv3d`` patch embedding instead of the matrix product.
+scheduler takes them). ``vision_s`` times the vision tower alone on the same chunks; the rest (``language_s``) is the
+language model with the chunk's collate and copy to the GPU.
+``vision_conv3d_s``: the vision tower with HF's ``Conv3d`` patch embedding instead of the matrix product (both
+timed on the same device tensors, one after the other; before 2026-12-07 ``vision_s`` also counted the collate
+and the host-to-device copy, so the two were not comparable).
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ from bbuqc_lightning.models.patch_embed import LinearPatchEmbed, Qwen3VLVisionPa
 from bbuqc_lightning.summaries.prompts import image_conversation
 
 
-def vision_seconds_with_conv3d(visual, chunks, device: str, dtype: torch.dtype, iters: int) -> float:
-    """The vision tower's seconds over ``chunks`` with HF's ``Conv3d`` patch embedding (A/B in one process)."""
+def vision_seconds(visual, run: list, iters: int, embed_class: type) -> float:
+    """The vision tower's seconds over the chunks' ready device tensors ``run``, with ``embed_class`` as the
+    patch embedding (swapped in place: same weights), after one warm-up chunk (cuDNN picks its algorithm)."""
     embed = visual.patch_embed
-    embed.__class__ = Qwen3VLVisionPatchEmbed
+    previous = embed.__class__
+    embed.__class__ = embed_class
     try:
-        batches = [collate([r.inputs for r in chunk], 0) for chunk in chunks]
-        run = [(b["pixel_values"].to(device, dtype), b["image_grid_thw"].to(device)) for b in batches]
-        visual(*run[0][:1], grid_thw=run[0][1])  # warm-up (cuDNN picks its algorithm)
+        visual(run[0][0], grid_thw=run[0][1])
         sync()
         start = time.perf_counter()
         for _ in range(iters):
@@ -46,7 +49,7 @@ def vision_seconds_with_conv3d(visual, chunks, device: str, dtype: torch.dtype, 
         sync()
         return (time.perf_counter() - start) / iters
     finally:
-        embed.__class__ = LinearPatchEmbed
+        embed.__class__ = previous
 
 
 def main() -> None:
@@ -90,17 +93,14 @@ def main() -> None:
                     engine._prefill(chunk)
             sync()
             total = (time.perf_counter() - start) / args.iters
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                for chunk in chunks:
-                    batch = collate([r.inputs for r in chunk], 0)
-                    visual(
-                        batch["pixel_values"].to(args.device, dtype),
-                        grid_thw=batch["image_grid_thw"].to(args.device),
-                    )
-            sync()
-            vision = (time.perf_counter() - start) / args.iters
-            conv3d = vision_seconds_with_conv3d(visual, chunks, args.device, dtype, args.iters)
+            batches = [collate([r.inputs for r in chunk], 0) for chunk in chunks]
+            run = [
+                (b["pixel_values"].to(args.device, dtype), b["image_grid_thw"].to(args.device))
+                for b in batches
+            ]
+            vision = vision_seconds(visual, run, args.iters, LinearPatchEmbed)
+            conv3d = vision_seconds(visual, run, args.iters, Qwen3VLVisionPatchEmbed)
+            del run
             row = {
                 "prefill_s": total,
                 "vision_s": vision,

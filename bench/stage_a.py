@@ -162,8 +162,15 @@ def main() -> None:
     parser.add_argument(
         "--prompt-len", type=int, default=None, help="generation.max_prompt_len (default: photo)"
     )
+    parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="SDPA without cuDNN (model.cudnn_attention=false): no execution plan built per new shape",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     preset = yaml.safe_load((ROOT / "conf" / "model" / f"{args.preset}.yaml").read_text())
     bundle = random_bundle(args.preset, args.device, max_pixels=preset["max_pixels"])

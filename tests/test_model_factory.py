@@ -233,6 +233,23 @@ def test_patch_embedding_runs_as_a_matrix_product_with_the_conv_s_output_and_wei
     assert type(pickle.loads(pickle.dumps(embed))) is LinearPatchEmbed
 
 
+def test_cudnn_attention_false_takes_cudnn_out_of_sdpa_and_true_leaves_torch_alone(
+    tiny_architecture: dict[str, Any],
+) -> None:
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        load_model(kind="text", random_init=True, architecture=tiny_architecture, seed=0)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        load_model(
+            kind="text", random_init=True, architecture=tiny_architecture, seed=0, cudnn_attention=False
+        )
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 # --------------------------------------------------------------------------- chat template and image tokens
 def test_chat_template_renders_vision_block(tiny_bundle: ModelBundle) -> None:
     expected = f"<|im_start|>user\n{VISION_BLOCK}描述这张照片<|im_end|>\n<|im_start|>assistant\n"

@@ -189,12 +189,18 @@ def load_model(
     name: str | None = None,
     init_device: str | torch.device | None = None,
     linear_patch_embed: bool = True,
+    cudnn_attention: bool = True,
 ) -> ModelBundle:
     """Build or load a model bundle. Same ``seed``, ``architecture`` and ``init_device`` -> identical random
     weights. ``init_device`` (random init only): where the weights are drawn, e.g. the run's GPU (``train``
     passes it on a one-GPU trainer): a 4B model in seconds instead of a minute on the host CPU; the draws on a
     GPU differ from those on the CPU for the same seed. ``linear_patch_embed``: the vision tower's patch embedding
-    runs as a matrix product (same weights; :mod:`~bbuqc_lightning.models.patch_embed` says why)."""
+    runs as a matrix product (same weights; :mod:`~bbuqc_lightning.models.patch_embed` says why).
+    ``cudnn_attention=false`` takes cuDNN out of PyTorch's SDPA backends for the whole process
+    (``torch.backends.cuda.enable_cudnn_sdp(False)``; masked attention then runs on the memory-efficient kernel):
+    torch 2.11 sends padded attention on Hopper to cuDNN first, which builds an execution plan for every new
+    (batch, padded length), ~0.5 s forward and as much backward (profiled in a first GRPO step on an H100,
+    docs/BENCHMARKS.md), and mixed-shape training meets new lengths every step. ``true`` leaves PyTorch's order."""
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
@@ -221,6 +227,8 @@ def load_model(
             # the bounds through ``size`` only: transformers 5 passes ``min_pixels`` / ``max_pixels`` attributes to
             # every processor call, where they warn (a FutureWarning per batch)
             processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    if not cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if kind == "vl" and linear_patch_embed:
         use_linear_patch_embed(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
