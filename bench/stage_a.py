@@ -11,8 +11,9 @@ Every capture is inside the timed run; "steady" leaves out the first call. ``--c
 with the decode step's layers compiled regionally (``generation.compile_layers``); the compile is inside
 the first call's time and recorded as ``compiles`` / ``compile_seconds``. Our engine gets its prompts as the
 Stage-A entry point does: encoded (chat template, image processor) by ``--encode-workers`` DataLoader workers
-beside the generation loop (0: inside ``generate``, timed), in prompt slots of ``bbuqc.photo_prompt_len``
-tokens. ``engine.stats`` in the JSON splits the time into prefill and decode.
+(default ``data.num_workers``'s: one per CPU core but one, at most 8) beside the generation loop, ``--load-batch``
+photos at a time re-batched to ``--call-size`` (0 workers: inside ``generate``, timed), in prompt slots of
+``bbuqc.photo_prompt_len`` tokens. ``engine.stats`` in the JSON splits the time into prefill and decode.
 
     python bench/stage_a.py --mixed --images 1000 --baseline-images 64 --out stage_a_mixed.json   # one H100
     python bench/stage_a.py --images 256 --out stage_a_uniform.json
@@ -29,6 +30,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +39,10 @@ from common import device_info, random_bundle, sync, write
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bbuqc_lightning.config import photo_prompt_len
+from bbuqc_lightning.config import loader_workers, photo_prompt_len
 from bbuqc_lightning.data.images import resize_within
 from bbuqc_lightning.generation.engine import GenerationEngine, PromptEncoder, SamplingParams
+from bbuqc_lightning.stage_a.datamodule import Rebatched
 from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +75,8 @@ def stage_a_prompts() -> list[str]:
 
 
 class Photos(Dataset):
-    """(conversation, image, encoded prompt or None) per photo, the missions' prompts in turn."""
+    """``conversation`` and ``image``, or ``conversation`` and its encoded ``prompt``, per photo, the missions'
+    prompts in turn (as the Stage-A DataModule's items: an encoded item does not ship its photo)."""
 
     def __init__(
         self, pics: Sequence[Image.Image], prompts: list[str], encoder: PromptEncoder | None
@@ -82,13 +86,15 @@ class Photos(Dataset):
     def __len__(self) -> int:
         return len(self.pics)
 
-    def __getitem__(self, i: int) -> tuple[list[dict], Image.Image, dict | None]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         conv = image_conversation(self.prompts[i % len(self.prompts)])
-        return conv, self.pics[i], self.encoder(conv, [self.pics[i]]) if self.encoder else None
+        if self.encoder is None:
+            return {"conversation": conv, "image": self.pics[i]}
+        return {"conversation": conv, "prompt": self.encoder(conv, [self.pics[i]])}
 
 
-def columns(items: list[tuple]) -> list[tuple]:
-    return list(zip(*items, strict=True))
+def columns(items: list[dict[str, Any]]) -> dict[str, list]:
+    return {key: [item[key] for item in items] for key in items[0]}
 
 
 def run(
@@ -99,25 +105,31 @@ def run(
     params,
     encode_workers: int = 0,
     pixel_dtype: str | None = None,
+    load_batch: int = 32,
 ) -> dict:
     """Seconds per call over ``pics`` in calls of ``call`` images; images/s overall and after the first call.
-    With ``encode_workers`` the prompts come encoded from DataLoader workers and the clock runs from the
-    first call's start to the last call's end (waiting for a batch counts)."""
+    With ``encode_workers`` the prompts come encoded from DataLoader workers, ``load_batch`` photos at a time
+    re-batched to ``call`` (as the Stage-A DataModule loads them), and the clock runs from the first call's
+    start to the last call's end (waiting for a batch counts)."""
     encoder = PromptEncoder(engine.processor, pixel_dtype=pixel_dtype) if encode_workers else None
+    unit = min(load_batch, call) if encode_workers else call
     loader = DataLoader(
         Photos(pics, prompts, encoder),
-        batch_size=call,
+        batch_size=unit,
         num_workers=encode_workers,
         collate_fn=columns,
-        prefetch_factor=1 if encode_workers else None,
+        prefetch_factor=max(1, -(-2 * call // (unit * encode_workers))) if encode_workers else None,
     )
     seconds: list[float] = []
-    batches = iter(loader)
+    batches = iter(loader if unit == call else Rebatched(loader, call))
     sync()
     begin = time.perf_counter()
-    for convs, images, encoded in batches:
+    for batch in batches:
         engine.generate(
-            list(convs), params, images=[[p] for p in images], encoded=list(encoded) if encoder else None
+            batch["conversation"],
+            params,
+            images=[[p] for p in batch["image"]] if "image" in batch else None,
+            encoded=batch.get("prompt"),
         )
         sync()
         now = time.perf_counter()
@@ -156,8 +168,14 @@ def main() -> None:
     parser.add_argument(
         "--encode-workers",
         type=int,
-        default=2,
-        help="ours: DataLoader workers encoding prompts (0: in generate)",
+        default=loader_workers(),
+        help="ours: DataLoader workers encoding prompts (0: in generate); default data.num_workers's",
+    )
+    parser.add_argument(
+        "--load-batch",
+        type=int,
+        default=32,
+        help="ours: photos a worker loads at a time (data.load_batch_size)",
     )
     parser.add_argument(
         "--prompt-len", type=int, default=None, help="generation.max_prompt_len (default: photo)"
@@ -213,6 +231,7 @@ def main() -> None:
         params,
         args.encode_workers,
         str(bundle.model.dtype).split(".")[-1],
+        args.load_batch,
     )
     results["engine"]["stats"] = ours.stats
     results["engine"]["captures"] = ours.decode_step.captures

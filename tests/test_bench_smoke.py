@@ -51,7 +51,8 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
 
 def stage_a_mixed(out: Path) -> list[str]:
     return ["stage_a.py", "--mixed", "--preset", "tiny", "--device", "cpu", "--images", "4", "--baseline-images", "2",
-            "--new-tokens", "4", "--call-size", "4", "--baseline-batches", "2", "--out", str(out)]  # fmt: skip
+            "--new-tokens", "4", "--call-size", "4", "--baseline-batches", "2", "--encode-workers", "1",
+            "--load-batch", "2", "--out", str(out)]  # fmt: skip
 
 
 def grpo_mixed(out: Path) -> list[str]:

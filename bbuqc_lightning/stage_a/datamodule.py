@@ -115,11 +115,15 @@ class Rebatched:
         for part in self.loader:
             for key, values in part.items():
                 pending.setdefault(key, []).extend(values)
-            while len(pending["meta"]) >= self.batch_size:
+            while _batch_len(pending) >= self.batch_size:
                 yield {key: values[: self.batch_size] for key, values in pending.items()}
                 pending = {key: values[self.batch_size :] for key, values in pending.items()}
-        if pending and pending["meta"]:
+        if _batch_len(pending):
             yield pending
+
+
+def _batch_len(batch: dict[str, list]) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
 
 
 class StageADataModule(PhotoTreeDataModule):
