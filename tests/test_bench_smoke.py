@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 Run = Callable[[list[str]], str]
@@ -102,6 +103,22 @@ def test_grpo_mixed(run: Run, tmp_path: Path) -> None:
 def test_mixed_tree(run: Run, tmp_path: Path) -> None:
     assert "6 photos under" in run(["mixed_tree.py", "--out", str(tmp_path / "tree"), "--photos", "6"])
     assert len(list((tmp_path / "tree").rglob("*.jpg"))) == 6
+
+
+def test_sdpa_shapes(run: Run, tmp_path: Path) -> None:
+    """Both arms run every length twice (the script turns cuDNN attention off for its second arm; restored here)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        run(["sdpa_shapes.py", "--preset", "tiny", "--device", "cpu", "--lengths", "16", "24", "--rows", "2",
+             "--out", str(tmp_path / "sdpa.json")])  # fmt: skip
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    arms = json.loads((tmp_path / "sdpa.json").read_text())["arms"]
+    assert list(arms["cudnn_first"]["lengths"]) == ["16", "24"] and list(arms["no_cudnn"]["lengths"]) == [
+        "24",
+        "32",
+    ]
+    assert all(r["second_s"] > 0 for a in arms.values() for r in a["lengths"].values())
 
 
 def test_attention_kernels(run: Run, tmp_path: Path) -> None:
