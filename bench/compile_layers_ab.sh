@@ -8,32 +8,21 @@
 #   bash bench/compile_layers_ab.sh "$OUT"
 set -u
 out=${1:?usage: bench/compile_layers_ab.sh OUT_DIR}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$(dirname "$0")" || exit 1
-export PYTHONPATH=..${PYTHONPATH:+:$PYTHONPATH}
-py=${PYTHON:-python3}
 budget=${BUDGET:-570}
+pattern="replay|sampling|generate 8|engine:|step [0-9]|skipped|Error"
+source "$(dirname "$0")/steps.sh"
 
-step() {  # step NAME LIMIT_S SCRIPT ARGS...: run SCRIPT with --out OUT_DIR/NAME.json
+run() {  # run NAME LIMIT_S SCRIPT ARGS...: step running SCRIPT with --out OUT_DIR/NAME.json
   local name=$1 limit=$2
   shift 2
-  if ((SECONDS + limit > budget)); then
-    echo "== $name skipped: ${SECONDS}s used of ${budget}s"
-    return
-  fi
-  local start=$SECONDS
-  timeout "$limit" "$py" "$@" --out "$out/$name.json" >"$out/$name.log" 2>&1
-  echo "== $name rc=$? $((SECONDS - start))s"
-  grep -E "replay|sampling|generate 8|engine:|step [0-9]|skipped|Error" "$out/$name.log" | tail -n 12
+  step "$name" "$limit" "$py" "$@" --out "$out/$name.json"
 }
 
-"$py" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
-step profile_eager 75 profile_decode.py --iters 30
-step profile_compiled 140 profile_decode.py --iters 30 --compile-layers
-step attention_kernels 80 attention_kernels.py
-step grpo_mixed_compiled 90 grpo.py --impl ours --mixed --steps 6 --compile-layers
-step grpo_mixed_eager 65 grpo.py --impl ours --mixed --steps 6
-step stage_a_mixed_compiled 60 stage_a.py --mixed --images 384 --call-size 128 --baseline-batches --compile-layers
-step stage_a_mixed_eager 50 stage_a.py --mixed --images 384 --call-size 128 --baseline-batches
-tar czf "$out/logs.tar.gz" -C "$out" --remove-files $(cd "$out" && ls ./*.log)
+run profile_eager 75 profile_decode.py --iters 30
+run profile_compiled 140 profile_decode.py --iters 30 --compile-layers
+run attention_kernels 80 attention_kernels.py
+run grpo_mixed_compiled 90 grpo.py --impl ours --mixed --steps 6 --compile-layers
+run grpo_mixed_eager 65 grpo.py --impl ours --mixed --steps 6
+run stage_a_mixed_compiled 60 stage_a.py --mixed --images 384 --call-size 128 --baseline-batches --compile-layers
+run stage_a_mixed_eager 50 stage_a.py --mixed --images 384 --call-size 128 --baseline-batches
+pack_logs logs.tar.gz

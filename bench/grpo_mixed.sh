@@ -11,30 +11,12 @@
 #   RUNS=trl BUDGET=400 bash bench/grpo_mixed.sh "$OUT"   # the baseline alone, later in the same hold
 set -u
 out=${1:?usage: bench/grpo_mixed.sh OUT_DIR}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$(dirname "$0")" || exit 1
-export PYTHONPATH=..${PYTHONPATH:+:$PYTHONPATH}
-py=${PYTHON:-python3}
 budget=${BUDGET:-750}
 steps=${STEPS:-8}
 runs=" ${RUNS:-ours nocudnn profile trl} "
+pattern="step [0-9]+:|completions_per_s|Error|error:"
+source "$(dirname "$0")/steps.sh"
 
-step() {  # step NAME LIMIT_S COMMAND...: run COMMAND, log to OUT_DIR/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  [[ $runs == *" ${name##*_} "* ]] || return 0
-  if ((SECONDS + limit > budget)); then
-    echo "== $name skipped: ${SECONDS}s used of ${budget}s"
-    return
-  fi
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
-  echo "== $name rc=$? $((SECONDS - start))s"
-  grep -E "step [0-9]+:|completions_per_s|Error|error:" "$out/$name.log" | tail -n 12
-}
-
-"$py" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
 step grpo_mixed_ours 150 "$py" grpo.py --impl ours --mixed --steps "$steps" --out "$out/grpo_mixed_ours.json"
 step grpo_mixed_ours_nocudnn 150 "$py" grpo.py --impl ours --mixed --steps "$steps" --no-cudnn-attention \
     --out "$out/grpo_mixed_ours_nocudnn.json"
@@ -43,4 +25,4 @@ step grpo_mixed_ours_profile 100 "$py" grpo.py --impl ours --mixed --steps 2 --p
 step grpo_mixed_trl 360 "$py" grpo.py --impl trl --mixed --steps "$steps" --trl-micro-batch 16 \
     --out "$out/grpo_mixed_trl.json"
 tag=${RUNS:-all}
-tar czf "$out/logs_${tag// /_}.tar.gz" -C "$out" --remove-files $(cd "$out" && ls ./*.log)
+pack_logs "logs_${tag// /_}.tar.gz"

@@ -9,28 +9,11 @@
 #   bash bench/stage_a_mixed.sh "$OUT"
 set -u
 out=${1:?usage: bench/stage_a_mixed.sh OUT_DIR}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$(dirname "$0")" || exit 1
-export PYTHONPATH=..${PYTHONPATH:+:$PYTHONPATH}
-py=${PYTHON:-python3}
 budget=${BUDGET:-900}
 tree=${TREE:-/tmp/mixed_tree}
+pattern="images_per_s|hf generate|Stage-A engine|stage_a/|chunks of|Error|error:"
+source "$(dirname "$0")/steps.sh"
 
-step() {  # step NAME LIMIT_S COMMAND...: run COMMAND, log to OUT_DIR/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  if ((SECONDS + limit > budget)); then
-    echo "== $name skipped: ${SECONDS}s used of ${budget}s"
-    return
-  fi
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
-  echo "== $name rc=$? $((SECONDS - start))s"
-  grep -E "images_per_s|hf generate|Stage-A engine|stage_a/|chunks of|Error|error:" "$out/$name.log" | tail -n 8
-}
-
-"$py" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
 [ -d "$tree" ] || step mixed_tree 120 "$py" mixed_tree.py --out "$tree" --photos 1000
 step profile_prefill 120 "$py" profile_prefill.py --out "$out/profile_prefill.json"
 step stage_a_mixed 200 "$py" stage_a.py --mixed --images 1000 --baseline-images 48 --baseline-batches 16 \
@@ -44,4 +27,4 @@ cp "$out"/entry_point/metrics.json "$out/entry_point_metrics.json" 2>/dev/null
 rm -rf "$out/entry_point"
 step stage_a_mixed_compiled 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --compile-layers \
     --out "$out/stage_a_mixed_compiled.json"
-tar czf "$out/logs.tar.gz" -C "$out" --remove-files $(cd "$out" && ls ./*.log)
+pack_logs logs.tar.gz
