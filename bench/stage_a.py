@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from common import device_info, random_bundle, sync, write
+from common import add_no_cudnn_attention, device_info, random_bundle, sync, write
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from bbuqc_lightning.config import loader_workers, photo_prompt_len
 from bbuqc_lightning.data.images import resize_within
 from bbuqc_lightning.generation.engine import GenerationEngine, PromptEncoder, SamplingParams
-from bbuqc_lightning.stage_a.datamodule import Rebatched
+from bbuqc_lightning.stage_a.datamodule import photo_loader
 from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,16 +112,11 @@ def run(
     re-batched to ``call`` (as the Stage-A DataModule loads them), and the clock runs from the first call's
     start to the last call's end (waiting for a batch counts)."""
     encoder = PromptEncoder(engine.processor, pixel_dtype=pixel_dtype) if encode_workers else None
-    unit = min(load_batch, call) if encode_workers else call
-    loader = DataLoader(
-        Photos(pics, prompts, encoder),
-        batch_size=unit,
-        num_workers=encode_workers,
-        collate_fn=columns,
-        prefetch_factor=max(1, -(-2 * call // (unit * encode_workers))) if encode_workers else None,
+    loader = photo_loader(
+        Photos(pics, prompts, encoder), call, encode_workers, load_batch, columns, encoded=encoder is not None
     )
+    batches = iter(loader)  # the workers start before the clock
     seconds: list[float] = []
-    batches = iter(loader if unit == call else Rebatched(loader, call))
     sync()
     begin = time.perf_counter()
     for batch in batches:
@@ -180,15 +175,9 @@ def main() -> None:
     parser.add_argument(
         "--prompt-len", type=int, default=None, help="generation.max_prompt_len (default: photo)"
     )
-    parser.add_argument(
-        "--no-cudnn-attention",
-        action="store_true",
-        help="SDPA without cuDNN (model.cudnn_attention=false): no execution plan built per new shape",
-    )
+    add_no_cudnn_attention(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
 
     preset = yaml.safe_load((ROOT / "conf" / "model" / f"{args.preset}.yaml").read_text())
     bundle = random_bundle(args.preset, args.device, max_pixels=preset["max_pixels"])

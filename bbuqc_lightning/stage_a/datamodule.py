@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +126,32 @@ def _batch_len(batch: dict[str, list]) -> int:
     return len(next(iter(batch.values()))) if batch else 0
 
 
+def photo_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    load_batch_size: int,
+    collate_fn: Callable[[list[Any]], dict[str, list]],
+    encoded: bool,
+) -> DataLoader | Rebatched:
+    """Batches of ``batch_size`` photos in order: with workers, each loads ``load_batch_size`` at a time and the
+    units are re-batched (:class:`Rebatched`); ``encoded`` items are large (~8 MB a photo in bf16), so about two
+    batches are in flight in all."""
+    unit = min(load_batch_size, batch_size) if num_workers else batch_size
+    prefetch = None
+    if num_workers:
+        prefetch = max(1, -(-2 * batch_size // (unit * num_workers))) if encoded else 2
+    loader = DataLoader(
+        dataset,
+        batch_size=unit,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        prefetch_factor=prefetch,
+    )
+    return loader if unit == batch_size else Rebatched(loader, batch_size)
+
+
 class StageADataModule(PhotoTreeDataModule):
     """Scans ``root`` (generating the synthetic tree first when ``synthetic`` is set and it is missing).
 
@@ -198,7 +224,7 @@ class StageADataModule(PhotoTreeDataModule):
     def _trainer_attached(self) -> bool:
         return getattr(self, "trainer", None) is not None
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | Rebatched:
         # Built after every setup hook, so the writer callback has filled skip_ticket_keys (resume). Only the
         # groups still to do are split across ranks, then this rank's are validated (images decoded once).
         todo = [r for r in self.scanned if r.ticket_key not in self.skip_ticket_keys]
@@ -218,17 +244,11 @@ class StageADataModule(PhotoTreeDataModule):
         if self.processor is not None:
             encoder = PromptEncoder(self.processor, pixel_dtype=self.pixel_dtype)
         self.dataset = StageAImages(items, self.prompts, self.min_pixels, self.max_pixels, encoder)
-        unit = min(self.load_batch_size, self.batch_size) if self.num_workers else self.batch_size
-        prefetch = None
-        if self.num_workers:
-            # Encoded photos are large (~8 MB each in bf16): about two engine batches in flight in all.
-            prefetch = max(1, -(-2 * self.batch_size // (unit * self.num_workers))) if encoder else 2
-        loader = DataLoader(
+        return photo_loader(
             self.dataset,
-            batch_size=unit,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate_images,
-            prefetch_factor=prefetch,
+            self.batch_size,
+            self.num_workers,
+            self.load_batch_size,
+            collate_images,
+            encoded=encoder is not None,
         )
-        return loader if unit == self.batch_size else Rebatched(loader, self.batch_size)
