@@ -5,6 +5,7 @@ Not a test: run on a GPU machine, results go to docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -90,6 +91,23 @@ def device_info() -> dict[str, Any]:
 
     info["transformers"] = transformers.__version__
     return info
+
+
+def add_no_cudnn_attention(parser: argparse.ArgumentParser) -> None:
+    """``--no-cudnn-attention``: SDPA without cuDNN for this process, as ``model.cudnn_attention=false`` does."""
+
+    class Off(argparse.Action):
+        def __call__(self, parser: Any, namespace: argparse.Namespace, *args: Any) -> None:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            setattr(namespace, self.dest, True)  # recorded in the JSON's config
+
+    parser.add_argument(
+        "--no-cudnn-attention",
+        action=Off,
+        nargs=0,
+        default=False,
+        help="SDPA without cuDNN (model.cudnn_attention=false): no execution plan built per new shape",
+    )
 
 
 def write(path: str | None, payload: dict[str, Any]) -> None:

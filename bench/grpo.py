@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import device_info, random_bundle, sync, write
+from common import add_no_cudnn_attention, device_info, random_bundle, sync, write
 
 from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
 from bbuqc_lightning.models.lora import apply_last_k_lora
@@ -324,15 +324,9 @@ def main() -> None:
     parser.add_argument(
         "--profile-step", type=int, default=0, help="ours: run this step (1-based) under torch.profiler"
     )
-    parser.add_argument(
-        "--no-cudnn-attention",
-        action="store_true",
-        help="SDPA without cuDNN (model.cudnn_attention=false): no execution plan built per new shape",
-    )
+    add_no_cudnn_attention(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
 
     bundle = random_bundle(
         args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32

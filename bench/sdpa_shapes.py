@@ -71,7 +71,8 @@ def main() -> None:
     for block in lm.layers[-args.trainable :]:
         block.requires_grad_(True)
     vocab = lm.embed_tokens.num_embeddings
-    step(lm, *(t.to(args.device) for t in (torch.ones(1, 8, dtype=torch.long),) * 2))  # kernels, handles
+    ones = torch.ones(1, 8, dtype=torch.long, device=args.device)
+    step(lm, ones, ones)  # kernels, handles
     result: dict[str, Any] = {"config": vars(args), "device": device_info(), "arms": {}}
     result["arms"]["cudnn_first"] = arm(lm, args.lengths, args.rows, vocab, args.device)
     torch.backends.cuda.enable_cudnn_sdp(False)  # model.cudnn_attention=false
