@@ -3,28 +3,40 @@
 # (bench/profile_prefill.py), the engine against HF generate (bench/stage_a.py --mixed, both in one process), the
 # engine with its decode layers compiled, then the issue's entry-point command on a 1,000-photo tree
 # (bench/mixed_tree.py), start-up included. Each run is its own process with its own time limit;
-# a run that would end past BUDGET seconds (default 900: two device calls, started detached) is skipped. Writes OUT_DIR/<run>.json, the entry point's
-# metrics.json and log, and OUT_DIR/logs.tar.gz:
+# a run that would end past BUDGET seconds (default 900: two device calls, started detached) is skipped; RUNS picks
+# runs by the last part of their names (default all: "prefill mixed nocudnn point compiled"; nocudnn runs
+# bench/stage_a.py and the entry point with model.cudnn_attention=false). Writes OUT_DIR/<run>.json, the entry
+# point's metrics.json and log, and OUT_DIR/logs.tar.gz:
 #
 #   bash bench/stage_a_mixed.sh "$OUT"
+#   RUNS="point nocudnn" bash bench/stage_a_mixed.sh "$OUT"
 set -u
 out=${1:?usage: bench/stage_a_mixed.sh OUT_DIR}
 budget=${BUDGET:-900}
 tree=${TREE:-/tmp/mixed_tree}
+runs=${RUNS:+ $RUNS }
 pattern="images_per_s|hf generate|Stage-A engine|stage_a/|chunks of|Error|error:"
 source "$(dirname "$0")/steps.sh"
 
-[ -d "$tree" ] || step mixed_tree 120 "$py" mixed_tree.py --out "$tree" --photos 1000
+[ -d "$tree" ] || (runs="" && step mixed_tree 120 "$py" mixed_tree.py --out "$tree" --photos 1000)
 step profile_prefill 120 "$py" profile_prefill.py --out "$out/profile_prefill.json"
 step stage_a_mixed 200 "$py" stage_a.py --mixed --images 1000 --baseline-images 48 --baseline-batches 16 \
     --out "$out/stage_a_mixed.json"
+step stage_a_mixed_nocudnn 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --no-cudnn-attention \
+    --out "$out/stage_a_mixed_nocudnn.json"
 # the issue's command, nothing added: the Stage-A defaults must be right on a GPU
-start=$SECONDS
-step entry_point 300 "$py" -m bbuqc_lightning.train +experiment=stage_a model=qwen3_vl_4b model.random_init=true \
-    trainer=gpu data.root="$tree" paths.output_dir="$out/entry_point"
-echo "entry point wall: $((SECONDS - start)) s"
-cp "$out"/entry_point/metrics.json "$out/entry_point_metrics.json" 2>/dev/null
-rm -rf "$out/entry_point"
+entry() {
+  local name=$1
+  shift
+  local start=$SECONDS
+  step "$name" 300 "$py" -m bbuqc_lightning.train +experiment=stage_a model=qwen3_vl_4b model.random_init=true \
+      trainer=gpu data.root="$tree" paths.output_dir="$out/$name" "$@"
+  echo "$name wall: $((SECONDS - start)) s"
+  cp "$out/$name/metrics.json" "$out/${name}_metrics.json" 2>/dev/null
+  rm -rf "${out:?}/$name"
+}
+entry entry_point
+entry entry_point_nocudnn +model.cudnn_attention=false
 step stage_a_mixed_compiled 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --compile-layers \
     --out "$out/stage_a_mixed_compiled.json"
 pack_logs logs.tar.gz
