@@ -153,6 +153,9 @@ def main() -> None:
     parser.add_argument("--call-size", type=int, default=256, help="images per engine.generate call")
     parser.add_argument("--rows", type=int, default=128, help="generation.max_rows")
     parser.add_argument(
+        "--kv-fraction", type=float, default=0.3, help="generation.kv_memory_fraction (of the free GPU memory)"
+    )
+    parser.add_argument(
         "--baseline-batches",
         type=int,
         nargs="*",
@@ -205,6 +208,7 @@ def main() -> None:
     ours = make(
         backend="pool",
         max_rows=args.rows,
+        kv_memory_fraction=args.kv_fraction,
         max_prompt_len=args.prompt_len or photo_prompt_len(preset["max_pixels"]),
         max_new_tokens=args.new_tokens,
         compile_layers=args.compile_layers,

@@ -198,9 +198,10 @@ def load_model(
     runs as a matrix product (same weights; :mod:`~bbuqc_lightning.models.patch_embed` says why).
     ``cudnn_attention=false`` takes cuDNN out of PyTorch's SDPA backends for the whole process
     (``torch.backends.cuda.enable_cudnn_sdp(False)``; masked attention then runs on the memory-efficient kernel):
-    torch 2.11 sends padded attention on Hopper to cuDNN first, which builds an execution plan for every new
-    (batch, padded length), ~0.5 s forward and as much backward (profiled in a first GRPO step on an H100,
-    docs/BENCHMARKS.md), and mixed-shape training meets new lengths every step. ``true`` leaves PyTorch's order."""
+    torch 2.11 sends padded attention on Hopper to cuDNN first. Measured on an H100 (docs/BENCHMARKS.md): cuDNN
+    costs ~3 s once per process (GRPO's first step) and 0.02-0.06 s per new padded length, then runs forward and
+    backward 11-24 % faster; so ``true`` (PyTorch's order) is the default and ``false`` only pays for runs of
+    fewer than ~9 steps."""
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
