@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import add_no_cudnn_attention, device_info, random_bundle, sync, write
+from common import add_no_cudnn_attention, add_no_fused_rms_norm, device_info, random_bundle, sync, write
 
 from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
 from bbuqc_lightning.models.lora import apply_last_k_lora
@@ -325,11 +325,15 @@ def main() -> None:
         "--profile-step", type=int, default=0, help="ours: run this step (1-based) under torch.profiler"
     )
     add_no_cudnn_attention(parser)
+    add_no_fused_rms_norm(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     bundle = random_bundle(
-        args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32
+        args.preset,
+        args.device,
+        dtype=torch.bfloat16 if args.device == "cuda" else torch.float32,
+        fused_rms_norm=False if args.impl == "trl" else None,  # TRL as its users run it: HF's modules
     )
     if args.mixed:
         data = mixed_samples(args.prompts * args.steps, max_photos=args.max_photos)

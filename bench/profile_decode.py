@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-from common import device_info, ms_per_call, random_bundle, sync, write
+from common import add_no_fused_rms_norm, device_info, ms_per_call, random_bundle, sync, write
 from grpo import samples
 
 from bbuqc_lightning.generation.decode_step import Bucket
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--compile-layers", action="store_true", help="compile the decode step's layers")
+    add_no_fused_rms_norm(parser)
     parser.add_argument("--out", default=None, help="JSON results")
     args = parser.parse_args()
     bundle = random_bundle(

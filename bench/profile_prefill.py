@@ -21,7 +21,7 @@ import time
 
 import torch
 import yaml
-from common import CONF, device_info, random_bundle, sync, write
+from common import CONF, add_no_fused_rms_norm, device_info, random_bundle, sync, write
 from profile_decode import kernel_summary
 from stage_a import field_sizes, photo, stage_a_prompts
 
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=64)
     parser.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--iters", type=int, default=3)
+    add_no_fused_rms_norm(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     preset = yaml.safe_load((CONF / f"{args.preset}.yaml").read_text())

@@ -32,16 +32,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import torch
 import yaml
-from common import add_no_cudnn_attention, device_info, random_bundle, sync, write
+from common import add_no_cudnn_attention, add_no_fused_rms_norm, device_info, random_bundle, sync, write
 from PIL import Image
 from torch.utils.data import Dataset
 
 from bbuqc_lightning.config import loader_workers, photo_prompt_len
 from bbuqc_lightning.data.images import resize_within
 from bbuqc_lightning.generation.engine import GenerationEngine, PromptEncoder, SamplingParams
+from bbuqc_lightning.models.fused_norm import use_fused_rms_norm
 from bbuqc_lightning.stage_a.datamodule import photo_loader
 from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
@@ -153,7 +155,10 @@ def main() -> None:
     parser.add_argument("--call-size", type=int, default=256, help="images per engine.generate call")
     parser.add_argument("--rows", type=int, default=128, help="generation.max_rows")
     parser.add_argument(
-        "--kv-fraction", type=float, default=0.3, help="generation.kv_memory_fraction (of the free GPU memory)"
+        "--kv-fraction",
+        type=float,
+        default=0.3,
+        help="generation.kv_memory_fraction (of the free GPU memory)",
     )
     parser.add_argument(
         "--baseline-batches",
@@ -179,11 +184,13 @@ def main() -> None:
         "--prompt-len", type=int, default=None, help="generation.max_prompt_len (default: photo)"
     )
     add_no_cudnn_attention(parser)
+    add_no_fused_rms_norm(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     preset = yaml.safe_load((ROOT / "conf" / "model" / f"{args.preset}.yaml").read_text())
-    bundle = random_bundle(args.preset, args.device, max_pixels=preset["max_pixels"])
+    # HF generate as its users run it (HF's RMSNorm); the engine's side gets the fused norms after it
+    bundle = random_bundle(args.preset, args.device, max_pixels=preset["max_pixels"], fused_rms_norm=False)
     sizes = field_sizes(args.images) if args.mixed else [(1024, 768)] * args.images
     # Bounded to the preset's pixel budget as the Stage-A DataModule does in its loader workers (load_image),
     # so the engine's main thread does not resize 12-megapixel photos.
@@ -205,6 +212,8 @@ def main() -> None:
     for batch in args.baseline_batches:
         results["hf"][batch] = run(hf, pics[: args.baseline_images], prompts, batch, params)
         print(f"hf generate batch {batch}: {results['hf'][batch]}", flush=True)
+    if common.FUSED_RMS_NORM:
+        use_fused_rms_norm(bundle.model)
     ours = make(
         backend="pool",
         max_rows=args.rows,

@@ -602,3 +602,64 @@ def test_prefix_sharing_ignores_rope_deltas_of_an_earlier_image_call(varied_bund
     assert [[c.token_ids for c in group] for group in out] == [
         [c.token_ids for c in group] for group in expected
     ]
+
+
+def test_rms_norms_are_swapped_for_the_fused_kernel_same_weights_and_hf_numbers(
+    tiny_bundle: ModelBundle, tiny_text_bundle: ModelBundle, tiny_architecture: dict[str, Any]
+) -> None:
+    """``load_model`` swaps every text RMSNorm (4 a layer and the final one) for a subclass that runs
+    ``F.rms_norm`` on the GPU: its formula gives HF's result (fp32 exactly up to rounding, bf16 within one rounding
+    step, fp32 weights over bf16 activations in fp32), the CPU runs HF's code itself, the state dict is unchanged
+    and the model still pickles; ``fused_rms_norm=False`` keeps HF's class."""
+    import pickle
+
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+    from bbuqc_lightning.models.fused_norm import (
+        FusedQwen3RMSNorm,
+        FusedQwen3VLTextRMSNorm,
+        fused_rms_norm,
+    )
+
+    layers = tiny_architecture["text"]["num_hidden_layers"]
+    vl_norms = [m for m in tiny_bundle.model.modules() if isinstance(m, Qwen3VLTextRMSNorm)]
+    assert len(vl_norms) == 4 * layers + 1
+    assert all(type(m) is FusedQwen3VLTextRMSNorm for m in vl_norms)
+    text_norms = [m for m in tiny_text_bundle.model.modules() if isinstance(m, Qwen3RMSNorm)]
+    assert text_norms and all(type(m) is FusedQwen3RMSNorm for m in text_norms)
+
+    norm = tiny_bundle.model.model.language_model.norm
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, norm.weight.shape[0], generator=generator) * 4
+    saved = norm.weight.detach().clone()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(saved.shape, generator=generator) + 0.5)  # not all ones; restored below
+        try:
+            hf = Qwen3VLTextRMSNorm.forward(norm, hidden)
+            assert torch.equal(norm(hidden), hf)  # CPU: HF's own code
+            torch.testing.assert_close(fused_rms_norm(norm, hidden), hf, rtol=1e-6, atol=1e-6)
+            low = hidden.bfloat16()
+            bf16 = torch.nn.Module()
+            bf16.weight, bf16.variance_epsilon = (
+                torch.nn.Parameter(norm.weight.bfloat16()),
+                norm.variance_epsilon,
+            )
+            hf_low = Qwen3VLTextRMSNorm.forward(bf16, low)
+            fused_low = fused_rms_norm(bf16, low)
+            assert fused_low.dtype == hf_low.dtype == torch.bfloat16
+            torch.testing.assert_close(fused_low.float(), hf_low.float(), rtol=2**-7, atol=1e-6)
+            mixed = fused_rms_norm(norm, low)  # fp32 weight (mixed precision) over bf16 activations
+            assert mixed.dtype == Qwen3VLTextRMSNorm.forward(norm, low).dtype == torch.float32
+            torch.testing.assert_close(mixed, Qwen3VLTextRMSNorm.forward(norm, low), rtol=2**-7, atol=1e-6)
+        finally:
+            norm.weight.copy_(saved)
+
+    plain = load_model(
+        kind="vl", random_init=True, architecture=tiny_architecture, seed=0, fused_rms_norm=False
+    )
+    assert all(
+        type(m) is Qwen3VLTextRMSNorm for m in plain.model.modules() if isinstance(m, Qwen3VLTextRMSNorm)
+    )
+    assert list(plain.model.state_dict()) == list(tiny_bundle.model.state_dict())
+    assert type(pickle.loads(pickle.dumps(norm))) is FusedQwen3VLTextRMSNorm

@@ -41,6 +41,7 @@ from transformers import (
 
 from bbuqc_lightning.constants import PAD_TOKEN_ID
 from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
+from bbuqc_lightning.models.fused_norm import use_fused_rms_norm
 from bbuqc_lightning.models.patch_embed import use_linear_patch_embed
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def load_model(
     init_device: str | torch.device | None = None,
     linear_patch_embed: bool = True,
     cudnn_attention: bool = True,
+    fused_rms_norm: bool = True,
 ) -> ModelBundle:
     """Build or load a model bundle. Same ``seed``, ``architecture`` and ``init_device`` -> identical random
     weights. ``init_device`` (random init only): where the weights are drawn, e.g. the run's GPU (``train``
@@ -201,7 +203,8 @@ def load_model(
     torch 2.11 sends padded attention on Hopper to cuDNN first. Measured on an H100 (docs/BENCHMARKS.md): cuDNN
     costs ~3 s once per process (GRPO's first step) and 0.02-0.06 s per new padded length, then runs forward and
     backward 11-24 % faster; so ``true`` (PyTorch's order) is the default and ``false`` only pays for runs of
-    fewer than ~9 steps."""
+    fewer than ~9 steps. ``fused_rms_norm``: the language model's RMSNorms run PyTorch's fused kernel on the
+    GPU (HF's code on the CPU; :mod:`~bbuqc_lightning.models.fused_norm` says why)."""
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
@@ -232,6 +235,8 @@ def load_model(
         torch.backends.cuda.enable_cudnn_sdp(False)
     if kind == "vl" and linear_patch_embed:
         use_linear_patch_embed(model)
+    if fused_rms_norm:
+        use_fused_rms_norm(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelBundle(model, processor, tokenizer, kind, name or model_name_or_path or f"random-{kind}")
 

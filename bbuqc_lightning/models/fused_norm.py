@@ -1,0 +1,64 @@
+"""Qwen3 / Qwen3-VL RMSNorm as PyTorch's fused ``rms_norm`` on the GPU.
+
+HF's ``Qwen3RMSNorm`` / ``Qwen3VLTextRMSNorm`` run five element-wise and reduction kernels per call (upcast, square,
+mean, multiply by ``rsqrt``, downcast and weight), four calls per decoder layer (input, post-attention, query and
+key norms). A Qwen3-VL-4B decode step is 36 layers of small kernels, so the norms alone are ~700 of its ~2,800
+kernels, and in a prefill of 32 photos they are six full passes over every hidden state. ``torch.nn.functional
+.rms_norm`` runs one fused kernel on CUDA. transformers offers the same through ``use_kernel_forward_from_hub``,
+which needs the ``kernels`` package and a download; serving engines (vLLM's ``RMSNorm`` custom op, SGLang) fuse
+it the same way.
+
+The module's class is swapped for a subclass (as :mod:`~bbuqc_lightning.models.patch_embed` does), so the weights,
+state dict, saved folders and pickling are unchanged. On the CPU the subclass runs HF's own code: nothing to gain
+there, and CI's parity with HF and TRL stays exact. On the GPU the fused kernel multiplies by the weight before
+rounding to the input's dtype, HF after; bf16 results differ by at most one rounding step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+
+def fused_rms_norm(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """HF's RMSNorm result through ``F.rms_norm`` (fp32 statistics, output in HF's dtype)."""
+    weight = module.weight
+    out_dtype = torch.promote_types(weight.dtype, hidden_states.dtype)
+    if weight.dtype != hidden_states.dtype:  # mixed precision: fp32 weights over bf16 activations
+        hidden_states = hidden_states.to(out_dtype)
+        weight = weight.to(out_dtype)
+    return F.rms_norm(hidden_states, weight.shape, weight, module.variance_epsilon)
+
+
+class FusedQwen3RMSNorm(Qwen3RMSNorm):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not hidden_states.is_cuda:
+            return super().forward(hidden_states)
+        return fused_rms_norm(self, hidden_states)
+
+
+class FusedQwen3VLTextRMSNorm(Qwen3VLTextRMSNorm):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not hidden_states.is_cuda:
+            return super().forward(hidden_states)
+        return fused_rms_norm(self, hidden_states)
+
+
+_FUSED: dict[type[nn.Module], type[nn.Module]] = {
+    Qwen3RMSNorm: FusedQwen3RMSNorm,
+    Qwen3VLTextRMSNorm: FusedQwen3VLTextRMSNorm,
+}
+
+
+def use_fused_rms_norm(model: nn.Module) -> int:
+    """Swap every Qwen3 / Qwen3-VL text RMSNorm in ``model`` for its fused subclass; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        fused = _FUSED.get(type(module))
+        if fused is not None:
+            module.__class__ = fused
+            swapped += 1
+    return swapped
