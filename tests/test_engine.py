@@ -303,3 +303,38 @@ def test_fused_parts_equal_the_matrix_product_path_on_cuda() -> None:
     finally:
         pa._FUSED = True
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_fused_path_s_merge_of_the_two_parts_equals_one_softmax_over_both() -> None:
+    """``merge_parts`` (the CUDA path's merge: sigmoid of the log-sum-exp difference, one lerp) gives the attention
+    over prompt ++ decode keys, including a slot whose prompt keys are all masked (a free slot)."""
+    from bbuqc_lightning.generation.pool_attention import _to_slots, merge_parts
+
+    torch.manual_seed(0)
+    slots, group, kv, per_kv, dim, lp, ld = 3, 2, 2, 4, 8, 11, 5
+    rows = slots * group
+    q = torch.randn(rows, kv, per_kv, dim)
+    kp, vp = torch.randn(slots, kv, lp, dim), torch.randn(slots, kv, lp, dim)
+    kd, vd = torch.randn(rows, kv, ld, dim), torch.randn(rows, kv, ld, dim)
+    bias_p = torch.zeros(slots, 1, 1, lp)
+    bias_p[0, ..., 4:] = -1e30
+    bias_p[2] = -1e30  # a free slot: every prompt key masked
+    bias_d = torch.zeros(rows, 1, 1, ld)
+    bias_d[1, ..., 2:] = -1e30
+
+    def part(
+        query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        scores = query @ k.transpose(-1, -2) + bias
+        return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+
+    o1, l1 = part(_to_slots(q, slots, group), kp, vp, bias_p)
+    o2, l2 = part(q, kd, vd, bias_d)
+    merged = merge_parts(o1, l1, o2, l2, slots, group)
+    for r in range(rows):
+        s = r // group
+        keys = torch.cat([kp[s], kd[r]], 1)
+        values = torch.cat([vp[s], vd[r]], 1)
+        bias = torch.cat([bias_p[s, 0, 0], bias_d[r, 0, 0]])
+        want = torch.softmax(q[r] @ keys.transpose(-1, -2) + bias, -1) @ values
+        torch.testing.assert_close(merged[r], want, rtol=1e-5, atol=1e-5)

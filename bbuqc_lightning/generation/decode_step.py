@@ -151,8 +151,9 @@ class DecodeStep:
             prompt_bucket=bucket.prompt_bucket,
             new_bucket=bucket.new_bucket,
             steps=steps,
-            prompt_bias=_bias(prompt_keys[None] < self.prompt_lens[: bucket.slots, None]),
-            decode_bias=_bias(new_keys[None] <= steps[:, None]),
+            prompt_bias=_bias(prompt_keys[None] < self.prompt_lens[: bucket.slots, None], self.pool.dtype),
+            decode_bias=_bias(new_keys[None] <= steps[:, None], self.pool.dtype),
+            row_index=torch.arange(rows, device=device),
         )
         hidden = lm.embed_tokens(self.tokens[:rows, None])
         positions = self.positions[:rows, None]
@@ -187,7 +188,8 @@ def _layer_forward(
 MASKED = -1e30  # finite: a row with every key masked (a free slot) stays finite, so no NaN reaches the pool
 
 
-def _bias(allowed: torch.Tensor) -> torch.Tensor:
-    """Boolean ``(n, keys)`` -> additive fp32 ``(n, 1, 1, keys)``: 0 where allowed, a huge negative elsewhere."""
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-    return bias.masked_fill(~allowed, MASKED)[:, None, None]
+def _bias(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Boolean ``(n, keys)`` -> additive ``(n, 1, 1, keys)`` in ``dtype`` (the pool's: the attention kernel takes
+    it as it is, no cast in every layer): 0 where allowed, a huge negative elsewhere."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill(~allowed, max(MASKED, torch.finfo(dtype).min))[:, None, None]  # fp16: its minimum

@@ -51,8 +51,11 @@ class DecodeBatch:
     prompt_bucket: int  # prompt positions read per slot (>= the longest prompt in flight)
     new_bucket: int  # decode positions read per row (>= the longest completion so far)
     steps: torch.Tensor  # (rows,) decode position of the current token
-    prompt_bias: torch.Tensor  # (slots, 1, 1, prompt_bucket) 0 / -inf
+    prompt_bias: (
+        torch.Tensor
+    )  # (slots, 1, 1, prompt_bucket) 0 / -inf, in the pool's dtype (no cast per layer)
     decode_bias: torch.Tensor  # (rows, 1, 1, new_bucket) 0 / -inf
+    row_index: torch.Tensor | None = None  # arange(rows), made once a step rather than once a layer
 
     @property
     def rows(self) -> int:
@@ -61,7 +64,7 @@ class DecodeBatch:
     def update(
         self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(self.rows, device=keys.device)
+        rows = self.row_index if self.row_index is not None else torch.arange(self.rows, device=keys.device)
         dtype = self.pool.dtype
         self.pool.decode_keys[layer_idx][rows, :, self.steps] = keys[:, :, 0].to(dtype)
         self.pool.decode_values[layer_idx][rows, :, self.steps] = values[:, :, 0].to(dtype)
@@ -90,11 +93,7 @@ def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scal
             global _FUSED
             _FUSED = False
         else:
-            l1 = _to_rows(l1, slots, group)
-            total = torch.logaddexp(l1, l2)
-            out = _to_rows(o1, slots, group) * torch.exp(l1 - total).unsqueeze(-1)
-            out = out + o2 * torch.exp(l2 - total).unsqueeze(-1)
-            return out.reshape(rows, 1, heads, dim).to(query.dtype)
+            return merge_parts(o1, l1, o2, l2, slots, group).reshape(rows, 1, heads, dim).to(query.dtype)
     s1 = _scores(q, prompt_k) * scaling + batch.prompt_bias  # (slots, kv, group*per_kv, Lb)
     s2 = _scores(qd, decode_k) * scaling + batch.decode_bias  # (rows, kv, per_kv, Tb)
     m = torch.maximum(s1.amax(-1), _to_slots(s2.amax(-1), slots, group))  # (slots, kv, group*per_kv)
@@ -108,6 +107,17 @@ def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scal
 
 
 _FUSED = True
+
+
+def merge_parts(
+    o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor, slots: int, group: int
+) -> torch.Tensor:
+    """Merge the prompt part ``o1 (slots, kv, group*per_kv, D)`` and the decode part ``o2 (rows, kv, per_kv, D)``
+    (fp32 outputs, natural-log log-sum-exps ``l1``, ``l2``) into the attention over both: ``o2 + w (o1 - o2)``
+    with ``w = exp(l1) / (exp(l1) + exp(l2)) = sigmoid(l1 - l2)``, three element-wise kernels (the
+    ``logaddexp`` / ``exp`` form took seven, in each of the step's 36 layers)."""
+    weight = torch.sigmoid(_to_rows(l1, slots, group) - l2).unsqueeze(-1)
+    return torch.lerp(o2, _to_rows(o1, slots, group), weight)
 
 
 def _fused_ok(q: torch.Tensor) -> bool:
