@@ -663,3 +663,21 @@ def test_rms_norms_are_swapped_for_the_fused_kernel_same_weights_and_hf_numbers(
     )
     assert list(plain.model.state_dict()) == list(tiny_bundle.model.state_dict())
     assert type(pickle.loads(pickle.dumps(norm))) is FusedQwen3VLTextRMSNorm
+
+
+@pytest.mark.gpu
+def test_fused_rms_norm_on_cuda_gives_hf_s_norm_within_one_bf16_rounding() -> None:
+    """On the GPU the swapped norms run ``F.rms_norm``: HF's result within one bf16 rounding step."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+    norm = Qwen3VLTextRMSNorm(64).cuda().bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, device="cuda") + 0.5)
+    hidden = torch.randn(4, 9, 64, device="cuda", dtype=torch.bfloat16) * 3
+    want = norm(hidden)
+    from bbuqc_lightning.models.fused_norm import use_fused_rms_norm
+
+    assert use_fused_rms_norm(norm) == 1
+    got = norm(hidden)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
