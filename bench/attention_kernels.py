@@ -59,8 +59,9 @@ class Case:
         self.query = torch.randn(self.rows, heads, 1, dim, generator=gen).to(device, dtype)
         self.batch = DecodeBatch(
             self.pool, slots, group, prompt_bucket, new_bucket, self.steps,
-            _bias(torch.arange(prompt_bucket, device=device)[None] < self.prompt_lens[:, None]),
-            _bias(torch.arange(new_bucket, device=device)[None] <= self.steps[:, None]),
+            _bias(torch.arange(prompt_bucket, device=device)[None] < self.prompt_lens[:, None], dtype),
+            _bias(torch.arange(new_bucket, device=device)[None] <= self.steps[:, None], dtype),
+            torch.arange(self.rows, device=device),
         )  # fmt: skip
 
     def parts(self) -> tuple[torch.Tensor, ...]:

@@ -4,6 +4,7 @@
 #   step NAME LIMIT_S COMMAND...   run COMMAND under `timeout LIMIT_S`, its output in OUT_DIR/NAME.log, then show
 #                                  the log's lines matching $pattern; skipped when it would end past $budget
 #                                  seconds, or when $runs is set (" a b ") and NAME's last _-part is not in it
+#                                  (then it returns 1)
 #   pack_logs ARCHIVE              move every OUT_DIR/*.log into OUT_DIR/ARCHIVE (.tar.gz)
 #
 # Set before sourcing: out (OUT_DIR), budget, pattern; runs optionally.
@@ -16,10 +17,10 @@ py=${PYTHON:-python3}
 step() {
   local name=$1 limit=$2
   shift 2
-  [[ -z ${runs:-} || $runs == *" ${name##*_} "* ]] || return 0
+  [[ -z ${runs:-} || $runs == *" ${name##*_} "* ]] || return 1
   if ((SECONDS + limit > budget)); then
     echo "== $name skipped: ${SECONDS}s used of ${budget}s"
-    return
+    return 1
   fi
   local start=$SECONDS
   timeout "$limit" "$@" >"$out/$name.log" 2>&1

@@ -620,6 +620,7 @@ def test_rms_norms_are_swapped_for_the_fused_kernel_same_weights_and_hf_numbers(
         FusedQwen3RMSNorm,
         FusedQwen3VLTextRMSNorm,
         fused_rms_norm,
+        use_fused_rms_norm,
     )
 
     layers = tiny_architecture["text"]["num_hidden_layers"]
@@ -655,6 +656,10 @@ def test_rms_norms_are_swapped_for_the_fused_kernel_same_weights_and_hf_numbers(
         finally:
             norm.weight.copy_(saved)
 
+    hooked = Qwen3VLTextRMSNorm(8)
+    hooked._hf_hook = object()  # what accelerate's add_hook_to_module leaves (device_map)
+    assert use_fused_rms_norm(hooked) == 0 and type(hooked) is Qwen3VLTextRMSNorm
+
     plain = load_model(
         kind="vl", random_init=True, architecture=tiny_architecture, seed=0, fused_rms_norm=False
     )
@@ -681,3 +686,5 @@ def test_fused_rms_norm_on_cuda_gives_hf_s_norm_within_one_bf16_rounding() -> No
     got = norm(hidden)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+    with torch.autocast("cuda", torch.bfloat16):  # bf16-mixed: autocast must not turn the output into fp32
+        assert norm(hidden).dtype == torch.bfloat16

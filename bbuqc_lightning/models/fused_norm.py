@@ -30,7 +30,9 @@ def fused_rms_norm(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tens
     if weight.dtype != hidden_states.dtype:  # mixed precision: fp32 weights over bf16 activations
         hidden_states = hidden_states.to(out_dtype)
         weight = weight.to(out_dtype)
-    return F.rms_norm(hidden_states, weight.shape, weight, module.variance_epsilon)
+    # autocast lists rms_norm as fp32-only: under bf16-mixed it would return fp32 where HF's code returns bf16
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return F.rms_norm(hidden_states, weight.shape, weight, module.variance_epsilon)
 
 
 class FusedQwen3RMSNorm(Qwen3RMSNorm):
@@ -54,11 +56,14 @@ _FUSED: dict[type[nn.Module], type[nn.Module]] = {
 
 
 def use_fused_rms_norm(model: nn.Module) -> int:
-    """Swap every Qwen3 / Qwen3-VL text RMSNorm in ``model`` for its fused subclass; returns how many."""
+    """Swap every Qwen3 / Qwen3-VL text RMSNorm in ``model`` for its fused subclass; returns how many. Norms under
+    an accelerate hook (a model spread over GPUs with ``device_map``) are left as HF's: the hook keeps the
+    forward it wrapped, so a swapped class would misreport what runs."""
     swapped = 0
     for module in model.modules():
         fused = _FUSED.get(type(module))
-        if fused is not None:
+        # a module under an accelerate hook (device_map) keeps calling the forward it had when hooked
+        if fused is not None and not hasattr(module, "_hf_hook"):
             module.__class__ = fused
             swapped += 1
     return swapped
