@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from bbuqc_lightning.generation.engine import (
+    Ahead,
     GenerationEngine,
     PromptEncoder,
     SamplingParams,
@@ -63,6 +64,54 @@ def both(bundle: ModelBundle, convs: list, params: SamplingParams, images: list 
 def prompts_of_lengths(lengths: list[int]) -> list[list[dict]]:
     words = "光纤弯曲半径不合理螺丝未拧紧标签无法识别挡风板安装方向正确接地线捆扎整齐"
     return [[{"role": "user", "content": (words * 40)[:n]}] for n in lengths]
+
+
+def test_prompts_handed_ahead_give_the_tokens_of_separate_calls_in_fewer_decode_steps(
+    varied: ModelBundle,
+) -> None:
+    """Three calls, each handing the next one's prompts ahead (as Stage-A's predict batches do): the tokens of three
+    separate calls, in fewer decode steps (the next call's prompts take the slots a call's last prompts leave, so
+    prompts started in one call are finished in the next); a call that does not ask for the kept prompts drops
+    them, and its own tokens are still right."""
+    import random
+
+    lengths = [[5, 60, 17, 120, 33, 8], [90, 12, 45, 70, 3, 25], [40, 100, 7, 55, 20, 66]]
+    batches = [prompts_of_lengths(ls) for ls in lengths]
+    encoder = PromptEncoder(varied.processor)
+    encoded = [[encoder(conv) for conv in batch] for batch in batches]
+    keys = [[(b, i) for i in range(len(batch))] for b, batch in enumerate(batches)]
+    params = SamplingParams(max_new_tokens=24)
+    vocab = varied.model.config.text_config.vocab_size
+    ends = random.Random(0).sample(range(vocab), vocab // 16)  # summaries that end at different lengths
+
+    def engine() -> GenerationEngine:
+        e = pool_engine(varied, max_rows=4, prompt_slots=4)
+        e.eos_token_ids = [*e.eos_token_ids, *ends]
+        return e
+
+    def run(e: GenerationEngine, b: int, **kw: Any) -> list[list[int]]:
+        return [c.token_ids for g in e.generate(batches[b], params, encoded=encoded[b], **kw) for c in g]
+
+    separate = engine()
+    want = [run(separate, b) for b in range(3)]
+    assert len({len(t) for batch in want for t in batch}) > 3  # rows end at different steps: a real tail
+    handed = engine()
+    got = []
+    for b in range(3):
+        ahead = Ahead(encoded[b + 1], keys[b + 1]) if b < 2 else None
+        got.append(run(handed, b, keys=keys[b], ahead=ahead))
+        if b == 0:
+            assert handed.stats["prompts"] > 6  # some of the second call's prompts started in the first
+    assert got == want
+    assert handed.stats["decode_steps"] < separate.stats["decode_steps"]
+    assert handed.stats["prompts"] == separate.stats["prompts"] == 18 and handed.stats["dropped_ahead"] == 0
+
+    dropping = engine()
+    run(dropping, 0, keys=keys[0], ahead=Ahead(encoded[1], keys[1]))
+    assert run(dropping, 2, keys=keys[2]) == want[2]  # does not ask for the second call's prompts
+    assert dropping.stats["dropped_ahead"] > 0
+    with pytest.raises(ValueError, match="ahead needs keys"):
+        dropping.generate(batches[0], params, encoded=encoded[0], ahead=Ahead(encoded[1], keys[1]))
 
 
 def test_auto_backend_is_the_pool(varied: ModelBundle) -> None:

@@ -32,7 +32,7 @@ generation loop: a DataLoader worker calls :class:`PromptEncoder` (picklable) an
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,7 @@ from bbuqc_lightning.models.decoder import (
 )
 
 __all__ = [
+    "Ahead",
     "Completion",
     "EncodedPrompts",
     "GenerationEngine",
@@ -80,6 +81,21 @@ class EncodedPrompts:
     @property
     def input_ids(self) -> torch.Tensor:
         return self.inputs["input_ids"]
+
+
+@dataclass
+class Ahead:
+    """The next ``generate`` call's prompts, handed early (pool backend; the HF backend ignores them).
+
+    They wait behind the call's own prompts and take the slots the call's last prompts leave free, so the call does
+    not end in a wave of rows waiting for its longest one. The call returns when its own prompts are done; the next
+    call, asking for these prompts by the same ``keys`` with the same sampling settings, finds them started or
+    done. Stage-A hands each predict batch the next one's prompts (``data.lookahead``).
+    """
+
+    encoded: Sequence[dict[str, torch.Tensor]]  # PromptEncoder outputs
+    keys: Sequence[Hashable]
+    names: Sequence[str] | None = None
 
 
 class PromptEncoder:
@@ -209,13 +225,14 @@ class GenerationEngine:
     def stats(self) -> dict[str, float]:
         """Seconds and counts since the engine was built: ``encode_seconds`` (prompts encoded inside
         ``generate``), and for the pool ``prefill_seconds``, ``decode_seconds``, ``decode_steps``,
-        ``occupancy`` (running rows / rows a decode step ran), ``captures`` and ``capture_seconds``."""
+        ``occupancy`` (running rows / rows a decode step ran), ``captures``, ``capture_seconds`` and ``dropped_ahead``."""
         out: dict[str, float] = {"encode_seconds": self.encode_seconds}
         if self._batcher is not None and self.decode_step is not None:
             out |= self._batcher.stats.as_dict()
             out |= {
                 "captures": self.decode_step.captures,
                 "capture_seconds": self.decode_step.capture_seconds,
+                "dropped_ahead": self._batcher.dropped,  # prompts handed ahead that no later call asked for
             }
         return out
 
@@ -227,11 +244,15 @@ class GenerationEngine:
         images: Sequence[Sequence[Image.Image]] | None = None,
         names: Sequence[str] | None = None,
         encoded: Sequence[dict[str, torch.Tensor]] | None = None,
+        keys: Sequence[Hashable] | None = None,
+        ahead: Ahead | None = None,
     ) -> list[list[Completion]]:
         """``params.num_return_sequences`` completions per conversation; ``names`` label errors (ticket keys).
 
         ``encoded``: each conversation's :class:`PromptEncoder` output (with its images), made ahead, e.g. in
         DataLoader workers; ``images`` are then not needed and the conversations are not rendered again.
+        ``keys`` (unique) name the prompts across calls, and ``ahead`` hands the next call's prompts early
+        (:class:`Ahead`): the next call passes them as its own with the same keys.
         """
         if not conversations:
             return []
@@ -239,6 +260,12 @@ class GenerationEngine:
             raise ValueError(
                 f"generate: {len(encoded)} encoded prompts for {len(conversations)} conversations"
             )
+        if keys is not None and (len(keys) != len(conversations) or len(set(keys)) != len(keys)):
+            raise ValueError(
+                f"generate: {len(keys)} keys for {len(conversations)} conversations, or repeated"
+            )
+        if ahead is not None and (keys is None or len(ahead.keys) != len(ahead.encoded)):
+            raise ValueError("generate: ahead needs keys for this call and one key per prompt handed ahead")
         if encoded is None:
             start = time.perf_counter()
             encoded = [
@@ -254,10 +281,30 @@ class GenerationEngine:
             rows = [self.strip_completion(ids) for ids in sequences[:, width:].tolist()]
         else:
             requests = [
-                Request(i, inputs, int(inputs["input_ids"].shape[1]), names[i] if names else f"#{i}")
+                Request(
+                    i,
+                    inputs,
+                    int(inputs["input_ids"].shape[1]),
+                    names[i] if names else f"#{i}",
+                    keys[i] if keys is not None else None,
+                )
                 for i, inputs in enumerate(encoded)
             ]
-            rows = [self.strip_completion(ids) for per in self._run_pool(requests, params) for ids in per]
+            later = []
+            if ahead is not None:
+                later = [
+                    Request(
+                        -1 - j,
+                        inputs,
+                        int(inputs["input_ids"].shape[1]),
+                        ahead.names[j] if ahead.names else str(key),
+                        key,
+                    )
+                    for j, (inputs, key) in enumerate(zip(ahead.encoded, ahead.keys, strict=True))
+                ]
+            signature = None if keys is None else (params, tuple(self.eos_token_ids))
+            per_prompt = self._run_pool(requests, params, later, signature)
+            rows = [self.strip_completion(ids) for per in per_prompt for ids in per]
         n = params.num_return_sequences
         return [[self._completion(i, *rows[i * n + g]) for g in range(n)] for i in range(len(conversations))]
 
@@ -283,7 +330,13 @@ class GenerationEngine:
         prompts = ids.repeat_interleave(params.num_return_sequences, dim=0)
         return torch.cat([prompts, out.to(ids.device)], dim=1)
 
-    def _run_pool(self, requests: list[Request], params: SamplingParams) -> list[list[list[int]]]:
+    def _run_pool(
+        self,
+        requests: list[Request],
+        params: SamplingParams,
+        ahead: Sequence[Request] = (),
+        signature: object = None,
+    ) -> list[list[list[int]]]:
         batcher = self._pool_batcher()
         was_training = self.model.training
         self.model.eval()
@@ -294,6 +347,8 @@ class GenerationEngine:
                 params.max_new_tokens,
                 make_sampler(params, self.eos_token_ids),
                 self.eos_token_ids,
+                ahead,
+                signature,
             )
         finally:
             self.model.train(was_training)

@@ -9,6 +9,12 @@ quarter of the slots are free, or when every waiting prompt fits. A slot is free
 wait for the longest one, and a batch larger than the pool is queued, not refused. The G rows of a prompt
 come from the same weights: a call never spans an optimiser step, so GRPO's semantics hold.
 
+A call may also hand the *next* call's prompts ``ahead`` (Stage-A does, one predict batch ahead): they wait behind
+the call's own prompts and fill the slots its last prompts leave, so a call no longer ends in a wave of rows
+waiting for the longest one. The call returns as soon as its own prompts are done; what it started is kept
+(waiting, in flight or done) for the next call, which must ask for those prompts by the same keys with the same
+settings, else it is dropped.
+
 Row ``r`` belongs to slot ``r // G``; the decode step runs the rows of the lowest ``slots`` slots, ``slots``
 rounded up to a power of two (:class:`~bbuqc_lightning.generation.decode_step.Bucket`).
 """
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -39,6 +45,11 @@ class Request:
     inputs: dict[str, torch.Tensor]
     length: int
     name: str
+    key: Hashable | None = None  # the prompt's identity across calls (prompts handed ahead); None: its index
+
+    @property
+    def ident(self) -> Hashable:
+        return ("#", self.index) if self.key is None else self.key
 
 
 @dataclass
@@ -69,6 +80,22 @@ class _Slot:
     request: Request
     rows_done: int = 0
     tokens: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class _Session:
+    """The scheduling state of a call, kept for the next one when prompts were handed ahead."""
+
+    signature: object  # what the next call must match to continue it (None: never continued)
+    sample: Sampler
+    waiting: deque[Request]
+    slots: list[_Slot | None]
+    finished: torch.Tensor  # host copy; free rows count as finished
+    results: dict[Hashable, list[list[int]]] = field(default_factory=dict)
+
+    def keys(self) -> set[Hashable]:
+        started = {slot.request.ident for slot in self.slots if slot is not None}
+        return {r.ident for r in self.waiting} | started | set(self.results)
 
 
 class PromptTooLongError(ValueError):
@@ -111,6 +138,8 @@ class ContinuousBatcher:
         self.stats = SchedulerStats()
         self.offsets = torch.zeros(self.layout.rows, dtype=torch.long, device=device)
         self.out = torch.zeros(self.layout.rows, self.layout.max_new_tokens, dtype=torch.long, device=device)
+        self.session: _Session | None = None  # what the last call left for the next one
+        self.dropped = 0  # prompts handed ahead that no call asked for (dropped with their session)
 
     @torch.no_grad()
     def run(
@@ -120,27 +149,46 @@ class ContinuousBatcher:
         max_new_tokens: int,
         sample: Sampler,
         eos_token_ids: Sequence[int],
+        ahead: Sequence[Request] = (),
+        signature: object = None,
     ) -> list[list[list[int]]]:
-        """Token ids per request, ``group`` lists each (end-of-sequence token kept, no padding)."""
+        """Token ids per request, ``group`` lists each (end-of-sequence token kept, no padding).
+
+        ``ahead``: the next call's prompts (with keys), started once this call's are all admitted and kept for
+        the next call; ``signature`` (the settings: group, budget, sampling) must then be the same in both calls,
+        and the next call must ask for every prompt kept, else the kept work is dropped.
+        """
         self._check(requests, group, max_new_tokens)
         capacity = min(self.layout.prompt_slots, self.layout.rows // group)
         slot_buckets = power_of_two_buckets(capacity)
         new_bucket = next_bucket(max_new_tokens, power_of_two_buckets(self.layout.max_new_tokens))
         eos = torch.tensor(list(eos_token_ids), device=self.out.device)
-        waiting = deque(sorted(requests, key=lambda r: -r.length))
-        slots: list[_Slot | None] = [None] * capacity
-        finished = torch.ones(self.layout.rows, dtype=torch.bool)  # host copy; free rows count as finished
-        results: dict[int, list[list[int]]] = {}
-        while waiting or any(s is not None for s in slots):
+        wanted = [r.ident for r in requests]
+        session = self._continue(signature, wanted, capacity)
+        if session is None:
+            session = _Session(
+                signature, sample, deque(), [None] * capacity, torch.ones(self.layout.rows, dtype=torch.bool)
+            )
+        known = session.keys()
+        # this call's prompts first, longest first (the length bucket shrinks as the call goes on), then the next
+        # call's; a prompt handed ahead that is too long waits for its own call, which reports it
+        mine = [*session.waiting, *(r for r in requests if r.ident not in known)]
+        later = [r for r in ahead if r.ident not in known and r.length <= self.layout.max_prompt_len]
+        session.waiting = deque(
+            [*sorted(mine, key=lambda r: -r.length), *sorted(later, key=lambda r: -r.length)]
+        )
+        waiting, slots, finished = session.waiting, session.slots, session.finished
+        needed = set(wanted)
+        while not needed <= session.results.keys():
             free = [i for i, s in enumerate(slots) if s is None]
             # Prefill in chunks worth stalling the running rows for (a quarter of the slots), or the last
             # waiting prompts at once: the tail of a call must not wait for a whole generation to free slots.
             if waiting and free and len(free) >= min(len(waiting), max(1, capacity // 4)):
                 start = time.perf_counter()
-                self._admit(waiting, free, slots, group, sample, eos, max_new_tokens, finished)
+                self._admit(waiting, free, slots, group, session.sample, eos, max_new_tokens, finished)
                 self.stats.prefill_seconds += time.perf_counter() - start
             if not bool((~finished[: capacity * group]).any()):  # e.g. every first token was an end
-                self._collect(slots, group, finished, results)
+                self._collect(slots, group, finished, session.results)
                 continue
             top = max(i for i, s in enumerate(slots) if s is not None) + 1
             longest = max(s.request.length for s in slots if s is not None)
@@ -154,11 +202,31 @@ class ContinuousBatcher:
             self.stats.decode_steps += 1
             self.stats.decode_rows += bucket.rows
             self.stats.running_rows += int((~finished[: bucket.rows]).sum())
-            ended = self._decode(bucket, sample, eos, max_new_tokens, finished)
+            ended = self._decode(bucket, session.sample, eos, max_new_tokens, finished)
             self.stats.decode_seconds += time.perf_counter() - start
             if ended:
-                self._collect(slots, group, finished, results)
-        return [results[r.index] for r in requests]
+                self._collect(slots, group, finished, session.results)
+        out = [session.results.pop(key) for key in wanted]
+        self.session = session if session.keys() else None
+        return out
+
+    def _continue(self, signature: object, wanted: Sequence[Hashable], capacity: int) -> _Session | None:
+        """The last call's session when this call continues it, else None (its kept work dropped)."""
+        session, self.session = self.session, None
+        if session is None:
+            return None
+        if (
+            signature is not None
+            and session.signature == signature
+            and len(session.slots) == capacity
+            and session.keys() <= set(wanted)
+        ):
+            return session
+        self.dropped += len(session.keys())
+        for i, slot in enumerate(session.slots):  # free the slots: their rows stop counting as running
+            if slot is not None:
+                self.step.prompt_lens[i] = 0
+        return None
 
     def _check(self, requests: Sequence[Request], group: int, max_new_tokens: int) -> None:
         if group > self.layout.rows:
@@ -245,7 +313,7 @@ class ContinuousBatcher:
         slots: list[_Slot | None],
         group: int,
         finished: torch.Tensor,
-        results: dict[int, list[list[int]]],
+        results: dict[Hashable, list[list[int]]],
     ) -> None:
         """Hand back every slot whose rows have all ended, and free it."""
         for i, slot in enumerate(slots):
@@ -254,7 +322,7 @@ class ContinuousBatcher:
             rows = slice(i * group, (i + 1) * group)
             counts = (self.step.steps[rows] + 1).tolist()
             tokens = self.out[rows].tolist()
-            results[slot.request.index] = [ids[:n] for ids, n in zip(tokens, counts, strict=True)]
+            results[slot.request.ident] = [ids[:n] for ids, n in zip(tokens, counts, strict=True)]
             self.step.prompt_lens[i] = 0
             slots[i] = None
             finished[rows] = True
