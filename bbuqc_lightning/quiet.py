@@ -32,8 +32,9 @@ KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
         "peft 0.21 asks transformers 5 with the old name; nothing to change on our side",
     ),
     (
-        r"Couldn't infer the batch indices fetched from your dataloader: `Rebatched`",
-        "Stage-A's re-batched loader: the JSONL writer keys summaries by each item's ticket and image, not by index",
+        r"Couldn't infer the batch indices fetched from your dataloader: `(Rebatched|Lookahead)`",
+        "Stage-A's re-batched / look-ahead loader: the JSONL writer keys summaries by each item's ticket and image,"
+        " not by index",
     ),
     (
         r".*returned `None`, this fit will run with no optimizer",

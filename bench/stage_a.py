@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from bbuqc_lightning.config import loader_workers, photo_prompt_len
 from bbuqc_lightning.data.images import resize_within
-from bbuqc_lightning.generation.engine import GenerationEngine, PromptEncoder, SamplingParams
+from bbuqc_lightning.generation.engine import Ahead, GenerationEngine, PromptEncoder, SamplingParams
 from bbuqc_lightning.models.fused_norm import use_fused_rms_norm
 from bbuqc_lightning.stage_a.datamodule import photo_loader
 from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
@@ -90,9 +90,10 @@ class Photos(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         conv = image_conversation(self.prompts[i % len(self.prompts)])
+        meta = {"ticket_key": f"photo-{i}", "image_index": 0}  # the engine's key for a prompt handed ahead
         if self.encoder is None:
-            return {"conversation": conv, "image": self.pics[i]}
-        return {"conversation": conv, "prompt": self.encoder(conv, [self.pics[i]])}
+            return {"conversation": conv, "image": self.pics[i], "meta": meta}
+        return {"conversation": conv, "prompt": self.encoder(conv, [self.pics[i]]), "meta": meta}
 
 
 def columns(items: list[dict[str, Any]]) -> dict[str, list]:
@@ -108,25 +109,37 @@ def run(
     encode_workers: int = 0,
     pixel_dtype: str | None = None,
     load_batch: int = 32,
+    lookahead: bool = False,
 ) -> dict:
     """Seconds per call over ``pics`` in calls of ``call`` images; images/s overall and after the first call.
     With ``encode_workers`` the prompts come encoded from DataLoader workers, ``load_batch`` photos at a time
     re-batched to ``call`` (as the Stage-A DataModule loads them), and the clock runs from the first call's
-    start to the last call's end (waiting for a batch counts)."""
+    start to the last call's end (waiting for a batch counts). ``lookahead`` (encoded prompts): each call hands
+    the next call's prompts to the engine early, as ``data.lookahead`` does."""
     encoder = PromptEncoder(engine.processor, pixel_dtype=pixel_dtype) if encode_workers else None
     loader = photo_loader(
-        Photos(pics, prompts, encoder), call, encode_workers, load_batch, columns, encoded=encoder is not None
+        Photos(pics, prompts, encoder),
+        call,
+        encode_workers,
+        load_batch,
+        columns,
+        encoded=encoder is not None,
+        lookahead=lookahead,
     )
+    keys = lambda metas: [(m["ticket_key"], m["image_index"]) for m in metas]  # noqa: E731
     batches = iter(loader)  # the workers start before the clock
     seconds: list[float] = []
     sync()
     begin = time.perf_counter()
     for batch in batches:
+        ahead = batch.get("ahead")
         engine.generate(
             batch["conversation"],
             params,
             images=[[p] for p in batch["image"]] if "image" in batch else None,
             encoded=batch.get("prompt"),
+            keys=keys(batch["meta"]),
+            ahead=Ahead(ahead["prompt"], keys(ahead["meta"])) if ahead else None,
         )
         sync()
         now = time.perf_counter()
@@ -173,6 +186,11 @@ def main() -> None:
         type=int,
         default=loader_workers(),
         help="ours: DataLoader workers encoding prompts (0: in generate); default data.num_workers's",
+    )
+    parser.add_argument(
+        "--no-lookahead",
+        action="store_true",
+        help="ours: each call alone (data.lookahead=false); default: the next call's prompts handed ahead",
     )
     parser.add_argument(
         "--load-batch",
@@ -234,6 +252,7 @@ def main() -> None:
         args.encode_workers,
         str(bundle.model.dtype).split(".")[-1],
         args.load_batch,
+        lookahead=not args.no_lookahead,
     )
     results["engine"]["stats"] = ours.stats
     results["engine"]["captures"] = ours.decode_step.captures

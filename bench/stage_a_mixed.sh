@@ -4,12 +4,13 @@
 # engine with its decode layers compiled, then the entry-point command on a 1,000-photo tree
 # (bench/mixed_tree.py), start-up included. Each run is its own process with its own time limit;
 # a run that would end past BUDGET seconds (default 900: two device calls, started detached) is skipped; RUNS picks
-# runs by the last part of their names (default all: "prefill mixed nocudnn point compiled"; nocudnn runs
-# bench/stage_a.py and the entry point with model.cudnn_attention=false). Writes OUT_DIR/<run>.json, the entry
+# runs by the last part of their names (default all: "prefill mixed alone nocudnn point compiled"; alone runs
+# bench/stage_a.py and the entry point with each batch generated alone (data.lookahead=false), nocudnn with
+# model.cudnn_attention=false). Writes OUT_DIR/<run>.json, the entry
 # point's metrics.json and log, and OUT_DIR/logs.tar.gz:
 #
 #   bash bench/stage_a_mixed.sh "$OUT"
-#   RUNS="point nocudnn" bash bench/stage_a_mixed.sh "$OUT"
+#   RUNS="mixed alone point" bash bench/stage_a_mixed.sh "$OUT"
 set -u
 out=${1:?usage: bench/stage_a_mixed.sh OUT_DIR}
 budget=${BUDGET:-900}
@@ -22,6 +23,8 @@ source "$(dirname "$0")/steps.sh"
 step profile_prefill 120 "$py" profile_prefill.py --out "$out/profile_prefill.json"
 step stage_a_mixed 200 "$py" stage_a.py --mixed --images 1000 --baseline-images 48 --baseline-batches 16 \
     --out "$out/stage_a_mixed.json"
+step stage_a_mixed_alone 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --no-lookahead \
+    --out "$out/stage_a_mixed_alone.json"
 step stage_a_mixed_nocudnn 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --no-cudnn-attention \
     --out "$out/stage_a_mixed_nocudnn.json"
 # the command, nothing added: the Stage-A defaults must be right on a GPU
@@ -36,6 +39,7 @@ entry() {
   rm -rf "${out:?}/$name"
 }
 entry entry_point
+entry entry_point_alone data.lookahead=false
 entry entry_point_nocudnn +model.cudnn_attention=false
 step stage_a_mixed_compiled 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --compile-layers \
     --out "$out/stage_a_mixed_compiled.json"

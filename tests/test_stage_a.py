@@ -202,7 +202,8 @@ def test_batched_greedy_equals_batch_of_one(
     """Left padding: one batch of 4 images with different image-token counts (and two prompts) decodes
     exactly like 4 batches of 1, through the DataModule and ``StageAModule.predict_step``; so does a batch
     whose prompts a DataLoader worker encoded (the DataModule given the processor, as ``train`` gives it),
-    whole or loaded in units of 2 and re-batched (``data.load_batch_size``)."""
+    whole or loaded in units of 2 and re-batched (``data.load_batch_size``), and batches of 1 each handing the
+    next one's prompts to the engine early (``data.lookahead``) or not."""
     # A larger initializer_range makes the random model's output depend on its input (0.02: near-constant).
     arch = {**tiny_architecture, "text": {**tiny_architecture["text"], "initializer_range": 0.3}}
     bundle = load_model(kind="vl", random_init=True, architecture=arch, seed=0, max_pixels=65536)
@@ -219,6 +220,8 @@ def test_batched_greedy_equals_batch_of_one(
         assert len(loader) == -(-4 // batch_size)
         for i, batch in enumerate(loader):
             assert ("prompt" in batch) == ("processor" in kw) != ("image" in batch)  # the photo travels once
+            lookahead = "prompt" in batch and kw.get("lookahead", True) and i < len(loader) - 1
+            assert ("ahead" in batch) == lookahead  # the next batch's prompts, handed to the engine early
             assert (
                 len(batch["meta"])
                 == len(batch["conversation"])
@@ -243,6 +246,10 @@ def test_batched_greedy_equals_batch_of_one(
     assert four == one
     encoded_in_worker, _ = summaries(4, processor=bundle.processor, num_workers=1)
     assert encoded_in_worker == one
+    prompts_before = module.engine.stats["prompts"]
+    handed_ahead, _ = summaries(1, processor=bundle.processor, num_workers=1)  # data.lookahead (default)
+    assert handed_ahead == one and module.engine.stats["prompts"] - prompts_before == 4  # each prompt once
+    assert summaries(1, processor=bundle.processor, num_workers=1, lookahead=False)[0] == one
     module._samples.clear()  # the W&B table's photos: loaded again from their files when the batch has none
     rebatched, tokens = summaries(4, processor=bundle.processor, num_workers=1, load_batch_size=2)
     assert rebatched == one and tokens == image_tokens  # same batches, same order
@@ -273,6 +280,27 @@ def test_train_writes_spec_jsonl(
     assert metrics["stage_a/groups"] == len(records) and metrics["stage_a/skipped_groups"] == 0
     csv_metrics = (root / "run" / "csv" / "metrics.csv").read_text(encoding="utf-8")
     assert "stage_a/images" in csv_metrics
+
+
+def test_lookahead_writes_the_lines_of_batches_generated_alone(
+    compose_at: ComposeAt,
+    stage_a_data: Path,
+    tree_root: Path,
+    tmp_path: Path,
+    reference: tuple[list[dict[str, Any]], dict, Path],
+) -> None:
+    """With prompts encoded in a worker, each predict batch hands the next one's to the engine (``data.lookahead``,
+    the default): the same lines, in the same order, as batches generated alone, and as the reference run."""
+    rows = {}
+    for lookahead in ("true", "false"):
+        out = tmp_path / lookahead / "stage_a.jsonl"
+        extra = (f"stage_a.output_jsonl={out}", "data.num_workers=1", f"data.lookahead={lookahead}")
+        metrics = run_in_process(
+            compose_at, overrides_for(tree_root, *extra), tmp_path / lookahead, stage_a_data
+        )
+        rows[lookahead] = jsonl_rows(out)
+        assert metrics["stage_a/images"] == 9
+    assert rows["true"] == rows["false"] == reference[0]
 
 
 def test_images_match_the_synthetic_reference_order(

@@ -122,6 +122,30 @@ class Rebatched:
             yield pending
 
 
+class Lookahead:
+    """Each batch also carries the next one's encoded prompts and metadata as ``batch["ahead"]`` (the last batch
+    none), so Stage-A hands them to the engine early (:class:`~bbuqc_lightning.generation.engine.Ahead`): the next
+    batch's photos take the slots the current batch's last summaries leave, instead of each ``generate`` call ending
+    in a wave of rows waiting for its longest summary. The batches and their order are unchanged (the writer still
+    receives each batch's own summaries); one more batch of encoded photos is held in memory.
+    """
+
+    def __init__(self, loader: Iterable[dict[str, list]]) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, list]]:
+        previous = None
+        for batch in self.loader:
+            if previous is not None:
+                yield {**previous, "ahead": {"prompt": batch["prompt"], "meta": batch["meta"]}}
+            previous = batch
+        if previous is not None:
+            yield previous
+
+
 def _batch_len(batch: dict[str, list]) -> int:
     return len(next(iter(batch.values()))) if batch else 0
 
@@ -133,10 +157,12 @@ def photo_loader(
     load_batch_size: int,
     collate_fn: Callable[[list[Any]], dict[str, list]],
     encoded: bool,
-) -> DataLoader | Rebatched:
+    lookahead: bool = False,
+) -> DataLoader | Rebatched | Lookahead:
     """Batches of ``batch_size`` photos in order: with workers, each loads ``load_batch_size`` at a time and the
     units are re-batched (:class:`Rebatched`); ``encoded`` items are large (~8 MB a photo in bf16), so about two
-    batches are in flight in all."""
+    batches are in flight in all. ``lookahead`` (encoded items only): each batch carries the next one's prompts
+    (:class:`Lookahead`)."""
     unit = min(load_batch_size, batch_size) if num_workers else batch_size
     prefetch = None
     if num_workers:
@@ -149,21 +175,24 @@ def photo_loader(
         collate_fn=collate_fn,
         prefetch_factor=prefetch,
     )
-    return loader if unit == batch_size else Rebatched(loader, batch_size)
+    batches = loader if unit == batch_size else Rebatched(loader, batch_size)
+    return Lookahead(batches) if lookahead and encoded else batches
 
 
 class StageADataModule(PhotoTreeDataModule):
     """Scans ``root`` (generating the synthetic tree first when ``synthetic`` is set and it is missing).
 
     ``load_batch_size``: photos a DataLoader worker loads (and encodes) at a time, re-batched to ``batch_size``
-    (the engine's call) in order; with ``num_workers=0`` the loader makes whole batches itself.
+    (the engine's call) in order; with ``num_workers=0`` the loader makes whole batches itself. ``lookahead``:
+    each batch of encoded prompts carries the next one's, which the engine starts early (:class:`Lookahead`).
     """
 
-    def __init__(self, *args: Any, load_batch_size: int = 32, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, load_batch_size: int = 32, lookahead: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if load_batch_size < 1:
             raise ValueError(f"data.load_batch_size must be >= 1, got {load_batch_size}")
         self.load_batch_size = load_batch_size
+        self.lookahead = lookahead
         # Filled by the JSONL writer callback on resume: groups already in the output file.
         self.skip_ticket_keys: set[str] = set()
         # Under DDP a rank may have no group left to do: an empty dataloader is fine (see module docstring).
@@ -224,7 +253,7 @@ class StageADataModule(PhotoTreeDataModule):
     def _trainer_attached(self) -> bool:
         return getattr(self, "trainer", None) is not None
 
-    def predict_dataloader(self) -> DataLoader | Rebatched:
+    def predict_dataloader(self) -> DataLoader | Rebatched | Lookahead:
         # Built after every setup hook, so the writer callback has filled skip_ticket_keys (resume). Only the
         # groups still to do are split across ranks, then this rank's are validated (images decoded once).
         todo = [r for r in self.scanned if r.ticket_key not in self.skip_ticket_keys]
@@ -251,4 +280,5 @@ class StageADataModule(PhotoTreeDataModule):
             self.load_batch_size,
             collate_images,
             encoded=encoder is not None,
+            lookahead=self.lookahead,
         )

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from bbuqc_lightning.data.images import load_image
-from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams, line_break_token_ids
+from bbuqc_lightning.generation.engine import Ahead, GenerationEngine, SamplingParams, line_break_token_ids
 from bbuqc_lightning.models.factory import ModelBundle
 from bbuqc_lightning.summaries.records import clean_summary
 from bbuqc_lightning.tracking.wandb import find_wandb_logger, log_table
@@ -65,15 +65,17 @@ class StageAModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
         start = time.perf_counter()
-        names = [
-            f"{m['ticket_key']} image {m['record'].image_paths[m['image_index']].name}" for m in batch["meta"]
-        ]
+        ahead = batch.get(
+            "ahead"
+        )  # the next batch's prompts (data.lookahead): started early, finished next step
         outputs = self.engine.generate(
             batch["conversation"],
             self.sampling,
             images=[[im] for im in batch["image"]] if "image" in batch else None,
-            names=names,
+            names=_names(batch["meta"]),
             encoded=batch.get("prompt"),  # encoded in the DataLoader's workers
+            keys=_keys(batch["meta"]),
+            ahead=Ahead(ahead["prompt"], _keys(ahead["meta"]), _names(ahead["meta"])) if ahead else None,
         )
         self._seconds += time.perf_counter() - start
         self._images += len(outputs)
@@ -161,3 +163,13 @@ class StageAModule(L.LightningModule):
 
         rows = [(wandb.Image(img), key, text) for img, key, text in self._samples]
         log_table(self.trainer, "stage_a/samples", ["image", "ticket_key", "summary"], rows)
+
+
+def _names(metas: list[dict[str, Any]]) -> list[str]:
+    """What errors call each photo: its group and file."""
+    return [f"{m['ticket_key']} image {m['record'].image_paths[m['image_index']].name}" for m in metas]
+
+
+def _keys(metas: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Each photo's identity across ``generate`` calls (a prompt handed ahead is asked for again by it)."""
+    return [(m["ticket_key"], m["image_index"]) for m in metas]
