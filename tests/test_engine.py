@@ -110,8 +110,17 @@ def test_prompts_handed_ahead_give_the_tokens_of_separate_calls_in_fewer_decode_
     run(dropping, 0, keys=keys[0], ahead=Ahead(encoded[1], keys[1]))
     assert run(dropping, 2, keys=keys[2]) == want[2]  # does not ask for the second call's prompts
     assert dropping.stats["dropped_ahead"] > 0
+    run(dropping, 0, keys=keys[0], ahead=Ahead(encoded[1], keys[1]))
+    assert run(dropping, 1) == want[1]  # a call without keys between two hand-overs (validation, eval)
+    assert run(dropping, 2, keys=keys[2]) == want[2]
     with pytest.raises(ValueError, match="ahead needs keys"):
         dropping.generate(batches[0], params, encoded=encoded[0], ahead=Ahead(encoded[1], keys[1]))
+    with pytest.raises(
+        ValueError, match="repeat this call's keys"
+    ):  # one key, two prompts: tokens could swap
+        dropping.generate(
+            batches[0], params, encoded=encoded[0], keys=keys[0], ahead=Ahead(encoded[1], keys[0])
+        )
 
 
 def test_auto_backend_is_the_pool(varied: ModelBundle) -> None:

@@ -264,8 +264,12 @@ class GenerationEngine:
             raise ValueError(
                 f"generate: {len(keys)} keys for {len(conversations)} conversations, or repeated"
             )
-        if ahead is not None and (keys is None or len(ahead.keys) != len(ahead.encoded)):
-            raise ValueError("generate: ahead needs keys for this call and one key per prompt handed ahead")
+        if ahead is not None:
+            counts = {len(ahead.keys), len(ahead.encoded), len(ahead.names or ahead.keys)}
+            if keys is None or len(counts) != 1:
+                raise ValueError("generate: ahead needs keys for this call and one key (and name) per prompt")
+            if len(set(ahead.keys)) != len(ahead.keys) or not set(ahead.keys).isdisjoint(keys):
+                raise ValueError("generate: keys handed ahead repeat, or repeat this call's keys")
         if encoded is None:
             start = time.perf_counter()
             encoded = [

@@ -166,9 +166,9 @@ class ContinuousBatcher:
         wanted = [r.ident for r in requests]
         session = self._continue(signature, wanted, capacity)
         if session is None:
-            session = _Session(
-                signature, sample, deque(), [None] * capacity, torch.ones(self.layout.rows, dtype=torch.bool)
-            )
+            with torch.inference_mode(False):  # kept for a next call, which may run outside inference mode
+                finished = torch.ones(self.layout.rows, dtype=torch.bool)
+            session = _Session(signature, sample, deque(), [None] * capacity, finished)
         known = session.keys()
         # this call's prompts first, longest first (the length bucket shrinks as the call goes on), then the next
         # call's; a prompt handed ahead that is too long waits for its own call, which reports it

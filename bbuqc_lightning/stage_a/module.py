@@ -170,6 +170,7 @@ def _names(metas: list[dict[str, Any]]) -> list[str]:
     return [f"{m['ticket_key']} image {m['record'].image_paths[m['image_index']].name}" for m in metas]
 
 
-def _keys(metas: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    """Each photo's identity across ``generate`` calls (a prompt handed ahead is asked for again by it)."""
-    return [(m["ticket_key"], m["image_index"]) for m in metas]
+def _keys(metas: list[dict[str, Any]]) -> list[str]:
+    """Each photo's identity across ``generate`` calls (a prompt handed ahead is asked for again by it): its
+    path (a ticket key can name two groups, the same ticket under two missions)."""
+    return [str(m["record"].image_paths[m["image_index"]]) for m in metas]
