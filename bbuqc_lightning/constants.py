@@ -50,6 +50,16 @@ OBJECT_SEPARATOR: Final[str] = "，"
 COUNT_MARK: Final[str] = "×"
 REMARK_PREFIX: Final[str] = "备注: "
 
+# The negative items the fused model grew blind to (seed 002: "对负项不敏感"), each as it shows in a summary line:
+# a summary that drops one of them turns a fail ticket into a false pass downstream (stage_a/negative_item_recall).
+NEGATIVE_ITEMS: Final[dict[str, str]] = {
+    "弯曲半径不合理": "弯曲半径不合理",
+    "不符合要求": "不符合要求",
+    "无保护措施": "无保护措施",
+    "标签无法识别": "标签/无法识别",
+    "未按要求配备挡风板": "未按要求配备挡风板",
+}
+
 # Stage-B verdict contract (SPEC §5).
 VERDICT_PASS: Final[str] = "通过"
 VERDICT_FAIL: Final[str] = "不通过"

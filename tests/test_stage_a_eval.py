@@ -91,6 +91,31 @@ def test_micro_rates_per_mission_and_the_worst_lines() -> None:
     assert [(w.ticket_key, w.image) for w in worst] == [("A::fail", "图片_2"), ("B::pass", "图片_2")]
 
 
+def test_negative_item_recall_counts_the_seed_s_negative_items_the_summary_keeps() -> None:
+    """``stage_a/negative_item_recall``: of the negative items the references name (once per image), the share the
+    generated line names too; a line without one does not count, and a mission without one has no rate."""
+    bad_fibre = "光纤/无保护措施,弯曲半径不合理/蛇形管×1"  # two negative items on one object
+    labels = "标签/无法识别×2"
+    scores = StageAScores()
+    scores.add_group(
+        "A::fail",
+        "BBU线缆布放要求",
+        {"图片_1": f"{bad_fibre}，{labels}", "图片_2": BBU, "图片_3": SCREWS},
+        # keeps 无保护措施 and the baffle; softens 弯曲半径 and drops the unreadable labels; a negative item
+        # the reference does not name (不符合要求 on the screws) is not a recall hit
+        {
+            "图片_1": "光纤/无保护措施,弯曲半径合理/蛇形管×1",
+            "图片_2": BBU,
+            "图片_3": SCREWS.replace("符合", "不符合"),
+        },
+    )
+    scores.add_group("B::pass", "挡风板安装检查", {"图片_1": FIBRE}, {"图片_1": FIBRE})
+    m = scores.metrics()
+    assert m["stage_a/negative_item_recall"] == pytest.approx(2 / 4)  # 无保护措施, 挡风板 of 4 named
+    assert m["stage_a/negative_item_recall/bbu_cabling"] == pytest.approx(2 / 4)
+    assert "stage_a/negative_item_recall/baffle_installation" not in m  # nothing negative to recall there
+
+
 def _write(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -5,7 +5,8 @@
     python tools/score_stage_a.py <generated.jsonl> /data/fusion/bbu_val.jsonl --root /data/qc/val   # per-photo file
 
 Prints ``stage_a/object_precision|object_recall|object_f1``, ``stage_a/exact_match``,
-``stage_a/irrelevant_accuracy`` (overall and ``/<mission slug>``) and the worst lines. No model is loaded:
+``stage_a/irrelevant_accuracy``, ``stage_a/negative_item_recall`` (overall and ``/<mission slug>``) and the worst
+lines. No model is loaded:
 ``+experiment=stage_a`` (which scores itself) and ``+experiment=e2e`` run the model.
 """
 

@@ -10,6 +10,10 @@ count)`` plus the remark — and matched as multisets:
   matter here (a reordered line keeps F1 = 1);
 - ``stage_a/exact_match``: the whole line equals the reference (order and wording included);
 - ``stage_a/irrelevant_accuracy``: share of images where "is this ``无关图片``" is right, both ways;
+- ``stage_a/negative_item_recall``: of the seed's negative items in the reference lines
+  (:data:`~bbuqc_lightning.constants.NEGATIVE_ITEMS`: 弯曲半径不合理, 不符合要求, 无保护措施, 标签无法识别,
+  未按要求配备挡风板; each counted once per image), the share the generated line also names. A summary that
+  drops one turns a fail ticket into a false pass downstream, so this bounds the end-to-end false-pass rate;
 - each also as ``<name>/<mission slug>``; plus ``stage_a/scored_images``, ``stage_a/scored_groups``,
   ``stage_a/unreferenced_groups`` (generated tickets the reference lacks) and
   ``stage_a/missing_groups`` (reference tickets not generated; not scored, so a partial run is honest).
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bbuqc_lightning.constants import MISSIONS, image_key
+from bbuqc_lightning.constants import MISSIONS, NEGATIVE_ITEMS, image_key
 from bbuqc_lightning.data.jsonl import iter_jsonl
 from bbuqc_lightning.summaries.grammar import parse_summary
 from bbuqc_lightning.summaries.records import normalise_stage_a_record
@@ -56,6 +60,8 @@ class LineScore:
     reference_items: int
     exact: bool
     irrelevant_ok: bool
+    negative_reference: int = 0  # negative items the reference names
+    negative_found: int = 0  # of those, named by the generated line too
 
     @property
     def f1(self) -> float:
@@ -84,6 +90,15 @@ def score_line(reference: str, generated: str) -> tuple[int, int, int, bool, boo
     return matched, sum(gen_items.values()), sum(ref_items.values()), exact, ref.irrelevant == gen.irrelevant
 
 
+def negative_marks(line: str) -> set[str]:
+    """The seed's negative items a summary line names.
+
+    >>> sorted(negative_marks("光纤/无保护措施,弯曲半径合理/蛇形管×1，标签/无法识别×2"))
+    ['无保护措施', '标签无法识别']
+    """
+    return {name for name, mark in NEGATIVE_ITEMS.items() if mark in line}
+
+
 @dataclass
 class _Totals:
     matched: int = 0
@@ -92,6 +107,8 @@ class _Totals:
     exact: int = 0
     irrelevant_ok: int = 0
     images: int = 0
+    negative_reference: int = 0
+    negative_found: int = 0
 
     def add(self, line: LineScore) -> None:
         self.matched += line.matched
@@ -100,6 +117,8 @@ class _Totals:
         self.exact += line.exact
         self.irrelevant_ok += line.irrelevant_ok
         self.images += 1
+        self.negative_reference += line.negative_reference
+        self.negative_found += line.negative_found
 
     def rates(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -112,6 +131,8 @@ class _Totals:
         if self.images:
             out["exact_match"] = self.exact / self.images
             out["irrelevant_accuracy"] = self.irrelevant_ok / self.images
+        if self.negative_reference:
+            out["negative_item_recall"] = self.negative_found / self.negative_reference
         return out
 
 
@@ -138,8 +159,22 @@ class StageAScores:
         for key in keys:
             ref, gen = reference.get(key, ""), generated.get(key, "")
             matched, n_gen, n_ref, exact, irrelevant_ok = score_line(ref, gen)
+            negatives = negative_marks(ref)
             scored.append(
-                LineScore(ticket_key, mission, key, ref, gen, matched, n_gen, n_ref, exact, irrelevant_ok)
+                LineScore(
+                    ticket_key,
+                    mission,
+                    key,
+                    ref,
+                    gen,
+                    matched,
+                    n_gen,
+                    n_ref,
+                    exact,
+                    irrelevant_ok,
+                    len(negatives),
+                    len(negatives & negative_marks(gen)),
+                )
             )
         self.lines.extend(scored)
         self.groups += 1

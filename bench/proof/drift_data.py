@@ -23,17 +23,9 @@ from typing import Any
 
 import yaml
 
-from bbuqc_lightning.constants import MISSIONS, REASON_PREFIXES, VERDICT_PASS
+from bbuqc_lightning.constants import MISSIONS, NEGATIVE_ITEMS, REASON_PREFIXES, VERDICT_PASS
 from bbuqc_lightning.data.synthetic.scenes import explain_group
 
-# Seed negative item -> how it shows in a summary line (substring).
-NEGATIVE_ITEMS: dict[str, str] = {
-    "弯曲半径不合理": "弯曲半径不合理",
-    "不符合要求": "不符合要求",
-    "无保护措施": "无保护措施",
-    "标签无法识别": "标签/无法识别",
-    "未按要求配备挡风板": "未按要求配备挡风板",
-}
 BAFFLE = "挡风板"
 
 

@@ -22,7 +22,7 @@ from proof.drift_plot import draw
 from proof.results import METRICS, eval_results, fmt, training_summary
 from proof.runs import read_json
 
-STAGE_A_KEYS = ("object_f1", "exact_match", "irrelevant_accuracy")
+STAGE_A_KEYS = ("object_f1", "exact_match", "irrelevant_accuracy", "negative_item_recall")
 TARGETS = {"drift_false_pass_min": 0.20, "cure_false_pass_max": 0.05, "cure_false_fail_max": 0.05}
 TARGETS |= {"cure_format_valid_min": 0.98, "cure_object_f1_drop_max": 0.01}
 
