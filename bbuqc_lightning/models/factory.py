@@ -204,7 +204,8 @@ def load_model(
     costs ~3 s once per process (GRPO's first step) and 0.02-0.06 s per new padded length, then runs forward and
     backward 11-24 % faster; so ``true`` (PyTorch's order) is the default and ``false`` only pays for runs of
     fewer than ~9 steps. ``fused_rms_norm``: the language model's RMSNorms run PyTorch's fused kernel on the
-    GPU (HF's code on the CPU; :mod:`~bbuqc_lightning.models.fused_norm` says why)."""
+    GPU where no gradient flows (HF's code in training and on the CPU; :mod:`~bbuqc_lightning.models.fused_norm`
+    says why)."""
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
