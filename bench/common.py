@@ -36,11 +36,11 @@ def random_bundle(
     dtype: torch.dtype = torch.bfloat16,
     max_pixels: int = 786432,
     linear_patch_embed: bool = True,
-    fused_rms_norm: bool | None = None,
+    fused_rms_norm: bool = True,
 ) -> ModelBundle:
     """The preset's architecture with random weights, initialised on ``device`` (fast, no CPU copy); the patch
     embedding as a matrix product and the RMSNorms fused, as ``load_model`` builds it (``linear_patch_embed=False``:
-    HF's Conv3d; ``fused_rms_norm``: default from ``--no-fused-rms-norm``, see :func:`add_no_fused_rms_norm`)."""
+    HF's Conv3d; ``fused_rms_norm=False``: HF's RMSNorm code)."""
     arch = yaml.safe_load((CONF / f"{preset}.yaml").read_text())["architecture"]
     config = vl_config_from_architecture(arch)
     config._attn_implementation = "sdpa"
@@ -55,7 +55,7 @@ def random_bundle(
     model.eval()
     if linear_patch_embed:
         use_linear_patch_embed(model)
-    if FUSED_RMS_NORM if fused_rms_norm is None else fused_rms_norm:
+    if fused_rms_norm:
         use_fused_rms_norm(model)
     tokenizer = build_tokenizer()
     processor = build_vl_processor(tokenizer, min_pixels=4096, max_pixels=max_pixels)
@@ -115,23 +115,12 @@ def add_no_cudnn_attention(parser: argparse.ArgumentParser) -> None:
     )
 
 
-FUSED_RMS_NORM = True  # random_bundle's default; --no-fused-rms-norm turns it off for the process
-
-
 def add_no_fused_rms_norm(parser: argparse.ArgumentParser) -> None:
-    """``--no-fused-rms-norm``: HF's RMSNorm code, as ``model.fused_rms_norm=false`` does."""
-
-    class Off(argparse.Action):
-        def __call__(self, parser: Any, namespace: argparse.Namespace, *args: Any) -> None:
-            global FUSED_RMS_NORM
-            FUSED_RMS_NORM = False
-            setattr(namespace, self.dest, True)  # recorded in the JSON's config
-
+    """``--no-fused-rms-norm``: HF's RMSNorm code, as ``model.fused_rms_norm=false`` does (pass
+    ``fused_rms_norm=not args.no_fused_rms_norm`` to :func:`random_bundle`)."""
     parser.add_argument(
         "--no-fused-rms-norm",
-        action=Off,
-        nargs=0,
-        default=False,
+        action="store_true",
         help="HF's RMSNorm (model.fused_rms_norm=false) instead of PyTorch's fused kernel",
     )
 

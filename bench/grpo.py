@@ -333,7 +333,8 @@ def main() -> None:
         args.preset,
         args.device,
         dtype=torch.bfloat16 if args.device == "cuda" else torch.float32,
-        fused_rms_norm=False if args.impl == "trl" else None,  # TRL as its users run it: HF's modules
+        # TRL as its users run it: HF's modules
+        fused_rms_norm=args.impl == "ours" and not args.no_fused_rms_norm,
     )
     if args.mixed:
         data = mixed_samples(args.prompts * args.steps, max_photos=args.max_photos)

@@ -34,7 +34,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON results")
     args = parser.parse_args()
     bundle = random_bundle(
-        args.preset, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32
+        args.preset,
+        args.device,
+        dtype=torch.bfloat16 if args.device == "cuda" else torch.float32,
+        fused_rms_norm=not args.no_fused_rms_norm,
     )
     engine = GenerationEngine(
         bundle.model,

@@ -64,7 +64,13 @@ def main() -> None:
     args = parser.parse_args()
     preset = yaml.safe_load((CONF / f"{args.preset}.yaml").read_text())
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    bundle = random_bundle(args.preset, args.device, dtype=dtype, max_pixels=preset["max_pixels"])
+    bundle = random_bundle(
+        args.preset,
+        args.device,
+        dtype=dtype,
+        max_pixels=preset["max_pixels"],
+        fused_rms_norm=not args.no_fused_rms_norm,
+    )
     engine = GenerationEngine(
         bundle.model,
         bundle.processor,

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import common
 import numpy as np
 import torch
 import yaml
@@ -44,7 +43,7 @@ from bbuqc_lightning.config import loader_workers, photo_prompt_len
 from bbuqc_lightning.data.images import resize_within
 from bbuqc_lightning.generation.engine import Ahead, GenerationEngine, PromptEncoder, SamplingParams
 from bbuqc_lightning.models.fused_norm import use_fused_rms_norm
-from bbuqc_lightning.stage_a.datamodule import photo_loader
+from bbuqc_lightning.stage_a.datamodule import collate_images, photo_loader
 from bbuqc_lightning.summaries.prompts import image_conversation, stage_a_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,10 +95,6 @@ class Photos(Dataset):
         return {"conversation": conv, "prompt": self.encoder(conv, [self.pics[i]]), "meta": meta}
 
 
-def columns(items: list[dict[str, Any]]) -> dict[str, list]:
-    return {key: [item[key] for item in items] for key in items[0]}
-
-
 def run(
     engine: GenerationEngine,
     pics: Sequence[Image.Image],
@@ -122,7 +117,7 @@ def run(
         call,
         encode_workers,
         load_batch,
-        columns,
+        collate_images,
         encoded=encoder is not None,
         lookahead=lookahead,
     )
@@ -230,7 +225,7 @@ def main() -> None:
     for batch in args.baseline_batches:
         results["hf"][batch] = run(hf, pics[: args.baseline_images], prompts, batch, params)
         print(f"hf generate batch {batch}: {results['hf'][batch]}", flush=True)
-    if common.FUSED_RMS_NORM:
+    if not args.no_fused_rms_norm:
         use_fused_rms_norm(bundle.model)
     ours = make(
         backend="pool",

@@ -284,28 +284,11 @@ class GenerationEngine:
             width = batch.input_ids.shape[1]
             rows = [self.strip_completion(ids) for ids in sequences[:, width:].tolist()]
         else:
-            requests = [
-                Request(
-                    i,
-                    inputs,
-                    int(inputs["input_ids"].shape[1]),
-                    names[i] if names else f"#{i}",
-                    keys[i] if keys is not None else None,
-                )
-                for i, inputs in enumerate(encoded)
-            ]
+            requests = _requests(encoded, names, keys)
             later = []
-            if ahead is not None:
-                later = [
-                    Request(
-                        -1 - j,
-                        inputs,
-                        int(inputs["input_ids"].shape[1]),
-                        ahead.names[j] if ahead.names else str(key),
-                        key,
-                    )
-                    for j, (inputs, key) in enumerate(zip(ahead.encoded, ahead.keys, strict=True))
-                ]
+            if ahead is not None:  # indices below 0: never this call's
+                names_ahead = ahead.names or [str(key) for key in ahead.keys]
+                later = _requests(ahead.encoded, names_ahead, ahead.keys, first=-len(ahead.keys))
             signature = None if keys is None else (params, tuple(self.eos_token_ids))
             per_prompt = self._run_pool(requests, params, later, signature)
             rows = [self.strip_completion(ids) for per in per_prompt for ids in per]
@@ -320,11 +303,8 @@ class GenerationEngine:
         if "pixel_values" in encoded.inputs:
             raise ValueError("generate_ids takes text prompts; use generate(conversations, images=...)")
         ids, mask = encoded.inputs["input_ids"], encoded.inputs["attention_mask"]
-        requests = []
-        for i in range(ids.shape[0]):
-            real = ids[i][mask[i].bool()][None]
-            inputs = {"input_ids": real, "attention_mask": torch.ones_like(real)}
-            requests.append(Request(i, inputs, real.shape[1], f"#{i}"))
+        real = [ids[i][mask[i].bool()][None] for i in range(ids.shape[0])]
+        requests = _requests([{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in real])
         rows = [r for per in self._run_pool(requests, params) for r in per]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
@@ -483,6 +463,25 @@ def collate(inputs: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str,
         else:
             out[key] = torch.cat(parts, dim=0)
     return out
+
+
+def _requests(
+    encoded: Sequence[dict[str, torch.Tensor]],
+    names: Sequence[str] | None = None,
+    keys: Sequence[Hashable] | None = None,
+    first: int = 0,
+) -> list[Request]:
+    """The scheduler's requests for encoded prompts, indexed from ``first`` (named ``#<index>`` by default)."""
+    return [
+        Request(
+            first + i,
+            inputs,
+            int(inputs["input_ids"].shape[1]),
+            names[i] if names else f"#{first + i}",
+            keys[i] if keys is not None else None,
+        )
+        for i, inputs in enumerate(encoded)
+    ]
 
 
 def _resolve_backend(model: torch.nn.Module, backend: str) -> str:

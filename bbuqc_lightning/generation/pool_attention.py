@@ -51,10 +51,9 @@ class DecodeBatch:
     prompt_bucket: int  # prompt positions read per slot (>= the longest prompt in flight)
     new_bucket: int  # decode positions read per row (>= the longest completion so far)
     steps: torch.Tensor  # (rows,) decode position of the current token
-    prompt_bias: (
-        torch.Tensor
-    )  # (slots, 1, 1, prompt_bucket) 0 / -inf, in the pool's dtype (no cast per layer)
-    decode_bias: torch.Tensor  # (rows, 1, 1, new_bucket) 0 / -inf
+    # additive masks in the pool's dtype (no cast in each layer): 0 where a key is read, a large negative elsewhere
+    prompt_bias: torch.Tensor  # (slots, 1, 1, prompt_bucket)
+    decode_bias: torch.Tensor  # (rows, 1, 1, new_bucket)
     row_index: torch.Tensor | None = None  # arange(rows), made once a step rather than once a layer
 
     @property

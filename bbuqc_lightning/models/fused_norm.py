@@ -38,23 +38,22 @@ def fused_rms_norm(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tens
         return F.rms_norm(hidden_states, weight.shape, weight, module.variance_epsilon)
 
 
-def _fused_here(hidden_states: torch.Tensor) -> bool:
-    """The GPU, and no gradient: where the fused kernel was measured faster."""
-    return hidden_states.is_cuda and not torch.is_grad_enabled()
+class _FusedForward:
+    """The subclasses' ``forward``: the fused kernel on the GPU where no gradient flows (where it was measured
+    faster), HF's code otherwise."""
 
-
-class FusedQwen3RMSNorm(Qwen3RMSNorm):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not _fused_here(hidden_states):
-            return super().forward(hidden_states)
-        return fused_rms_norm(self, hidden_states)
+        if hidden_states.is_cuda and not torch.is_grad_enabled():
+            return fused_rms_norm(self, hidden_states)  # type: ignore[arg-type]
+        return super().forward(hidden_states)  # type: ignore[misc]
 
 
-class FusedQwen3VLTextRMSNorm(Qwen3VLTextRMSNorm):
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not _fused_here(hidden_states):
-            return super().forward(hidden_states)
-        return fused_rms_norm(self, hidden_states)
+class FusedQwen3RMSNorm(_FusedForward, Qwen3RMSNorm):
+    pass
+
+
+class FusedQwen3VLTextRMSNorm(_FusedForward, Qwen3VLTextRMSNorm):
+    pass
 
 
 _FUSED: dict[type[nn.Module], type[nn.Module]] = {

@@ -65,9 +65,8 @@ class StageAModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
         start = time.perf_counter()
-        ahead = batch.get(
-            "ahead"
-        )  # the next batch's prompts (data.lookahead): started early, finished next step
+        # the next batch's prompts (data.lookahead): started early, finished in the next step
+        ahead = batch.get("ahead")
         outputs = self.engine.generate(
             batch["conversation"],
             self.sampling,

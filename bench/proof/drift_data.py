@@ -25,6 +25,7 @@ import yaml
 
 from bbuqc_lightning.constants import MISSIONS, NEGATIVE_ITEMS, REASON_PREFIXES, VERDICT_PASS
 from bbuqc_lightning.data.synthetic.scenes import explain_group
+from bbuqc_lightning.summaries.scoring import negative_marks
 
 BAFFLE = "挡风板"
 
@@ -35,8 +36,8 @@ def negative_items(summaries: Sequence[str]) -> list[str]:
     >>> negative_items(["光纤/无保护措施,弯曲半径合理/蛇形管×1", "标签/无法识别×2"])
     ['无保护措施', '标签无法识别']
     """
-    text = "\n".join(summaries)
-    return [name for name, mark in NEGATIVE_ITEMS.items() if mark in text]
+    named = negative_marks("\n".join(summaries))
+    return [name for name in NEGATIVE_ITEMS if name in named]
 
 
 # What a reviewer blind to the negative items reads instead (the compliant wording of the same object).
