@@ -36,6 +36,7 @@ def common(s: Mapping[str, Any], run_dir: Path, seed: int, tag: str) -> list[str
         f"tags=[drift_and_cure,{tag}]",
         "extras.print_config=false",
         "trainer.enable_progress_bar=false",
+        *([f"generation.kv_memory_gb={s['kv_memory_gb']}"] if s.get("kv_memory_gb") else []),
     ]
 
 
@@ -141,6 +142,7 @@ def grpo_argv(
         f"module.grpo.scale_rewards={scale}",
         f"module.grpo.fail_rescue={str(s['fail_rescue']).lower()}",
         f"module.micro_batch_size={s['grpo_prompts'] * s['grpo_generations']}",
+        f"generation.max_rows={s['grpo_prompts'] * s['grpo_generations']}",  # a step's rollouts in one wave
         f"data.batch_size={s['grpo_prompts']}",
         f"data.val_batch_size={s['eval_batch']}",
         f"trainer.max_steps={s['grpo_steps']}",

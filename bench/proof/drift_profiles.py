@@ -32,29 +32,30 @@ PROFILES: dict[str, dict[str, Any]] = {
         "drift_lr": 2e-4,
         "drift_max_minutes": 3.5,
         "lenient_ratio": 6.0,
-        "distill_per_cell": 50,  # 400 Teacher tickets (was 600)
+        "distill_per_cell": 125,  # 1,000 Teacher tickets (run 1-2: 400; each costs ~15 ms of rollouts)
         "distill_rollouts": 4,
         "distill_epochs": 2,
         "reflection_tokens": 256,
         "distill_fallback": False,  # an empty distill file stops cure_a (the Teacher wrote no valid answer)
         "cure_a_steps": 500,
-        "cure_a_lr": 2e-4,
+        "cure_a_lr": 3e-4,  # run 1-2: 2e-4, still improving when stopped
         "cure_a_k": 4,
         "cure_a_share": 0.5,
         "cure_a_max_minutes": 8.0,
         "lora_r": 16,
-        "grpo_steps": 120,
+        "grpo_steps": 250,  # one pass over the 4,000 train tickets (run 2: 120, under half)
         "grpo_prompts": 16,
         "grpo_generations": 8,
-        "grpo_lr": 1e-4,
+        "grpo_lr": 3e-4,  # run 1-2: 1e-4 moved the policy too slowly
         "grpo_temperature": 1.0,
-        "grpo_beta": 0.04,
-        "grpo_max_minutes": 6.0,
+        "grpo_beta": 0.0,  # no KL anchor to the drifted reference the cure must leave (TRL's default); run 1-2: 0.04
+        "grpo_max_minutes": 8.0,
         "fail_rescue": True,
         "max_new_tokens": 64,
         "summary_tokens": 128,
         "eval_batch": 100,
         "e2e_batch": 32,
+        "kv_memory_gb": 4.0,  # each process's KV pool (the default, 30 % of free memory, is per process: 4 of them filled an H200)
     },
     "cpu": {
         "model": "tiny",
@@ -97,6 +98,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "summary_tokens": 12,
         "eval_batch": 8,
         "e2e_batch": 4,
+        "kv_memory_gb": None,  # the engine's CPU default
     },
 }
 # Alone-on-the-GPU seconds, from the H200 run of 2026-12-03 (docs/RESULTS.md; each step's measured window with
