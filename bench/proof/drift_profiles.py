@@ -1,11 +1,10 @@
 """Per-device settings of the drift/cure pipeline (``bench/drift_and_cure.py --set KEY=VALUE`` overrides one).
 
-cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer) on one H200; base SFT is the
-learning proof's H100 run (650 steps of 64 rows). The cure settings are those of the measured H200 run 2
-(docs/RESULTS.md: cure A 500 LoRA steps, GRPO 120 steps). Training-time caps (``*_max_minutes``) are safety
-nets set ~1.3x above what each run took with 4-6 processes sharing the GPU on 2026-12-03 (run 1's base cap of
-4.7 min cut it at ~593 of 650 steps, run 2's cure A cap of 4.5 min at 356 of 500), so the step counts, not the
-clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny`` preset that only shows every
+cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer); base SFT is the learning proof's
+H100 run (650 steps of 64 rows). These are the settings of run 3 (docs/RESULTS.md: one H100, 2026-12-07, 19.4
+minutes with 4 processes, every run to its step count). Training-time caps (``*_max_minutes``) are safety nets
+above what each run took with 4 processes sharing the GPU, so the step counts, not the clock, end the runs; a step
+that hits its cap says so in its log. cpu: a smoke run of the ``tiny`` preset that only shows every
 step runs and feeds the next (its numbers mean nothing).
 """
 
@@ -25,9 +24,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "stage_b_ratio": 6.0,
         "base_steps": 650,
         "base_lr": 5e-4,
-        "base_max_minutes": 7.0,  # safety caps: ~1.3x the measured time at --jobs 4-6 (see above)
+        "base_max_minutes": 8.0,  # safety caps above the measured time with 4 processes (run 3: 6.1 min)
         "teacher_steps": 800,  # 1.2x the base budget (was 1200: the critical path did not fit a call)
-        "teacher_max_minutes": 8.0,
+        "teacher_max_minutes": 9.0,  # run 3: 6.5 min
         "drift_steps": 300,
         "drift_lr": 2e-4,
         "drift_max_minutes": 3.5,

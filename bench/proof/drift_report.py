@@ -22,7 +22,13 @@ from proof.drift_plot import draw
 from proof.results import METRICS, eval_results, fmt, training_summary
 from proof.runs import read_json
 
-STAGE_A_KEYS = ("object_f1", "exact_match", "irrelevant_accuracy", "negative_item_recall")
+STAGE_A_COLUMNS = {
+    "object_f1": "Stage-A object F1",
+    "exact_match": "exact match",
+    "irrelevant_accuracy": "无关图片 accuracy",
+    "negative_item_recall": "negative-item recall",
+}
+STAGE_A_KEYS = tuple(STAGE_A_COLUMNS)
 TARGETS = {"drift_false_pass_min": 0.20, "cure_false_pass_max": 0.05, "cure_false_fail_max": 0.05}
 TARGETS |= {"cure_format_valid_min": 0.98, "cure_object_f1_drop_max": 0.01}
 
@@ -182,7 +188,11 @@ def markdown(report: Mapping[str, Any]) -> str:
                 for m in ("false_pass_rate", "false_fail_rate", "accuracy", "format_valid_rate")
             ]
             lines.append(f"| {stage} | {view} | " + " | ".join(cells) + " |")
-    lines += ["", "| stage | Stage-A object F1 | exact match | 无关图片 accuracy |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| stage | " + " | ".join(STAGE_A_COLUMNS.values()) + " |",
+        "|---" * (len(STAGE_A_KEYS) + 1) + "|",
+    ]
     for stage in STAGES:
         agg = results[stage]["aggregate"]
         lines.append(f"| {stage} | " + " | ".join(_cell(agg, f"stage_a/{k}") for k in STAGE_A_KEYS) + " |")
