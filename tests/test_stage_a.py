@@ -239,7 +239,10 @@ def test_batched_greedy_equals_batch_of_one(
             out.update(zip(keys, pred["summary"], strict=True))
         return out, image_tokens
 
+    module.on_predict_epoch_start()
     one, _ = summaries(1)
+    # the loop's time outside generation is accounted (logged at the end of a run): first batch, then the gaps
+    assert module.loop_seconds["first_batch"] > 0 and module.loop_seconds["between_batches"] > 0
     four, image_tokens = summaries(4)
     assert len(image_tokens) == 1 and len(set(image_tokens[0])) == 4, image_tokens  # padding differs
     assert len(one) == 4 and len(set(one.values())) > 1, one  # output depends on the image: a real check

@@ -61,10 +61,22 @@ class StageAModule(L.LightningModule):
         self.run_summary: dict[str, float] = {}
         self._images = 0
         self._seconds = 0.0
+        # where the predict loop's time outside generation goes (logged at the end): the wait for the first
+        # batch, the gaps between steps (the loader, the writer callback, Lightning) and the time after the last
+        self.loop_seconds = {"first_batch": 0.0, "between_batches": 0.0, "after_last": 0.0}
+        self._loop_start: float | None = None
+        self._step_end: float | None = None
         self._samples: list[tuple[Any, str, str]] = []
+
+    def on_predict_epoch_start(self) -> None:
+        self._loop_start = time.perf_counter()
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list]:
         start = time.perf_counter()
+        if self._step_end is not None:
+            self.loop_seconds["between_batches"] += start - self._step_end
+        elif self._loop_start is not None:
+            self.loop_seconds["first_batch"] = start - self._loop_start
         # the next batch's prompts (data.lookahead): started early, finished in the next step
         ahead = batch.get("ahead")
         outputs = self.engine.generate(
@@ -88,6 +100,7 @@ class StageAModule(L.LightningModule):
                 )
             summaries.append(summary)
         self._keep_samples(batch, summaries)
+        self._step_end = time.perf_counter()
         return {
             "ticket_key": [m["ticket_key"] for m in batch["meta"]],
             "image_index": [m["image_index"] for m in batch["meta"]],
@@ -111,6 +124,8 @@ class StageAModule(L.LightningModule):
         """
         if stage != "predict" or self._trainer is None:
             return
+        if self._step_end is not None:
+            self.loop_seconds["after_last"] = time.perf_counter() - self._step_end
         self.run_summary = self._global_summary()
         stats = getattr(self.engine, "stats", None)
         if isinstance(stats, dict) and "decode_seconds" in stats:
@@ -129,6 +144,11 @@ class StageAModule(L.LightningModule):
                 stats["capture_seconds"],
                 stats["encode_seconds"],
             )
+        log.info(
+            "Stage-A predict loop (this rank), outside generation: %.1f s waiting for the first batch, %.1f s "
+            "between batches (loader, writer), %.1f s after the last",
+            *self.loop_seconds.values(),
+        )
         # Spawned/forked DDP ranks run in child processes: train() in the parent reads callback_metrics,
         # which Lightning carries back from rank 0 (the module's attributes stay behind).
         self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.run_summary.items()})
