@@ -18,6 +18,7 @@ photos at a time re-batched to ``--call-size`` (0 workers: inside ``generate``, 
     python bench/stage_a.py --mixed --images 1000 --baseline-images 64 --out stage_a_mixed.json   # one H100
     python bench/stage_a.py --images 256 --out stage_a_uniform.json
     python bench/stage_a.py --mixed --images 1000 --compile-layers --out stage_a_mixed_compiled.json
+    python bench/stage_a.py --mixed --images 1000 --baseline-batches --prefill-chunk-tokens 2048 --out chunked.json
     python bench/stage_a.py --mixed --preset tiny --device cpu --images 6 --baseline-images 2 \
         --new-tokens 4 --call-size 4 --baseline-batches 2        # CPU smoke run
 """
@@ -188,6 +189,12 @@ def main() -> None:
         help="ours: each call alone (data.lookahead=false); default: the next call's prompts handed ahead",
     )
     parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=None,
+        help="ours: chunked prefill, N prompt tokens a step beside the decode rows (generation.prefill_chunk_tokens)",
+    )
+    parser.add_argument(
         "--load-batch",
         type=int,
         default=32,
@@ -234,6 +241,7 @@ def main() -> None:
         max_prompt_len=args.prompt_len or photo_prompt_len(preset["max_pixels"]),
         max_new_tokens=args.new_tokens,
         compile_layers=args.compile_layers,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
     )
     ours.eos_token_ids = [*ours.eos_token_ids, *eos_extra]
     if torch.cuda.is_available():

@@ -95,6 +95,13 @@ def test_stage_a_mixed(run: Run, tmp_path: Path) -> None:
     check_stage_a(tmp_path / "stage_a.json")
 
 
+def test_stage_a_mixed_chunked_prefill(run: Run, tmp_path: Path) -> None:
+    run([*stage_a_mixed(tmp_path / "chunked.json"), "--prefill-chunk-tokens", "16"])
+    check_stage_a(tmp_path / "chunked.json")
+    stats = json.loads((tmp_path / "chunked.json").read_text())["engine"]["stats"]
+    assert stats["mixed_steps"] >= stats["prompt_tokens"] / 16
+
+
 def test_grpo_mixed(run: Run, tmp_path: Path) -> None:
     run(grpo_mixed(tmp_path / "grpo.json"))
     check_grpo(tmp_path / "grpo.json")

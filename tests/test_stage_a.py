@@ -293,17 +293,21 @@ def test_lookahead_writes_the_lines_of_batches_generated_alone(
     reference: tuple[list[dict[str, Any]], dict, Path],
 ) -> None:
     """With prompts encoded in a worker, each predict batch hands the next one's to the engine (``data.lookahead``,
-    the default): the same lines, in the same order, as batches generated alone, and as the reference run."""
+    the default): the same lines, in the same order, as batches generated alone, and as the reference run; so
+    does chunked prefill (``generation.prefill_chunk_tokens``), prompts entering the pool inside decode steps."""
     rows = {}
-    for lookahead in ("true", "false"):
-        out = tmp_path / lookahead / "stage_a.jsonl"
-        extra = (f"stage_a.output_jsonl={out}", "data.num_workers=1", f"data.lookahead={lookahead}")
-        metrics = run_in_process(
-            compose_at, overrides_for(tree_root, *extra), tmp_path / lookahead, stage_a_data
-        )
-        rows[lookahead] = jsonl_rows(out)
+    variants = {
+        "true": ("data.lookahead=true",),
+        "false": ("data.lookahead=false",),
+        "chunked": ("data.lookahead=true", "generation.prefill_chunk_tokens=24"),
+    }
+    for name, settings in variants.items():
+        out = tmp_path / name / "stage_a.jsonl"
+        extra = (f"stage_a.output_jsonl={out}", "data.num_workers=1", *settings)
+        metrics = run_in_process(compose_at, overrides_for(tree_root, *extra), tmp_path / name, stage_a_data)
+        rows[name] = jsonl_rows(out)
         assert metrics["stage_a/images"] == 9
-    assert rows["true"] == rows["false"] == reference[0]
+    assert rows["true"] == rows["false"] == rows["chunked"] == reference[0]
 
 
 def test_images_match_the_synthetic_reference_order(

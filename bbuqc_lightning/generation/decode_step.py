@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from bbuqc_lightning.generation.chunked_prefill import Segment
 from bbuqc_lightning.generation.compiled_layers import LayerRegions, compiled_graphs
 from bbuqc_lightning.generation.kv_pool import KVPool
-from bbuqc_lightning.generation.pool_attention import DecodeBatch
+from bbuqc_lightning.generation.pool_attention import DecodeBatch, MixedBatch
 from bbuqc_lightning.models.decoder import language_model, output_embedding, uses_mrope
 
 log = logging.getLogger(__name__)
@@ -137,14 +138,48 @@ class DecodeStep:
             log.info("compiled %d decode-layer graphs for %s (%d in all)", new, bucket, self.compiles)
 
     @torch.no_grad()
-    def _forward(self, bucket: Bucket) -> None:
-        rows = bucket.rows
+    def run_mixed(
+        self, bucket: Bucket | None, segments: Sequence[Segment]
+    ) -> tuple[torch.Tensor | None, list]:
+        """One eager step with prompt chunks (:mod:`~bbuqc_lightning.generation.chunked_prefill`) beside the
+        decode rows of ``bucket`` (None: no row is running): the rows' logits ``(rows, vocab)`` fp32 (None without
+        rows) and, for each segment that ends its prompt, its last token's logits ``(vocab,)`` fp32."""
         lm = language_model(self.model)
+        mrope = uses_mrope(lm)
+        decode = None if bucket is None else self._decode_batch(bucket)
+        rows = 0 if bucket is None else bucket.rows
+        parts, positions = [], []
+        if bucket is not None:
+            parts.append(lm.embed_tokens(self.tokens[:rows]))
+            positions.append(self.positions[:rows][None].expand(3, -1))
+        for segment in segments:
+            parts.append(segment.embeds.to(parts[0].dtype if parts else segment.embeds.dtype))
+            positions.append(segment.positions.to(self.tokens.device))
+        hidden = torch.cat(parts)[None]  # (1, T, H): one sequence of the rows' tokens, then the chunks
+        position_ids = torch.cat(positions, dim=1)[:, None]  # (3, 1, T)
+        rope = position_ids if mrope else position_ids[0]
+        embeddings = lm.rotary_emb(hidden, rope)
+        batch = MixedBatch(self.pool, decode, [(s.slot, s.start, s.n) for s in segments])
+        visual = _visual_index(segments, rows, hidden.device)
+        deep = [s for s in segments if s.visual is not None]
+        depth = len(deep[0].deepstack) if deep else 0
+        for index, layer in enumerate(lm.layers):
+            hidden = _layer_forward(layer, hidden, batch, position_ids[0], embeddings)
+            if visual is not None and index < depth:  # DeepStack: features of the vision tower's inner layers
+                features = torch.cat([s.deepstack[index] for s in deep]).to(hidden.dtype)
+                hidden[0].index_add_(0, visual, features)
+        hidden = lm.norm(hidden)[0]
+        ends = [rows + sum(s.n for s in segments[: i + 1]) - 1 for i, s in enumerate(segments) if s.last]
+        picked = torch.cat([hidden[:rows], hidden[ends]]) if ends else hidden[:rows]
+        logits = output_embedding(self.model)(picked).float()
+        return (logits[:rows] if rows else None), list(logits[rows:])
+
+    def _decode_batch(self, bucket: Bucket) -> DecodeBatch:
         device = self.tokens.device
-        steps = self.steps[:rows]
+        steps = self.steps[: bucket.rows]
         prompt_keys = torch.arange(bucket.prompt_bucket, device=device)
         new_keys = torch.arange(bucket.new_bucket, device=device)
-        batch = DecodeBatch(
+        return DecodeBatch(
             pool=self.pool,
             slots=bucket.slots,
             group=bucket.group,
@@ -153,8 +188,14 @@ class DecodeStep:
             steps=steps,
             prompt_bias=_bias(prompt_keys[None] < self.prompt_lens[: bucket.slots, None], self.pool.dtype),
             decode_bias=_bias(new_keys[None] <= steps[:, None], self.pool.dtype),
-            row_index=torch.arange(rows, device=device),
+            row_index=torch.arange(bucket.rows, device=device),
         )
+
+    @torch.no_grad()
+    def _forward(self, bucket: Bucket) -> None:
+        rows = bucket.rows
+        lm = language_model(self.model)
+        batch = self._decode_batch(bucket)
         hidden = lm.embed_tokens(self.tokens[:rows, None])
         positions = self.positions[:rows, None]
         rope = positions[None].expand(3, rows, 1) if uses_mrope(lm) else positions
@@ -183,6 +224,16 @@ def _layer_forward(
         past_key_values=batch,
         position_embeddings=embeddings,
     )
+
+
+def _visual_index(segments: Sequence[Segment], rows: int, device: torch.device) -> torch.Tensor | None:
+    """Where the segments' visual tokens sit in a mixed step's sequence (after the ``rows`` decode tokens)."""
+    index, offset = [], rows
+    for segment in segments:
+        if segment.visual is not None:
+            index.append(segment.visual + offset)
+        offset += segment.n
+    return torch.cat(index).to(device) if index else None
 
 
 MASKED = -1e30  # finite: a row with every key masked (a free slot) stays finite, so no NaN reaches the pool

@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from bbuqc_lightning.generation.chunked_prefill import Prepared, prepare
 from bbuqc_lightning.generation.decode_step import DecodeStep
 from bbuqc_lightning.generation.kv_pool import KVPool, PoolLayout, plan_pool
 from bbuqc_lightning.generation.pool_attention import use_engine_attention
@@ -164,6 +165,7 @@ class GenerationEngine:
         cuda_graphs: bool = True,
         length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
         max_prefill_tokens: int = 16384,
+        prefill_chunk_tokens: int | None = None,
         prefix_sharing: bool = True,
         compile_layers: bool = False,
         compile_backend: str = "inductor",
@@ -188,6 +190,11 @@ class GenerationEngine:
         self.compile_backend = compile_backend
         self.length_buckets = tuple(length_buckets)
         self.max_prefill_tokens = max_prefill_tokens
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise ValueError(
+                f"generation.prefill_chunk_tokens must be >= 1 or null, got {prefill_chunk_tokens}"
+            )
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefix_sharing = prefix_sharing
         self.encoder = PromptEncoder(processor, enable_thinking)
         self.encode_seconds = 0.0  # rendering and tokenising inside generate (not pre-encoded prompts)
@@ -350,7 +357,12 @@ class GenerationEngine:
                     self.model, pool, self.cuda_graphs, self.compile_layers, self.compile_backend
                 )
                 self._batcher = ContinuousBatcher(
-                    self.decode_step, self._prefill, self.length_buckets, self.max_prefill_tokens
+                    self.decode_step,
+                    self._prefill,
+                    self.length_buckets,
+                    self.max_prefill_tokens,
+                    self._prepare,
+                    self.prefill_chunk_tokens,
                 )
         return self._batcher
 
@@ -377,6 +389,11 @@ class GenerationEngine:
         if deltas is not None:
             valid = valid + deltas.view(-1).to(valid.device).long()
         return out.logits[:, -1].float(), valid, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _prepare(self, requests: list[Request]) -> list[Prepared]:
+        """Chunked prefill: each prompt's embeddings, positions and DeepStack features (vision tower included)."""
+        batch = collate([r.inputs for r in requests], self._pad_id())
+        return prepare(self.model, {k: v.to(self.device) for k, v in batch.items()})
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id

@@ -18,7 +18,9 @@ the pool is all the kernel needs; the CPU takes the same code path, so CI checks
 
 The function is registered with transformers' ``AttentionInterface`` as ``bbuqc_engine``: when the layer's
 ``attention_mask`` is a :class:`DecodeBatch` (only the engine's decode step passes one) it runs the pool
-attention; any other call is transformers' ``sdpa`` unchanged (training forwards, prefill, the vision tower).
+attention, and a :class:`MixedBatch` (a step carrying prompt chunks, :mod:`~bbuqc_lightning.generation.chunked_prefill`)
+adds each chunk's causal attention over its slot; any other call is transformers' ``sdpa`` unchanged (training
+forwards, prefill, the vision tower).
 """
 
 from __future__ import annotations
@@ -68,6 +70,67 @@ class DecodeBatch:
         self.pool.decode_keys[layer_idx][rows, :, self.steps] = keys[:, :, 0].to(dtype)
         self.pool.decode_values[layer_idx][rows, :, self.steps] = values[:, :, 0].to(dtype)
         return keys, values
+
+
+@dataclass
+class MixedBatch:
+    """A step that carries prompt tokens (chunked prefill) beside the decode rows, as one sequence of
+    ``rows + sum(n)`` tokens: first the decode rows' tokens (``decode``, None when no row runs), then each
+    segment's ``n`` prompt tokens, which go to positions ``start..start+n-1`` of their prompt slot and attend
+    causally to that slot (the earlier chunks are already there). Also the step's stand-in cache."""
+
+    pool: KVPool
+    decode: DecodeBatch | None
+    segments: list[tuple[int, int, int]]  # (slot, start, n)
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.decode is None else self.decode.rows
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys (1, kv_heads, T, D)``: the decode rows' into their decode positions, the segments' into
+        their slots."""
+        rows, dtype = self.rows, self.pool.dtype
+        if self.decode is not None:
+            self.decode.update(
+                keys[0, :, :rows].transpose(0, 1)[:, :, None],
+                values[0, :, :rows].transpose(0, 1)[:, :, None],
+                layer_idx,
+            )
+        offset = rows
+        for slot, start, n in self.segments:
+            part = slice(offset, offset + n)
+            self.pool.prompt_keys[layer_idx, slot, :, start : start + n] = keys[0, :, part].to(dtype)
+            self.pool.prompt_values[layer_idx, slot, :, start : start + n] = values[0, :, part].to(dtype)
+            offset += n
+        return keys, values
+
+
+def mixed_attention(layer_idx: int, query: torch.Tensor, batch: MixedBatch, scaling: float) -> torch.Tensor:
+    """``query (1, heads, T, D)`` -> ``(1, T, heads, D)``: the decode rows through :func:`pool_attention`, each
+    segment through one causal SDPA over its slot's first ``start + n`` keys (read once for the segment)."""
+    rows, heads, dim = batch.rows, query.shape[1], query.shape[-1]
+    parts = []
+    if batch.decode is not None:
+        decode_q = query[0, :, :rows].transpose(0, 1).contiguous()[:, :, None]  # (rows, heads, 1, D)
+        parts.append(pool_attention(layer_idx, decode_q, batch.decode, scaling).reshape(1, rows, heads, dim))
+    pool, offset = batch.pool, rows
+    for slot, start, n in batch.segments:
+        q = query[:, :, offset : offset + n].to(pool.dtype)
+        k = pool.prompt_keys[layer_idx, slot : slot + 1, :, : start + n]
+        v = pool.prompt_values[layer_idx, slot : slot + 1, :, : start + n]
+        causal = (
+            torch.arange(start + n, device=q.device)[None]
+            <= torch.arange(start, start + n, device=q.device)[:, None]
+        )
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal, scale=scaling, enable_gqa=True
+        )
+        parts.append(out.transpose(1, 2).to(query.dtype))
+        offset += n
+    return torch.cat(parts, dim=1)
 
 
 def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scaling: float) -> torch.Tensor:
@@ -178,15 +241,16 @@ def engine_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | DecodeBatch | None,
+    attention_mask: torch.Tensor | DecodeBatch | MixedBatch | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Pool attention for the engine's decode step; transformers' ``sdpa`` for everything else."""
-    if isinstance(attention_mask, DecodeBatch):
+    if isinstance(attention_mask, DecodeBatch | MixedBatch):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return pool_attention(module.layer_idx, query, attention_mask, scale), None
+        attend = pool_attention if isinstance(attention_mask, DecodeBatch) else mixed_attention
+        return attend(module.layer_idx, query, attention_mask, scale), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )

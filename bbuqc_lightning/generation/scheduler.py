@@ -9,6 +9,11 @@ quarter of the slots are free, or when every waiting prompt fits. A slot is free
 wait for the longest one, and a batch larger than the pool is queued, not refused. The G rows of a prompt
 come from the same weights: a call never spans an optimiser step, so GRPO's semantics hold.
 
+With ``chunk_tokens`` (``generation.prefill_chunk_tokens``) prompts are not prefilled whole: a free slot takes a
+waiting prompt at once, the prompt is prepared (vision tower, embeddings; about two steps' worth of prompt tokens
+kept ready), and each step carries up to ``chunk_tokens`` of the admitted prompts' tokens beside the running rows
+(:mod:`~bbuqc_lightning.generation.chunked_prefill`); a prompt's rows start the step after its last token ran.
+
 A call may also hand the *next* call's prompts ``ahead`` (Stage-A does, one predict batch ahead): they wait behind
 the call's own prompts and fill the slots its last prompts leave, so a call no longer ends in a wave of rows
 waiting for the longest one. The call returns as soon as its own prompts are done; what it started is kept
@@ -28,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from bbuqc_lightning.generation.chunked_prefill import Prepared
 from bbuqc_lightning.generation.decode_step import Bucket, DecodeStep
 from bbuqc_lightning.generation.sampling import Sampler
 
@@ -35,6 +41,8 @@ from bbuqc_lightning.generation.sampling import Sampler
 Prefill = Callable[
     [list["Request"]], tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]
 ]
+# Prepare(requests) -> what chunked prefill needs of each prompt (:func:`~.chunked_prefill.prepare`)
+Prepare = Callable[[list["Request"]], list[Prepared]]
 
 
 @dataclass
@@ -66,6 +74,10 @@ class SchedulerStats:
     decode_steps: int = 0
     decode_rows: int = 0
     running_rows: int = 0
+    mixed_steps: int = (
+        0  # steps that carried prompt chunks (chunked prefill), among the decode steps or alone
+    )
+    mixed_seconds: float = 0.0
 
     @property
     def occupancy(self) -> float:
@@ -80,6 +92,7 @@ class _Slot:
     request: Request
     rows_done: int = 0
     tokens: list[list[int]] = field(default_factory=list)
+    prepared: Prepared | None = None  # chunked prefill: the prompt is still entering the pool
 
 
 @dataclass
@@ -126,10 +139,22 @@ class ContinuousBatcher:
     """The scheduling loop over a :class:`DecodeStep` and its pool."""
 
     def __init__(
-        self, step: DecodeStep, prefill: Prefill, length_buckets: Sequence[int], max_prefill_tokens: int
+        self,
+        step: DecodeStep,
+        prefill: Prefill,
+        length_buckets: Sequence[int],
+        max_prefill_tokens: int,
+        prepare: Prepare | None = None,
+        chunk_tokens: int | None = None,
     ) -> None:
+        if chunk_tokens is not None and (prepare is None or chunk_tokens < 1):
+            raise ValueError(
+                f"chunked prefill needs a prepare function and chunk_tokens >= 1, got {chunk_tokens}"
+            )
         self.step = step
         self.prefill = prefill
+        self.prepare = prepare
+        self.chunk_tokens = chunk_tokens
         self.layout = step.pool.layout
         self.length_buckets = sorted(b for b in length_buckets if b < self.layout.max_prompt_len)
         self.length_buckets.append(self.layout.max_prompt_len)
@@ -181,23 +206,28 @@ class ContinuousBatcher:
         needed = set(wanted)
         while not needed <= session.results.keys():
             free = [i for i, s in enumerate(slots) if s is None]
+            if self.chunk_tokens is not None:  # prompts enter a chunk at a time, inside the decode steps
+                if waiting and free:
+                    self._admit_chunked(waiting, free, slots)
+                if any(s is not None and s.prepared is not None for s in slots):
+                    start = time.perf_counter()
+                    bucket = self._bucket(slots, group, slot_buckets, new_bucket, finished, capacity)
+                    ended = self._mixed(bucket, slots, group, session.sample, eos, max_new_tokens, finished)
+                    self.stats.mixed_steps += 1
+                    self.stats.mixed_seconds += time.perf_counter() - start
+                    if ended:
+                        self._collect(slots, group, finished, session.results)
+                    continue
             # Prefill in chunks worth stalling the running rows for (a quarter of the slots), or the last
             # waiting prompts at once: the tail of a call must not wait for a whole generation to free slots.
-            if waiting and free and len(free) >= min(len(waiting), max(1, capacity // 4)):
+            elif waiting and free and len(free) >= min(len(waiting), max(1, capacity // 4)):
                 start = time.perf_counter()
                 self._admit(waiting, free, slots, group, session.sample, eos, max_new_tokens, finished)
                 self.stats.prefill_seconds += time.perf_counter() - start
             if not bool((~finished[: capacity * group]).any()):  # e.g. every first token was an end
                 self._collect(slots, group, finished, session.results)
                 continue
-            top = max(i for i, s in enumerate(slots) if s is not None) + 1
-            longest = max(s.request.length for s in slots if s is not None)
-            bucket = Bucket(
-                slots=next_bucket(top, slot_buckets),
-                group=group,
-                prompt_bucket=next_bucket(longest, self.length_buckets),
-                new_bucket=new_bucket,
-            )
+            bucket = self._bucket(slots, group, slot_buckets, new_bucket)
             start = time.perf_counter()
             self.stats.decode_steps += 1
             self.stats.decode_rows += bucket.rows
@@ -247,6 +277,97 @@ class ContinuousBatcher:
                     request.index,
                 )
 
+    def _bucket(
+        self,
+        slots: list[_Slot | None],
+        group: int,
+        slot_buckets: Sequence[int],
+        new_bucket: int,
+        finished: torch.Tensor | None = None,
+        capacity: int = 0,
+    ) -> Bucket | None:
+        """The decode step's shape for the occupied slots (None when ``finished`` says no row runs)."""
+        if finished is not None and not bool((~finished[: capacity * group]).any()):
+            return None
+        top = max(i for i, s in enumerate(slots) if s is not None) + 1
+        longest = max(s.request.length for s in slots if s is not None)
+        return Bucket(
+            slots=next_bucket(top, slot_buckets),
+            group=group,
+            prompt_bucket=next_bucket(longest, self.length_buckets),
+            new_bucket=new_bucket,
+        )
+
+    def _admit_chunked(self, waiting: deque[Request], free: list[int], slots: list[_Slot | None]) -> None:
+        """Give waiting prompts free slots and prepare them (vision tower, embeddings, positions), keeping about
+        two steps' worth of prompt tokens ready: a step never waits for a whole queue of photos to be encoded."""
+        assert self.prepare is not None and self.chunk_tokens is not None
+        pending = sum(s.prepared.remaining for s in slots if s is not None and s.prepared is not None)
+        chunk: list[Request] = []
+        while waiting and len(chunk) < len(free) and pending < 2 * self.chunk_tokens:
+            chunk.append(waiting.popleft())
+            pending += chunk[-1].length
+        if not chunk:
+            return
+        start = time.perf_counter()
+        prepared = self.prepare(chunk)
+        self.stats.prefill_seconds += time.perf_counter() - start
+        self.stats.prefills += 1
+        self.stats.prompts += len(chunk)
+        self.stats.prompt_tokens += sum(r.length for r in chunk)
+        for slot, request, ready in zip(free, chunk, prepared, strict=False):
+            slots[slot] = _Slot(request, prepared=ready)
+
+    def _mixed(
+        self,
+        bucket: Bucket | None,
+        slots: list[_Slot | None],
+        group: int,
+        sample: Sampler,
+        eos: torch.Tensor,
+        max_new_tokens: int,
+        finished: torch.Tensor,
+    ) -> bool:
+        """One step of the running rows (if any) with up to ``chunk_tokens`` prompt tokens; prompts whose last
+        token ran start their rows. True when a row ended."""
+        assert self.chunk_tokens is not None
+        segments, budget = [], self.chunk_tokens
+        for index, slot in enumerate(slots):
+            if budget and slot is not None and slot.prepared is not None:
+                segments.append(slot.prepared.segment(index, budget))
+                budget -= segments[-1].n
+        logits, firsts = self.step.run_mixed(bucket, segments)
+        ended = False
+        if bucket is not None and logits is not None:
+            self.stats.decode_steps += 1
+            self.stats.decode_rows += bucket.rows
+            self.stats.running_rows += int((~finished[: bucket.rows]).sum())
+            ended = self._advance(bucket, logits, sample, eos, max_new_tokens, finished)
+        done = [s.slot for s in segments if s.last]
+        if done:
+            requests = []
+            offsets = []
+            for index in done:
+                slot = slots[index]
+                assert slot is not None and slot.prepared is not None
+                requests.append(slot.request)
+                offsets.append(slot.prepared.first_position)
+                slot.prepared = None
+            device = self.out.device
+            self._start(
+                requests,
+                done,
+                torch.stack(firsts),
+                torch.tensor(offsets, device=device),
+                group,
+                sample,
+                eos,
+                max_new_tokens,
+                finished,
+            )
+            ended = ended or bool(finished[[i * group + g for i in done for g in range(group)]].any())
+        return ended
+
     def _admit(
         self,
         waiting: deque[Request],
@@ -270,6 +391,23 @@ class ContinuousBatcher:
         chosen = free[: len(chunk)]
         self.step.pool.store_prompts(layer_kv, [r.length for r in chunk], chosen)
         del layer_kv
+        self._start(chunk, chosen, logits, offsets, group, sample, eos, max_new_tokens, finished)
+        for slot, request in zip(chosen, chunk, strict=True):
+            slots[slot] = _Slot(request)
+
+    def _start(
+        self,
+        chunk: list[Request],
+        chosen: list[int],
+        logits: torch.Tensor,
+        offsets: torch.Tensor,
+        group: int,
+        sample: Sampler,
+        eos: torch.Tensor,
+        max_new_tokens: int,
+        finished: torch.Tensor,
+    ) -> None:
+        """The first token of each prompt's G rows from its last prompt token's ``logits``; rows start."""
         device = self.out.device
         slot_index = torch.tensor(chosen, device=device)
         rows = (slot_index[:, None] * group + torch.arange(group, device=device)).reshape(-1)
@@ -283,15 +421,24 @@ class ContinuousBatcher:
         self.out[rows, 0] = first
         done = torch.isin(first, eos) | (max_new_tokens <= 1)
         finished[rows.cpu()] = done.cpu()
-        for slot, request in zip(chosen, chunk, strict=True):
-            slots[slot] = _Slot(request)
 
     def _decode(
         self, bucket: Bucket, sample: Sampler, eos: torch.Tensor, max_new_tokens: int, finished: torch.Tensor
     ) -> bool:
         """One token for every running row; True when a row ended."""
+        return self._advance(bucket, self.step.run(bucket), sample, eos, max_new_tokens, finished)
+
+    def _advance(
+        self,
+        bucket: Bucket,
+        logits: torch.Tensor,
+        sample: Sampler,
+        eos: torch.Tensor,
+        max_new_tokens: int,
+        finished: torch.Tensor,
+    ) -> bool:
+        """Sample the running rows' next tokens from ``logits``; True when a row ended."""
         rows = bucket.rows
-        logits = self.step.run(bucket)
         steps = self.step.steps[:rows]
         nxt = sample(logits, steps + 1)
         running = (~finished[:rows]).to(nxt.device)
@@ -317,7 +464,11 @@ class ContinuousBatcher:
     ) -> None:
         """Hand back every slot whose rows have all ended, and free it."""
         for i, slot in enumerate(slots):
-            if slot is None or not bool(finished[i * group : (i + 1) * group].all()):
+            if (
+                slot is None
+                or slot.prepared is not None
+                or not bool(finished[i * group : (i + 1) * group].all())
+            ):
                 continue
             rows = slice(i * group, (i + 1) * group)
             counts = (self.step.steps[rows] + 1).tolist()

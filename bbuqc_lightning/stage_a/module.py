@@ -144,6 +144,14 @@ class StageAModule(L.LightningModule):
                 stats["capture_seconds"],
                 stats["encode_seconds"],
             )
+            if stats.get("mixed_steps"):
+                log.info(
+                    "Stage-A chunked prefill (this rank): %d steps carried prompt tokens (%.1f s), %.1f s preparing "
+                    "prompts (vision tower, embeddings)",
+                    stats["mixed_steps"],
+                    stats["mixed_seconds"],
+                    stats["prefill_seconds"],
+                )
         log.info(
             "Stage-A predict loop (this rank), outside generation: %.1f s waiting for the first batch, %.1f s "
             "between batches (loader, writer), %.1f s after the last",
