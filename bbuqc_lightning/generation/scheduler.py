@@ -74,10 +74,8 @@ class SchedulerStats:
     decode_steps: int = 0
     decode_rows: int = 0
     running_rows: int = 0
-    mixed_steps: int = (
-        0  # steps that carried prompt chunks (chunked prefill), among the decode steps or alone
-    )
-    mixed_seconds: float = 0.0
+    mixed_steps: int = 0  # chunked prefill: steps that carried prompt tokens (with rows: also decode steps)
+    mixed_seconds: float = 0.0  # their time (not in decode_seconds; preparing prompts is prefill_seconds)
 
     @property
     def occupancy(self) -> float:
