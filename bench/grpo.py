@@ -11,6 +11,7 @@ Run each implementation in its own process so each peak-memory figure is its own
     python bench/grpo.py --impl ours --mixed --steps 8 --out grpo_mixed_ours.json
     python bench/grpo.py --impl trl --mixed --steps 8 --out grpo_mixed_trl.json
     python bench/grpo.py --impl ours --mixed --steps 8 --compile-layers --out grpo_mixed_ours_compiled.json
+    python bench/grpo.py --impl ours --mixed --steps 8 --prefill-chunk-tokens 2048 --out grpo_mixed_chunked.json
     python bench/grpo.py --impl ours --preset tiny --device cpu --prompt-tokens 200 --steps 2   # CPU smoke
 
 ``--compile-layers`` (ours only): the decode step's layers compiled regionally (``generation.compile_layers``);
@@ -126,6 +127,7 @@ def run_ours(
             GenerationEngine,
             cuda_graphs=not args.no_graphs,
             compile_layers=args.compile_layers,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
             max_rows=args.prompts * 8,
             prompt_slots=args.prompts,
             max_prompt_len=4096 if args.mixed else 2048,
@@ -178,9 +180,11 @@ def run_ours(
         extra["captures"] = module.engine.decode_step.captures
         extra["capture_seconds"] = module.engine.decode_step.capture_seconds
         extra["compile_layers"] = args.compile_layers
+        extra["prefill_chunk_tokens"] = args.prefill_chunk_tokens
         extra["compiles"] = module.engine.decode_step.compiles
         extra["compile_seconds"] = module.engine.decode_step.compile_seconds
         extra["pool"] = module.engine.layout.describe()
+        extra["engine_stats"] = module.engine.stats  # prefill / decode / chunked-prefill seconds and counts
     return times
 
 
@@ -320,6 +324,12 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument(
         "--compile-layers", action="store_true", help="ours: compile the decode step's layers regionally"
+    )
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=None,
+        help="ours: chunked prefill, N prompt tokens a step beside the decode rows (generation.prefill_chunk_tokens)",
     )
     parser.add_argument(
         "--profile-step", type=int, default=0, help="ours: run this step (1-based) under torch.profiler"
