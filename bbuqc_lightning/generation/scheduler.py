@@ -77,6 +77,12 @@ class SchedulerStats:
     mixed_steps: int = 0  # chunked prefill: steps that carried prompt tokens (with rows: also decode steps)
     mixed_seconds: float = 0.0  # their time (not in decode_seconds; preparing prompts is prefill_seconds)
 
+    def count_step(self, rows: int, finished: torch.Tensor) -> None:
+        """A decode step over ``rows`` rows, those not ``finished`` running."""
+        self.decode_steps += 1
+        self.decode_rows += rows
+        self.running_rows += int((~finished[:rows]).sum())
+
     @property
     def occupancy(self) -> float:
         return self.running_rows / self.decode_rows if self.decode_rows else 0.0
@@ -227,9 +233,7 @@ class ContinuousBatcher:
                 continue
             bucket = self._bucket(slots, group, slot_buckets, new_bucket)
             start = time.perf_counter()
-            self.stats.decode_steps += 1
-            self.stats.decode_rows += bucket.rows
-            self.stats.running_rows += int((~finished[: bucket.rows]).sum())
+            self.stats.count_step(bucket.rows, finished)
             ended = self._decode(bucket, session.sample, eos, max_new_tokens, finished)
             self.stats.decode_seconds += time.perf_counter() - start
             if ended:
@@ -337,9 +341,7 @@ class ContinuousBatcher:
         logits, firsts = self.step.run_mixed(bucket, segments)
         ended = False
         if bucket is not None and logits is not None:
-            self.stats.decode_steps += 1
-            self.stats.decode_rows += bucket.rows
-            self.stats.running_rows += int((~finished[: bucket.rows]).sum())
+            self.stats.count_step(bucket.rows, finished)
             ended = self._advance(bucket, logits, sample, eos, max_new_tokens, finished)
         done = [s.slot for s in segments if s.last]
         if done:
