@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from bbuqc_lightning.generation.engine import Ahead, GenerationEngine, PromptEncoder, SamplingParams
@@ -73,6 +74,17 @@ def test_chunks_write_the_keys_and_values_of_a_whole_prefill(varied: ModelBundle
             assert whole.abs().max() > 0 and (whole - chunked).abs().max() < 1e-4, (slot, name)
 
 
+def test_text_prompts_beside_photo_prompts(varied: ModelBundle) -> None:
+    """One call with photo prompts and text prompts (no pixels): whole prefills and chunks of both sizes."""
+    photo = [Image.new("RGB", (200, 120), (200, 10, 10))]
+    convs, images = [IMAGES[0], TEXT[1], IMAGES[1], TEXT[0]], [photo, [], photo, []]
+    params = SamplingParams(max_new_tokens=6)
+    want = [hf_tokens(varied, [conv], params, [imgs])[0] for conv, imgs in zip(convs, images, strict=True)]
+    for chunk in (None, 7, 1000):
+        engine = pool_engine(varied, prompt_slots=4, max_rows=4, prefill_chunk_tokens=chunk)
+        assert tokens(engine, convs, params, images) == want, chunk
+
+
 def test_samples_of_a_prompt_start_together(varied: ModelBundle) -> None:
     shared = SamplingParams(max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3)
     greedy = hf_tokens(varied, TEXT, SamplingParams(max_new_tokens=8))
@@ -106,3 +118,24 @@ def test_prompts_handed_ahead(varied: ModelBundle) -> None:
 def test_a_chunk_size_below_one_is_a_configuration_error(varied: ModelBundle) -> None:
     with pytest.raises(ValueError, match="prefill_chunk_tokens must be >= 1"):
         pool_engine(varied, prefill_chunk_tokens=0)
+
+
+@pytest.mark.gpu
+def test_chunks_on_cuda_in_bf16_with_graphs(tiny_architecture: dict[str, Any]) -> None:
+    """On the GPU: bf16 weights, decode-only steps in CUDA graphs beside eager chunk steps, the segments'
+    memory-efficient attention kernel. Pool keys within bf16 rounding of a whole prefill's; the fp32 model's
+    greedy tokens equal."""
+    varied = varied_bundle(tiny_architecture)  # its own copy: the bf16 cast below rounds the weights
+    model = varied.model.cuda()
+    images = [[Image.new("RGB", (200, 120), (200, 10, 10))], [Image.new("RGB", (90, 160), (10, 200, 10))]]
+    params = SamplingParams(max_new_tokens=10)
+    want = tokens(pool_engine(varied), IMAGES, params, images)
+    assert tokens(pool_engine(varied, prefill_chunk_tokens=7), IMAGES, params, images) == want
+    model.to(torch.bfloat16)
+    pools = []
+    for chunk in (None, 7):
+        engine = pool_engine(varied, prompt_slots=2, max_rows=2, prefill_chunk_tokens=chunk)
+        tokens(engine, IMAGES, SamplingParams(max_new_tokens=1), images)
+        pools.append(engine.decode_step.pool)
+    whole, chunked = (p.prompt_keys[:, :2].float() for p in pools)
+    assert (whole - chunked).abs().max() <= 0.05 * whole.abs().max()

@@ -38,6 +38,7 @@ class Prepared:
 
     embeds: torch.Tensor
     positions: torch.Tensor
+    first_position: int  # the first generated token's: one past the prompt's largest (images share positions)
     visual: torch.Tensor | None = None
     deepstack: list[torch.Tensor] = field(default_factory=list)
     done: int = 0
@@ -49,11 +50,6 @@ class Prepared:
     @property
     def remaining(self) -> int:
         return self.length - self.done
-
-    @property
-    def first_position(self) -> int:
-        """The first generated token's position: one past the prompt's largest (images share positions)."""
-        return int(self.positions.max()) + 1
 
     def segment(self, slot: int, n: int) -> Segment:
         """The next ``n`` tokens (at most what remains), marked as run."""
@@ -136,17 +132,22 @@ def _split(decoder: nn.Module, captured: dict[str, Any], attention_mask: torch.T
     counts = [0] * len(lengths)
     if mask is not None and deepstack:
         counts = mask.sum(dim=1).tolist()
-    out, first = [], 0
+    ropes, visuals, first = [], [], 0
     for row, length in enumerate(lengths):
         real = slice(width - length, width)
         if positions is None:  # text prompts: plain positions (the same three for M-RoPE)
-            rope = torch.arange(length, device=embeds.device)[None].expand(3, -1)
+            ropes.append(torch.arange(length, device=embeds.device)[None].expand(3, -1))
         else:
-            rope = positions[:, row, real]
+            ropes.append(positions[:, row, real])
         visual, features = None, []
         if counts[row]:
             visual = mask[row, real].nonzero().reshape(-1).cpu()
             features = [f[first : first + counts[row]] for f in deepstack]
             first += counts[row]
-        out.append(Prepared(embeds[row, real], rope, visual, features))
-    return out
+        visuals.append((visual, features))
+    # one past each prompt's largest position (a photo's tokens share positions): one host sync for the batch
+    firsts = (torch.stack([r.amax() for r in ropes]) + 1).tolist()
+    return [
+        Prepared(embeds[row, width - length :], ropes[row], int(firsts[row]), *visuals[row])
+        for row, length in enumerate(lengths)
+    ]

@@ -469,8 +469,11 @@ def collate(inputs: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str,
     """Batch single-prompt processor outputs: sequences left padded, vision tensors concatenated in order."""
     width = max(int(x["input_ids"].shape[1]) for x in inputs)
     out: dict[str, torch.Tensor] = {}
-    for key in inputs[0]:
-        parts = [x[key] for x in inputs]
+    keys = dict.fromkeys(key for x in inputs for key in x)  # text prompts beside photo prompts have no pixels
+    for key in keys:
+        parts = [x[key] for x in inputs if key in x]
+        if key in SEQUENCE_KEYS and len(parts) < len(inputs):
+            raise ValueError(f"generate: {key} is missing from some encoded prompts")
         if key in SEQUENCE_KEYS:
             fill = pad_id if key == "input_ids" else 0
             padded = torch.full((len(parts), width), fill, dtype=parts[0].dtype)

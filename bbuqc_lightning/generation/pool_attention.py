@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -110,25 +111,33 @@ class MixedBatch:
 
 def mixed_attention(layer_idx: int, query: torch.Tensor, batch: MixedBatch, scaling: float) -> torch.Tensor:
     """``query (1, heads, T, D)`` -> ``(1, T, heads, D)``: the decode rows through :func:`pool_attention`, each
-    segment through one causal SDPA over its slot's first ``start + n`` keys (read once for the segment)."""
+    segment through one causal attention over its slot's first ``start + n`` keys, read once per KV head for all
+    the query heads that share it (stacked, as the decode step stacks a prompt's samples)."""
     rows, heads, dim = batch.rows, query.shape[1], query.shape[-1]
     parts = []
     if batch.decode is not None:
         decode_q = query[0, :, :rows].transpose(0, 1).contiguous()[:, :, None]  # (rows, heads, 1, D)
         parts.append(pool_attention(layer_idx, decode_q, batch.decode, scaling).reshape(1, rows, heads, dim))
     pool, offset = batch.pool, rows
+    kv_heads = pool.layout.kv_heads
+    per_kv = heads // kv_heads
     for slot, start, n in batch.segments:
-        q = query[:, :, offset : offset + n].to(pool.dtype)
-        k = pool.prompt_keys[layer_idx, slot : slot + 1, :, : start + n]
-        v = pool.prompt_values[layer_idx, slot : slot + 1, :, : start + n]
-        causal = (
-            torch.arange(start + n, device=q.device)[None]
-            <= torch.arange(start, start + n, device=q.device)[:, None]
+        keys = start + n
+        # (1, heads, n, D) -> (1, kv_heads, per_kv * n, D): equal head counts for the memory-efficient kernel
+        q = query[0, :, offset : offset + n].to(pool.dtype).reshape(1, kv_heads, per_kv * n, dim)
+        k = pool.prompt_keys[layer_idx, slot : slot + 1, :, :keys]
+        v = pool.prompt_values[layer_idx, slot : slot + 1, :, :keys]
+        allowed = (
+            torch.arange(keys, device=q.device)[None] <= torch.arange(start, keys, device=q.device)[:, None]
         )
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal, scale=scaling, enable_gqa=True
-        )
-        parts.append(out.transpose(1, 2).to(query.dtype))
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        # an explicit kernel: cuDNN (when preferred, model.cudnn_attention) would plan again for every new
+        # (n, start + n), and flash takes no mask; key 0 is always allowed, so no row is all -inf
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.repeat(per_kv, 1)[None, None], scale=scaling
+            )
+        parts.append(out.reshape(heads, n, dim).transpose(0, 1)[None].to(query.dtype))
         offset += n
     return torch.cat(parts, dim=1)
 

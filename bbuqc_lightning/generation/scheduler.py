@@ -74,8 +74,10 @@ class SchedulerStats:
     decode_steps: int = 0
     decode_rows: int = 0
     running_rows: int = 0
-    mixed_steps: int = 0  # chunked prefill: steps that carried prompt tokens (with rows: also decode steps)
-    mixed_seconds: float = 0.0  # their time (not in decode_seconds; preparing prompts is prefill_seconds)
+    # chunked prefill: steps that carried prompt tokens and their time, also counted as decode steps and decode
+    # time when rows ran beside them, as prefill time when not (preparing prompts is prefill time too)
+    mixed_steps: int = 0
+    mixed_seconds: float = 0.0
 
     def count_step(self, rows: int, finished: torch.Tensor) -> None:
         """A decode step over ``rows`` rows, those not ``finished`` running."""
@@ -217,8 +219,13 @@ class ContinuousBatcher:
                     start = time.perf_counter()
                     bucket = self._bucket(slots, group, slot_buckets, new_bucket, finished, capacity)
                     ended = self._mixed(bucket, slots, group, session.sample, eos, max_new_tokens, finished)
+                    seconds = time.perf_counter() - start
                     self.stats.mixed_steps += 1
-                    self.stats.mixed_seconds += time.perf_counter() - start
+                    self.stats.mixed_seconds += seconds
+                    if bucket is None:  # prompt tokens alone: prefill time
+                        self.stats.prefill_seconds += seconds
+                    else:
+                        self.stats.decode_seconds += seconds
                     if ended:
                         self._collect(slots, group, finished, session.results)
                     continue

@@ -146,11 +146,10 @@ class StageAModule(L.LightningModule):
             )
             if stats.get("mixed_steps"):
                 log.info(
-                    "Stage-A chunked prefill (this rank): %d steps carried prompt tokens (%.1f s), %.1f s preparing "
-                    "prompts (vision tower, embeddings)",
+                    "Stage-A chunked prefill (this rank): %d steps carried prompt tokens (%.1f s of the prefill and "
+                    "decode above)",
                     stats["mixed_steps"],
                     stats["mixed_seconds"],
-                    stats["prefill_seconds"],
                 )
         log.info(
             "Stage-A predict loop (this rank), outside generation: %.1f s waiting for the first batch, %.1f s "
