@@ -19,7 +19,10 @@ size (:mod:`~bbuqc_lightning.generation.scheduler`, :mod:`~bbuqc_lightning.gener
    once for all layers and buckets (:mod:`~bbuqc_lightning.generation.compiled_layers`);
 3. **continuous batching**: a prompt whose samples have all ended frees its slot for a waiting prompt;
 4. **shared prompts**: the G samples of a prompt read one copy of its keys/values, once per step
-   (:mod:`~bbuqc_lightning.generation.pool_attention`).
+   (:mod:`~bbuqc_lightning.generation.pool_attention`);
+5. **chunked prefill** (``prefill_chunk_tokens``, off by default): prompts enter the pool a chunk at a time in
+   the same forward as the decode rows, instead of stopping them for whole-prompt prefills
+   (:mod:`~bbuqc_lightning.generation.chunked_prefill`).
 
 ``backend="hf"`` is HF ``generate`` (with each prompt prefilled once for its G samples), the reference the
 pool is tested against: both give the same greedy tokens.
