@@ -118,7 +118,16 @@ def sft_argv(
 
 
 def grpo_argv(
-    s: Mapping[str, Any], run_dir: Path, seed: int, tag: str, *, model: list[str], penalty: float, scale: str
+    s: Mapping[str, Any],
+    run_dir: Path,
+    seed: int,
+    tag: str,
+    *,
+    model: list[str],
+    penalty: float,
+    scale: str,
+    lr: float,
+    beta: float,
 ) -> list[str]:
     """Stage-B GRPO from a model folder: LoRA on every layer (as the learning proof), label 1.0 + format
     0.2 (+ the false-pass penalty), ``fail_rescue`` as configured."""
@@ -133,10 +142,10 @@ def grpo_argv(
         f"module.lora.r={r}",
         f"module.lora.alpha={2 * r}",
         "module.lora.dropout=0.0",
-        f"module.grpo.learning_rate={s['grpo_lr']}",
+        f"module.grpo.learning_rate={lr}",
         f"module.grpo.num_generations={s['grpo_generations']}",
         f"module.grpo.temperature={s['grpo_temperature']}",
-        f"module.grpo.beta={s['grpo_beta']}",
+        f"module.grpo.beta={beta}",
         f"module.grpo.max_new_tokens={s['max_new_tokens']}",
         f"module.grpo.reward_weights=[1.0,0.2,{penalty}]",
         f"module.grpo.scale_rewards={scale}",

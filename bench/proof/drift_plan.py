@@ -290,8 +290,12 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             prepare=lambda: cure_a_mix(s),
         ),
     ]
-    for stage, penalty, scale in (("cure_b", 0.0, "group"), ("cure_b_penalty", 1.0, "batch")):
-        grpo = cmd.grpo_argv(s, d[stage], seed, stage, model=drifted, penalty=penalty, scale=scale)
+    arms = (("cure_b", 0.0, "group", "grpo"), ("cure_b_penalty", 1.0, "batch", "penalty"))
+    for stage, penalty, scale, key in arms:
+        lr, beta = s[f"{key}_lr"], s[f"{key}_beta"]  # the penalty arm's own, so --rerun can change it alone
+        grpo = cmd.grpo_argv(
+            s, d[stage], seed, stage, model=drifted, penalty=penalty, scale=scale, lr=lr, beta=beta
+        )
         export = cmd.export_argv(stage_model(s, seed, "drift"), d[stage] / "adapter", d[stage] / "model")
         steps.append(
             PlannedStep(

@@ -49,6 +49,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "grpo_temperature": 1.0,
         "grpo_beta": 0.0,  # no KL anchor to the drifted reference the cure must leave (TRL's default); run 1-2: 0.04
         "grpo_max_minutes": 8.0,
+        # the penalty arm's own (run 3: the same, and seed 0 collapsed to all-fail; run 2's 1e-4 / 0.04 did not):
+        # --rerun s0/cure_b_penalty,s1/cure_b_penalty --set penalty_beta=0.04 tries it without touching cure_b
+        "penalty_lr": 3e-4,
+        "penalty_beta": 0.0,
         "fail_rescue": True,
         "max_new_tokens": 64,
         "summary_tokens": 128,
@@ -92,6 +96,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "grpo_temperature": 1.0,
         "grpo_beta": 0.04,
         "grpo_max_minutes": 0.0,
+        "penalty_lr": 5e-4,
+        "penalty_beta": 0.04,
         "fail_rescue": True,
         "max_new_tokens": 12,
         "summary_tokens": 12,
