@@ -125,6 +125,16 @@ def add_no_fused_rms_norm(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prefill_chunk_tokens(parser: argparse.ArgumentParser) -> None:
+    """``--prefill-chunk-tokens N``: our engine with chunked prefill (``generation.prefill_chunk_tokens``)."""
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=None,
+        help="ours: chunked prefill, N prompt tokens a step beside the decode rows (generation.prefill_chunk_tokens)",
+    )
+
+
 def write(path: str | None, payload: dict[str, Any]) -> None:
     text = json.dumps(payload, indent=2)
     print(text)

@@ -34,7 +34,15 @@ from typing import Any
 
 import torch
 import yaml
-from common import add_no_cudnn_attention, add_no_fused_rms_norm, device_info, random_bundle, sync, write
+from common import (
+    add_no_cudnn_attention,
+    add_no_fused_rms_norm,
+    add_prefill_chunk_tokens,
+    device_info,
+    random_bundle,
+    sync,
+    write,
+)
 
 from bbuqc_lightning.models.chat_template import QWEN3_VL_CHAT_TEMPLATE
 from bbuqc_lightning.models.lora import apply_last_k_lora
@@ -326,16 +334,11 @@ def main() -> None:
         "--compile-layers", action="store_true", help="ours: compile the decode step's layers regionally"
     )
     parser.add_argument(
-        "--prefill-chunk-tokens",
-        type=int,
-        default=None,
-        help="ours: chunked prefill, N prompt tokens a step beside the decode rows (generation.prefill_chunk_tokens)",
-    )
-    parser.add_argument(
         "--profile-step", type=int, default=0, help="ours: run this step (1-based) under torch.profiler"
     )
     add_no_cudnn_attention(parser)
     add_no_fused_rms_norm(parser)
+    add_prefill_chunk_tokens(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 

@@ -36,7 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from common import add_no_cudnn_attention, add_no_fused_rms_norm, device_info, random_bundle, sync, write
+from common import (
+    add_no_cudnn_attention,
+    add_no_fused_rms_norm,
+    add_prefill_chunk_tokens,
+    device_info,
+    random_bundle,
+    sync,
+    write,
+)
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -189,12 +197,6 @@ def main() -> None:
         help="ours: each call alone (data.lookahead=false); default: the next call's prompts handed ahead",
     )
     parser.add_argument(
-        "--prefill-chunk-tokens",
-        type=int,
-        default=None,
-        help="ours: chunked prefill, N prompt tokens a step beside the decode rows (generation.prefill_chunk_tokens)",
-    )
-    parser.add_argument(
         "--load-batch",
         type=int,
         default=32,
@@ -205,6 +207,7 @@ def main() -> None:
     )
     add_no_cudnn_attention(parser)
     add_no_fused_rms_norm(parser)
+    add_prefill_chunk_tokens(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
