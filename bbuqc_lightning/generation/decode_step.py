@@ -32,7 +32,7 @@ from torch import nn
 from bbuqc_lightning.generation.chunked_prefill import Segment
 from bbuqc_lightning.generation.compiled_layers import LayerRegions, compiled_graphs
 from bbuqc_lightning.generation.kv_pool import KVPool
-from bbuqc_lightning.generation.pool_attention import DecodeBatch, MixedBatch
+from bbuqc_lightning.generation.pool_attention import DecodeBatch, MixedBatch, segment_bias
 from bbuqc_lightning.models.decoder import language_model, output_embedding, uses_mrope
 
 log = logging.getLogger(__name__)
@@ -153,13 +153,16 @@ class DecodeStep:
             parts.append(lm.embed_tokens(self.tokens[:rows]))
             positions.append(self.positions[:rows][None].expand(3, -1))
         for segment in segments:
-            parts.append(segment.embeds.to(parts[0].dtype if parts else segment.embeds.dtype))
-            positions.append(segment.positions.to(self.tokens.device))
+            parts.append(segment.embeds.to(lm.embed_tokens.weight.dtype))
+            positions.append(segment.positions)
         hidden = torch.cat(parts)[None]  # (1, T, H): one sequence of the rows' tokens, then the chunks
         position_ids = torch.cat(positions, dim=1)[:, None]  # (3, 1, T)
         rope = position_ids if mrope else position_ids[0]
         embeddings = lm.rotary_emb(hidden, rope)
-        batch = MixedBatch(self.pool, decode, [(s.slot, s.start, s.n) for s in segments])
+        pool = self.pool
+        per_kv = lm.config.num_attention_heads // pool.layout.kv_heads
+        biases = [segment_bias(s.start, s.n, per_kv, pool.dtype, hidden.device) for s in segments]
+        batch = MixedBatch(pool, decode, [(s.slot, s.start, s.n) for s in segments], biases)
         visual = _visual_index(segments, rows, hidden.device)
         deep = [s for s in segments if s.visual is not None]
         depth = len(deep[0].deepstack) if deep else 0

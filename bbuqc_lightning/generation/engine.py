@@ -475,9 +475,9 @@ def collate(inputs: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str,
     keys = dict.fromkeys(key for x in inputs for key in x)  # text prompts beside photo prompts have no pixels
     for key in keys:
         parts = [x[key] for x in inputs if key in x]
-        if key in SEQUENCE_KEYS and len(parts) < len(inputs):
-            raise ValueError(f"generate: {key} is missing from some encoded prompts")
         if key in SEQUENCE_KEYS:
+            if len(parts) < len(inputs):
+                raise ValueError(f"generate: {key} is missing from some encoded prompts")
             fill = pad_id if key == "input_ids" else 0
             padded = torch.full((len(parts), width), fill, dtype=parts[0].dtype)
             for i, part in enumerate(parts):

@@ -83,6 +83,9 @@ class MixedBatch:
     pool: KVPool
     decode: DecodeBatch | None
     segments: list[tuple[int, int, int]]  # (slot, start, n)
+    # per segment, its causal mask (1, 1, per_kv * n, start + n) in the pool's dtype, made once a step
+    # (:func:`segment_bias`), not once a layer
+    biases: list[torch.Tensor]
 
     @property
     def rows(self) -> int:
@@ -121,25 +124,29 @@ def mixed_attention(layer_idx: int, query: torch.Tensor, batch: MixedBatch, scal
     pool, offset = batch.pool, rows
     kv_heads = pool.layout.kv_heads
     per_kv = heads // kv_heads
-    for slot, start, n in batch.segments:
+    for (slot, start, n), bias in zip(batch.segments, batch.biases, strict=True):
         keys = start + n
         # (1, heads, n, D) -> (1, kv_heads, per_kv * n, D): equal head counts for the memory-efficient kernel
         q = query[0, :, offset : offset + n].to(pool.dtype).reshape(1, kv_heads, per_kv * n, dim)
         k = pool.prompt_keys[layer_idx, slot : slot + 1, :, :keys]
         v = pool.prompt_values[layer_idx, slot : slot + 1, :, :keys]
-        allowed = (
-            torch.arange(keys, device=q.device)[None] <= torch.arange(start, keys, device=q.device)[:, None]
-        )
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
         # an explicit kernel: cuDNN (when preferred, model.cudnn_attention) would plan again for every new
-        # (n, start + n), and flash takes no mask; key 0 is always allowed, so no row is all -inf
+        # (n, start + n), and flash takes no mask
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias.repeat(per_kv, 1)[None, None], scale=scaling
-            )
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
         parts.append(out.reshape(heads, n, dim).transpose(0, 1)[None].to(query.dtype))
         offset += n
     return torch.cat(parts, dim=1)
+
+
+def segment_bias(start: int, n: int, per_kv: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The causal mask of a segment's ``n`` queries (each repeated for the ``per_kv`` query heads stacked on a KV
+    head) over its slot's first ``start + n`` keys: ``(1, 1, per_kv * n, start + n)``, 0 or -inf (key 0 is always
+    allowed, so no row is all -inf)."""
+    keys = start + n
+    allowed = torch.arange(keys, device=device)[None] <= torch.arange(start, keys, device=device)[:, None]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    return bias.repeat(per_kv, 1)[None, None]
 
 
 def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scaling: float) -> torch.Tensor:

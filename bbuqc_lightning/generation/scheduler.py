@@ -79,6 +79,12 @@ class SchedulerStats:
     mixed_steps: int = 0
     mixed_seconds: float = 0.0
 
+    def count_prefill(self, requests: Sequence[Request]) -> None:
+        """Prompts prefilled (or prepared, with chunked prefill) together."""
+        self.prefills += 1
+        self.prompts += len(requests)
+        self.prompt_tokens += sum(r.length for r in requests)
+
     def count_step(self, rows: int, finished: torch.Tensor) -> None:
         """A decode step over ``rows`` rows, those not ``finished`` running."""
         self.decode_steps += 1
@@ -123,6 +129,11 @@ class PromptTooLongError(ValueError):
     def __init__(self, message: str, index: int) -> None:
         super().__init__(message)
         self.index = index
+
+
+def _running(finished: torch.Tensor, rows: int) -> bool:
+    """Whether any of the first ``rows`` rows is still decoding (``finished`` is the host copy)."""
+    return bool((~finished[:rows]).any())
 
 
 def next_bucket(value: int, buckets: Sequence[int]) -> int:
@@ -217,7 +228,8 @@ class ContinuousBatcher:
                     self._admit_chunked(waiting, free, slots)
                 if any(s is not None and s.prepared is not None for s in slots):
                     start = time.perf_counter()
-                    bucket = self._bucket(slots, group, slot_buckets, new_bucket, finished, capacity)
+                    running = _running(finished, capacity * group)
+                    bucket = self._bucket(slots, group, slot_buckets, new_bucket) if running else None
                     ended = self._mixed(bucket, slots, group, session.sample, eos, max_new_tokens, finished)
                     seconds = time.perf_counter() - start
                     self.stats.mixed_steps += 1
@@ -235,7 +247,7 @@ class ContinuousBatcher:
                 start = time.perf_counter()
                 self._admit(waiting, free, slots, group, session.sample, eos, max_new_tokens, finished)
                 self.stats.prefill_seconds += time.perf_counter() - start
-            if not bool((~finished[: capacity * group]).any()):  # e.g. every first token was an end
+            if not _running(finished, capacity * group):  # e.g. every first token was an end
                 self._collect(slots, group, finished, session.results)
                 continue
             bucket = self._bucket(slots, group, slot_buckets, new_bucket)
@@ -287,17 +299,9 @@ class ContinuousBatcher:
                 )
 
     def _bucket(
-        self,
-        slots: list[_Slot | None],
-        group: int,
-        slot_buckets: Sequence[int],
-        new_bucket: int,
-        finished: torch.Tensor | None = None,
-        capacity: int = 0,
-    ) -> Bucket | None:
-        """The decode step's shape for the occupied slots (None when ``finished`` says no row runs)."""
-        if finished is not None and not bool((~finished[: capacity * group]).any()):
-            return None
+        self, slots: list[_Slot | None], group: int, slot_buckets: Sequence[int], new_bucket: int
+    ) -> Bucket:
+        """The decode step's shape for the occupied slots."""
         top = max(i for i, s in enumerate(slots) if s is not None) + 1
         longest = max(s.request.length for s in slots if s is not None)
         return Bucket(
@@ -321,9 +325,7 @@ class ContinuousBatcher:
         start = time.perf_counter()
         prepared = self.prepare(chunk)
         self.stats.prefill_seconds += time.perf_counter() - start
-        self.stats.prefills += 1
-        self.stats.prompts += len(chunk)
-        self.stats.prompt_tokens += sum(r.length for r in chunk)
+        self.stats.count_prefill(chunk)
         for slot, request, ready in zip(free, chunk, prepared, strict=False):
             slots[slot] = _Slot(request, prepared=ready)
 
@@ -392,9 +394,7 @@ class ContinuousBatcher:
                 break
             chunk.append(waiting.popleft())
         logits, offsets, layer_kv = self.prefill(chunk)
-        self.stats.prefills += 1
-        self.stats.prompts += len(chunk)
-        self.stats.prompt_tokens += sum(r.length for r in chunk)
+        self.stats.count_prefill(chunk)
         chosen = free[: len(chunk)]
         self.step.pool.store_prompts(layer_kv, [r.length for r in chunk], chosen)
         del layer_kv
