@@ -108,6 +108,17 @@ class _Slot:
 
 
 @dataclass
+class _Call:
+    """What every step of one :meth:`ContinuousBatcher.run` call needs: its settings and the rows' state."""
+
+    group: int  # sample rows per prompt (G)
+    sample: Sampler
+    eos: torch.Tensor  # end-of-sequence ids (device)
+    max_new_tokens: int
+    finished: torch.Tensor  # the session's host copy; free rows count as finished
+
+
+@dataclass
 class _Session:
     """The scheduling state of a call, kept for the next one when prompts were handed ahead."""
 
@@ -220,6 +231,7 @@ class ContinuousBatcher:
             [*sorted(mine, key=lambda r: -r.length), *sorted(later, key=lambda r: -r.length)]
         )
         waiting, slots, finished = session.waiting, session.slots, session.finished
+        call = _Call(group, session.sample, eos, max_new_tokens, finished)
         needed = set(wanted)
         while not needed <= session.results.keys():
             free = [i for i, s in enumerate(slots) if s is None]
@@ -230,7 +242,7 @@ class ContinuousBatcher:
                     start = time.perf_counter()
                     running = _running(finished, capacity * group)
                     bucket = self._bucket(slots, group, slot_buckets, new_bucket) if running else None
-                    ended = self._mixed(bucket, slots, group, session.sample, eos, max_new_tokens, finished)
+                    ended = self._mixed(bucket, slots, call)
                     seconds = time.perf_counter() - start
                     self.stats.mixed_steps += 1
                     self.stats.mixed_seconds += seconds
@@ -239,24 +251,24 @@ class ContinuousBatcher:
                     else:
                         self.stats.decode_seconds += seconds
                     if ended:
-                        self._collect(slots, group, finished, session.results)
+                        self._collect(slots, call, session.results)
                     continue
             # Prefill in chunks worth stalling the running rows for (a quarter of the slots), or the last
             # waiting prompts at once: the tail of a call must not wait for a whole generation to free slots.
             elif waiting and free and len(free) >= min(len(waiting), max(1, capacity // 4)):
                 start = time.perf_counter()
-                self._admit(waiting, free, slots, group, session.sample, eos, max_new_tokens, finished)
+                self._admit(waiting, free, slots, call)
                 self.stats.prefill_seconds += time.perf_counter() - start
             if not _running(finished, capacity * group):  # e.g. every first token was an end
-                self._collect(slots, group, finished, session.results)
+                self._collect(slots, call, session.results)
                 continue
             bucket = self._bucket(slots, group, slot_buckets, new_bucket)
             start = time.perf_counter()
             self.stats.count_step(bucket.rows, finished)
-            ended = self._decode(bucket, session.sample, eos, max_new_tokens, finished)
+            ended = self._advance(bucket, self.step.run(bucket), call)
             self.stats.decode_seconds += time.perf_counter() - start
             if ended:
-                self._collect(slots, group, finished, session.results)
+                self._collect(slots, call, session.results)
         out = [session.results.pop(key) for key in wanted]
         self.session = session if session.keys() else None
         return out
@@ -329,16 +341,7 @@ class ContinuousBatcher:
         for slot, request, ready in zip(free, chunk, prepared, strict=False):
             slots[slot] = _Slot(request, prepared=ready)
 
-    def _mixed(
-        self,
-        bucket: Bucket | None,
-        slots: list[_Slot | None],
-        group: int,
-        sample: Sampler,
-        eos: torch.Tensor,
-        max_new_tokens: int,
-        finished: torch.Tensor,
-    ) -> bool:
+    def _mixed(self, bucket: Bucket | None, slots: list[_Slot | None], call: _Call) -> bool:
         """One step of the running rows (if any) with up to ``chunk_tokens`` prompt tokens; prompts whose last
         token ran start their rows. True when a row ended."""
         assert self.chunk_tokens is not None
@@ -350,8 +353,8 @@ class ContinuousBatcher:
         logits, firsts = self.step.run_mixed(bucket, segments)
         ended = False
         if bucket is not None and logits is not None:
-            self.stats.count_step(bucket.rows, finished)
-            ended = self._advance(bucket, logits, sample, eos, max_new_tokens, finished)
+            self.stats.count_step(bucket.rows, call.finished)
+            ended = self._advance(bucket, logits, call)
         done = [s.slot for s in segments if s.last]
         if done:
             requests = []
@@ -363,30 +366,13 @@ class ContinuousBatcher:
                 offsets.append(slot.prepared.first_position)
                 slot.prepared = None
             device = self.out.device
-            self._start(
-                requests,
-                done,
-                torch.stack(firsts),
-                torch.tensor(offsets, device=device),
-                group,
-                sample,
-                eos,
-                max_new_tokens,
-                finished,
-            )
-            ended = ended or bool(finished[[i * group + g for i in done for g in range(group)]].any())
+            self._start(requests, done, torch.stack(firsts), torch.tensor(offsets, device=device), call)
+            group = call.group
+            ended = ended or bool(call.finished[[i * group + g for i in done for g in range(group)]].any())
         return ended
 
     def _admit(
-        self,
-        waiting: deque[Request],
-        free: list[int],
-        slots: list[_Slot | None],
-        group: int,
-        sample: Sampler,
-        eos: torch.Tensor,
-        max_new_tokens: int,
-        finished: torch.Tensor,
+        self, waiting: deque[Request], free: list[int], slots: list[_Slot | None], call: _Call
     ) -> None:
         chunk = [waiting.popleft()]
         while waiting and len(chunk) < len(free):
@@ -398,7 +384,7 @@ class ContinuousBatcher:
         chosen = free[: len(chunk)]
         self.step.pool.store_prompts(layer_kv, [r.length for r in chunk], chosen)
         del layer_kv
-        self._start(chunk, chosen, logits, offsets, group, sample, eos, max_new_tokens, finished)
+        self._start(chunk, chosen, logits, offsets, call)
         for slot, request in zip(chosen, chunk, strict=True):
             slots[slot] = _Slot(request)
 
@@ -408,46 +394,29 @@ class ContinuousBatcher:
         chosen: list[int],
         logits: torch.Tensor,
         offsets: torch.Tensor,
-        group: int,
-        sample: Sampler,
-        eos: torch.Tensor,
-        max_new_tokens: int,
-        finished: torch.Tensor,
+        call: _Call,
     ) -> None:
         """The first token of each prompt's G rows from its last prompt token's ``logits``; rows start."""
-        device = self.out.device
+        device, group = self.out.device, call.group
         slot_index = torch.tensor(chosen, device=device)
         rows = (slot_index[:, None] * group + torch.arange(group, device=device)).reshape(-1)
         zeros = torch.zeros(len(rows), dtype=torch.long, device=device)
-        first = sample(logits.repeat_interleave(group, dim=0), zeros)
+        first = call.sample(logits.repeat_interleave(group, dim=0), zeros)
         self.step.prompt_lens[slot_index] = torch.tensor([r.length for r in chunk], device=device)
         self.offsets[rows] = offsets.to(device).repeat_interleave(group)
         self.step.tokens[rows] = first
         self.step.steps[rows] = zeros
         self.step.positions[rows] = self.offsets[rows]
         self.out[rows, 0] = first
-        done = torch.isin(first, eos) | (max_new_tokens <= 1)
-        finished[rows.cpu()] = done.cpu()
+        done = torch.isin(first, call.eos) | (call.max_new_tokens <= 1)
+        call.finished[rows.cpu()] = done.cpu()
 
-    def _decode(
-        self, bucket: Bucket, sample: Sampler, eos: torch.Tensor, max_new_tokens: int, finished: torch.Tensor
-    ) -> bool:
-        """One token for every running row; True when a row ended."""
-        return self._advance(bucket, self.step.run(bucket), sample, eos, max_new_tokens, finished)
-
-    def _advance(
-        self,
-        bucket: Bucket,
-        logits: torch.Tensor,
-        sample: Sampler,
-        eos: torch.Tensor,
-        max_new_tokens: int,
-        finished: torch.Tensor,
-    ) -> bool:
-        """Sample the running rows' next tokens from ``logits``; True when a row ended."""
-        rows = bucket.rows
+    def _advance(self, bucket: Bucket, logits: torch.Tensor, call: _Call) -> bool:
+        """Sample the running rows' next tokens from ``logits`` (a decode step's, or a mixed step's decode
+        rows'); True when a row ended."""
+        rows, finished = bucket.rows, call.finished
         steps = self.step.steps[:rows]
-        nxt = sample(logits, steps + 1)
+        nxt = call.sample(logits, steps + 1)
         running = (~finished[:rows]).to(nxt.device)
         new_steps = torch.where(running, steps + 1, steps)
         index = torch.arange(rows, device=nxt.device)
@@ -456,20 +425,17 @@ class ContinuousBatcher:
         self.step.tokens[:rows] = torch.where(running, nxt, self.step.tokens[:rows])
         self.step.steps[:rows] = new_steps
         self.step.positions[:rows] = self.offsets[:rows] + new_steps
-        ended = running & (torch.isin(nxt, eos) | (new_steps + 1 >= max_new_tokens))
+        ended = running & (torch.isin(nxt, call.eos) | (new_steps + 1 >= call.max_new_tokens))
         if not bool(ended.any()):  # the step's one host synchronisation
             return False
         finished[:rows] |= ended.cpu()
         return True
 
     def _collect(
-        self,
-        slots: list[_Slot | None],
-        group: int,
-        finished: torch.Tensor,
-        results: dict[Hashable, list[list[int]]],
+        self, slots: list[_Slot | None], call: _Call, results: dict[Hashable, list[list[int]]]
     ) -> None:
         """Hand back every slot whose rows have all ended, and free it."""
+        group, finished = call.group, call.finished
         for i, slot in enumerate(slots):
             if (
                 slot is None
