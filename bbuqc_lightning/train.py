@@ -48,6 +48,11 @@ def build_objects(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # a run that only generates ends with its last batch: no trip of the model back to host memory
+    if cfg.get("stage") != "fit":
+        from bbuqc_lightning.strategy import keep_model_on_device
+
+        keep_model_on_device(trainer)
     bundle = instantiate(cfg.model, _convert_="all", **_random_init_device(cfg, trainer))
     datamodule = instantiate(cfg.data, processor=bundle.processor, _convert_="all")
     module = instantiate(cfg.module, bundle=bundle, _convert_="all")

@@ -717,3 +717,53 @@ def test_rerun_with_nothing_left_still_merges_leftover_shards(
 def _no_hydra_leak() -> Iterator[None]:
     yield
     HydraConfig.instance().cfg = None
+
+
+# ------------------------------------------------------------------ the end of a predict run
+def _counting_module() -> Any:
+    import lightning as L
+
+    class Module(L.LightningModule):
+        """The smallest module that predicts, counting the ``cpu()`` calls Lightning makes on it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.moves_to_host = 0
+
+        def cpu(self) -> Any:
+            self.moves_to_host += 1
+            return super().cpu()
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layer(batch[0])
+
+    return Module()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_predict_run_leaves_the_model_where_it_ran(keep: bool) -> None:
+    """Lightning's single-device teardown copies the model to host memory when a run ends (5-6 s after Stage-A's
+    last batch for a 4B model on one H100); ``keep_model_on_device`` (the entry point's, for every stage but
+    ``fit``) skips that copy and nothing else. Without it the copy happens: the count is what Lightning does."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bbuqc_lightning.strategy import KeepOnDeviceStrategy, keep_model_on_device
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    if keep:
+        keep_model_on_device(trainer)
+        assert isinstance(trainer.strategy, KeepOnDeviceStrategy)
+    module = _counting_module()
+    predicted = trainer.predict(module, DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2))
+    assert predicted is not None and len(predicted) == 2
+    assert module.moves_to_host == (0 if keep else 1)
+    assert trainer.state.finished and trainer.strategy.lightning_module is module  # torn down, module kept

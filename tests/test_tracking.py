@@ -223,6 +223,8 @@ def test_wandb_is_finished_after_train(stage_a_run: SimpleNamespace) -> None:
     assert wandb.run is None
     assert find_wandb_logger(stage_a_run.objects["trainer"]) is not None
     assert stage_a_run.objects["trainer"].state.finished
+    # a predict run keeps its model where it ran (no copy back to host memory at the end)
+    assert type(stage_a_run.objects["trainer"].strategy).__name__ == "KeepOnDeviceStrategy"
 
 
 def test_metrics_json_holds_the_run_summary(stage_a_run: SimpleNamespace) -> None:
