@@ -17,6 +17,7 @@ failure is one ``error:`` line (traceback in ``<run>/error.log``), and the resol
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -205,7 +206,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
     if cfg.get("extras", {}).get("ignore_warnings", False):
         warnings.filterwarnings("ignore")
-    metrics, _ = train_or_exit(cfg)
+    metrics = train_or_exit(cfg)[0]
+    # A multirun's next job runs in this process: free this one's model and KV pool before it loads its own.
+    # Lightning's objects refer to each other in cycles, which only the cycle collector frees, and since a run
+    # that does not train keeps its model on the GPU (bbuqc_lightning.strategy) nothing else would.
+    gc.collect()
     return optimized_value(cfg, metrics, HydraConfig.get().mode.name)
 
 

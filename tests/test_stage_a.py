@@ -767,3 +767,37 @@ def test_a_predict_run_leaves_the_model_where_it_ran(keep: bool) -> None:
     assert predicted is not None and len(predicted) == 2
     assert module.moves_to_host == (0 if keep else 1)
     assert trainer.state.finished and trainer.strategy.lightning_module is module  # torn down, module kept
+
+
+def test_nothing_holds_a_finished_run_but_its_objects(compose: Callable[[list[str]], DictConfig]) -> None:
+    """A Hydra multirun's jobs share one process, and a run that does not train keeps its model on its device:
+    once ``train`` has returned and its objects are dropped, the cycle collector (``hydra_main`` runs it after
+    each job) must free the model, the module, the trainer and the engine with its KV pool, so the next job
+    loads its own model into free memory. Fails if a global (a registry, a cache, a logger) keeps any of them."""
+    import gc
+    import weakref
+
+    from bbuqc_lightning.train import train
+
+    cfg = compose(
+        [
+            "+experiment=stage_a",
+            "logger=none",
+            "+trainer.limit_predict_batches=1",
+            "data.batch_size=2",
+            "synthetic.groups_per_split={train:1,val:1,test:1}",
+            "module.max_new_tokens=4",
+        ]
+    )
+    metrics, objects = train(cfg)
+    assert metrics["stage_a/images"] == 2
+    kept = {
+        "model": weakref.ref(objects["bundle"].model),
+        "module": weakref.ref(objects["module"]),
+        "trainer": weakref.ref(objects["trainer"]),
+        "engine": weakref.ref(objects["module"].engine),
+    }
+    assert all(ref() is not None for ref in kept.values())
+    del objects
+    gc.collect()
+    assert [name for name, ref in kept.items() if ref() is not None] == []
