@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
@@ -277,7 +278,7 @@ def test_fusion_sft_experiment_runs_and_writes_an_adapter(
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     assert {"val/loss/bbu_summary", "val/loss/stage_b_distill"} <= set(metrics)
     assert objects["datamodule"].dataset_names == ["bbu_summary", "stage_b_distill", "bbu_dense", "lang_chat"]
-    assert type(objects["trainer"].strategy).__name__ == "SingleDeviceStrategy"  # fit: Lightning's, unchanged
+    assert type(objects["trainer"].strategy) is SingleDeviceStrategy  # fit: Lightning's, unchanged
 
 
 def test_row_weights_scale_tokens_in_the_loss() -> None:

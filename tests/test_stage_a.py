@@ -769,7 +769,10 @@ def test_a_predict_run_leaves_the_model_where_it_ran(keep: bool) -> None:
     assert trainer.state.finished and trainer.strategy.lightning_module is module  # torn down, module kept
 
 
-def test_nothing_holds_a_finished_run_but_its_objects(compose: Callable[[list[str]], DictConfig]) -> None:
+@pytest.mark.parametrize("logger", ["none", "wandb"])
+def test_nothing_holds_a_finished_run_but_its_objects(
+    compose: Callable[[list[str]], DictConfig], logger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A Hydra multirun's jobs share one process, and a run that does not train keeps its model on its device:
     once ``train`` has returned and its objects are dropped, the cycle collector (``hydra_main`` runs it after
     each job) must free the model, the module, the trainer and the engine with its KV pool, so the next job
@@ -779,10 +782,11 @@ def test_nothing_holds_a_finished_run_but_its_objects(compose: Callable[[list[st
 
     from bbuqc_lightning.train import train
 
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the default logger, offline (its run finished by train)
     cfg = compose(
         [
             "+experiment=stage_a",
-            "logger=none",
+            f"logger={logger}",
             "+trainer.limit_predict_batches=1",
             "data.batch_size=2",
             "synthetic.groups_per_split={train:1,val:1,test:1}",

@@ -15,6 +15,7 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from bbuqc_lightning.strategy import KeepOnDeviceStrategy
 from bbuqc_lightning.tracking.wandb import (
     configure_wandb_env,
     find_wandb_logger,
@@ -224,7 +225,7 @@ def test_wandb_is_finished_after_train(stage_a_run: SimpleNamespace) -> None:
     assert find_wandb_logger(stage_a_run.objects["trainer"]) is not None
     assert stage_a_run.objects["trainer"].state.finished
     # a predict run keeps its model where it ran (no copy back to host memory at the end)
-    assert type(stage_a_run.objects["trainer"].strategy).__name__ == "KeepOnDeviceStrategy"
+    assert isinstance(stage_a_run.objects["trainer"].strategy, KeepOnDeviceStrategy)
 
 
 def test_metrics_json_holds_the_run_summary(stage_a_run: SimpleNamespace) -> None:
