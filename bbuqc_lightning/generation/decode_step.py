@@ -32,7 +32,7 @@ from torch import nn
 from bbuqc_lightning.generation.chunked_prefill import Segment
 from bbuqc_lightning.generation.compiled_layers import LayerRegions, compiled_graphs
 from bbuqc_lightning.generation.kv_pool import KVPool
-from bbuqc_lightning.generation.pool_attention import DecodeBatch, MixedBatch, segment_bias
+from bbuqc_lightning.generation.pool_attention import DecodeBatch, MixedBatch, additive_bias, segment_bias
 from bbuqc_lightning.models.decoder import language_model, output_embedding, uses_mrope
 
 log = logging.getLogger(__name__)
@@ -239,11 +239,6 @@ def _visual_index(segments: Sequence[Segment], rows: int, device: torch.device) 
     return torch.cat(index).to(device) if index else None
 
 
-MASKED = -1e30  # finite: a row with every key masked (a free slot) stays finite, so no NaN reaches the pool
-
-
 def _bias(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Boolean ``(n, keys)`` -> additive ``(n, 1, 1, keys)`` in ``dtype`` (the pool's: the attention kernel takes
-    it as it is, no cast in every layer): 0 where allowed, a huge negative elsewhere."""
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill(~allowed, max(MASKED, torch.finfo(dtype).min))[:, None, None]  # fp16: its minimum
+    """Boolean ``(n, keys)`` -> additive ``(n, 1, 1, keys)`` in ``dtype`` (:func:`additive_bias`)."""
+    return additive_bias(allowed, dtype)[:, None, None]

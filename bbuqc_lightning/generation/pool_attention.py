@@ -139,14 +139,23 @@ def mixed_attention(layer_idx: int, query: torch.Tensor, batch: MixedBatch, scal
     return torch.cat(parts, dim=1)
 
 
+MASKED = -1e30  # finite: a row with every key masked (a free slot) stays finite, so no NaN reaches the pool
+
+
+def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask -> the same shape, additive, in ``dtype`` (the pool's: the attention kernel takes it as it
+    is, no cast in every layer): 0 where allowed, a huge negative elsewhere (fp16: its minimum)."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill(~allowed, max(MASKED, torch.finfo(dtype).min))
+
+
 def segment_bias(start: int, n: int, per_kv: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The causal mask of a segment's ``n`` queries (each repeated for the ``per_kv`` query heads stacked on a KV
-    head) over its slot's first ``start + n`` keys: ``(1, 1, per_kv * n, start + n)``, 0 or -inf (key 0 is always
-    allowed, so no row is all -inf)."""
+    head) over its slot's first ``start + n`` keys: ``(1, 1, per_kv * n, start + n)``, additive
+    (:func:`additive_bias`)."""
     keys = start + n
     allowed = torch.arange(keys, device=device)[None] <= torch.arange(start, keys, device=device)[:, None]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-    return bias.repeat(per_kv, 1)[None, None]
+    return additive_bias(allowed, dtype).repeat(per_kv, 1)[None, None]
 
 
 def pool_attention(layer_idx: int, query: torch.Tensor, batch: DecodeBatch, scaling: float) -> torch.Tensor:
