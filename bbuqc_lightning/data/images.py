@@ -59,9 +59,13 @@ def load_image(
     Raises :class:`ImageError` (naming the path) for a missing, corrupt or truncated file and for a
     declared size above ``max_image_pixels`` (checked before decoding).
     """
+    _check_pixel_window(min_pixels, max_pixels)
+    return resize_within(_open_upright_rgb(Path(path), max_pixels, max_image_pixels), min_pixels, max_pixels)
+
+
+def _check_pixel_window(min_pixels: int, max_pixels: int) -> None:
     if not 0 < min_pixels <= max_pixels:
         raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels=} {max_pixels=}")
-    return resize_within(_open_upright_rgb(Path(path), max_pixels, max_image_pixels), min_pixels, max_pixels)
 
 
 def _open_upright_rgb(path: Path, max_pixels: int, max_image_pixels: int) -> Image.Image:
@@ -92,8 +96,7 @@ def validate_group_images(
     ``strict=false`` a group with one bad photo is skipped whole rather than summarised with a gap.
     The :class:`ImageError` names the group's ``ticket_key`` and the image path.
     """
-    if not 0 < min_pixels <= max_pixels:
-        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels=} {max_pixels=}")
+    _check_pixel_window(min_pixels, max_pixels)
     for path in record.image_paths:
         try:
             _open_upright_rgb(Path(path), max_pixels, max_image_pixels)
