@@ -102,8 +102,6 @@ class SchedulerStats:
 @dataclass
 class _Slot:
     request: Request
-    rows_done: int = 0
-    tokens: list[list[int]] = field(default_factory=list)
     prepared: Prepared | None = None  # chunked prefill: the prompt is still entering the pool
 
 
