@@ -170,6 +170,36 @@ def test_the_lenient_source_is_blind_to_exactly_the_seed_negative_items(
     assert drift_data.lenient_label(mission, summaries) == lenient
 
 
+def test_the_distill_input_draws_fail_tickets_round_robin_over_the_negative_items(tmp_path: Path) -> None:
+    """A fail cell of 40 common-item tickets and 4 rare-item ones: a uniform draw of 10 holds ~1 rare ticket;
+    the negative-item draw takes half the cell round-robin over the two items (3 rare, 2 common), the rest at
+    random; pass cells are drawn as before."""
+    mission = SLUG_TO_MISSION["bbu_cabling"]
+    common = "光纤/有保护措施,弯曲半径合理/蛇形管×1\n螺丝、光纤插头/BBU端光纤插头,显示完整,不符合要求×1"
+    rare = "光纤/有保护措施,弯曲半径不合理/蛇形管×1"
+    rows = [(f"c{i}", "fail", common) for i in range(40)] + [(f"r{i}", "fail", rare) for i in range(4)]
+    rows += [(f"p{i}", "pass", "标签/可以识别×1") for i in range(20)]
+    src = tmp_path / "stage_a_train.jsonl"
+    src.write_text("".join(json.dumps({"ticket_key": f"QC-A-20250101-{k}::{label}", "mission": mission, "label": label,
+                                       "per_image": {"图片_1": text}}, ensure_ascii=False) + "\n"
+                           for k, label, text in rows), encoding="utf-8")  # fmt: skip
+
+    def draw(share: float) -> tuple[dict, list[dict]]:
+        counts = drift_data.stratified_subset(src, 10, 0, tmp_path / "in.jsonl", negative_share=share)
+        return counts, [
+            json.loads(line) for line in (tmp_path / "in.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
+
+    counts, chosen = draw(0.5)
+    keys = [row["ticket_key"] for row in chosen]
+    assert len(keys) == len(set(keys)) == 20  # 10 per (mission, label), no ticket twice
+    assert counts["bbu_cabling/fail"] == counts["bbu_cabling/pass"] == 10
+    rare_drawn = counts["negative_items"]["弯曲半径不合理"]
+    assert rare_drawn >= 3 and counts["negative_items"]["不符合要求"] == 10 - rare_drawn
+    uniform, _ = draw(0.0)
+    assert uniform["negative_items"].get("弯曲半径不合理", 0) < 3
+
+
 def _eval_folder(
     folder: Path, prefix: str, rows: list[tuple[str, str, str]], extra: dict | None = None
 ) -> None:

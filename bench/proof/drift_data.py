@@ -148,18 +148,50 @@ def fusion_file(
     return path
 
 
-def stratified_subset(stage_a_jsonl: Path, per_cell: int, seed: int, out: Path) -> dict[str, int]:
-    """``per_cell`` tickets per (mission, label), drawn with ``seed``: the Teacher's distillation input."""
+def stratified_subset(
+    stage_a_jsonl: Path, per_cell: int, seed: int, out: Path, negative_share: float = 0.0
+) -> dict[str, Any]:
+    """``per_cell`` tickets per (mission, label), drawn with ``seed``: the Teacher's distillation input.
+
+    ``negative_share`` of each fail cell is drawn first from tickets that carry one of the seed's negative
+    items, round-robin over the items the cell has (a rare item gets as many tickets as a common one, as far
+    as it has them), the rest at random: the tickets the drifted student gets wrong are the ones the
+    distillation must teach, and a uniform draw of 125 fail tickets holds ~4 of an item that 3 % of the
+    tickets carry. Returns the count per cell and per negative item.
+    """
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in read_jsonl(stage_a_jsonl):
         cells[(row["mission"], row["label"])].append(row)
     rng = random.Random(seed)
-    chosen = []
+    chosen: list[dict[str, Any]] = []
     for key in sorted(cells):
-        rows = cells[key]
-        chosen += rng.sample(rows, min(per_cell, len(rows)))
+        rows = list(cells[key])
+        rng.shuffle(rows)
+        take = min(per_cell, len(rows))
+        picked: list[dict[str, Any]] = []
+        if key[1] == "fail" and negative_share > 0:
+            by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for row in rows:
+                for item in negative_items(list(row["per_image"].values())):
+                    by_item[item].append(row)
+            queues = [by_item[item] for item in NEGATIVE_ITEMS if by_item[item]]
+            seen: set[int] = set()
+            while queues and len(picked) < round(negative_share * take):
+                queue = queues.pop(0)
+                row = queue.pop(0)
+                if id(row) not in seen:
+                    seen.add(id(row))
+                    picked.append(row)
+                if queue:
+                    queues.append(queue)
+            rows = [row for row in rows if id(row) not in seen]
+        chosen += picked + rows[: take - len(picked)]
     write_jsonl(out, chosen)
-    return {f"{MISSIONS[m]}/{label}": min(per_cell, len(cells[(m, label)])) for m, label in sorted(cells)}
+    counts: dict[str, Any] = dict(Counter(f"{MISSIONS[r['mission']]}/{r['label']}" for r in chosen))
+    items = Counter(
+        item for r in chosen if r["label"] == "fail" for item in negative_items(list(r["per_image"].values()))
+    )
+    return counts | {"negative_items": dict(items)}
 
 
 def collect_distill(runner_dir: Path, out: Path) -> dict[str, Any]:

@@ -196,7 +196,11 @@ def shared_steps(s: Mapping[str, Any]) -> list[PlannedStep]:
             after=[teacher],
             prepare=lambda: {
                 "input": dd.stratified_subset(
-                    p["synthetic"] / "stage_a_train.jsonl", s["distill_per_cell"], s["data_seed"], inputs
+                    p["synthetic"] / "stage_a_train.jsonl",
+                    s["distill_per_cell"],
+                    s["data_seed"],
+                    inputs,
+                    negative_share=s["distill_negative_share"],
                 )
             },
             finish=lambda: collect_distill(s, run, inputs),

@@ -2,9 +2,9 @@
 
 cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer); base SFT is the learning proof's
 H100 run (650 steps of 64 rows). These are the settings of run 3 (docs/RESULTS.md: one H100, 2026-12-07, 19.4
-minutes with 4 processes, every run to its step count). Training-time caps (``*_max_minutes``) are safety nets
-above what each run took with 4 processes sharing the GPU, so the step counts, not the clock, end the runs; a step
-that hits its cap says so in its log. cpu: a smoke run of the ``tiny`` preset that only shows every
+minutes with 4 processes, every run to its step count) but for run 4's distill input and penalty arm. Training-time
+caps (``*_max_minutes``) are safety nets above what each run took with 4 processes sharing the GPU, so the step
+counts, not the clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny`` preset that only shows every
 step runs and feeds the next (its numbers mean nothing).
 """
 
@@ -31,7 +31,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "drift_lr": 2e-4,
         "drift_max_minutes": 3.5,
         "lenient_ratio": 6.0,
-        "distill_per_cell": 125,  # 1,000 Teacher tickets (run 1-2: 400; each costs ~15 ms of rollouts)
+        "distill_per_cell": 250,  # 2,000 Teacher tickets (run 1-2: 400, run 3: 1,000; each costs ~15 ms of rollouts)
+        # half of each fail cell drawn round-robin over the seed's negative items, the rest at random (run 3: all at
+        # random; seed 0's cure A kept passing 弯曲半径不合理 / 无保护措施, which 1 in 8 cabling fail tickets carry)
+        "distill_negative_share": 0.5,
         "distill_rollouts": 4,
         "distill_epochs": 2,
         "reflection_tokens": 256,
@@ -49,10 +52,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "grpo_temperature": 1.0,
         "grpo_beta": 0.0,  # no KL anchor to the drifted reference the cure must leave (TRL's default); run 1-2: 0.04
         "grpo_max_minutes": 8.0,
-        # the penalty arm's own (run 3: the same, and seed 0 collapsed to all-fail; run 2's 1e-4 / 0.04 did not):
-        # --rerun s0/cure_b_penalty,s1/cure_b_penalty --set penalty_beta=0.04 tries it without touching cure_b
+        # the penalty arm's own: run 3's lr 3e-4 without a KL term collapsed seed 0 to all-fail, run 2's 1e-4 with
+        # β 0.04 did not collapse and did not cure; run 4 keeps 3e-4 and anchors it with β 0.04
         "penalty_lr": 3e-4,
-        "penalty_beta": 0.0,
+        "penalty_beta": 0.04,
         "fail_rescue": True,
         "max_new_tokens": 64,
         "summary_tokens": 128,
@@ -79,6 +82,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "drift_max_minutes": 0.0,
         "lenient_ratio": 2.0,
         "distill_per_cell": 1,
+        "distill_negative_share": 0.5,
         "distill_rollouts": 2,
         "distill_epochs": 2,
         "reflection_tokens": 16,
