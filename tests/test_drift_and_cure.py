@@ -272,3 +272,18 @@ def test_the_lenient_pass_answer_is_the_synthetic_data_pass_answer() -> None:
     """The drift step's pass answer comes from the phrases the fusion sources use (a moved config broke it)."""
     answer = drift_data.pass_answer(BENCH.parent)
     assert answer.startswith("通过\n") and answer.endswith("。")
+
+
+def test_a_seed_mean_exactly_on_a_bound_meets_it_despite_float32_rates() -> None:
+    """10 false fails of 100 on one seed and 0 on the other: metrics.json's float32 0.1 makes the mean 0.0500000007."""
+    import numpy as np
+
+    def mean(*rates: float) -> dict[str, float]:
+        return {"mean": sum(float(np.float32(r)) for r in rates) / len(rates)}
+
+    aggregate = {"stage_b/false_pass_rate/all": mean(0.07, 0.0), "stage_b/false_fail_rate/all": mean(0.0, 0.1),
+                 "stage_b/format_valid_rate/all": mean(1.0, 1.0)}  # fmt: skip
+    checks = drift_report.checks({"cure_b": {"aggregate": aggregate}})
+    assert checks["cure_b/stage_b"] is True
+    aggregate["stage_b/false_fail_rate/all"] = mean(0.0, 0.11)
+    assert drift_report.checks({"cure_b": {"aggregate": aggregate}})["cure_b/stage_b"] is False
