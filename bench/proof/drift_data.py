@@ -160,38 +160,36 @@ def stratified_subset(
     53 of the 500 cabling fail tickets of the run-4 data). Returns the count per cell and per negative item.
     """
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    items: dict[str, list[str]] = {}  # ticket_key -> its negative items, fail tickets only
     for row in read_jsonl(stage_a_jsonl):
         cells[(row["mission"], row["label"])].append(row)
+        if row["label"] == "fail":
+            items[row["ticket_key"]] = negative_items(list(row["per_image"].values()))
     rng = random.Random(seed)
     chosen: list[dict[str, Any]] = []
     for key in sorted(cells):
         rows = list(cells[key])
         rng.shuffle(rows)
         take = min(per_cell, len(rows))
-        picked: list[dict[str, Any]] = []
+        picked: dict[str, dict[str, Any]] = {}  # ticket_key -> row, in draw order
         if key[1] == "fail" and negative_share > 0:
             by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for row in rows:
-                for item in negative_items(list(row["per_image"].values())):
+                for item in items[row["ticket_key"]]:
                     by_item[item].append(row)
             queues = [by_item[item] for item in NEGATIVE_ITEMS if by_item[item]]
-            seen: set[int] = set()
             while queues and len(picked) < round(negative_share * take):
                 queue = queues.pop(0)
                 row = queue.pop(0)
-                if id(row) not in seen:
-                    seen.add(id(row))
-                    picked.append(row)
+                picked.setdefault(row["ticket_key"], row)
                 if queue:
                     queues.append(queue)
-            rows = [row for row in rows if id(row) not in seen]
-        chosen += picked + rows[: take - len(picked)]
+        rest = [row for row in rows if row["ticket_key"] not in picked]
+        chosen += [*picked.values(), *rest[: take - len(picked)]]
     write_jsonl(out, chosen)
     counts: dict[str, Any] = dict(Counter(f"{MISSIONS[r['mission']]}/{r['label']}" for r in chosen))
-    items = Counter(
-        item for r in chosen if r["label"] == "fail" for item in negative_items(list(r["per_image"].values()))
-    )
-    return counts | {"negative_items": dict(items)}
+    drawn = Counter(item for r in chosen for item in items.get(r["ticket_key"], []))
+    return counts | {"negative_items": dict(drawn)}
 
 
 def collect_distill(runner_dir: Path, out: Path) -> dict[str, Any]:

@@ -4,8 +4,8 @@ cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer)
 H100 run (650 steps of 64 rows). These are the settings of run 3 (docs/RESULTS.md: one H100, 2026-12-07, 19.4
 minutes with 4 processes, every run to its step count) but for run 4's distill input and penalty arm. Training-time
 caps (``*_max_minutes``) are safety nets above what each run took with 4 processes sharing the GPU, so the step
-counts, not the clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny`` preset that only shows every
-step runs and feeds the next (its numbers mean nothing).
+counts, not the clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny``
+preset that only shows every step runs and feeds the next (its numbers mean nothing).
 """
 
 from __future__ import annotations
