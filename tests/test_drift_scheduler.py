@@ -82,9 +82,9 @@ def test_the_cuda_plan_fits_one_run_or_three_calls_of_nine_minutes(
     out = str(tmp_path / "out")
     s = pipeline.settings(pipeline.parse_args(["--device", "cuda", "--out", out]))
     plan = drift_plan.build_plan(s)
-    assert len(dag.simulate(plan, jobs=4, max_minutes=22)) == 1  # the measured protocol: one run
+    assert len(dag.simulate(plan, jobs=4, max_minutes=24)) == 1  # the measured protocol: one run
     calls = dag.simulate(plan, jobs=4, max_minutes=9)
-    assert len(calls) <= 3 and all(c.minutes < 10 for c in calls) and sum(c.minutes for c in calls) <= 26
+    assert len(calls) <= 3 and all(c.minutes < 10 for c in calls) and sum(c.minutes for c in calls) <= 28
     runs = [r for c in calls for r in c.runs]
     assert sorted(r[0] for r in runs) == sorted(p.name for p in plan)  # each step once
     when = {name: (i, start, end) for i, c in enumerate(calls) for name, start, end in c.runs}

@@ -250,11 +250,30 @@ def test_full_finetuning_moves_every_language_model_weight_and_no_vision_weight(
         assert changed == (name in trainable), f"{name}: changed={changed}"
 
 
+def test_full_finetuning_with_freeze_vision_false_moves_the_vision_tower_and_aligner_too(
+    tmp_path: Path,
+) -> None:
+    bundle = tiny()
+    module = FusionSFTModule(
+        bundle, functools.partial(torch.optim.AdamW, lr=1e-3), finetune="full", freeze_vision=False
+    )
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    assert all(p.requires_grad for p in module.parameters())  # nothing of this VL model is left frozen
+    vision = {n for n in before if ".visual." in n}
+    assert any(".merger." in n for n in vision) and any(".deepstack_merger_list." in n for n in vision)
+    assert any(".blocks." in n for n in vision) and any(".patch_embed." in n for n in vision)
+    fit_on_rows(module, bundle, tmp_path)
+    unchanged = [n for n, p in module.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"weights that did not move: {unchanged[:5]}"
+
+
 def test_finetune_mode_errors_are_clear() -> None:
     with pytest.raises(ValueError, match=r"module.finetune must be one of \('lora', 'full'\), got 'ful'"):
         build_trainable_model(tiny().model, finetune="ful")
     with pytest.raises(ValueError, match="no adapter to continue"):
         build_trainable_model(tiny().model, adapter="any/adapter", adapter_mode="continue", finetune="full")
+    with pytest.raises(ValueError, match=r"module\.freeze_vision=false .* needs module\.finetune=full"):
+        build_trainable_model(tiny().model, LORA, freeze_vision=False)
 
 
 def test_fusion_sft_experiment_runs_and_writes_an_adapter(

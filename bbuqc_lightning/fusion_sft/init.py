@@ -21,7 +21,10 @@ Two trainable boundaries (``module.finetune``):
   ``continue`` is refused (there is no adapter left to continue).
 
 Either way the vision tower and the aligner (``merger``, ``deepstack_merger_list``) stay frozen, and a
-``continue`` adapter that touches them is refused.
+``continue`` adapter that touches them is refused. The one exception is ``module.freeze_vision=false`` with
+``finetune=full``: the tower and aligner train too. That is for a random-init model trained from scratch (the
+drift-and-cure base), whose tower has never been trained; a pretrained Qwen3-VL's tower already sees, and the
+product keeps it frozen.
 """
 
 from __future__ import annotations
@@ -46,15 +49,22 @@ def build_trainable_model(
     adapter: str | None = None,
     adapter_mode: str = "merge",
     finetune: str = "lora",
+    freeze_vision: bool = True,
 ) -> PeftModel | PreTrainedModel:
     """``model`` ready for SFT: LoRA from the ``lora`` partial (``conf/lora/last_k.yaml``: the last K layers) or,
-    with ``finetune="full"``, the whole language model trainable; optionally starting from an adapter."""
+    with ``finetune="full"``, the whole language model trainable (and the vision tower and aligner with
+    ``freeze_vision=False``); optionally starting from an adapter."""
     if adapter_mode not in ADAPTER_MODES:
         raise ValueError(f"module.init.adapter_mode must be one of {ADAPTER_MODES}, got {adapter_mode!r}")
     if finetune not in FINETUNE_MODES:
         raise ValueError(f"module.finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
     if finetune == "full":
-        return _full(model, adapter, adapter_mode)
+        return _full(model, adapter, adapter_mode, freeze_vision)
+    if not freeze_vision:
+        raise ValueError(
+            "module.freeze_vision=false trains the vision tower and aligner in full; it needs module.finetune=full "
+            "(LoRA adapts only the last K LLM layers)"
+        )
     if adapter is None or adapter_mode == "merge":
         if lora is None:
             raise ValueError("module.finetune=lora needs module.lora (conf/lora/last_k.yaml)")
@@ -73,7 +83,9 @@ def build_trainable_model(
     return peft_model
 
 
-def _full(model: PreTrainedModel, adapter: str | None, adapter_mode: str) -> PreTrainedModel:
+def _full(
+    model: PreTrainedModel, adapter: str | None, adapter_mode: str, freeze_vision: bool
+) -> PreTrainedModel:
     if adapter is not None:
         if adapter_mode == "continue":
             raise ValueError(
@@ -82,8 +94,11 @@ def _full(model: PreTrainedModel, adapter: str | None, adapter_mode: str) -> Pre
             )
         log.info("merging the init adapter %s into the base before full fine-tuning", adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    log.info("full fine-tuning: every language-model weight trains (module.lora is not used)")
-    return train_language_model(model)
+    log.info(
+        "full fine-tuning: every language-model weight trains%s (module.lora is not used)",
+        "" if freeze_vision else ", and the vision tower and aligner",
+    )
+    return train_language_model(model, vision=not freeze_vision)
 
 
 def _in_vision(name: str) -> bool:

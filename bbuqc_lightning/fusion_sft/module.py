@@ -55,11 +55,17 @@ class FusionSFTModule(TrainableStateCheckpointing, L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         gradient_checkpointing: bool = False,
         finetune: str = "lora",
+        freeze_vision: bool = True,
     ) -> None:
         super().__init__()
         init = dict(init or {})
         self.model = build_trainable_model(
-            bundle.model, lora, init.get("adapter"), init.get("adapter_mode", "merge"), finetune
+            bundle.model,
+            lora,
+            init.get("adapter"),
+            init.get("adapter_mode", "merge"),
+            finetune,
+            freeze_vision,
         )
         self.processor = bundle.processor  # saved beside a fully fine-tuned model (ModelFolderCheckpoint)
         if gradient_checkpointing:

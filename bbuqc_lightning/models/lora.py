@@ -15,7 +15,9 @@ It is built from config like the optimizer (``conf/lora/last_k.yaml``, the one p
 
 Full fine-tuning (:func:`train_language_model`, fusion SFT with ``module.finetune=full``): every weight of
 the language model trains (embeddings, every decoder block, the final norm, ``lm_head``); the vision tower
-and the aligner stay frozen, as with LoRA.
+and the aligner stay frozen, as with LoRA, unless ``vision=True`` (``module.freeze_vision=false``), which is
+for a random-init model trained from scratch: its vision tower has never learned to see, where a pretrained
+Qwen3-VL's has and stays frozen.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
-from bbuqc_lightning.models.decoder import language_model, output_embedding
+from bbuqc_lightning.models.decoder import base_model, language_model, output_embedding
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,14 +85,18 @@ def first_adapted_layer(model: torch.nn.Module) -> int:
     raise ValueError("no decoder layer of this model carries a LoRA adapter")
 
 
-def train_language_model(model: PreTrainedModel) -> PreTrainedModel:
+def train_language_model(model: PreTrainedModel, vision: bool = False) -> PreTrainedModel:
     """Freeze ``model``, then let every language-model weight train (``lm_head`` included); returns it.
 
-    The vision tower and the aligner stay frozen. For a text-only Qwen3 that is every weight.
+    The vision tower and the aligner (``model.visual``: the blocks, ``merger``, ``deepstack_merger_list``) stay
+    frozen unless ``vision``. For a text-only Qwen3 the language model is every weight; ``vision`` is refused.
     """
+    visual = getattr(base_model(model).model, "visual", None)
+    if vision and visual is None:
+        raise ValueError("module.freeze_vision=false: this model has no vision tower (a text-only Qwen3)")
     for param in model.parameters():
         param.requires_grad_(False)
-    for module in (language_model(model), output_embedding(model)):
+    for module in (language_model(model), output_embedding(model), *([visual] if vision else [])):
         for param in module.parameters():
             param.requires_grad_(True)
     return model

@@ -26,6 +26,21 @@ def num_layers(model: str) -> int:
     return int(arch["text"]["num_hidden_layers"])
 
 
+def base_model(s: Mapping[str, Any]) -> list[str]:
+    """The base's random-init model: the ``s["model"]`` preset, its vision tower resized by ``vision_depth`` /
+    ``vision_width`` (0: the preset's; DeepStack from the middle block, the MLP twice the width, as the preset)
+    and trained with the LLM when ``base_trains_vision`` (``module.freeze_vision=false``: a random-init tower
+    has never learned to see; the stages after the base keep it frozen, as the product does)."""
+    vision = "model.architecture.vision"
+    depth, width = s["vision_depth"], s["vision_width"]
+    return [
+        f"model={s['model']}",
+        *([f"{vision}.depth={depth}", f"{vision}.deepstack_visual_indexes=[{depth // 2}]"] if depth else []),
+        *([f"{vision}.hidden_size={width}", f"{vision}.intermediate_size={2 * width}"] if width else []),
+        *(["module.freeze_vision=false"] if s["base_trains_vision"] else []),
+    ]
+
+
 def common(s: Mapping[str, Any], run_dir: Path, seed: int, tag: str) -> list[str]:
     """Overrides every run shares: its folder, the data folder, the seed, W&B offline with tags."""
     return [

@@ -225,7 +225,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
                         d["base"],
                         seed,
                         "base",
-                        model=[f"model={model}"],
+                        model=cmd.base_model(s),
                         steps=s["base_steps"],
                         lr=s["base_lr"],
                         max_minutes=s["base_max_minutes"],
