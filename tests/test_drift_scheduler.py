@@ -242,6 +242,9 @@ def test_bundle_is_at_most_eight_files_each_under_the_limit(tmp_path: Path) -> N
     for run in ("s0/eval_base/stage_b", "s0/eval_base/e2e"):
         (out / "runs" / run).mkdir(parents=True)
         (out / "runs" / run / "metrics.json").write_text('{"test/accuracy": 1.0}')
+    (out / "runs" / "s0" / "eval_base" / "e2e" / "stage_a.jsonl").write_text(
+        "{}\n"
+    )  # the model's own summaries
     (out / "runs" / "s0" / "base" / "model").mkdir(parents=True)
     (out / "runs" / "s0" / "base" / "model" / "model.safetensors").write_bytes(b"0" * 1000)
     files = out / "wandb" / "offline-run-1" / "files"
@@ -257,5 +260,6 @@ def test_bundle_is_at_most_eight_files_each_under_the_limit(tmp_path: Path) -> N
     with tarfile.open(dest / "metrics.tar.gz") as tar:
         names = tar.getnames()
     assert "runs/s0/eval_base/e2e/metrics.json" in names and not any("safetensors" in n for n in names)
+    assert "runs/s0/eval_base/e2e/stage_a.jsonl" in names
     with tarfile.open(dest / "wandb_report.tar.gz") as tar:
         assert "wandb/offline-run-1/files/media.json" in tar.getnames()

@@ -5,8 +5,10 @@ including a fully fine-tuned model folder that GRPO and eval start from."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bbuqc_lightning.config import config_dir
+from bbuqc_lightning.fusion_sft import synthetic_sources
 from bbuqc_lightning.fusion_sft.collator import IGNORE_INDEX, SFTCollator, SFTLengthError
-from bbuqc_lightning.fusion_sft.datamodule import FusionDataModule
+from bbuqc_lightning.fusion_sft.datamodule import FusionDataModule, _pool
 from bbuqc_lightning.fusion_sft.init import build_trainable_model
 from bbuqc_lightning.fusion_sft.loss import weighted_token_mean
 from bbuqc_lightning.fusion_sft.module import FusionSFTModule
 from bbuqc_lightning.models.factory import ModelBundle, load_model
 from bbuqc_lightning.models.lora import apply_last_k_lora
-from bbuqc_lightning.train import train
+from bbuqc_lightning.train import build_objects, train
 
 IMAGE_PAD_ID = 151655
 PROMPTS = {"common": "描述照片。", "missions": {"BBU接地线检查": "任务：{mission}。"}}
@@ -298,6 +301,37 @@ def test_fusion_sft_experiment_runs_and_writes_an_adapter(
     assert {"val/loss/bbu_summary", "val/loss/stage_b_distill"} <= set(metrics)
     assert objects["datamodule"].dataset_names == ["bbu_summary", "stage_b_distill", "bbu_dense", "lang_chat"]
     assert type(objects["trainer"].strategy) is SingleDeviceStrategy  # fit: Lightning's, unchanged
+
+
+def test_summary_fail_oversample_draws_the_photos_of_fail_tickets_more_often(
+    compose: Callable[[list[str]], DictConfig], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = compose(["+experiment=fusion_sft", "logger=csv", "data.variables.summary_fail_oversample=3.0"])
+    data = build_objects(cfg)["datamodule"]
+    data.prepare_data()  # writes the synthetic fusion files on first use
+    manifest = Path(cfg.data.synthetic_sources.out_dir) / "manifest.json"
+    old = {
+        **json.loads(manifest.read_text(encoding="utf-8")),
+        "version": 1,
+    }  # files from before rows had labels
+    manifest.write_text(json.dumps(old), encoding="utf-8")
+    data.prepare_data()  # ... are written again
+    assert json.loads(manifest.read_text(encoding="utf-8"))["version"] == synthetic_sources.VERSION
+    data.setup("fit")
+    summary = data.pools[0]
+    rows = [r for r in data.train_rows if r["dataset"] == "bbu_summary"]
+    assert summary.name == "bbu_summary" and len(rows) == summary.size
+    labels = [r["label"] for r in rows]  # each photo row carries its ticket's label
+    assert set(labels) == {"pass", "fail"}
+    assert summary.weights == tuple(3.0 if label == "fail" else 1.0 for label in labels)
+    assert (
+        data.pools[2].name == "bbu_dense" and data.pools[2].weights is None
+    )  # the same file, not oversampled
+    entry = dataclasses.replace(data.config.targets[0], fail_oversample=2.0)
+    unlabelled = [{**r, "label": None} for r in rows]
+    with caplog.at_level(logging.WARNING, logger="bbuqc_lightning.fusion_sft.datamodule"):
+        assert _pool(entry, unlabelled).weights is None
+    assert f"fail_oversample=2, but none of its {len(rows)} rows is labelled fail" in caplog.text
 
 
 def test_row_weights_scale_tokens_in_the_loss() -> None:

@@ -84,8 +84,9 @@ class FusionDataModule(L.LightningDataModule):
         return load_fusion_config(self.fusion, self.variables, bbu_templates=self.templates)
 
     def prepare_data(self) -> None:
-        missing = _missing_files(self.load_config())
-        if missing and self.synthetic and self.synthetic_sources:
+        config = self.load_config()
+        missing = _missing_files(config)
+        if self.synthetic and self.synthetic_sources and (missing or self._stale_synthetic_sources(config)):
             from bbuqc_lightning.data.synthetic.tree import ensure_synthetic
             from bbuqc_lightning.fusion_sft.synthetic_sources import ensure_fusion_sources
 
@@ -94,6 +95,16 @@ class FusionDataModule(L.LightningDataModule):
             missing = _missing_files(self.load_config())
         if missing:
             raise FileNotFoundError("fusion data not found: " + "; ".join(missing))
+
+    def _stale_synthetic_sources(self, config: FusionConfig) -> bool:
+        """The fusion file reads the synthetic fusion files, and they were written by another version."""
+        from bbuqc_lightning.fusion_sft.synthetic_sources import is_stale
+
+        out = Path(self.synthetic_sources["out_dir"]).resolve()
+        used = any(
+            e.train_jsonl is not None and e.train_jsonl.parent.resolve() == out for e in config.entries
+        )
+        return used and is_stale(out)
 
     def prompt(self, template: str, mission: str) -> str:
         """The ``template``'s prompt for ``mission`` (``dataset: bbu`` rows)."""
@@ -176,6 +187,13 @@ def _pool(entry: FusionEntry, rows: list[dict[str, Any]]) -> Pool:
     weights = None
     if entry.fail_oversample != 1.0 and any(r["label"] == "fail" for r in rows):
         weights = tuple(entry.fail_oversample if r["label"] == "fail" else 1.0 for r in rows)
+    elif entry.fail_oversample != 1.0 and rows:
+        log.warning(
+            "%s: fail_oversample=%g, but none of its %d rows is labelled fail: drawn uniformly",
+            entry.name,
+            entry.fail_oversample,
+            len(rows),
+        )
     return Pool(entry.name, entry.role, len(rows), entry.ratio, entry.sample_without_replacement, weights)
 
 

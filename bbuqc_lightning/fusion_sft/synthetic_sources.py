@@ -4,9 +4,10 @@ Written under ``<synthetic_dir>/fusion/`` on first use (``manifest.json`` last, 
 is rebuilt), from the synthetic tree and its reference Stage-A JSONL (``stage_a_<split>.jsonl``):
 
 - ``bbu_<split>.jsonl`` — one row per photo: ``{"images": ["../<split>/.../IMG_3.jpg"], "mission",
-  "summary", "dense", "ticket_key", "image_key"}``. ``summary`` is the photo's reference one-line
+  "summary", "dense", "ticket_key", "image_key", "label"}``. ``summary`` is the photo's reference one-line
   summary; ``dense`` is the same facts written out one object per line with the ``dense_object``
-  template of the config (a stand-in for real dense captions: longer, structured, same content).
+  template of the config (a stand-in for real dense captions: longer, structured, same content); ``label``
+  is its ticket's (so ``fail_oversample`` can draw the photos of fail tickets more often).
   Used by the ``bbu_summary`` target (``mode: summary``) and the ``bbu_dense`` source (``mode: dense``).
 - ``stage_b_<split>.jsonl`` — the distillation file's shape (``messages`` = system + user exactly as the
   Stage-B builder renders them + the assistant verdict; ``ticket_key``, ``group_id``, ``mission``,
@@ -41,6 +42,7 @@ from bbuqc_lightning.stage_b.reference_answers import stage_b_rows
 
 SPLITS = ("train", "val")
 _MANIFEST = "manifest.json"
+VERSION = 2  # 2: bbu rows carry their ticket's label; a folder written by another version is rewritten
 
 
 def ensure_fusion_sources(
@@ -49,11 +51,18 @@ def ensure_fusion_sources(
     stage_b_templates: Mapping[str, Any],
     texts: Mapping[str, Any],
 ) -> Path:
-    """Write the fusion JSONL files unless ``<out_dir>/manifest.json`` exists; returns ``out_dir``."""
+    """Write the fusion JSONL files unless ``<out_dir>/manifest.json`` exists from this :data:`VERSION`;
+    returns ``out_dir``."""
     out = Path(out_dir)
-    if not (out / _MANIFEST).exists():
+    if not (out / _MANIFEST).exists() or is_stale(out):
         write_fusion_sources(out, Path(synthetic_dir), stage_b_templates, texts)
     return out
+
+
+def is_stale(out_dir: str | os.PathLike[str]) -> bool:
+    """``<out_dir>/manifest.json`` exists and was written by another :data:`VERSION` of this module."""
+    manifest = Path(out_dir) / _MANIFEST
+    return manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("version") != VERSION
 
 
 def write_fusion_sources(
@@ -75,6 +84,7 @@ def write_fusion_sources(
     )
     manifest = {
         "generator": "bbuqc_lightning.fusion_sft.synthetic_sources",
+        "version": VERSION,
         "from": str(synthetic_dir),
         **counts,
     }
@@ -108,6 +118,7 @@ def bbu_rows(
                     "dense": dense_caption(summary, texts),
                     "ticket_key": record["ticket_key"],
                     "image_key": image_key(i),
+                    "label": record.get("label"),
                 }
             )
     return rows

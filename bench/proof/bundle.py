@@ -7,7 +7,8 @@ after the call's report:
 - ``drift_and_cure.md``, ``drift_and_cure.json``, ``false_pass.png`` (the report, as written);
 - ``logs.tar.gz``: ``logs/*.log`` (one per subprocess) and ``state.json``;
 - ``metrics.tar.gz``: every run folder's small result files (``metrics.json``, the CSV logs,
-  ``predictions.jsonl``, ``summary.json``), the fusion mixes and the distill file;
+  ``predictions.jsonl``, ``summary.json``, the end-to-end runs' own summaries ``stage_a.jsonl``), the fusion
+  mixes and the distill file;
 - ``wandb_report.tar.gz``: the offline W&B run of the results table and plot (``wandb sync`` it);
 - ``bundle.json``: what each archive holds and what was cut to stay under the limit.
 
@@ -28,7 +29,14 @@ from typing import Any
 LIMIT = 16 * 1024 * 1024  # bytes per file that comes back
 MAX_FILES = 8
 REPORT_FILES = ("drift_and_cure.md", "drift_and_cure.json", "false_pass.png")
-RESULT_NAMES = ("metrics.json", "metrics.csv", "predictions.jsonl", "summary.json", "manifest.json")
+RESULT_NAMES = (
+    "metrics.json",
+    "metrics.csv",
+    "predictions.jsonl",
+    "summary.json",
+    "manifest.json",
+    "stage_a.jsonl",
+)
 
 
 def _members(out: Path, patterns: Iterable[str]) -> list[Path]:

@@ -93,6 +93,7 @@ def sft_argv(
     fusion: str | Path = "default",
     lora_k: int | None = None,
     max_minutes: float = 0.0,
+    stage_b_ratio: float | None = None,
     extra: tuple[str, ...] = (),
 ) -> list[str]:
     """Fusion SFT: full fine-tuning (``lora_k`` None, writes ``<run>/model``) or LoRA on the top ``lora_k``
@@ -118,7 +119,7 @@ def sft_argv(
         f"data.fusion={fusion}",
         f"module.optimizer.lr={lr}",
         f"module.scheduler={one_cycle(lr, steps)}",
-        f"data.variables.stage_b_ratio={s['stage_b_ratio']}",
+        f"data.variables.stage_b_ratio={s['stage_b_ratio'] if stage_b_ratio is None else stage_b_ratio}",
         f"data.batch_size={s['sft_batch']}",
         f"data.val_batch_size={s['sft_batch']}",
         f"data.num_workers={s['sft_workers']}",

@@ -227,6 +227,10 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
                         "base",
                         model=cmd.base_model(s),
                         steps=s["base_steps"],
+                        stage_b_ratio=s["base_stage_b_ratio"],
+                        extra=(
+                            f"data.variables.summary_fail_oversample={s['base_summary_fail_oversample']}",
+                        ),
                         lr=s["base_lr"],
                         max_minutes=s["base_max_minutes"],
                     ),

@@ -21,9 +21,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "test": 50,  # per mission: 200 held-out tickets, 100 of them fail (cut from 100 to fit the calls)
         "sft_batch": 64,
         "sft_workers": 4,  # up to 4 SFT processes at once share 16 CPU cores
-        "stage_b_ratio": 6.0,
+        "stage_b_ratio": 6.0,  # the Teacher's (Stage-B rows per epoch = 6 x tickets)
         # run 5: the base's vision tower trains (runs 1-4 kept the random-init tower frozen, and Stage-A kept
         # 0-7 % of grounding's and cabling's negative items), at 4 blocks x 256 (the preset's 2 x 128), 1.5x as long
+        "base_stage_b_ratio": 6.0,  # a third of each batch is summaries; lower it for more Stage-A training
+        "base_summary_fail_oversample": 1.0,  # > 1: fail tickets' photos (where the defects are) drawn more often
         "base_trains_vision": True,
         "vision_depth": 4,
         "vision_width": 256,
@@ -77,6 +79,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sft_batch": 4,
         "sft_workers": 0,
         "stage_b_ratio": 2.0,
+        "base_stage_b_ratio": 2.0,
+        "base_summary_fail_oversample": 2.0,  # the smoke run exercises the option
         "base_trains_vision": True,
         "vision_depth": 0,  # the tiny preset's tower
         "vision_width": 0,
