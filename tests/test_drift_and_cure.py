@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bbuqc_lightning.config import validate_config
 from bbuqc_lightning.constants import SLUG_TO_MISSION
+from bbuqc_lightning.train import build_objects
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:  # bench scripts import their sibling package (bench/proof/), as when run
@@ -73,6 +74,11 @@ def test_every_command_composes_with_the_intended_settings(
     runs = Path(s["out"]) / "runs" / "s0"
     base, drift = cfgs["s0/base:0"], cfgs["s0/drift_lenient:0"]
     assert base.module.finetune == "full" and base.model.random_init
+    assert not base.module.freeze_vision and cfgs["teacher:0"].module.freeze_vision  # the base's tower trains
+    assert base.model.architecture.vision.depth == (s["vision_depth"] or 2)
+    assert base.data.fusion == str(Path(s["out"]) / "fusion" / "base.yaml")  # findings oversampled
+    teacher_ratio = cfgs["teacher:0"].data.variables.stage_b_ratio
+    assert base.data.variables.stage_b_ratio == s["base_stage_b_ratio"] != s["stage_b_ratio"] == teacher_ratio
     assert drift.module.finetune == "full" and not drift.model.random_init
     assert drift.model.model_name_or_path == str(runs / "base" / "model")
     assert drift.data.fusion == str(Path(s["out"]) / "fusion" / "drift_lenient.yaml")
@@ -94,6 +100,33 @@ def test_every_command_composes_with_the_intended_settings(
     assert distill.model.model_name_or_path == str(Path(s["out"]) / "runs" / "teacher" / "model")
     assert cfgs["teacher:0"].module.finetune == "full"
     assert (base.trainer.precision == "bf16-mixed") == (device == "cuda")
+
+
+def test_the_base_mix_draws_photos_that_name_a_finding_more_often(
+    compose_at: ComposeAt, tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mix = drift_data.finding_oversampled_mix(
+        tmp_path / "base.yaml", BENCH.parent / "conf" / "fusion" / "default.yaml", 4.0
+    )
+    cfg = compose_at(
+        ["+experiment=fusion_sft", "logger=csv", f"data.fusion={mix['fusion']}"], tmp_path, data_dir
+    )
+    try:
+        data = build_objects(cfg)["datamodule"]
+        data.prepare_data()
+        with caplog.at_level("INFO", logger="bbuqc_lightning.fusion_sft.datamodule"):
+            data.setup("fit")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert [p.name for p in data.pools] == ["bbu_summary", "stage_b_distill", "bbu_dense", "lang_chat"]
+    summaries = [r["messages"][-1]["content"] for r in data.train_rows if r["dataset"] == "bbu_summary"]
+    finding = [any(f in text for f in drift_data.FINDINGS) for text in summaries]
+    assert 0 < sum(finding) < len(finding)
+    assert data.pools[0].weights == tuple(4.0 if f else 1.0 for f in finding)
+    assert (
+        data.pools[1].weights is not None and data.pools[2].weights is None
+    )  # the rest of the mix as it was
+    assert f"answer_oversample {mix['answer_oversample']['match']!r} matches {sum(finding)} of" in caplog.text
 
 
 def test_teacher_base_skips_the_teacher_and_settings_are_fixed_by_the_first_call(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ through a real Lightning checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from bbuqc_lightning.fusion_sft.datamodule import FusionDataModule
+from bbuqc_lightning.fusion_sft.datamodule import FusionDataModule, _pool
 from bbuqc_lightning.fusion_sft.fusion_config import FusionConfigError, FusionEntry, load_fusion_config
 from bbuqc_lightning.fusion_sft.rows import FusionDataError, read_entry_samples
 from bbuqc_lightning.fusion_sft.sampler import FusionSampler, Pool, epoch_quotas
@@ -101,6 +102,55 @@ def test_every_problem_is_reported_at_once_with_file_and_line(tmp_path: Path) ->
     cycle = write_yaml(tmp_path / "loop.yaml", "extends: loop.yaml\ntargets: []\n")
     with pytest.raises(FusionConfigError, match="extends cycle"):
         load_fusion_config(cycle)
+
+
+def test_answer_oversample_is_a_pattern_and_a_weight_and_its_errors_name_the_entry(tmp_path: Path) -> None:
+    good = write_yaml(
+        tmp_path / "good.yaml",
+        "targets:\n"
+        "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: chatml, ratio: 1.0,\n"
+        "     answer_oversample: {match: '不通过|无法识别', weight: 4}}\n",
+    )
+    assert load_fusion_config(good).targets[0].answer_oversample == ("不通过|无法识别", 4.0)
+    bad = write_yaml(
+        tmp_path / "bad.yaml",
+        "targets:\n"
+        "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: chatml, ratio: 1.0,\n"
+        "     answer_oversample: {match: '(不通过', weight: 4}}\n"
+        "  - {name: b, dataset: chat, train_jsonl: b.jsonl, template: chatml, ratio: 1.0,\n"
+        "     answer_oversample: {match: x, weight: 0}}\n"
+        "  - {name: c, dataset: chat, train_jsonl: c.jsonl, template: chatml, ratio: 1.0,\n"
+        "     answer_oversample: 4.0}\n",
+    )
+    with pytest.raises(FusionConfigError) as info:
+        load_fusion_config(bad)
+    message = str(info.value)
+    assert (
+        f"{bad}:2 (targets[0] 'a'): answer_oversample.match '(不通过' is not a regular expression" in message
+    )
+    assert f"{bad}:4 (targets[1] 'b'): answer_oversample must be" in message and "weight is 0" in message
+    assert f"{bad}:6 (targets[2] 'c'): answer_oversample must be" in message and "got 4.0" in message
+
+
+def test_answer_oversampling_weighs_the_rows_whose_answer_matches() -> None:
+    entry = FusionEntry("a", "target", "chat", Path("a.jsonl"), None, "chatml", None, 1.0,
+                        fail_oversample=2.0, answer_oversample=("无法识别", 3.0))  # fmt: skip
+    rows = [
+        {"label": label, "messages": [{"role": "assistant", "content": text}]}
+        for label, text in (
+            ("pass", "标签/可以识别"),
+            ("fail", "标签/无法识别"),
+            ("fail", "电线"),
+            (None, "无法识别"),
+        )
+    ]
+    assert _pool(entry, rows).weights == (1.0, 6.0, 2.0, 3.0)  # fail x answer, fail alone, answer alone
+    assert (
+        _pool(
+            dataclasses.replace(entry, answer_oversample=("nowhere", 3.0), fail_oversample=1.0), rows
+        ).weights
+        is None
+    )
 
 
 def test_missing_extends_parent_names_the_extending_file(tmp_path: Path) -> None:

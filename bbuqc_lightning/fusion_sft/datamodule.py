@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -183,18 +184,43 @@ class FusionDataModule(L.LightningDataModule):
 
 
 def _pool(entry: FusionEntry, rows: list[dict[str, Any]]) -> Pool:
-    """The sampler's view of an entry: fail rows weigh ``fail_oversample`` (uniform when none is fail)."""
-    weights = None
-    if entry.fail_oversample != 1.0 and any(r["label"] == "fail" for r in rows):
-        weights = tuple(entry.fail_oversample if r["label"] == "fail" else 1.0 for r in rows)
-    elif entry.fail_oversample != 1.0 and rows:
+    """The sampler's view of an entry: a row's draw weight is ``fail_oversample`` if it is labelled fail, times
+    ``answer_oversample``'s weight if its answer (the last turn) matches; uniform when every weight is 1."""
+    fail = entry.fail_oversample if any(r["label"] == "fail" for r in rows) else 1.0
+    if entry.fail_oversample != 1.0 and fail == 1.0 and rows:
         log.warning(
             "%s: fail_oversample=%g, but none of its %d rows is labelled fail: drawn uniformly",
             entry.name,
             entry.fail_oversample,
             len(rows),
         )
-    return Pool(entry.name, entry.role, len(rows), entry.ratio, entry.sample_without_replacement, weights)
+    weights = [fail if r["label"] == "fail" else 1.0 for r in rows]
+    if entry.answer_oversample is not None:
+        pattern, weight = re.compile(entry.answer_oversample[0]), entry.answer_oversample[1]
+        matched = [bool(pattern.search(_answer(r))) for r in rows]
+        weights = [w * weight if m else w for w, m in zip(weights, matched, strict=True)]
+        log.info(
+            "%s: answer_oversample %r matches %d of %d rows (weight %g)",
+            entry.name,
+            pattern.pattern,
+            sum(matched),
+            len(rows),
+            weight,
+        )
+    uniform = all(w == 1.0 for w in weights)
+    return Pool(
+        entry.name,
+        entry.role,
+        len(rows),
+        entry.ratio,
+        entry.sample_without_replacement,
+        None if uniform else tuple(weights),
+    )
+
+
+def _answer(row: dict[str, Any]) -> str:
+    content = row["messages"][-1]["content"]
+    return content if isinstance(content, str) else "".join(c.get("text", "") for c in content)
 
 
 def _absolute(value: Any) -> Any:

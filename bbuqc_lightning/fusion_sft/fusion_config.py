@@ -10,6 +10,8 @@ The shape is the one the team's existing files use, so they load unchanged::
          template: summary_bbu, mode: summary, ratio: 1.0}
       - {name: stage_b_distill, dataset: chat, train_jsonl: /runs/x/distill_chatml.jsonl,
          template: chatml, ratio: 1.0, fail_oversample: 2.0}
+    # a rare finding drawn more often: rows whose answer matches the regular expression weigh 4 in the draw
+    #   {name: bbu_summary, ..., answer_oversample: {match: "不符合要求|无法识别", weight: 4.0}}
     sources:                           # auxiliary data: round(ratio x sum of target quotas) rows
       - {name: lang_chat, dataset: chat, train_jsonl: coig_cqia.jsonl, template: chatml, ratio: 0.1}
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +57,7 @@ CHAT_TEMPLATE = "chatml"
 ROLES = ("targets", "sources")
 ENTRY_KEYS = frozenset(
     {"name", "dataset", "train_jsonl", "val_jsonl", "template", "mode", "ratio"}
-    | {"sample_without_replacement", "fail_oversample"}
+    | {"sample_without_replacement", "fail_oversample", "answer_oversample"}
 )
 FILE_KEYS = frozenset({"extends", "targets", "sources", "sample_without_replacement", "fail_oversample"})
 _LINE = "__line__"
@@ -79,6 +82,9 @@ class FusionEntry:
     ratio: float
     sample_without_replacement: bool = False
     fail_oversample: float = 1.0
+    answer_oversample: tuple[str, float] | None = (
+        None  # (regular expression, draw weight of matching answers)
+    )
     where: str = "<memory>"
 
 
@@ -309,6 +315,7 @@ def _entry(
         raw, "sample_without_replacement", defaults["sample_without_replacement"], where, problems
     )
     fail_oversample = _positive(raw, "fail_oversample", defaults["fail_oversample"], where, problems)
+    answer_oversample = _answer_oversample(raw.get("answer_oversample"), where, problems)
     if len(problems) > before:
         return None
     return FusionEntry(
@@ -322,6 +329,7 @@ def _entry(
         ratio=float(ratio),
         sample_without_replacement=without,
         fail_oversample=fail_oversample,
+        answer_oversample=answer_oversample,
         where=str(raw.get(_WHERE, "?")),
     )
 
@@ -349,6 +357,29 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def _answer_oversample(value: Any, where: str, problems: list[str]) -> tuple[str, float] | None:
+    """``{match: <regular expression>, weight: <number > 0>}`` -> ``(match, weight)``; null -> None."""
+    if value is None:
+        return None
+    shape = "answer_oversample must be {match: <regular expression>, weight: <number > 0>}"
+    if not isinstance(value, Mapping) or set(value) - {"match", "weight", _LINE}:
+        problems.append(f"{where}: {shape}, got {value!r}")
+        return None
+    match, weight = value.get("match"), _number(value.get("weight"))
+    if not isinstance(match, str) or not match:
+        problems.append(f"{where}: {shape}; match is {match!r}")
+        return None
+    try:
+        re.compile(match)
+    except re.error as err:
+        problems.append(f"{where}: answer_oversample.match {match!r} is not a regular expression ({err})")
+        return None
+    if weight is None or weight <= 0:
+        problems.append(f"{where}: {shape}; weight is {value.get('weight')!r}")
+        return None
+    return match, weight
 
 
 def _flag(raw: Mapping[str, Any], key: str, default: bool, where: str, problems: list[str]) -> bool:

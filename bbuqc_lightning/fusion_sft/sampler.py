@@ -9,8 +9,9 @@ Quotas (fixed for a run, since they depend only on data sizes and ratios):
 Drawing (a fresh ``numpy.random.default_rng([seed, epoch])`` per epoch, entries in file order):
 
 - with replacement (the default): ``quota`` rows drawn i.i.d.; a row's probability is proportional to
-  its weight, ``fail_oversample`` for rows labelled ``fail`` and 1 otherwise — so oversampling changes
-  the *share* of fail rows inside an entry's quota, never the quota (the mix stays as configured);
+  its weight, ``fail_oversample`` for rows labelled ``fail`` and 1 otherwise, times the weight of
+  ``answer_oversample`` when the row's answer matches its pattern — so oversampling changes the *share*
+  of those rows inside an entry's quota, never the quota (the mix stays as configured);
 - ``sample_without_replacement: true``: ``quota // len`` full passes over the rows plus
   ``quota % len`` distinct rows (weighted the same way). With ratio 1 every row is seen exactly once,
   and ``fail_oversample`` then only matters for the partial pass.
@@ -57,7 +58,9 @@ class Pool:
     size: int
     ratio: float
     without_replacement: bool = False
-    weights: tuple[float, ...] | None = None  # per-row draw weight (fail oversampling); None = uniform
+    weights: tuple[float, ...] | None = (
+        None  # per-row draw weight (fail / answer oversampling); None = uniform
+    )
 
 
 def epoch_quotas(pools: Sequence[Pool]) -> dict[str, int]:

@@ -100,6 +100,20 @@ def _summary_entries(p: Mapping[str, Path]) -> tuple[dict[str, Any], dict[str, A
     return summary, dense
 
 
+def base_fusion(s: Mapping[str, Any]) -> str | Path:
+    """The base's fusion file: the embedded mix, or ``<out>/fusion/base.yaml`` when findings are oversampled."""
+    return "default" if s["base_finding_oversample"] == 1.0 else paths(s)["mixes"] / "base.yaml"
+
+
+def base_mix(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``<out>/fusion/base.yaml``: the embedded mix with its summary target's findings oversampled."""
+    return dd.finding_oversampled_mix(
+        paths(s)["mixes"] / "base.yaml",
+        REPO / "conf" / "fusion" / "default.yaml",
+        s["base_finding_oversample"],
+    )
+
+
 def drift_mix(s: Mapping[str, Any]) -> dict[str, Any]:
     """Write the drift step's fusion file (and, for ``lenient``, the lenient verdict file)."""
     p = paths(s)
@@ -227,11 +241,9 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
                         "base",
                         model=cmd.base_model(s),
                         steps=s["base_steps"],
-                        stage_b_ratio=s["base_stage_b_ratio"],
-                        extra=(
-                            f"data.variables.summary_fail_oversample={s['base_summary_fail_oversample']}",
-                        ),
                         lr=s["base_lr"],
+                        fusion=base_fusion(s),
+                        stage_b_ratio=s["base_stage_b_ratio"],
                         max_minutes=s["base_max_minutes"],
                     ),
                     d["base"],
@@ -240,6 +252,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             est["base"],
             needs=[p["synthetic"] / "manifest.json"],
             after=["data"],
+            prepare=(lambda: base_mix(s)) if base_fusion(s) != "default" else None,
         ),
         PlannedStep(
             f"s{seed}/drift_{s['drift']}",
