@@ -22,8 +22,8 @@ their offline W&B runs), ``fusion/`` (the mixes), ``distill/`` (Teacher input an
 Commands::
 
     python bench/drift_and_cure.py --device cuda --out outputs/drift --plan    # DAG waves, minutes, the calls
-    # one H200: the whole proof in one run (13 min measured with the earlier, shorter cures; ~18 estimated now)
-    python bench/drift_and_cure.py --device cuda --out outputs/drift --jobs 4 --max-minutes 22 --bundle BUNDLE_DIR
+    # one H100: the whole proof in one run (run 5: 22.8 min measured, 23.0 estimated)
+    python bench/drift_and_cure.py --device cuda --out outputs/drift --jobs 4 --max-minutes 24 --bundle BUNDLE_DIR
     # or, where one command may run 10 minutes at most: the same command with --max-minutes 9, 3 times (resumes)
     python bench/drift_and_cure.py --device cuda --out outputs/drift --steps s0/drift_lenient,s0/eval_drift_lenient
     python bench/drift_and_cure.py --device cuda --out outputs/drift --report-only
@@ -52,7 +52,7 @@ from typing import Any
 from proof.bundle import bundle
 from proof.dag import describe, with_dependants
 from proof.drift_plan import DRIFTS, PlannedStep, build_plan
-from proof.drift_profiles import DEFAULT_JOBS, PLAN_MINUTES, PROFILES
+from proof.drift_profiles import DEFAULT_JOBS, PLAN_MINUTES, PROFILES, with_older_settings
 from proof.drift_report import log_to_wandb, markdown, write_report
 from proof.runs import device_name, run_step
 from proof.scheduler import Outcome, run_dag
@@ -109,7 +109,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     state = out / STATE
     if state.is_file():
-        saved = json.loads(state.read_text(encoding="utf-8"))["settings"]
+        saved = with_older_settings(json.loads(state.read_text(encoding="utf-8"))["settings"])
         given = {"seeds": args.seeds, "teacher": args.teacher, "set": args.set or None}
         if args.rerun and args.set:  # new values for the steps run again (checked against the rest in main)
             given["set"] = None

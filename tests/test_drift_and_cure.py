@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -75,8 +76,8 @@ def test_every_command_composes_with_the_intended_settings(
     base, drift = cfgs["s0/base:0"], cfgs["s0/drift_lenient:0"]
     assert base.module.finetune == "full" and base.model.random_init
     assert not base.module.freeze_vision and cfgs["teacher:0"].module.freeze_vision  # the base's tower trains
-    assert base.model.architecture.vision.depth == (s["vision_depth"] or 2)
-    assert base.data.fusion == str(Path(s["out"]) / "fusion" / "base.yaml")  # findings oversampled
+    assert base.model.architecture.vision.depth == (s["base_vision_depth"] or 2)
+    assert base.data.fusion == str(Path(s["out"]) / "fusion" / "base_findings.yaml")  # findings oversampled
     teacher_ratio = cfgs["teacher:0"].data.variables.stage_b_ratio
     assert base.data.variables.stage_b_ratio == s["base_stage_b_ratio"] != s["stage_b_ratio"] == teacher_ratio
     assert drift.module.finetune == "full" and not drift.model.random_init
@@ -148,6 +149,21 @@ def test_teacher_base_skips_the_teacher_and_settings_are_fixed_by_the_first_call
     pipeline.save_state(s, {"s3/cure_a": {}})
     with pytest.raises(SystemExit, match="cures of the summary drift already ran"):
         pipeline.settings(pipeline.parse_args(["--device", "cpu", "--out", s["out"], "--drift", "lenient"]))
+
+
+@pytest.mark.parametrize("run", ["run4", "run5"])
+def test_an_older_run_folder_still_plans_the_commands_it_ran(tmp_path: Path, run: str) -> None:
+    report = json.loads((BENCH.parent / "docs" / "results" / f"drift_and_cure_h100_{run}.json").read_text())
+    out = tmp_path / "out"
+    saved = {**report["settings"], "out": str(out), "data_dir": str(out / "data")}
+    out.mkdir()
+    (out / pipeline.STATE).write_text(json.dumps({"settings": saved, "done": {}}))
+    s = pipeline.settings(pipeline.parse_args(["--device", "cuda", "--out", str(out)]))
+    plan = {step.name: step for step in drift_plan.build_plan(s)}
+    for name in ("s0/base", "teacher", "s0/drift_lenient"):  # the report's paths say outputs/drift
+        argv = plan[name].commands[0].argv
+        planned = shlex.join(["python", *argv[1:]]).replace(str(out), "outputs/drift")
+        assert planned == report["steps"][name]["commands"][0]["command"], name
 
 
 def test_rerun_with_new_settings_drops_the_named_steps_and_those_after_them(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -132,24 +133,24 @@ def test_answer_oversample_is_a_pattern_and_a_weight_and_its_errors_name_the_ent
     assert f"{bad}:6 (targets[2] 'c'): answer_oversample must be" in message and "got 4.0" in message
 
 
-def test_answer_oversampling_weighs_the_rows_whose_answer_matches() -> None:
+def test_answer_oversampling_weighs_the_rows_whose_answer_matches(caplog: pytest.LogCaptureFixture) -> None:
     entry = FusionEntry("a", "target", "chat", Path("a.jsonl"), None, "chatml", None, 1.0,
-                        fail_oversample=2.0, answer_oversample=("无法识别", 3.0))  # fmt: skip
-    rows = [
-        {"label": label, "messages": [{"role": "assistant", "content": text}]}
-        for label, text in (
-            ("pass", "标签/可以识别"),
-            ("fail", "标签/无法识别"),
-            ("fail", "电线"),
-            (None, "无法识别"),
-        )
-    ]
-    assert _pool(entry, rows).weights == (1.0, 6.0, 2.0, 3.0)  # fail x answer, fail alone, answer alone
+                        fail_oversample=2.0, answer_oversample=("无法识别", 3.0), where="mix.yaml:3")  # fmt: skip
+    texts = [("pass", "标签/可以识别"), ("fail", "标签/无法识别"), ("fail", "电线"), (None, "无法识别")]
+    rows = [{"label": label, "messages": [{"role": "assistant", "content": text}]} for label, text in texts]
+    rows.append(
+        {
+            "label": None,
+            "messages": [{"role": "assistant", "content": [{"type": "text", "text": "无法识别"}]}],
+        }
+    )
+    assert _pool(entry, rows).weights == (1.0, 6.0, 2.0, 3.0, 3.0)  # fail x answer, fail alone, answer alone
+    nowhere = dataclasses.replace(entry, answer_oversample=("nowhere", 3.0), fail_oversample=1.0)
+    with caplog.at_level(logging.WARNING, logger="bbuqc_lightning.fusion_sft.datamodule"):
+        assert _pool(nowhere, rows).weights is None
     assert (
-        _pool(
-            dataclasses.replace(entry, answer_oversample=("nowhere", 3.0), fail_oversample=1.0), rows
-        ).weights
-        is None
+        "a (mix.yaml:3): answer_oversample 'nowhere' matches 0 of 5 rows (weight 3): drawn uniformly"
+        in caplog.text
     )
 
 

@@ -257,9 +257,8 @@ def test_full_finetuning_with_freeze_vision_false_moves_the_vision_tower_and_ali
     tmp_path: Path,
 ) -> None:
     bundle = tiny()
-    module = FusionSFTModule(
-        bundle, functools.partial(torch.optim.AdamW, lr=1e-3), finetune="full", freeze_vision=False
-    )
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0)  # only gradients move weights
+    module = FusionSFTModule(bundle, adamw, finetune="full", freeze_vision=False)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     assert all(p.requires_grad for p in module.parameters())  # nothing of this VL model is left frozen
     vision = {n for n in before if ".visual." in n}
@@ -270,13 +269,28 @@ def test_full_finetuning_with_freeze_vision_false_moves_the_vision_tower_and_ali
     assert not unchanged, f"weights that did not move: {unchanged[:5]}"
 
 
-def test_finetune_mode_errors_are_clear() -> None:
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_find_unused_parameters_true"])
+def test_a_trainable_vision_tower_under_ddp_needs_find_unused_parameters(strategy: str) -> None:
+    module = FusionSFTModule(tiny(), torch.optim.AdamW, finetune="full", freeze_vision=False)
+    module.trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
+    if strategy == "ddp_spawn":
+        with pytest.raises(ValueError, match=r"use trainer\.strategy=ddp_find_unused_parameters_true"):
+            module.setup("fit")
+    else:
+        module.setup("fit")
+
+
+def test_finetune_mode_errors_are_clear(tiny_text_bundle: ModelBundle) -> None:
     with pytest.raises(ValueError, match=r"module.finetune must be one of \('lora', 'full'\), got 'ful'"):
         build_trainable_model(tiny().model, finetune="ful")
     with pytest.raises(ValueError, match="no adapter to continue"):
         build_trainable_model(tiny().model, adapter="any/adapter", adapter_mode="continue", finetune="full")
     with pytest.raises(ValueError, match=r"module\.freeze_vision=false .* needs module\.finetune=full"):
         build_trainable_model(tiny().model, LORA, freeze_vision=False)
+    with pytest.raises(
+        ValueError, match="this model has no vision tower"
+    ):  # raised before any weight is touched
+        build_trainable_model(tiny_text_bundle.model, finetune="full", freeze_vision=False)
 
 
 def test_fusion_sft_experiment_runs_and_writes_an_adapter(
@@ -310,13 +324,16 @@ def test_summary_fail_oversample_draws_the_photos_of_fail_tickets_more_often(
     data = build_objects(cfg)["datamodule"]
     data.prepare_data()  # writes the synthetic fusion files on first use
     manifest = Path(cfg.data.synthetic_sources.out_dir) / "manifest.json"
-    old = {
-        **json.loads(manifest.read_text(encoding="utf-8")),
-        "version": 1,
-    }  # files from before rows had labels
-    manifest.write_text(json.dumps(old), encoding="utf-8")
-    data.prepare_data()  # ... are written again
-    assert json.loads(manifest.read_text(encoding="utf-8"))["version"] == synthetic_sources.VERSION
+    current = manifest.read_text(encoding="utf-8")
+    old = {**json.loads(current), "version": 1}  # files from before rows had labels
+    for stale in (json.dumps(old), "{not json", None):  # older, unreadable, missing (the files are there)
+        if stale is None:
+            manifest.unlink()
+        else:
+            manifest.write_text(stale, encoding="utf-8")
+        assert synthetic_sources.is_stale(manifest.parent)
+        data.prepare_data()  # ... are written again
+        assert manifest.read_text(encoding="utf-8") == current
     data.setup("fit")
     summary = data.pools[0]
     rows = [r for r in data.train_rows if r["dataset"] == "bbu_summary"]

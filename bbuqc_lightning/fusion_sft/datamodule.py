@@ -1,7 +1,8 @@
 """Fusion DataModule: named JSONL data sets mixed by ratio per epoch (SPEC §9) -> SFT batches.
 
-- ``prepare_data``: checks every file the fusion file names; when some are missing and the embedded
-  synthetic data is configured, generates the synthetic tree and its fusion JSONL files first.
+- ``prepare_data``: checks every file the fusion file names; when some are missing, or the synthetic fusion
+  files it reads were written by another version of their writer, and the embedded synthetic data is configured,
+  generates the synthetic tree and its fusion JSONL files (again) first.
 - ``setup``: reads every entry's rows (:mod:`bbuqc_lightning.fusion_sft.rows`), located errors on bad rows.
 - training: one :class:`~bbuqc_lightning.fusion_sft.sampler.FusionSampler` over all entries (quotas per
   epoch, reseeded by ``(seed, epoch)``, this rank's slice), in a :class:`ResumableLoader` whose state
@@ -189,23 +190,28 @@ def _pool(entry: FusionEntry, rows: list[dict[str, Any]]) -> Pool:
     fail = entry.fail_oversample if any(r["label"] == "fail" for r in rows) else 1.0
     if entry.fail_oversample != 1.0 and fail == 1.0 and rows:
         log.warning(
-            "%s: fail_oversample=%g, but none of its %d rows is labelled fail: drawn uniformly",
+            "%s (%s): fail_oversample=%g, but none of its %d rows is labelled fail: drawn uniformly",
             entry.name,
+            entry.where,
             entry.fail_oversample,
             len(rows),
         )
     weights = [fail if r["label"] == "fail" else 1.0 for r in rows]
-    if entry.answer_oversample is not None:
+    if entry.answer_oversample is not None and rows:
         pattern, weight = re.compile(entry.answer_oversample[0]), entry.answer_oversample[1]
         matched = [bool(pattern.search(_answer(r))) for r in rows]
         weights = [w * weight if m else w for w, m in zip(weights, matched, strict=True)]
-        log.info(
-            "%s: answer_oversample %r matches %d of %d rows (weight %g)",
+        n = sum(matched)
+        log.log(
+            logging.INFO if 0 < n < len(rows) else logging.WARNING,
+            "%s (%s): answer_oversample %r matches %d of %d rows (weight %g)%s",
             entry.name,
+            entry.where,
             pattern.pattern,
-            sum(matched),
+            n,
             len(rows),
             weight,
+            "" if 0 < n < len(rows) else ": drawn uniformly",
         )
     uniform = all(w == 1.0 for w in weights)
     return Pool(
@@ -219,8 +225,12 @@ def _pool(entry: FusionEntry, rows: list[dict[str, Any]]) -> Pool:
 
 
 def _answer(row: dict[str, Any]) -> str:
+    """The text of a row's last turn (a string, or the text parts of a content list)."""
     content = row["messages"][-1]["content"]
-    return content if isinstance(content, str) else "".join(c.get("text", "") for c in content)
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(str(c.get("text") or "") if isinstance(c, dict) else str(c) for c in parts)
 
 
 def _absolute(value: Any) -> Any:

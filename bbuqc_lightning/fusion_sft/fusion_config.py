@@ -21,7 +21,8 @@ Decisions:
    (not to the working directory), so a folder of fusion files can be moved as a whole.
 2. ``extends`` merges entries *by name*: a child entry with a parent's name overrides only the fields it
    gives (``{name: lang_chat, ratio: 0.0}`` switches a parent source off); new names are appended.
-   Scalars of the child win. Several parents merge left to right; a cycle is an error.
+   Values of the child win whole (an ``answer_oversample`` mapping replaces the parent's, it is not merged).
+   Several parents merge left to right; a cycle is an error.
 3. ``${...}`` interpolations are resolved with OmegaConf against ``variables`` (the data config passes
    ``synthetic_dir`` and ``data_dir``) plus ``oc.env``; files without ``${`` never touch OmegaConf.
 4. Unknown keys are logged, not refused (the team's files may carry keys of their older tooling);

@@ -67,6 +67,7 @@ class FusionSFTModule(TrainableStateCheckpointing, L.LightningModule):
             finetune,
             freeze_vision,
         )
+        self.freeze_vision = freeze_vision
         self.processor = bundle.processor  # saved beside a fully fine-tuned model (ModelFolderCheckpoint)
         if gradient_checkpointing:
             self.model.enable_input_require_grads()
@@ -75,6 +76,18 @@ class FusionSFTModule(TrainableStateCheckpointing, L.LightningModule):
         self.scheduler_factory = scheduler
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self._val_sums: dict[str, list[torch.Tensor]] = {}
+
+    def setup(self, stage: str) -> None:
+        """Refuse a trainable vision tower under DDP without ``find_unused_parameters``: a batch without photos
+        never calls the tower, and DDP then waits for gradients that never come (Lightning's error says only
+        that some parameters did not take part). ``_ddp_kwargs`` is how ``DDPStrategy`` holds them."""
+        unused_ok = getattr(self.trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
+        ddp = hasattr(self.trainer.strategy, "_ddp_kwargs") and self.trainer.world_size > 1
+        if stage == "fit" and not self.freeze_vision and ddp and not unused_ok:
+            raise ValueError(
+                "module.freeze_vision=false under DDP: a batch without photos leaves the vision tower without "
+                "gradients; use trainer.strategy=ddp_find_unused_parameters_true"
+            )
 
     # ---------------------------------------------------------------- forward
     def token_losses(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,9 +60,17 @@ def ensure_fusion_sources(
 
 
 def is_stale(out_dir: str | os.PathLike[str]) -> bool:
-    """``<out_dir>/manifest.json`` exists and was written by another :data:`VERSION` of this module."""
-    manifest = Path(out_dir) / _MANIFEST
-    return manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("version") != VERSION
+    """``<out_dir>`` holds fusion files whose ``manifest.json`` is missing, unreadable or from another
+    :data:`VERSION` of this module (a folder that holds no file at all is not stale: it is empty)."""
+    out = Path(out_dir)
+    manifest = out / _MANIFEST
+    if not manifest.exists():
+        return out.is_dir() and any(out.glob("*.jsonl"))
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not isinstance(data, dict) or data.get("version") != VERSION
 
 
 def write_fusion_sources(
@@ -88,7 +96,12 @@ def write_fusion_sources(
         "from": str(synthetic_dir),
         **counts,
     }
-    (out / _MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
+    partial = (
+        out / f".{_MANIFEST}.{os.getpid()}"
+    )  # written whole, then renamed: a reader never sees half of it
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, out / _MANIFEST)
     return counts
 
 

@@ -26,18 +26,18 @@ def num_layers(model: str) -> int:
     return int(arch["text"]["num_hidden_layers"])
 
 
-def base_model(s: Mapping[str, Any]) -> list[str]:
-    """The base's random-init model: the ``s["model"]`` preset, its vision tower resized by ``vision_depth`` /
-    ``vision_width`` (0: the preset's; DeepStack from the middle block, the MLP twice the width, as the preset)
-    and trained with the LLM when ``base_trains_vision`` (``module.freeze_vision=false``: a random-init tower
+def base_model_overrides(s: Mapping[str, Any]) -> list[str]:
+    """The base's random-init model: the ``s["model"]`` preset, its vision tower resized by ``base_vision_depth`` /
+    ``base_vision_width`` (0: the preset's; DeepStack from the middle block, the MLP twice the width, as the
+    preset) and trained with the LLM unless ``base_freeze_vision`` (``module.freeze_vision=false``: a random-init tower
     has never learned to see; the stages after the base keep it frozen, as the product does)."""
     vision = "model.architecture.vision"
-    depth, width = s["vision_depth"], s["vision_width"]
+    depth, width = s["base_vision_depth"], s["base_vision_width"]
     return [
         f"model={s['model']}",
         *([f"{vision}.depth={depth}", f"{vision}.deepstack_visual_indexes=[{depth // 2}]"] if depth else []),
         *([f"{vision}.hidden_size={width}", f"{vision}.intermediate_size={2 * width}"] if width else []),
-        *(["module.freeze_vision=false"] if s["base_trains_vision"] else []),
+        *([] if s["base_freeze_vision"] else ["module.freeze_vision=false"]),
     ]
 
 

@@ -149,8 +149,9 @@ def fusion_file(
     return path
 
 
-# Every finding of a summary that fails its ticket under the SPEC §2 rules (the seed's five negative items among
-# them), and the uncertain-remark words of the conservative policy.
+# The words of every finding that can fail a ticket under the SPEC §2 rules in some mission (the seed's five
+# negative items among them; 分布散乱 fails cabling, not installation), and the uncertain-remark words of the
+# conservative policy.
 FINDINGS = (
     Vocab.NOT_OK,
     Vocab.RADIUS_BAD,

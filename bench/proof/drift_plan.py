@@ -101,14 +101,14 @@ def _summary_entries(p: Mapping[str, Path]) -> tuple[dict[str, Any], dict[str, A
 
 
 def base_fusion(s: Mapping[str, Any]) -> str | Path:
-    """The base's fusion file: the embedded mix, or ``<out>/fusion/base.yaml`` when findings are oversampled."""
-    return "default" if s["base_finding_oversample"] == 1.0 else paths(s)["mixes"] / "base.yaml"
+    """The base's fusion file: the embedded mix, or ``<out>/fusion/base_findings.yaml`` when findings are oversampled."""
+    return "default" if s["base_finding_oversample"] == 1.0 else paths(s)["mixes"] / "base_findings.yaml"
 
 
 def base_mix(s: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``<out>/fusion/base.yaml``: the embedded mix with its summary target's findings oversampled."""
+    """Write ``<out>/fusion/base_findings.yaml``: the embedded mix with its summary target's findings oversampled."""
     return dd.finding_oversampled_mix(
-        paths(s)["mixes"] / "base.yaml",
+        paths(s)["mixes"] / "base_findings.yaml",
         REPO / "conf" / "fusion" / "default.yaml",
         s["base_finding_oversample"],
     )
@@ -239,7 +239,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
                         d["base"],
                         seed,
                         "base",
-                        model=cmd.base_model(s),
+                        model=cmd.base_model_overrides(s),
                         steps=s["base_steps"],
                         lr=s["base_lr"],
                         fusion=base_fusion(s),

@@ -1,8 +1,9 @@
 """Per-device settings of the drift/cure pipeline (``bench/drift_and_cure.py --set KEY=VALUE`` overrides one).
 
-cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer); base SFT is the learning proof's
-H100 run (650 steps of 64 rows). These are the settings of run 3 (docs/RESULTS.md: one H100, 2026-12-07, 19.4
-minutes with 4 processes, every run to its step count) but for run 4's distill input and penalty arm. Training-time
+cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer); the base is the learning proof's
+fusion SFT (1,000 steps of 64 rows since run 5, its vision tower trained; 650 before). These are run 5's settings
+(docs/RESULTS.md: one H100, 2026-12-07, 22.8 minutes with 4 processes, every run to its step count) but for the
+base's mix, which after run 5 gives summaries more of each batch and draws those that name a finding 4x. Training-time
 caps (``*_max_minutes``) are safety nets above what each run took with 4 processes sharing the GPU, so the step
 counts, not the clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny``
 preset that only shows every step runs and feeds the next (its numbers mean nothing).
@@ -25,18 +26,20 @@ PROFILES: dict[str, dict[str, Any]] = {
         # after run 5 (Stage-A kept too few findings, its summary loss still falling): more of each base batch is
         # summaries (ratio 3: 48 % of the rows; run 5's 6: 33 %), and the summaries that name a finding that fails
         # a ticket (17 % of the photos, each finding 0.4-4 %) are drawn 4x as often, through answer_oversample in
-        # <out>/fusion/base.yaml: 45 % of the summary rows (1.0: the embedded mix as is, as in runs 1-5)
+        # <out>/fusion/base_findings.yaml: 45 % of the summary rows (1.0: the embedded mix as is, as in runs 1-5)
         "base_stage_b_ratio": 3.0,
         "base_finding_oversample": 4.0,
         # run 5: the base's vision tower trains (runs 1-4 kept the random-init tower frozen, and Stage-A kept
         # 0-7 % of grounding's and cabling's negative items), at 4 blocks x 256 (the preset's 2 x 128), 1.5x as long
-        "base_trains_vision": True,
-        "vision_depth": 4,
-        "vision_width": 256,
+        "base_freeze_vision": False,
+        "base_vision_depth": 4,
+        "base_vision_width": 256,
         "base_steps": 1000,
         "base_lr": 5e-4,
-        "base_max_minutes": 12.0,  # safety caps above the measured time with 4 processes (run 4: 5.9 min for 650 steps)
-        "teacher_steps": 800,  # 1.2x the base budget (was 1200: the critical path did not fit a call)
+        # safety caps above the measured time with 4 processes (run 5: 9.1 min for 1,000 steps; the new mix has more
+        # photo rows per batch, which the plan's estimate does not model)
+        "base_max_minutes": 13.0,
+        "teacher_steps": 800,  # was 1200: the critical path did not fit a call (1.2x the base's 650 of runs 1-4)
         "teacher_max_minutes": 9.0,  # run 3: 6.5 min
         "drift_steps": 300,
         "drift_lr": 2e-4,
@@ -85,9 +88,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "stage_b_ratio": 2.0,
         "base_stage_b_ratio": 1.0,
         "base_finding_oversample": 4.0,  # the smoke run exercises the option
-        "base_trains_vision": True,
-        "vision_depth": 0,  # the tiny preset's tower
-        "vision_width": 0,
+        "base_freeze_vision": False,
+        "base_vision_depth": 0,  # the tiny preset's tower
+        "base_vision_width": 0,
         "base_steps": 6,
         "base_lr": 3e-3,
         "base_max_minutes": 0.0,
@@ -126,6 +129,24 @@ PROFILES: dict[str, dict[str, Any]] = {
         "kv_memory_gb": None,  # the engine's CPU default
     },
 }
+
+
+def with_older_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """Settings read from the ``state.json`` of an older run, in today's keys, completed with the keys added since
+    and the values that reproduce what it ran (runs 1-4: a frozen preset tower; runs 1-5: the embedded mix at the
+    shared ratio), so ``--report-only`` and ``--rerun`` still work on its folder."""
+    s = dict(saved)
+    renamed = {"vision_depth": "base_vision_depth", "vision_width": "base_vision_width"}  # run 5's names
+    for old, new in renamed.items():
+        if old in s:
+            s[new] = s.pop(old)
+    if "base_trains_vision" in s:
+        s["base_freeze_vision"] = not s.pop("base_trains_vision")
+    defaults = {"base_freeze_vision": True, "base_vision_depth": 0, "base_vision_width": 0}
+    defaults |= {"base_stage_b_ratio": s["stage_b_ratio"], "base_finding_oversample": 1.0}
+    return defaults | s
+
+
 # Alone-on-the-GPU seconds, from the H200 run of 2026-12-03 (docs/RESULTS.md; each step's measured window with
 # 4 processes sharing the GPU divided by slowdown(4) = 1.5): process start-up ~20 s, full fusion SFT ~0.29 s a
 # step of 64 rows, LoRA fusion SFT (cure A) ~0.2 s, GRPO ~0.75 s a step of 16 x 8, a Stage-B verdict ~0.03 s and
