@@ -278,6 +278,15 @@ def test_report_means_spreads_checks_and_negative_item_split(tmp_path: Path) -> 
         rows = [("bbu_cabling", "fail", v0), ("bbu_cabling", "fail", v1), ("bbu_cabling", "pass", v2)]
         _eval_folder(run / "stage_b", "test", rows)
         _eval_folder(run / "e2e", "e2e", rows, {"stage_a/object_f1": 0.5 + seed / 10})
+        own = (
+            ["光纤/有保护措施,弯曲半径合理/铠装×1", "电线/分布散乱×1"]
+            if seed
+            else ["光纤/无保护措施,弯曲半径合理/铠装×1"]
+        )
+        lines = [{**r, "per_image": {"图片_1": summary}} for r, summary in zip(ref_rows, own, strict=False)]
+        (run / "e2e" / "stage_a.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
+        )
     report = drift_report.write_report(s, {})
     agg = report["results"]["drift"]["aggregate"]
     assert agg["stage_b/false_pass_rate/all"]["mean"] == pytest.approx(0.75)
@@ -292,8 +301,18 @@ def test_report_means_spreads_checks_and_negative_item_split(tmp_path: Path) -> 
         and split["other"]["n"] == "0/1"
         and split["item/无保护措施"]["n"] == "1/1"
     )
+    kept = report["results"]["drift"]["seeds"][0]["findings_kept"]  # seed 0 summarised one photo of two
+    assert kept["无保护措施"] == {"kept": 1, "photos": 1} and kept["分布散乱"] == {"kept": 0, "photos": 1}
     text = (Path(s["out"]) / "drift_and_cure.md").read_text(encoding="utf-8")
     assert "| drift | stage_b | 0.750 ± 0.354 |" in text and "| base | stage_b | — |" in text
+    row = next(
+        line for line in text.splitlines() if line.startswith("| drift | 0/0 |")
+    )  # 不符合要求: no photo
+    names = next(line for line in text.splitlines() if line.startswith("| stage | 不符合要求 |")).split(" | ")
+    cells = dict(zip(names, row.split(" | "), strict=True))
+    assert (
+        cells["无保护措施"] == "1/2" and cells["分布散乱"] == "1/2"
+    )  # seeds summed: kept by seed 0, then by 1
 
 
 @pytest.mark.slow

@@ -165,6 +165,38 @@ FINDINGS = (
 )
 
 
+# What the report counts per finding in the model's own summaries: the four screw defects apart (不符合要求 names
+# them all), the uncertain-remark words together as one.
+KEPT_FINDINGS = (
+    Vocab.NOT_OK,
+    *Vocab.DEFECTS,
+    Vocab.RADIUS_BAD,
+    Vocab.UNPROTECTED,
+    Vocab.UNREADABLE,
+    Vocab.NOT_FITTED,
+    Vocab.DIR_BAD,
+    Vocab.MESSY,
+    Vocab.PARTIAL,
+    "|".join(Vocab.UNCERTAIN),
+)
+
+
+def findings_kept(generated_jsonl: Path, reference_jsonl: Path) -> dict[str, dict[str, int]]:
+    """Per finding of :data:`KEPT_FINDINGS`: the held-out photos whose reference summary names it, and how many of
+    them the model's own summary (``stage_a.jsonl`` of an end-to-end run) names too; photos matched by ticket and
+    image key, a photo the model did not summarise counts as missed."""
+    generated = {r["ticket_key"]: r["per_image"] for r in read_jsonl(generated_jsonl)}
+    counts = {name: {"kept": 0, "photos": 0} for name in KEPT_FINDINGS}
+    for ref in read_jsonl(reference_jsonl):
+        own = generated.get(ref["ticket_key"], {})
+        for key, summary in ref["per_image"].items():
+            for name in KEPT_FINDINGS:
+                if re.search(name, summary):
+                    counts[name]["photos"] += 1
+                    counts[name]["kept"] += bool(re.search(name, own.get(key) or ""))
+    return counts
+
+
 def findings_pattern() -> str:
     """A regular expression matching a summary that names one of :data:`FINDINGS`."""
     return "|".join(map(re.escape, FINDINGS))

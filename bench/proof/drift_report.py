@@ -4,7 +4,8 @@ and one plot (false-pass rate by stage and mission).
 Per stage (``base``, ``drift``, ``cure_a``, ``cure_b``, ``cure_b_penalty``) and seed, from the stage's eval
 folders: Stage-B from reference summaries (``test/*`` of ``+experiment=eval``), end to end (``e2e/*`` of
 ``+experiment=e2e``), Stage-A object F1 / exact match of the model's own summaries (``stage_a/*`` of the
-same e2e run), and false passes split by the seed's negative items (where the drift should show).
+same e2e run) with the findings its summaries kept, photo by photo (``stage_a.jsonl`` against the references),
+and false passes split by the seed's negative items (where the drift should show).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def stage_result(s: Mapping[str, Any], seed: int, stage: str) -> dict[str, Any] 
             "stage_b": dd.false_pass_by_negative_item(run / "stage_b" / "predictions.jsonl", reference),
             "e2e": dd.false_pass_by_negative_item(run / "e2e" / "predictions.jsonl", reference),
         },
+        "findings_kept": (
+            dd.findings_kept(run / "e2e" / "stage_a.jsonl", reference)
+            if (run / "e2e" / "stage_a.jsonl").is_file()
+            else None
+        ),
     }
 
 
@@ -208,6 +214,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             for m in slugs
         ]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += _findings_lines(results)
     lines += ["", "False passes on fail tickets with / without a seed negative item (Stage-B, per seed):", ""]
     for stage in STAGES:
         for seed, r in results[stage]["seeds"].items():
@@ -224,6 +231,28 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"![false-pass by stage and mission]({report['plot']}) (drawn with {report['plot_drawn_by']})",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _findings_lines(results: Mapping[str, Any]) -> list[str]:
+    """Stage-A: per finding, the held-out photos that show it whose own summary names it (seeds summed)."""
+    kept = {}
+    for stage in STAGES:
+        seeds = [r["findings_kept"] for r in results[stage]["seeds"].values() if r and r.get("findings_kept")]
+        if seeds:
+            kept[stage] = {
+                name: [sum(c[name][k] for c in seeds) for k in ("kept", "photos")] for name in seeds[0]
+            }
+    if not kept:
+        return []
+    names = list(next(iter(kept.values())))
+    lines = ["", "Findings the model's own summaries kept (held-out photos that show it, seeds summed):", ""]
+    lines += [
+        "| stage | " + " | ".join(n.replace("|", " / ") for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for stage, counts in kept.items():
+        lines.append(f"| {stage} | " + " | ".join(f"{k}/{n}" for k, n in counts.values()) + " |")
+    return lines
 
 
 def _data_lines(report: Mapping[str, Any]) -> list[str]:
