@@ -328,7 +328,12 @@ def test_cpu_smoke_runs_every_step_on_the_tiny_model(tmp_path: Path) -> None:
     for stage in drift_plan.STAGES:
         measured = report["results"][stage]["seeds"]["0"]
         assert measured is not None and "object_f1" in measured["stage_a"], stage
+        kept = measured["findings_kept"]  # from the e2e run's own summaries
+        assert sum(c["photos"] for c in kept.values()) > 0 and all(
+            c["kept"] <= c["photos"] for c in kept.values()
+        )
     assert (out / "distill" / "distill_chatml.jsonl").is_file()
+    assert (out / "fusion" / "base_findings.yaml").is_file()  # the base drew the photos with findings 4x
     assert "steps left: none" in result.stdout
 
 
