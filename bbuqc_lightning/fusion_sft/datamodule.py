@@ -103,9 +103,7 @@ class FusionDataModule(L.LightningDataModule):
         from bbuqc_lightning.fusion_sft.synthetic_sources import is_stale
 
         out = Path(self.synthetic_sources["out_dir"]).resolve()
-        used = any(
-            e.train_jsonl is not None and e.train_jsonl.parent.resolve() == out for e in config.entries
-        )
+        used = any(e.train_jsonl.parent.resolve() == out for e in config.entries)
         return used and is_stale(out)
 
     def prompt(self, template: str, mission: str) -> str:

@@ -83,9 +83,8 @@ class FusionEntry:
     ratio: float
     sample_without_replacement: bool = False
     fail_oversample: float = 1.0
-    answer_oversample: tuple[str, float] | None = (
-        None  # (regular expression, draw weight of matching answers)
-    )
+    # (regular expression, draw weight of the rows whose answer matches it)
+    answer_oversample: tuple[str, float] | None = None
     where: str = "<memory>"
 
 

@@ -81,9 +81,9 @@ class FusionSFTModule(TrainableStateCheckpointing, L.LightningModule):
         """Refuse a trainable vision tower under DDP without ``find_unused_parameters``: a batch without photos
         never calls the tower, and DDP then waits for gradients that never come (Lightning's error says only
         that some parameters did not take part). ``_ddp_kwargs`` is how ``DDPStrategy`` holds them."""
-        unused_ok = getattr(self.trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
-        ddp = hasattr(self.trainer.strategy, "_ddp_kwargs") and self.trainer.world_size > 1
-        if stage == "fit" and not self.freeze_vision and ddp and not unused_ok:
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        ddp = ddp_kwargs is not None and self.trainer.world_size > 1
+        if stage == "fit" and not self.freeze_vision and ddp and not ddp_kwargs.get("find_unused_parameters"):
             raise ValueError(
                 "module.freeze_vision=false under DDP: a batch without photos leaves the vision tower without "
                 "gradients; use trainer.strategy=ddp_find_unused_parameters_true"

@@ -58,9 +58,8 @@ class Pool:
     size: int
     ratio: float
     without_replacement: bool = False
-    weights: tuple[float, ...] | None = (
-        None  # per-row draw weight (fail / answer oversampling); None = uniform
-    )
+    # per-row draw weight (fail / answer oversampling); None = uniform
+    weights: tuple[float, ...] | None = None
 
 
 def epoch_quotas(pools: Sequence[Pool]) -> dict[str, int]:

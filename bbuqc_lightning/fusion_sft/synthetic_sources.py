@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bbuqc_lightning.constants import IRRELEVANT_IMAGE, image_key
-from bbuqc_lightning.data.jsonl import atomic_write_jsonl
+from bbuqc_lightning.data.jsonl import atomic_write, atomic_write_jsonl
 from bbuqc_lightning.data.synthetic.scenes import parse_summary
 from bbuqc_lightning.data.tree import scan_tree
 from bbuqc_lightning.stage_b.builder import read_stage_a_jsonl
@@ -97,11 +97,7 @@ def write_fusion_sources(
         **counts,
     }
     text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
-    partial = (
-        out / f".{_MANIFEST}.{os.getpid()}"
-    )  # written whole, then renamed: a reader never sees half of it
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, out / _MANIFEST)
+    atomic_write(out / _MANIFEST, [text.encode("utf-8")])  # a reader never sees half of it
     return counts
 
 

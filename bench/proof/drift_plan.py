@@ -108,9 +108,7 @@ def base_fusion(s: Mapping[str, Any]) -> str | Path:
 def base_mix(s: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``<out>/fusion/base_findings.yaml``: the embedded mix with its summary target's findings oversampled."""
     return dd.finding_oversampled_mix(
-        paths(s)["mixes"] / "base_findings.yaml",
-        REPO / "conf" / "fusion" / "default.yaml",
-        s["base_finding_oversample"],
+        Path(base_fusion(s)), REPO / "conf" / "fusion" / "default.yaml", s["base_finding_oversample"]
     )
 
 
