@@ -135,6 +135,15 @@ def add_prefill_chunk_tokens(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_overlap_prefill(parser: argparse.ArgumentParser) -> None:
+    """``--overlap-prefill``: our engine with overlapped prefill (``generation.overlap_prefill``)."""
+    parser.add_argument(
+        "--overlap-prefill",
+        action="store_true",
+        help="ours: whole-prompt prefills on a side CUDA stream beside the decode steps (generation.overlap_prefill)",
+    )
+
+
 def write(path: str | None, payload: dict[str, Any]) -> None:
     text = json.dumps(payload, indent=2)
     print(text)

@@ -12,6 +12,7 @@ Run each implementation in its own process so each peak-memory figure is its own
     python bench/grpo.py --impl trl --mixed --steps 8 --out grpo_mixed_trl.json
     python bench/grpo.py --impl ours --mixed --steps 8 --compile-layers --out grpo_mixed_ours_compiled.json
     python bench/grpo.py --impl ours --mixed --steps 8 --prefill-chunk-tokens 2048 --out grpo_mixed_chunked.json
+    python bench/grpo.py --impl ours --mixed --steps 8 --overlap-prefill --out grpo_mixed_overlapped.json
     python bench/grpo.py --impl ours --preset tiny --device cpu --prompt-tokens 200 --steps 2   # CPU smoke
 
 ``--compile-layers`` (ours only): the decode step's layers compiled regionally (``generation.compile_layers``);
@@ -37,6 +38,7 @@ import yaml
 from common import (
     add_no_cudnn_attention,
     add_no_fused_rms_norm,
+    add_overlap_prefill,
     add_prefill_chunk_tokens,
     device_info,
     random_bundle,
@@ -136,6 +138,7 @@ def run_ours(
             cuda_graphs=not args.no_graphs,
             compile_layers=args.compile_layers,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
+            overlap_prefill=args.overlap_prefill,
             max_rows=args.prompts * 8,
             prompt_slots=args.prompts,
             max_prompt_len=4096 if args.mixed else 2048,
@@ -189,6 +192,7 @@ def run_ours(
         extra["capture_seconds"] = module.engine.decode_step.capture_seconds
         extra["compile_layers"] = args.compile_layers
         extra["prefill_chunk_tokens"] = args.prefill_chunk_tokens
+        extra["overlap_prefill"] = args.overlap_prefill
         extra["compiles"] = module.engine.decode_step.compiles
         extra["compile_seconds"] = module.engine.decode_step.compile_seconds
         extra["pool"] = module.engine.layout.describe()
@@ -339,6 +343,7 @@ def main() -> None:
     add_no_cudnn_attention(parser)
     add_no_fused_rms_norm(parser)
     add_prefill_chunk_tokens(parser)
+    add_overlap_prefill(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 

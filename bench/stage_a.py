@@ -19,6 +19,7 @@ photos at a time re-batched to ``--call-size`` (0 workers: inside ``generate``, 
     python bench/stage_a.py --images 256 --out stage_a_uniform.json
     python bench/stage_a.py --mixed --images 1000 --compile-layers --out stage_a_mixed_compiled.json
     python bench/stage_a.py --mixed --images 1000 --baseline-batches --prefill-chunk-tokens 2048 --out chunked.json
+    python bench/stage_a.py --mixed --images 1000 --baseline-batches --overlap-prefill --out overlapped.json
     python bench/stage_a.py --mixed --preset tiny --device cpu --images 6 --baseline-images 2 \
         --new-tokens 4 --call-size 4 --baseline-batches 2        # CPU smoke run
 """
@@ -39,6 +40,7 @@ import yaml
 from common import (
     add_no_cudnn_attention,
     add_no_fused_rms_norm,
+    add_overlap_prefill,
     add_prefill_chunk_tokens,
     device_info,
     random_bundle,
@@ -208,6 +210,7 @@ def main() -> None:
     add_no_cudnn_attention(parser)
     add_no_fused_rms_norm(parser)
     add_prefill_chunk_tokens(parser)
+    add_overlap_prefill(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -245,6 +248,7 @@ def main() -> None:
         max_new_tokens=args.new_tokens,
         compile_layers=args.compile_layers,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        overlap_prefill=args.overlap_prefill,
     )
     ours.eos_token_ids = [*ours.eos_token_ids, *eos_extra]
     if torch.cuda.is_available():

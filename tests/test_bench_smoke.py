@@ -102,6 +102,13 @@ def test_stage_a_mixed_chunked_prefill(run: Run, tmp_path: Path) -> None:
     assert stats["mixed_steps"] >= stats["prompt_tokens"] / 16
 
 
+def test_stage_a_mixed_overlapped_prefill(run: Run, tmp_path: Path) -> None:
+    run([*stage_a_mixed(tmp_path / "overlapped.json"), "--overlap-prefill"])
+    check_stage_a(tmp_path / "overlapped.json")
+    result = json.loads((tmp_path / "overlapped.json").read_text())
+    assert result["config"]["overlap_prefill"] and "overlapped_prefills" in result["engine"]["stats"]
+
+
 def test_grpo_mixed(run: Run, tmp_path: Path) -> None:
     run(grpo_mixed(tmp_path / "grpo.json"))
     check_grpo(tmp_path / "grpo.json")

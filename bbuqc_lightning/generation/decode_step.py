@@ -86,6 +86,11 @@ class DecodeStep:
         """Distinct buckets run so far (graphs captured on GPU): bounded by the bucket grid, not by shapes."""
         return len(self.graphs)
 
+    def warms_up(self, bucket: Bucket) -> bool:
+        """Whether running ``bucket`` next would capture a graph or compile (its first run, on GPU or with
+        ``compile_layers``): work during which no other thread may launch CUDA calls freely."""
+        return bucket not in self.graphs and (self.cuda_graphs or self.regions is not None)
+
     def run(self, bucket: Bucket) -> torch.Tensor:
         """Logits ``(bucket.rows, vocab)`` for the tokens in the buffers (a view of a static buffer)."""
         if bucket not in self.graphs:

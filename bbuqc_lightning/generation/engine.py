@@ -22,7 +22,10 @@ size (:mod:`~bbuqc_lightning.generation.scheduler`, :mod:`~bbuqc_lightning.gener
    (:mod:`~bbuqc_lightning.generation.pool_attention`);
 5. **chunked prefill** (``prefill_chunk_tokens``, off by default): prompts enter the pool a chunk at a time in
    the same forward as the decode rows, instead of stopping them for whole-prompt prefills
-   (:mod:`~bbuqc_lightning.generation.chunked_prefill`).
+   (:mod:`~bbuqc_lightning.generation.chunked_prefill`);
+6. **overlapped prefill** (``overlap_prefill``, off by default; not with chunked prefill): once rows are running,
+   whole-prompt prefills run on a side CUDA stream, from a worker thread, beside the decode steps instead of
+   stopping them; the prompts' rows start when their prefill is done (:mod:`~bbuqc_lightning.generation.overlap`).
 
 ``backend="hf"`` is HF ``generate`` (with each prompt prefilled once for its G samples), the reference the
 pool is tested against: both give the same greedy tokens.
@@ -53,7 +56,7 @@ from bbuqc_lightning.generation.sampling import (
     line_break_token_ids,
     make_sampler,
 )
-from bbuqc_lightning.generation.scheduler import ContinuousBatcher, Request
+from bbuqc_lightning.generation.scheduler import OVERLAP_WITH_CHUNKS, ContinuousBatcher, Request
 from bbuqc_lightning.models.decoder import (
     language_model,
     position_ids_from_mask,
@@ -169,6 +172,7 @@ class GenerationEngine:
         length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
         max_prefill_tokens: int = 16384,
         prefill_chunk_tokens: int | None = None,
+        overlap_prefill: bool = False,
         prefix_sharing: bool = True,
         compile_layers: bool = False,
         compile_backend: str = "inductor",
@@ -197,7 +201,10 @@ class GenerationEngine:
             raise ValueError(
                 f"generation.prefill_chunk_tokens must be >= 1 or null, got {prefill_chunk_tokens}"
             )
+        if overlap_prefill and prefill_chunk_tokens is not None:
+            raise ValueError(OVERLAP_WITH_CHUNKS)
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.overlap_prefill = overlap_prefill
         self.prefix_sharing = prefix_sharing
         self.encoder = PromptEncoder(processor, enable_thinking)
         self.encode_seconds = 0.0  # rendering and tokenising inside generate (not pre-encoded prompts)
@@ -235,7 +242,9 @@ class GenerationEngine:
     def stats(self) -> dict[str, float]:
         """Seconds and counts since the engine was built: ``encode_seconds`` (prompts encoded inside
         ``generate``), and for the pool ``prefill_seconds``, ``decode_seconds``, ``decode_steps``,
-        ``occupancy`` (running rows / rows a decode step ran), ``captures``, ``capture_seconds`` and ``dropped_ahead``."""
+        ``occupancy`` (running rows / rows a decode step ran), ``captures``, ``capture_seconds`` and ``dropped_ahead``;
+        with ``overlap_prefill``, ``overlapped_prefills``, ``overlapped_steps``, ``overlap_wait_seconds`` and
+        ``overlap_worker_seconds`` (:class:`~bbuqc_lightning.generation.scheduler.SchedulerStats`)."""
         out: dict[str, float] = {"encode_seconds": self.encode_seconds}
         if self._batcher is not None and self.decode_step is not None:
             out |= self._batcher.stats.as_dict()
@@ -366,8 +375,14 @@ class GenerationEngine:
                     self.max_prefill_tokens,
                     self._prepare,
                     self.prefill_chunk_tokens,
+                    self.overlap_prefill,
                 )
         return self._batcher
+
+    def close(self) -> None:
+        """Stop the overlapped prefill's worker thread, if one was started (a later call starts it again)."""
+        if self._batcher is not None:
+            self._batcher.close()
 
     def _prefill(
         self, requests: list[Request]

@@ -14,6 +14,12 @@ waiting prompt at once, the prompt is prepared (vision tower, embeddings; about 
 kept ready), and each step carries up to ``chunk_tokens`` of the admitted prompts' tokens beside the running rows
 (:mod:`~bbuqc_lightning.generation.chunked_prefill`); a prompt's rows start the step after its last token ran.
 
+With ``overlap`` (``generation.overlap_prefill``) whole-prompt prefills no longer stop the running rows: once rows
+are running, a chunk of waiting prompts is *launched* into reserved slots, its prefill running beside the next
+decode steps (a side CUDA stream, a worker thread: :mod:`~bbuqc_lightning.generation.overlap`), and its rows start
+at the first loop turn after the prefill is done. One admission is in flight at a time; it lands before the call
+returns, so a call never leaves one to the next.
+
 A call may also hand the *next* call's prompts ``ahead`` (Stage-A does, one predict batch ahead): they wait behind
 the call's own prompts and fill the slots its last prompts leave, so a call no longer ends in a wave of rows
 waiting for the longest one. The call returns as soon as its own prompts are done; what it started is kept
@@ -35,6 +41,7 @@ import torch
 
 from bbuqc_lightning.generation.chunked_prefill import Prepared
 from bbuqc_lightning.generation.decode_step import Bucket, DecodeStep
+from bbuqc_lightning.generation.overlap import Flight, Overlap
 from bbuqc_lightning.generation.sampling import Sampler
 
 # Prefill(requests) -> (first logits (n, V) fp32, first decode positions (n,), per-layer (keys, values))
@@ -78,6 +85,14 @@ class SchedulerStats:
     # time when rows ran beside them, as prefill time when not (preparing prompts is prefill time too)
     mixed_steps: int = 0
     mixed_seconds: float = 0.0
+    # overlapped prefill: admissions launched beside running rows, the decode steps that ran while one was in
+    # flight, the caller's time blocked waiting for one (also prefill time, like launching and starting them),
+    # and the worker thread's wall time for their prefills (not prefill time: it overlapped the decode steps).
+    # Admissions with no row running are prefilled by the worker too, but waited for at once: prefill time alone.
+    overlapped_prefills: int = 0
+    overlapped_steps: int = 0
+    overlap_wait_seconds: float = 0.0
+    overlap_worker_seconds: float = 0.0
 
     def count_prefill(self, requests: Sequence[Request]) -> None:
         """Prompts prefilled (or prepared, with chunked prefill) together."""
@@ -103,6 +118,17 @@ class SchedulerStats:
 class _Slot:
     request: Request
     prepared: Prepared | None = None  # chunked prefill: the prompt is still entering the pool
+    pending: bool = False  # overlapped prefill: the slot is reserved, its prompt's prefill in flight
+
+
+@dataclass
+class _Admission:
+    """Prompts whose prefill is in flight (overlapped prefill), into the reserved slots ``chosen``."""
+
+    chunk: list[Request]
+    chosen: list[int]
+    flight: Flight
+    beside: bool  # launched beside running rows (else landed at once: no row to overlap with)
 
 
 @dataclass
@@ -140,6 +166,12 @@ class PromptTooLongError(ValueError):
         self.index = index
 
 
+OVERLAP_WITH_CHUNKS = (
+    "generation.overlap_prefill and generation.prefill_chunk_tokens cannot be combined: chunked prefill already "
+    "runs prompt tokens inside the decode steps, overlapped prefill runs whole prompts beside them; set one"
+)
+
+
 def _running(finished: torch.Tensor, rows: int) -> bool:
     """Whether any of the first ``rows`` rows is still decoding (``finished`` is the host copy)."""
     return bool((~finished[:rows]).any())
@@ -172,11 +204,14 @@ class ContinuousBatcher:
         max_prefill_tokens: int,
         prepare: Prepare | None = None,
         chunk_tokens: int | None = None,
+        overlap: bool = False,
     ) -> None:
         if chunk_tokens is not None and (prepare is None or chunk_tokens < 1):
             raise ValueError(
                 f"chunked prefill needs a prepare function and chunk_tokens >= 1, got {chunk_tokens}"
             )
+        if overlap and chunk_tokens is not None:
+            raise ValueError(OVERLAP_WITH_CHUNKS)
         self.step = step
         self.prefill = prefill
         self.prepare = prepare
@@ -190,6 +225,8 @@ class ContinuousBatcher:
         self.offsets = torch.zeros(self.layout.rows, dtype=torch.long, device=device)
         self.out = torch.zeros(self.layout.rows, self.layout.max_new_tokens, dtype=torch.long, device=device)
         self.session: _Session | None = None  # what the last call left for the next one
+        self.overlap = Overlap(device) if overlap else None
+        self._admission: _Admission | None = None  # overlapped prefill: the admission in flight
         self.dropped = 0  # prompts handed ahead that no call asked for (dropped with their session)
 
     @torch.no_grad()
@@ -231,45 +268,62 @@ class ContinuousBatcher:
         waiting, slots, finished = session.waiting, session.slots, session.finished
         call = _Call(group, session.sample, eos, max_new_tokens, finished)
         needed = set(wanted)
-        while not needed <= session.results.keys():
-            free = [i for i, s in enumerate(slots) if s is None]
-            if self.chunk_tokens is not None:  # prompts enter a chunk at a time, inside the decode steps
-                if waiting and free:
-                    self._admit_chunked(waiting, free, slots)
-                if any(s is not None and s.prepared is not None for s in slots):
-                    start = time.perf_counter()
-                    running = _running(finished, capacity * group)
-                    bucket = self._bucket(slots, group, slot_buckets, new_bucket) if running else None
-                    ended = self._mixed(bucket, slots, call)
-                    seconds = time.perf_counter() - start
-                    self.stats.mixed_steps += 1
-                    self.stats.mixed_seconds += seconds
-                    if bucket is None:  # prompt tokens alone: prefill time
-                        self.stats.prefill_seconds += seconds
-                    else:
-                        self.stats.decode_seconds += seconds
-                    if ended:
-                        self._collect(slots, call, session.results)
+        try:
+            while not needed <= session.results.keys():
+                if self.chunk_tokens is not None:  # prompts enter a chunk at a time, inside the decode steps
+                    free = [i for i, s in enumerate(slots) if s is None]
+                    if waiting and free:
+                        self._admit_chunked(waiting, free, slots)
+                    if any(s is not None and s.prepared is not None for s in slots):
+                        start = time.perf_counter()
+                        running = _running(finished, capacity * group)
+                        bucket = self._bucket(slots, group, slot_buckets, new_bucket) if running else None
+                        ended = self._mixed(bucket, slots, call)
+                        seconds = time.perf_counter() - start
+                        self.stats.mixed_steps += 1
+                        self.stats.mixed_seconds += seconds
+                        if bucket is None:  # prompt tokens alone: prefill time
+                            self.stats.prefill_seconds += seconds
+                        else:
+                            self.stats.decode_seconds += seconds
+                        if ended:
+                            self._collect(slots, call, session.results)
+                        continue
+                else:
+                    self._admit_whole(waiting, slots, call, capacity)
+                if not _running(finished, capacity * group):  # e.g. every first token was an end
+                    self._collect(slots, call, session.results)
                     continue
-            # Prefill in chunks worth stalling the running rows for (a quarter of the slots), or the last
-            # waiting prompts at once: the tail of a call must not wait for a whole generation to free slots.
-            elif waiting and free and len(free) >= min(len(waiting), max(1, capacity // 4)):
+                bucket = self._bucket(slots, group, slot_buckets, new_bucket)
+                if self._admission is not None and self.step.warms_up(bucket):
+                    # a bucket's first run (graph capture, compiles) never overlaps a prefill: capturing forbids
+                    # unsafe CUDA calls from every thread
+                    self._land(slots, call)
+                    bucket = self._bucket(slots, group, slot_buckets, new_bucket)
                 start = time.perf_counter()
-                self._admit(waiting, free, slots, call)
-                self.stats.prefill_seconds += time.perf_counter() - start
-            if not _running(finished, capacity * group):  # e.g. every first token was an end
-                self._collect(slots, call, session.results)
-                continue
-            bucket = self._bucket(slots, group, slot_buckets, new_bucket)
-            start = time.perf_counter()
-            self.stats.count_step(bucket.rows, finished)
-            ended = self._advance(bucket, self.step.run(bucket), call)
-            self.stats.decode_seconds += time.perf_counter() - start
-            if ended:
-                self._collect(slots, call, session.results)
+                self.stats.count_step(bucket.rows, finished)
+                ended = self._advance(bucket, self.step.run(bucket), call)
+                self.stats.decode_seconds += time.perf_counter() - start
+                if self._admission is not None:
+                    self._admission.flight.steps += 1
+                    self.stats.overlapped_steps += 1
+                if ended:
+                    self._collect(slots, call, session.results)
+            if self._admission is not None:  # prompts handed ahead: their rows start before the call returns
+                self._land(slots, call)
+        finally:
+            if self._admission is not None:  # an error ended the call: no prefill runs on after it
+                assert self.overlap is not None
+                self.overlap.abandon(self._admission.flight)
+                self._admission = None
         out = [session.results.pop(key) for key in wanted]
         self.session = session if session.keys() else None
         return out
+
+    def close(self) -> None:
+        """Stop the overlapped prefill's worker thread, if any (it is also stopped when the batcher is collected)."""
+        if self.overlap is not None:
+            self.overlap.close()
 
     def _continue(self, signature: object, wanted: Sequence[Hashable], capacity: int) -> _Session | None:
         """The last call's session when this call continues it, else None (its kept work dropped)."""
@@ -311,9 +365,10 @@ class ContinuousBatcher:
     def _bucket(
         self, slots: list[_Slot | None], group: int, slot_buckets: Sequence[int], new_bucket: int
     ) -> Bucket:
-        """The decode step's shape for the occupied slots."""
-        top = max(i for i, s in enumerate(slots) if s is not None) + 1
-        longest = max(s.request.length for s in slots if s is not None)
+        """The decode step's shape for the occupied slots (reserved ones left out: their rows have not started)."""
+        started = [(i, s) for i, s in enumerate(slots) if s is not None and not s.pending]
+        top = max(i for i, _ in started) + 1
+        longest = max(s.request.length for _, s in started)
         return Bucket(
             slots=next_bucket(top, slot_buckets),
             group=group,
@@ -369,22 +424,95 @@ class ContinuousBatcher:
             ended = ended or bool(call.finished[[i * group + g for i in done for g in range(group)]].any())
         return ended
 
-    def _admit(
-        self, waiting: deque[Request], free: list[int], slots: list[_Slot | None], call: _Call
+    def _admit_whole(
+        self, waiting: deque[Request], slots: list[_Slot | None], call: _Call, capacity: int
     ) -> None:
+        """Whole-prompt prefill: land the admission in flight (overlapped prefill) once it is done, or at once when
+        no row runs beside it; then admit waiting prompts if enough slots are free."""
+        running = _running(call.finished, capacity * call.group)
+        if self._admission is not None:
+            assert self.overlap is not None
+            if running and not self.overlap.ready(self._admission.flight):
+                return  # one admission in flight at a time
+            self._land(slots, call)
+            running = _running(call.finished, capacity * call.group)
+        free = [i for i, s in enumerate(slots) if s is None]
+        # Prefill in chunks worth stalling the running rows for (a quarter of the slots), or the last waiting
+        # prompts at once: the tail of a call must not wait for a whole generation to free slots.
+        if not (waiting and free and len(free) >= min(len(waiting), max(1, capacity // 4))):
+            return
+        start = time.perf_counter()
+        if self.overlap is None:
+            self._admit(waiting, free, slots, call)
+        else:
+            self._launch(waiting, free, slots, beside=running)
+        self.stats.prefill_seconds += time.perf_counter() - start
+        if self.overlap is not None and not running:
+            # no row to overlap with (the call's start, or every row ended): wait for it now. Still prefilled by
+            # the worker on the side stream, so its transient memory is cached for one stream, not for two.
+            self._land(slots, call)
+
+    def _take(self, waiting: deque[Request], free: list[int]) -> list[Request]:
+        """The next chunk of waiting prompts: at most one per free slot and ``max_prefill_tokens`` padded tokens."""
         chunk = [waiting.popleft()]
         while waiting and len(chunk) < len(free):
             if (len(chunk) + 1) * max(chunk[0].length, waiting[0].length) > self.max_prefill_tokens:
                 break
             chunk.append(waiting.popleft())
+        return chunk
+
+    def _prefill_into(self, chunk: list[Request], chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill ``chunk`` and copy its keys/values into the slots ``chosen``: first logits and positions."""
         logits, offsets, layer_kv = self.prefill(chunk)
-        self.stats.count_prefill(chunk)
-        chosen = free[: len(chunk)]
         self.step.pool.store_prompts(layer_kv, [r.length for r in chunk], chosen)
-        del layer_kv
+        return logits, offsets
+
+    def _admit(
+        self, waiting: deque[Request], free: list[int], slots: list[_Slot | None], call: _Call
+    ) -> None:
+        chunk = self._take(waiting, free)
+        chosen = free[: len(chunk)]
+        logits, offsets = self._prefill_into(chunk, chosen)
+        self.stats.count_prefill(chunk)
         self._start(chunk, chosen, logits, offsets, call)
         for slot, request in zip(chosen, chunk, strict=True):
             slots[slot] = _Slot(request)
+
+    def _launch(
+        self, waiting: deque[Request], free: list[int], slots: list[_Slot | None], beside: bool
+    ) -> None:
+        """Overlapped prefill: take a chunk as :meth:`_admit` does and start its prefill beside the decode steps.
+
+        Its slots are reserved (``pending``): no later admission takes them, :meth:`_collect` and the bucket skip
+        them, and their rows stay finished, so decode steps sample nothing for them. Their ``prompt_lens`` stay 0
+        until :meth:`_start` (on the main stream, after the prefill's event): a decode step whose bucket covers a
+        reserved slot reads its prompt keys while the side stream writes them, all masked
+        (:mod:`~bbuqc_lightning.generation.overlap` says why that is safe)."""
+        assert self.overlap is not None
+        chunk = self._take(waiting, free)
+        chosen = free[: len(chunk)]
+        self.step.prompt_lens[chosen] = 0  # 0 already for a freed slot: explicit, queued before the launch
+        for slot, request in zip(chosen, chunk, strict=True):
+            slots[slot] = _Slot(request, pending=True)
+        self.stats.count_prefill(chunk)
+        self.stats.overlapped_prefills += beside
+        flight = self.overlap.launch(lambda: self._prefill_into(chunk, chosen))
+        self._admission = _Admission(chunk, chosen, flight, beside)
+
+    def _land(self, slots: list[_Slot | None], call: _Call) -> None:
+        """The admission in flight is done (or must be waited for): its rows start."""
+        assert self.overlap is not None and self._admission is not None
+        admission = self._admission
+        start = time.perf_counter()
+        logits, offsets = self.overlap.land(admission.flight)
+        self._admission = None  # landed: nothing left running on the side stream
+        self._start(admission.chunk, admission.chosen, logits, offsets, call)
+        for slot, request in zip(admission.chosen, admission.chunk, strict=True):
+            slots[slot] = _Slot(request)
+        self.stats.prefill_seconds += time.perf_counter() - start
+        if admission.beside:
+            self.stats.overlap_wait_seconds += admission.flight.wait_seconds
+            self.stats.overlap_worker_seconds += admission.flight.worker_seconds
 
     def _start(
         self,
@@ -438,6 +566,7 @@ class ContinuousBatcher:
             if (
                 slot is None
                 or slot.prepared is not None
+                or slot.pending
                 or not bool(finished[i * group : (i + 1) * group].all())
             ):
                 continue

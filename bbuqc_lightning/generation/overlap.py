@@ -1,0 +1,190 @@
+"""Overlapped prefill (``generation.overlap_prefill``): a chunk of prompts is prefilled while the running rows
+keep decoding.
+
+Without it, admitting prompts stops the running rows: the scheduler prefills a chunk of prompts (matrix products
+over ~16 photos' tokens, the GPU busy) and only then replays the next decode step (a CUDA graph of many small
+kernels that leaves most of the GPU idle). With it, once rows are running, the scheduler *launches* the
+admission instead (:class:`~bbuqc_lightning.generation.scheduler.ContinuousBatcher`): it picks the prompts and
+their free slots as before, reserves the slots, and the prefill plus the copy of its keys/values into the slots
+run on a side CUDA stream while the decode steps go on on the caller's stream. The admission *lands* (its rows
+start, first token sampled from the prefill's logits) at the first loop turn after the side stream's work is
+done, which an event says without blocking.
+
+Why a worker thread, not only a stream: the prefill's forward waits for the GPU several times (transformers'
+Qwen3-VL vision attention calls ``lengths.tolist()`` in every vision layer; the image grid and position code
+read tensors back too). Run on the caller's thread, each of those waits would hold the host until the side
+stream caught up, and no decode step could be launched meanwhile. So :class:`Overlap` runs the prefill in one
+worker thread (``ThreadPoolExecutor(max_workers=1)``, created at the first launch): the worker blocks on the
+side stream's waits, the caller's thread keeps replaying decode steps. Blocking waits in PyTorch release the
+GIL; the Python work of both threads (the prefill's module calls, the scheduler's per-step bookkeeping) still
+takes turns on it.
+
+Thread-local state the worker must copy from the caller: the current stream and device (set explicitly: the
+side stream, on the pool's device), grad mode, inference mode and autocast (:func:`_caller_modes`). Model state:
+the prefill alone touches Qwen3-VL's cached ``rope_deltas``; the decode step reads positions from its own
+buffers, never that cache, and calls the decoder layers only (no vision tower), so the two threads share the
+weights read-only. A decode bucket's first run (graph capture, compile) is never overlapped: the scheduler lands
+the admission first (a capture in global mode forbids unsafe CUDA calls from every thread).
+
+Stream ordering, on launch (caller's thread) and in the worker:
+
+1. at launch the caller records an event on its current (main) stream, and the worker's first action is to
+   make the side stream wait for it: the reserved slots were freed by the scheduler after the main stream's last
+   read of them, so the side stream must not write them before the work the main stream had queued at launch
+   (recorded at launch, not when the worker starts: the decode steps launched meanwhile need not be waited for);
+2. the worker runs the prefill and the copy into the pool on the side stream, then records an event there;
+3. the caller lands the admission when the event has completed: ``main.wait_event(event)`` (free by then, but
+   it keeps the order explicit) and ``record_stream(main)`` on the logits and offsets the side stream allocated,
+   so the caching allocator does not hand their memory to the side stream again while the main stream reads it.
+
+Why the concurrent write into the pool is safe: decode steps write only the decode rows' keys/values, never a
+prompt slot; they do read every slot below their bucket's top, reserved ones included, but a slot's prompt keys
+are masked by its ``prompt_lens`` entry, which stays 0 for a reserved slot until its rows start (set on the main
+stream after the event), and the masked weight is an exact 0 against finite values (old or new keys, both
+finite; ``pool_attention.MASKED`` is finite too). The reserved slots' rows are finished rows, so the decode steps
+sample nothing for them; their stale decode positions are overwritten from position 0 once the rows start.
+
+On CPU (no streams) the prefill runs at launch on the caller's thread, and the admission is ready at once: its
+rows start one decode step later, the same semantics. ``threaded=True`` runs the CPU prefill in the worker
+too, and ``hold_steps`` keeps an admission in flight for that many decode steps: both for tests only, so a CPU
+run goes through the deferred start and the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+# The work of an admission: prefill its prompts and copy their keys/values into the reserved slots, returning the
+# first logits (n, V) fp32 and first decode positions (n,).
+Work = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Flight:
+    """One admission's prefill, launched and not yet landed."""
+
+    future: Future[tuple[torch.Tensor, torch.Tensor]] | None = None  # the worker's (threaded)
+    result: tuple[torch.Tensor, torch.Tensor] | None = None  # prefilled on the caller's thread (CPU)
+    event: torch.cuda.Event | None = None  # recorded on the side stream after the copy into the pool
+    steps: int = 0  # decode steps run while in flight
+    worker_seconds: float = 0.0  # the worker's wall time for the prefill (threaded)
+    wait_seconds: float = 0.0  # the caller's time blocked waiting for it when it landed
+
+
+class Overlap:
+    """Runs admissions' prefills beside the decode steps: a side stream and one worker thread on CUDA."""
+
+    def __init__(self, device: torch.device, threaded: bool | None = None) -> None:
+        """``threaded`` (tests only): None runs the prefill in the worker on CUDA and on the caller's thread on
+        CPU; True runs it in the worker on CPU as well."""
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.threaded = self.cuda if threaded is None else threaded
+        self.hold_steps = 0  # tests only: decode steps an admission stays in flight however soon it is done
+        self._executor: ThreadPoolExecutor | None = None
+        self._stream: torch.cuda.Stream | None = None
+
+    def launch(self, work: Work) -> Flight:
+        """Start ``work``: in the worker on the side stream (threaded), else now."""
+        if not self.threaded:
+            return Flight(result=work())
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlap-prefill")
+            weakref.finalize(self, self._executor.shutdown, wait=False)
+        flight = Flight()
+        launched = None
+        if self.cuda:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=self.device)
+            launched = torch.cuda.Event()
+            launched.record(torch.cuda.current_stream(self.device))
+            flight.event = torch.cuda.Event()
+        flight.future = self._executor.submit(self._work, work, flight, launched, _caller_modes())
+        return flight
+
+    def ready(self, flight: Flight) -> bool:
+        """Whether ``flight`` can land without waiting (never blocks)."""
+        if flight.steps < self.hold_steps:
+            return False
+        if flight.future is not None and not flight.future.done():
+            return False
+        return flight.event is None or flight.event.query()
+
+    def land(self, flight: Flight) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill's logits and first positions, ready for the caller's stream (waits if it must)."""
+        if flight.future is None:
+            assert flight.result is not None
+            return flight.result
+        start = time.perf_counter()
+        logits, offsets = flight.future.result()
+        flight.wait_seconds = time.perf_counter() - start
+        if flight.event is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(flight.event)
+            for tensor in (logits, offsets):
+                if tensor.is_cuda:
+                    tensor.record_stream(main)
+        return logits, offsets
+
+    def abandon(self, flight: Flight) -> None:
+        """Wait for ``flight``'s worker and drop its result (an error elsewhere ends the call): no prefill may run
+        on after the call has returned."""
+        if flight.future is not None:
+            with contextlib.suppress(Exception):
+                flight.future.result()
+        if self._stream is not None:  # the event may never have been recorded (the prefill raised)
+            self._stream.synchronize()
+
+    def close(self) -> None:
+        """Stop the worker thread (a later launch starts a new one)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _work(
+        self,
+        work: Work,
+        flight: Flight,
+        launched: torch.cuda.Event | None,
+        modes: Callable[[contextlib.ExitStack], None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The worker's side: the caller's modes, the side stream after the main stream's work queued at launch,
+        the prefill, then the event."""
+        start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            modes(stack)
+            if launched is not None:
+                assert self._stream is not None and flight.event is not None
+                stack.enter_context(torch.cuda.device(self.device))
+                stack.enter_context(torch.cuda.stream(self._stream))
+                self._stream.wait_event(launched)
+            out = work()
+            if launched is not None:
+                flight.event.record(self._stream)
+        flight.worker_seconds = time.perf_counter() - start
+        return out
+
+
+def _caller_modes() -> Callable[[contextlib.ExitStack], None]:
+    """The calling thread's grad mode, inference mode and autocast (thread-local in PyTorch), to enter in the
+    worker: the prefill must build the same tensors (inference tensors under Lightning's predict loop, no graph)
+    and run in the same precision as it would on the caller's thread."""
+    grad = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
+    cache = torch.is_autocast_cache_enabled()
+    autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+
+    def enter(stack: contextlib.ExitStack) -> None:
+        stack.enter_context(torch.inference_mode(inference))
+        stack.enter_context(torch.set_grad_enabled(grad))
+        for device_type, dtype in autocast:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=cache))
+
+    return enter

@@ -1,0 +1,188 @@
+"""Overlapped prefill (``generation.overlap_prefill``): once rows are running, whole-prompt prefills are launched
+beside the decode steps and their rows start later, and the greedy tokens stay HF ``generate``'s: text prompts of
+many lengths through fewer slots than prompts with rows ending early, photos, G samples of a prompt, prompts
+handed ahead to the next call. On CPU the prefill runs at launch; the tests also hold admissions in flight for
+several decode steps and run the prefill in the worker thread, so the deferred start is exercised here too."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from bbuqc_lightning.generation.engine import Ahead, GenerationEngine, PromptEncoder, SamplingParams
+from bbuqc_lightning.models.factory import ModelBundle
+from tests.test_engine import IMAGES, pool_engine, prompts_of_lengths, tokens, varied_bundle
+
+SIZES = [(200, 120), (90, 160), (64, 64)]
+PHOTOS = [Image.new("RGB", size, (37 * i % 255, 90, 200)) for i, size in enumerate(SIZES)]
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_architecture: dict[str, Any]) -> ModelBundle:
+    return varied_bundle(tiny_architecture)
+
+
+def hf_tokens(bundle: ModelBundle, convs: list, params: SamplingParams, images: list | None = None) -> list:
+    return tokens(GenerationEngine(bundle.model, bundle.processor, backend="hf"), convs, params, images)
+
+
+def end_early(bundle: ModelBundle, *engines: GenerationEngine) -> None:
+    """A random 1/16 of the vocabulary counts as an end: rows end at different steps, freeing slots mid-call."""
+    vocab = bundle.model.config.text_config.vocab_size
+    ends = random.Random(0).sample(range(vocab), vocab // 16)
+    for engine in engines:
+        engine.eos_token_ids = [*engine.eos_token_ids, *ends]
+
+
+def overlapped(
+    bundle: ModelBundle, hold: int = 0, threaded: bool | None = None, **kw: Any
+) -> GenerationEngine:
+    """A pool engine with overlapped prefill; ``hold``: decode steps each admission stays in flight at least,
+    ``threaded``: the prefill in the worker thread on CPU too (both test knobs of the scheduler's overlap)."""
+    engine = pool_engine(bundle, overlap_prefill=True, **kw)
+    overlap = engine._pool_batcher().overlap
+    assert overlap is not None
+    overlap.hold_steps = hold
+    if threaded is not None:
+        overlap.threaded = threaded
+    return engine
+
+
+@pytest.mark.parametrize(("hold", "threaded"), [(0, None), (3, None), (2, True)])
+def test_text_prompts_of_many_lengths_through_a_queue(varied: ModelBundle, hold: int, threaded: bool) -> None:
+    """Nine prompts through three slots, rows ending at different steps: the prompts after the first chunk are
+    prefilled beside running rows and start one or more decode steps later."""
+    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
+    params = SamplingParams(max_new_tokens=16)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    engine = overlapped(varied, hold, threaded, prompt_slots=3, max_rows=3)
+    end_early(varied, hf, engine)
+    want, got = tokens(hf, convs, params), tokens(engine, convs, params)
+    assert got == want
+    assert len({len(ids) for ids in got}) > 3  # rows did end early
+    stats = engine.stats
+    # the first chunk alone was prefilled with no row running, every later one beside running rows
+    assert stats["prompts"] == 9 and stats["overlapped_prefills"] >= 3
+    assert stats["overlapped_steps"] >= stats["overlapped_prefills"]  # each stayed in flight a step at least
+    if hold:
+        assert stats["overlapped_steps"] > stats["overlapped_prefills"]  # some stayed in flight several steps
+    if threaded:
+        assert stats["overlap_worker_seconds"] > 0
+    assert engine._pool_batcher()._admission is None  # nothing left in flight after the call
+
+
+def test_photos_prefilled_beside_running_rows(varied: ModelBundle) -> None:
+    """Photos of three sizes through two slots, held in flight for two steps: the vision tower's prompts (M-RoPE
+    positions, DeepStack features) start late and still give HF's tokens."""
+    convs = [IMAGES[i % 2] for i in range(6)]
+    images = [[PHOTOS[i % 3]] for i in range(6)]
+    params = SamplingParams(max_new_tokens=12)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    engine = overlapped(varied, hold=2, prompt_slots=2, max_rows=2)
+    end_early(varied, hf, engine)
+    assert tokens(engine, convs, params, images) == tokens(hf, convs, params, images)
+    assert engine.stats["overlapped_prefills"] >= 1
+
+
+def test_samples_of_a_prompt_start_together(varied: ModelBundle) -> None:
+    """G = 3 samples of each of five prompts through two slots: the G rows of a prompt launched beside running
+    rows start together (top-k 1 sampling: each sample is the greedy one)."""
+    convs = prompts_of_lengths([30, 9, 70, 14, 50])
+    shared = SamplingParams(max_new_tokens=12, do_sample=True, top_k=1, num_return_sequences=3)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    engine = overlapped(varied, hold=1, max_rows=6, prompt_slots=2)
+    end_early(varied, hf, engine)
+    greedy = tokens(hf, convs, SamplingParams(max_new_tokens=12))
+    assert tokens(engine, convs, shared) == [ids for ids in greedy for _ in range(3)]
+    assert engine.stats["overlapped_prefills"] >= 1
+
+
+def test_prompts_handed_ahead(varied: ModelBundle) -> None:
+    """Stage-A's lookahead: three calls, each handing the next one's prompts ahead; an admission in flight when a
+    call's own prompts are done lands before it returns, and the next call goes on from there."""
+    convs = prompts_of_lengths([40, 8, 66, 21, 90, 12])
+    encoder = PromptEncoder(varied.processor)
+    encoded = [encoder(conv) for conv in convs]
+    params = SamplingParams(max_new_tokens=12)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    engine = overlapped(varied, hold=2, threaded=True, prompt_slots=2, max_rows=2)
+    end_early(varied, hf, engine)
+    want = tokens(hf, convs, params)
+    got = []
+    for call in range(3):
+        mine, nxt = slice(2 * call, 2 * call + 2), slice(2 * call + 2, 2 * call + 4)
+        ahead = Ahead(encoded[nxt], list(range(nxt.start, nxt.stop))) if call < 2 else None
+        out = engine.generate(
+            convs[mine], params, encoded=encoded[mine], keys=list(range(mine.start, mine.stop)), ahead=ahead
+        )
+        got += [c.token_ids for group in out for c in group]
+        assert engine._pool_batcher()._admission is None
+    assert got == want
+    assert engine.stats["prompts"] == 6 and engine.stats["dropped_ahead"] == 0
+    assert engine.stats["overlapped_prefills"] >= 1
+    engine.close()
+
+
+def test_a_failed_prefill_in_the_worker_ends_the_call(varied: ModelBundle) -> None:
+    """The worker's error reaches the caller, nothing stays in flight, and the next call runs normally."""
+    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
+    params = SamplingParams(max_new_tokens=16)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    engine = overlapped(varied, threaded=True, prompt_slots=3, max_rows=3)
+    end_early(varied, hf, engine)
+    batcher = engine._pool_batcher()
+    prefill, launch = batcher.prefill, batcher._launch
+
+    def boom(chunk: list) -> Any:
+        raise RuntimeError("prefill failed")
+
+    def failing_launch(*args: Any, beside: bool) -> None:
+        batcher.prefill = boom if beside else prefill  # the first prefill beside running rows fails
+        launch(*args, beside=beside)
+
+    batcher._launch = failing_launch  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        tokens(engine, convs, params)
+    assert batcher.stats.overlapped_prefills == 1 and batcher._admission is None
+    batcher._launch, batcher.prefill = launch, prefill  # type: ignore[method-assign]
+    assert tokens(engine, convs, params) == tokens(hf, convs, params)
+
+
+def test_overlap_with_chunked_prefill_is_a_configuration_error(varied: ModelBundle) -> None:
+    with pytest.raises(ValueError, match=r"overlap_prefill and generation\.prefill_chunk_tokens cannot be"):
+        pool_engine(varied, overlap_prefill=True, prefill_chunk_tokens=16)
+
+
+@pytest.mark.gpu
+def test_overlap_on_cuda_with_graphs(tiny_architecture: dict[str, Any]) -> None:
+    """On the GPU: the prefill on the side stream from the worker thread, decode steps replaying CUDA graphs on
+    the main stream, admissions held in flight for several replays, under inference mode (Lightning's predict
+    loop) as well: the default path's tokens, text and photos."""
+    varied = varied_bundle(tiny_architecture)
+    varied.model.cuda()
+    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
+    params = SamplingParams(max_new_tokens=16)
+    default = pool_engine(varied, prompt_slots=3, max_rows=3)
+    end_early(varied, default)
+    want = tokens(default, convs, params)
+    for hold in (0, 4):
+        engine = overlapped(varied, hold, prompt_slots=3, max_rows=3)
+        end_early(varied, engine)
+        assert tokens(engine, convs, params) == want, hold
+        with torch.inference_mode():
+            assert tokens(engine, convs, params) == want, hold
+        stats = engine.stats
+        assert stats["overlapped_prefills"] >= 6 and stats["overlap_worker_seconds"] > 0
+        assert engine.decode_step is not None and engine.decode_step.captures >= 1
+        engine.close()
+    convs = [IMAGES[i % 2] for i in range(6)]
+    images = [[PHOTOS[i % 3]] for i in range(6)]
+    default = pool_engine(varied, prompt_slots=2, max_rows=2)
+    engine = overlapped(varied, 2, prompt_slots=2, max_rows=2)
+    end_early(varied, default, engine)
+    assert tokens(engine, convs, params, images) == tokens(default, convs, params, images)
+    assert engine.stats["overlapped_prefills"] >= 1
