@@ -3,8 +3,8 @@
 cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer); the base is the learning proof's
 fusion SFT (1,000 steps of 64 rows since run 5, its vision tower trained; 650 before). These are run 5's settings
 (docs/RESULTS.md: one H100, 2026-12-07, 22.8 minutes with 4 processes, every run to its step count) but for the
-base's mix, which after run 5 gives summaries more of each batch and draws those that name a finding 4x, and the
-penalty arm's learning rate (2e-4, run 5: 3e-4). Training-time
+base's mix, which after run 5 gives summaries more of each batch and draws those that name a finding 4x (run 6, one
+H200: 19 of the 23 steps in 19.1 minutes), and the penalty arm's learning rate (2e-4, run 5: 3e-4; not run yet). Training-time
 caps (``*_max_minutes``) are safety nets above what each run took with 4 processes sharing the GPU, so the step
 counts, not the clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny``
 preset that only shows every step runs and feeds the next (its numbers mean nothing).
@@ -69,7 +69,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "grpo_max_minutes": 8.0,
         # the penalty arm's own: run 3's lr 3e-4 without a KL term collapsed seed 0 to all-fail, run 2's 1e-4 with
         # β 0.04 did not collapse and did not cure; runs 4-5 kept 3e-4 and anchored it with β 0.04, and seed 0
-        # overshot in run 5 (0 false passes, 25 false fails); run 6 steps at 2e-4
+        # overshot in run 5 (0 false passes, 25 false fails); now 2e-4 (run 6 left this arm out: not run yet)
         "penalty_lr": 2e-4,
         "penalty_beta": 0.04,
         "fail_rescue": True,
