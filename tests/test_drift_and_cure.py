@@ -130,6 +130,32 @@ def test_the_base_mix_draws_photos_that_name_a_finding_more_often(
     assert f"answer_oversample {mix['answer_oversample']['match']!r} matches {sum(finding)} of" in caplog.text
 
 
+def test_the_base_mix_can_draw_the_rare_verdicts_more_often(
+    compose_at: ComposeAt, tmp_path: Path, data_dir: Path
+) -> None:
+    mix = drift_data.finding_oversampled_mix(
+        tmp_path / "base.yaml", BENCH.parent / "conf" / "fusion" / "default.yaml", 4.0, verdict_weight=3.0
+    )
+    assert mix["verdict_oversample"] == {"match": drift_data.RARE_VERDICT_PATTERN, "weight": 3.0}
+    cfg = compose_at(
+        ["+experiment=fusion_sft", "logger=csv", f"data.fusion={mix['fusion']}"], tmp_path, data_dir
+    )
+    try:
+        data = build_objects(cfg)["datamodule"]
+        data.prepare_data()
+        data.setup("fit")
+    finally:
+        HydraConfig.instance().cfg = None
+    verdicts = [r for r in data.train_rows if r["dataset"] == "stage_b_distill"]
+    rare = [drift_data.RARE_VERDICT_PATTERN in r["messages"][-1]["content"] for r in verdicts]
+    assert 0 < sum(rare) < len(rare)  # the synthetic data's reason for an unprotected or tightly bent fibre
+    fail = [r["label"] == "fail" for r in verdicts]
+    # the mix's fail_oversample (2.0) kept, times 3 for the rare reason
+    assert data.pools[1].weights == tuple(
+        (2.0 if f else 1.0) * (3.0 if m else 1.0) for f, m in zip(fail, rare, strict=True)
+    )
+
+
 def test_teacher_base_skips_the_teacher_and_settings_are_fixed_by_the_first_call(tmp_path: Path) -> None:
     s, plan = plan_for(tmp_path, "--device", "cpu", "--teacher", "base", "--seeds", "3", "--drift", "summary")
     assert "teacher" not in [p.name for p in plan] and s["seeds"] == [3]
@@ -151,9 +177,9 @@ def test_teacher_base_skips_the_teacher_and_settings_are_fixed_by_the_first_call
         pipeline.settings(pipeline.parse_args(["--device", "cpu", "--out", s["out"], "--drift", "lenient"]))
 
 
-@pytest.mark.parametrize("run", ["run4", "run5"])
+@pytest.mark.parametrize("run", ["h100_run4", "h100_run5", "h200_run6"])
 def test_an_older_run_folder_still_plans_the_commands_it_ran(tmp_path: Path, run: str) -> None:
-    report = json.loads((BENCH.parent / "docs" / "results" / f"drift_and_cure_h100_{run}.json").read_text())
+    report = json.loads((BENCH.parent / "docs" / "results" / f"drift_and_cure_{run}.json").read_text())
     out = tmp_path / "out"
     saved = {**report["settings"], "out": str(out), "data_dir": str(out / "data")}
     out.mkdir()

@@ -188,14 +188,32 @@ def findings_pattern() -> str:
     return "|".join(map(re.escape, FINDINGS))
 
 
-def finding_oversampled_mix(path: Path, parent: Path, weight: float) -> dict[str, Any]:
+# The Stage-B answers drawn more often by ``verdict_weight``: their reason names 弯曲半径不合理 (the synthetic reason of
+# the cabling tickets whose fibre is unprotected or bent too tightly, ``fibre_unprotected_or_tight_bend`` in
+# conf/prompts/synthetic.yaml). In run 6 Stage-B passed the three 弯曲半径不合理 test tickets from their reference
+# summaries at every stage but one base: 53 of the 4,000 train tickets carry it, one character (不) away from the
+# 弯曲半径合理 that 1,814 carry.
+RARE_VERDICT_PATTERN = "弯曲半径不合理"
+
+
+def finding_oversampled_mix(
+    path: Path, parent: Path, weight: float, verdict_weight: float = 1.0
+) -> dict[str, Any]:
     """Write a fusion file that extends ``parent`` and gives its ``bbu_summary`` target
     ``answer_oversample: {match: findings_pattern(), weight}``: the photos whose summary names a finding (17 % of
-    the synthetic train photos; each finding alone 0.4-4 %) are drawn ``weight`` times as often."""
+    the synthetic train photos; each finding alone 0.4-4 %) are drawn ``weight`` times as often. With
+    ``verdict_weight`` other than 1, its ``stage_b_distill`` target draws the verdicts whose reason matches
+    :data:`RARE_VERDICT_PATTERN` that many times as often too (on top of the mix's ``fail_oversample``)."""
     oversample = {"match": findings_pattern(), "weight": float(weight)}
-    body = {"extends": str(parent), "targets": [{"name": "bbu_summary", "answer_oversample": oversample}]}
+    targets: list[dict[str, Any]] = [{"name": "bbu_summary", "answer_oversample": oversample}]
+    out: dict[str, Any] = {"fusion": str(path), "answer_oversample": oversample}
+    if verdict_weight != 1.0:
+        verdicts = {"match": RARE_VERDICT_PATTERN, "weight": float(verdict_weight)}
+        targets.append({"name": "stage_b_distill", "answer_oversample": verdicts})
+        out["verdict_oversample"] = verdicts
+    body = {"extends": str(parent), "targets": targets}
     write_atomic(path, yaml.safe_dump(body, allow_unicode=True, sort_keys=False))
-    return {"fusion": str(path), "answer_oversample": oversample}
+    return out
 
 
 def stratified_subset(

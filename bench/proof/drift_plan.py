@@ -101,14 +101,21 @@ def _summary_entries(p: Mapping[str, Path]) -> tuple[dict[str, Any], dict[str, A
 
 
 def base_fusion(s: Mapping[str, Any]) -> str | Path:
-    """The base's fusion file: the embedded mix, or ``<out>/fusion/base_findings.yaml`` when findings are oversampled."""
-    return "default" if s["base_finding_oversample"] == 1.0 else paths(s)["mixes"] / "base_findings.yaml"
+    """The base's fusion file: the embedded mix, or ``<out>/fusion/base_findings.yaml`` when findings (or rare
+    verdicts) are oversampled."""
+    if s["base_finding_oversample"] == 1.0 and s["base_verdict_oversample"] == 1.0:
+        return "default"
+    return paths(s)["mixes"] / "base_findings.yaml"
 
 
 def base_mix(s: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``<out>/fusion/base_findings.yaml``: the embedded mix with its summary target's findings oversampled."""
+    """Write ``<out>/fusion/base_findings.yaml``: the embedded mix with its summary target's findings and its
+    Stage-B target's rare verdicts oversampled."""
     return dd.finding_oversampled_mix(
-        Path(base_fusion(s)), REPO / "conf" / "fusion" / "default.yaml", s["base_finding_oversample"]
+        Path(base_fusion(s)),
+        REPO / "conf" / "fusion" / "default.yaml",
+        s["base_finding_oversample"],
+        s["base_verdict_oversample"],
     )
 
 

@@ -4,7 +4,8 @@ cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer)
 fusion SFT (1,000 steps of 64 rows since run 5, its vision tower trained; 650 before). These are run 5's settings
 (docs/RESULTS.md: one H100, 2026-12-07, 22.8 minutes with 4 processes, every run to its step count) but for the
 base's mix, which after run 5 gives summaries more of each batch and draws those that name a finding 4x (run 6, one
-H200: 19 of the 23 steps in 19.1 minutes), and the penalty arm's learning rate (2e-4, run 5: 3e-4; not run yet). Training-time
+H200: 19 of the 23 steps in 19.1 minutes), the base's verdicts that name 弯曲半径不合理 drawn 4x (after run 6; not run
+yet), and the penalty arm's learning rate (2e-4, run 5: 3e-4; not run yet). Training-time
 caps (``*_max_minutes``) are safety nets above what each run took with 4 processes sharing the GPU, so the step
 counts, not the clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny``
 preset that only shows every step runs and feeds the next (its numbers mean nothing).
@@ -30,6 +31,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # <out>/fusion/base_findings.yaml: 45 % of the summary rows (1.0: the embedded mix as is, as in runs 1-5)
         "base_stage_b_ratio": 3.0,
         "base_finding_oversample": 4.0,
+        # after run 6 (Stage-B passed the 弯曲半径不合理 tickets even from reference summaries): the base's verdicts whose
+        # reason names it (53 of 4,000 train tickets, with the 无保护措施 ones that share the reason) drawn 4x as often
+        "base_verdict_oversample": 4.0,
         # run 5: the base's vision tower trains (runs 1-4 kept the random-init tower frozen, and Stage-A kept
         # 0-7 % of grounding's and cabling's negative items), at 4 blocks x 256 (the preset's 2 x 128), 1.5x as long
         "base_freeze_vision": False,
@@ -90,6 +94,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "stage_b_ratio": 2.0,
         "base_stage_b_ratio": 1.0,
         "base_finding_oversample": 4.0,  # the smoke run exercises the option
+        "base_verdict_oversample": 4.0,  # and this one
         "base_freeze_vision": False,
         "base_vision_depth": 0,  # the tiny preset's tower
         "base_vision_width": 0,
@@ -136,7 +141,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 def with_older_settings(saved: dict[str, Any]) -> dict[str, Any]:
     """Settings read from the ``state.json`` of an older run, in today's keys, completed with the keys added since
     and the values that reproduce what it ran (runs 1-4: a frozen preset tower; runs 1-5: the embedded mix at the
-    shared ratio), so ``--report-only`` and ``--rerun`` still work on its folder."""
+    shared ratio; runs 1-6: no verdict drawn more often), so ``--report-only`` and ``--rerun`` still work on its folder."""
     s = dict(saved)
     renamed = {"vision_depth": "base_vision_depth", "vision_width": "base_vision_width"}  # run 5's names
     for old, new in renamed.items():
@@ -145,7 +150,11 @@ def with_older_settings(saved: dict[str, Any]) -> dict[str, Any]:
     if "base_trains_vision" in s:
         s["base_freeze_vision"] = not s.pop("base_trains_vision")
     defaults = {"base_freeze_vision": True, "base_vision_depth": 0, "base_vision_width": 0}
-    defaults |= {"base_stage_b_ratio": s["stage_b_ratio"], "base_finding_oversample": 1.0}
+    defaults |= {
+        "base_stage_b_ratio": s["stage_b_ratio"],
+        "base_finding_oversample": 1.0,
+        "base_verdict_oversample": 1.0,
+    }
     return defaults | s
 
 
