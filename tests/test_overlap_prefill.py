@@ -2,17 +2,21 @@
 beside the decode steps and their rows start later, and the greedy tokens stay HF ``generate``'s: text prompts of
 many lengths through fewer slots than prompts with rows ending early, photos, G samples of a prompt, prompts
 handed ahead to the next call. On CPU the prefill runs at launch; the tests also hold admissions in flight for
-several decode steps and run the prefill in the worker thread, so the deferred start is exercised here too."""
+several decode steps and run the prefill in the worker thread, so the deferred start is exercised here too, and
+check the worker's modes, an error on either thread, and that no decode bucket warms up beside a prefill."""
 
 from __future__ import annotations
 
 import random
+import threading
+import time
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
+from bbuqc_lightning.generation.decode_step import DecodeStep
 from bbuqc_lightning.generation.engine import Ahead, GenerationEngine, PromptEncoder, SamplingParams
 from bbuqc_lightning.models.factory import ModelBundle
 from tests.test_engine import IMAGES, pool_engine, prompts_of_lengths, tokens, varied_bundle
@@ -24,10 +28,6 @@ PHOTOS = [Image.new("RGB", size, (37 * i % 255, 90, 200)) for i, size in enumera
 @pytest.fixture(scope="module")
 def varied(tiny_architecture: dict[str, Any]) -> ModelBundle:
     return varied_bundle(tiny_architecture)
-
-
-def hf_tokens(bundle: ModelBundle, convs: list, params: SamplingParams, images: list | None = None) -> list:
-    return tokens(GenerationEngine(bundle.model, bundle.processor, backend="hf"), convs, params, images)
 
 
 def end_early(bundle: ModelBundle, *engines: GenerationEngine) -> None:
@@ -150,6 +150,98 @@ def test_a_failed_prefill_in_the_worker_ends_the_call(varied: ModelBundle) -> No
     assert batcher.stats.overlapped_prefills == 1 and batcher._admission is None
     batcher._launch, batcher.prefill = launch, prefill  # type: ignore[method-assign]
     assert tokens(engine, convs, params) == tokens(hf, convs, params)
+
+
+def test_an_error_beside_a_prefill_in_flight_waits_for_the_worker(varied: ModelBundle) -> None:
+    """A decode step that fails while a (slow) prefill is in flight in the worker: the call ends with the worker done
+    (no prefill runs on after it), nothing in flight, and the next call runs normally."""
+    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
+    params = SamplingParams(max_new_tokens=16)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    engine = overlapped(varied, hold=2, threaded=True, prompt_slots=3, max_rows=3)
+    end_early(varied, hf, engine)
+    batcher = engine._pool_batcher()
+    step, prefill, flights = batcher.step, batcher.prefill, []
+
+    def slow(chunk: list) -> Any:
+        time.sleep(0.2)  # still running when the step fails (the assertion below holds either way)
+        return prefill(chunk)
+
+    def failing_run(bucket: Any) -> Any:
+        if batcher._admission is not None:
+            flights.append(batcher._admission.flight)
+            raise RuntimeError("decode step failed")
+        return DecodeStep.run(step, bucket)
+
+    batcher.prefill, step.run = slow, failing_run  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="decode step failed"):
+        tokens(engine, convs, params)
+    assert len(flights) == 1 and flights[0].future is not None and flights[0].future.done()
+    assert batcher._admission is None
+    batcher.prefill = prefill
+    del step.run
+    assert tokens(engine, convs, params) == tokens(hf, convs, params)
+
+
+def test_the_worker_prefills_in_the_callers_modes(varied: ModelBundle) -> None:
+    """The prefill in the worker thread runs in the caller's grad mode, inference mode and autocast (thread-local in
+    PyTorch: a new thread starts with grad on), under Lightning's predict loop (inference mode) as outside it. A
+    worker with grad on would record the prefill's graph into the pool (the model's weights require grad here)."""
+    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8])
+    params = SamplingParams(max_new_tokens=8)
+    engine = overlapped(varied, hold=1, threaded=True, prompt_slots=2, max_rows=2)
+    batcher = engine._pool_batcher()
+    prefill, caller, seen = batcher.prefill, threading.get_ident(), []
+
+    def spy(chunk: list) -> Any:
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"))
+        seen.append((threading.get_ident() != caller, *modes))
+        return prefill(chunk)
+
+    batcher.prefill = spy
+    want = tokens(engine, convs, params)
+    assert seen and set(seen) == {(True, False, False, False)}
+    seen.clear()
+    with torch.inference_mode():
+        assert tokens(engine, convs, params) == want
+    assert set(seen) == {(True, False, True, False)}
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens(engine, convs, params)
+    assert set(seen) == {(True, False, False, True)}
+    assert any(p.requires_grad for p in varied.model.parameters())
+    assert engine.decode_step is not None
+    assert not any(t.requires_grad for t in engine.decode_step.pool.tensors())
+    engine.close()
+
+
+def test_no_bucket_warms_up_beside_a_prefill(varied: ModelBundle) -> None:
+    """A decode bucket's first run (a graph capture on GPU, which forbids other threads' CUDA calls) never runs
+    while an admission is in flight: with warm-ups simulated on CPU, the scheduler lands the admission first, and
+    the tokens stay HF's."""
+    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
+    params = SamplingParams(max_new_tokens=16)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    engine = overlapped(varied, hold=3, prompt_slots=3, max_rows=3)
+    end_early(varied, hf, engine)
+    batcher, step = engine._pool_batcher(), engine.decode_step
+    assert step is not None
+    firsts, landed_first = [], []
+
+    def warms_up(bucket: Any) -> bool:
+        new = bucket not in step.graphs
+        if new and batcher._admission is not None:
+            landed_first.append(bucket)
+        return new
+
+    def watched_run(bucket: Any) -> Any:
+        if bucket not in step.graphs:
+            firsts.append(batcher._admission is None)
+        return DecodeStep.run(step, bucket)
+
+    step.warms_up, step.run = warms_up, watched_run  # type: ignore[method-assign]
+    assert tokens(engine, convs, params) == tokens(hf, convs, params)
+    assert landed_first and firsts and all(firsts)
 
 
 def test_overlap_with_chunked_prefill_is_a_configuration_error(varied: ModelBundle) -> None:

@@ -33,16 +33,20 @@ Stream ordering, on launch (caller's thread) and in the worker:
    read of them, so the side stream must not write them before the work the main stream had queued at launch
    (recorded at launch, not when the worker starts: the decode steps launched meanwhile need not be waited for);
 2. the worker runs the prefill and the copy into the pool on the side stream, then records an event there;
-3. the caller lands the admission when the event has completed: ``main.wait_event(event)`` (free by then, but
-   it keeps the order explicit) and ``record_stream(main)`` on the logits and offsets the side stream allocated,
-   so the caching allocator does not hand their memory to the side stream again while the main stream reads it.
+3. the caller lands the admission: ``main.wait_event(event)``, so the main stream reads the slots, logits and
+   offsets only after the side stream wrote them, and ``record_stream(main)`` on the logits and offsets the side
+   stream allocated, so the caching allocator does not hand their memory to the side stream again while the main
+   stream reads them. The wait costs nothing when the event has completed (the usual landing), and is what orders
+   the streams when the caller lands early (a bucket's first run, a call's end, no row running): it then waits
+   for the worker to have *queued* the side stream's work, not for the GPU to have run it.
 
 Why the concurrent write into the pool is safe: decode steps write only the decode rows' keys/values, never a
-prompt slot; they do read every slot below their bucket's top, reserved ones included, but a slot's prompt keys
-are masked by its ``prompt_lens`` entry, which stays 0 for a reserved slot until its rows start (set on the main
-stream after the event), and the masked weight is an exact 0 against finite values (old or new keys, both
-finite; ``pool_attention.MASKED`` is finite too). The reserved slots' rows are finished rows, so the decode steps
-sample nothing for them; their stale decode positions are overwritten from position 0 once the rows start.
+prompt slot. They do read every slot below their bucket's top, reserved ones included, but a slot's prompt keys
+are read by its own rows alone, and a reserved slot's rows are finished rows: the decode steps keep no token of
+theirs. What those rows compute stays finite (the keys read are old or new, both finite), so no NaN reaches the
+step's sampling or their decode keys; their prompt keys are masked besides (``prompt_lens`` stays 0 for a reserved
+slot until its rows start, set on the main stream after the event), and their stale decode positions are
+overwritten from position 0 once the rows start.
 
 On CPU (no streams) the prefill runs at launch on the caller's thread, and the admission is ready at once: its
 rows start one decode step later, the same semantics. ``threaded=True`` runs the CPU prefill in the worker
@@ -81,12 +85,10 @@ class Flight:
 class Overlap:
     """Runs admissions' prefills beside the decode steps: a side stream and one worker thread on CUDA."""
 
-    def __init__(self, device: torch.device, threaded: bool | None = None) -> None:
-        """``threaded`` (tests only): None runs the prefill in the worker on CUDA and on the caller's thread on
-        CPU; True runs it in the worker on CPU as well."""
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.threaded = self.cuda if threaded is None else threaded
+        self.threaded = self.cuda  # the prefill in the worker (tests set it on CPU too)
         self.hold_steps = 0  # tests only: decode steps an admission stays in flight however soon it is done
         self._executor: ThreadPoolExecutor | None = None
         self._stream: torch.cuda.Stream | None = None
