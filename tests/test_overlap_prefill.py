@@ -53,7 +53,9 @@ def overlapped(
 
 
 @pytest.mark.parametrize(("hold", "threaded"), [(0, None), (3, None), (2, True)])
-def test_text_prompts_of_many_lengths_through_a_queue(varied: ModelBundle, hold: int, threaded: bool) -> None:
+def test_text_prompts_of_many_lengths_through_a_queue(
+    varied: ModelBundle, hold: int, threaded: bool | None
+) -> None:
     """Nine prompts through three slots, rows ending at different steps: the prompts after the first chunk are
     prefilled beside running rows and start one or more decode steps later."""
     convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
