@@ -170,7 +170,9 @@ def main() -> None:
     parser.add_argument("--mixed", action="store_true", help="field-data sizes and summary lengths")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--images", type=int, default=256, help="images through our engine")
-    parser.add_argument("--baseline-images", type=int, default=64, help="images through HF generate")
+    parser.add_argument(
+        "--baseline-images", type=int, default=64, help="images through HF generate (0: none)"
+    )
     parser.add_argument("--call-size", type=int, default=256, help="images per engine.generate call")
     parser.add_argument("--rows", type=int, default=128, help="generation.max_rows")
     parser.add_argument(
@@ -235,7 +237,7 @@ def main() -> None:
     make = functools.partial(GenerationEngine, bundle.model, bundle.processor)
     hf = make(backend="hf")
     hf.eos_token_ids = [*hf.eos_token_ids, *eos_extra]
-    for batch in args.baseline_batches:
+    for batch in args.baseline_batches if args.baseline_images > 0 else ():  # 0: no HF baseline
         results["hf"][batch] = run(hf, pics[: args.baseline_images], prompts, batch, params)
         print(f"hf generate batch {batch}: {results['hf'][batch]}", flush=True)
     if not args.no_fused_rms_norm:

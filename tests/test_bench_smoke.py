@@ -103,10 +103,11 @@ def test_stage_a_mixed_chunked_prefill(run: Run, tmp_path: Path) -> None:
 
 
 def test_stage_a_mixed_overlapped_prefill(run: Run, tmp_path: Path) -> None:
-    run([*stage_a_mixed(tmp_path / "overlapped.json"), "--overlap-prefill"])
-    check_stage_a(tmp_path / "overlapped.json")
+    run([*stage_a_mixed(tmp_path / "overlapped.json"), "--overlap-prefill", "--baseline-images", "0"])
     result = json.loads((tmp_path / "overlapped.json").read_text())
     assert result["config"]["overlap_prefill"] and "overlapped_prefills" in result["engine"]["stats"]
+    assert result["engine"]["stats"]["prompts"] == 4
+    assert result["hf"] == {} and result["summary"]["ratio"] is None  # --baseline-images 0: no HF baseline
 
 
 def test_grpo_mixed(run: Run, tmp_path: Path) -> None:
