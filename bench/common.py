@@ -136,11 +136,18 @@ def add_prefill_chunk_tokens(parser: argparse.ArgumentParser) -> None:
 
 
 def add_overlap_prefill(parser: argparse.ArgumentParser) -> None:
-    """``--overlap-prefill``: our engine with overlapped prefill (``generation.overlap_prefill``)."""
+    """``--overlap-prefill``: our engine with overlapped prefill (``generation.overlap_prefill``);
+    ``--overlap-decode-priority``: and its decode steps on a high-priority stream."""
     parser.add_argument(
         "--overlap-prefill",
         action="store_true",
         help="ours: whole-prompt prefills on a side CUDA stream beside the decode steps (generation.overlap_prefill)",
+    )
+    parser.add_argument(
+        "--overlap-decode-priority",
+        action="store_true",
+        help="ours, with --overlap-prefill: the decode steps on a high-priority CUDA stream "
+        "(generation.overlap_decode_priority)",
     )
 
 

@@ -139,6 +139,7 @@ def run_ours(
             compile_layers=args.compile_layers,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
             overlap_prefill=args.overlap_prefill,
+            overlap_decode_priority=args.overlap_decode_priority,
             max_rows=args.prompts * 8,
             prompt_slots=args.prompts,
             max_prompt_len=4096 if args.mixed else 2048,
@@ -193,6 +194,7 @@ def run_ours(
         extra["compile_layers"] = args.compile_layers
         extra["prefill_chunk_tokens"] = args.prefill_chunk_tokens
         extra["overlap_prefill"] = args.overlap_prefill
+        extra["overlap_decode_priority"] = args.overlap_decode_priority
         extra["compiles"] = module.engine.decode_step.compiles
         extra["compile_seconds"] = module.engine.decode_step.compile_seconds
         extra["pool"] = module.engine.layout.describe()

@@ -251,6 +251,7 @@ def main() -> None:
         compile_layers=args.compile_layers,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         overlap_prefill=args.overlap_prefill,
+        overlap_decode_priority=args.overlap_decode_priority,
     )
     ours.eos_token_ids = [*ours.eos_token_ids, *eos_extra]
     if torch.cuda.is_available():

@@ -249,6 +249,23 @@ def test_no_bucket_warms_up_beside_a_prefill(varied: ModelBundle) -> None:
 def test_overlap_with_chunked_prefill_is_a_configuration_error(varied: ModelBundle) -> None:
     with pytest.raises(ValueError, match=r"overlap_prefill and generation\.prefill_chunk_tokens cannot be"):
         pool_engine(varied, overlap_prefill=True, prefill_chunk_tokens=16)
+    with pytest.raises(
+        ValueError, match=r"overlap_decode_priority .* needs generation\.overlap_prefill=true"
+    ):
+        pool_engine(varied, overlap_decode_priority=True)
+
+
+def test_decode_priority_is_no_stream_on_cpu(varied: ModelBundle) -> None:
+    """On CPU the option changes nothing (no streams): the same tokens, through the worker and held admissions."""
+    convs = prompts_of_lengths([5, 60, 17, 33, 8])
+    params = SamplingParams(max_new_tokens=12)
+    engine = overlapped(varied, 2, threaded=True, prompt_slots=2, max_rows=2, overlap_decode_priority=True)
+    plain = pool_engine(varied, prompt_slots=2, max_rows=2)
+    end_early(varied, engine, plain)
+    assert tokens(engine, convs, params) == tokens(plain, convs, params)
+    overlap = engine._pool_batcher().overlap
+    assert overlap is not None and overlap.decode_priority and overlap._priority is None
+    engine.close()
 
 
 @pytest.mark.gpu
@@ -263,15 +280,17 @@ def test_overlap_on_cuda_with_graphs(tiny_architecture: dict[str, Any]) -> None:
     default = pool_engine(varied, prompt_slots=3, max_rows=3)
     end_early(varied, default)
     want = tokens(default, convs, params)
-    for hold in (0, 4):
-        engine = overlapped(varied, hold, prompt_slots=3, max_rows=3)
+    for hold, priority in ((0, False), (4, False), (0, True), (4, True)):
+        engine = overlapped(varied, hold, prompt_slots=3, max_rows=3, overlap_decode_priority=priority)
         end_early(varied, engine)
-        assert tokens(engine, convs, params) == want, hold
+        assert tokens(engine, convs, params) == want, (hold, priority)
         with torch.inference_mode():
-            assert tokens(engine, convs, params) == want, hold
+            assert tokens(engine, convs, params) == want, (hold, priority)
         stats = engine.stats
         assert stats["overlapped_prefills"] >= 6 and stats["overlap_worker_seconds"] > 0
         assert engine.decode_step is not None and engine.decode_step.captures >= 1
+        overlap = engine._pool_batcher().overlap
+        assert overlap is not None and (overlap._priority is not None) == priority  # the decode steps' stream
         engine.close()
     convs = [IMAGES[i % 2] for i in range(6)]
     images = [[PHOTOS[i % 3]] for i in range(6)]

@@ -26,6 +26,8 @@ size (:mod:`~bbuqc_lightning.generation.scheduler`, :mod:`~bbuqc_lightning.gener
 6. **overlapped prefill** (``overlap_prefill``, off by default; not with chunked prefill): once rows are running,
    whole-prompt prefills run on a side CUDA stream, from a worker thread, beside the decode steps instead of
    stopping them; the prompts' rows start when their prefill is done (:mod:`~bbuqc_lightning.generation.overlap`).
+   ``overlap_decode_priority`` also runs the decode steps on a high-priority CUDA stream, so their kernels take
+   the SMs the prefill frees before the prefill's next ones do.
 
 ``backend="hf"`` is HF ``generate`` (with each prompt prefilled once for its G samples), the reference the
 pool is tested against: both give the same greedy tokens.
@@ -56,7 +58,12 @@ from bbuqc_lightning.generation.sampling import (
     line_break_token_ids,
     make_sampler,
 )
-from bbuqc_lightning.generation.scheduler import OVERLAP_WITH_CHUNKS, ContinuousBatcher, Request
+from bbuqc_lightning.generation.scheduler import (
+    OVERLAP_WITH_CHUNKS,
+    PRIORITY_WITHOUT_OVERLAP,
+    ContinuousBatcher,
+    Request,
+)
 from bbuqc_lightning.models.decoder import (
     language_model,
     position_ids_from_mask,
@@ -173,6 +180,7 @@ class GenerationEngine:
         max_prefill_tokens: int = 16384,
         prefill_chunk_tokens: int | None = None,
         overlap_prefill: bool = False,
+        overlap_decode_priority: bool = False,
         prefix_sharing: bool = True,
         compile_layers: bool = False,
         compile_backend: str = "inductor",
@@ -204,7 +212,10 @@ class GenerationEngine:
         if overlap_prefill and prefill_chunk_tokens is not None:
             raise ValueError(OVERLAP_WITH_CHUNKS)
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        if overlap_decode_priority and not overlap_prefill:
+            raise ValueError(PRIORITY_WITHOUT_OVERLAP)
         self.overlap_prefill = overlap_prefill
+        self.overlap_decode_priority = overlap_decode_priority
         self.prefix_sharing = prefix_sharing
         self.encoder = PromptEncoder(processor, enable_thinking)
         self.encode_seconds = 0.0  # rendering and tokenising inside generate (not pre-encoded prompts)
@@ -376,6 +387,7 @@ class GenerationEngine:
                     self._prepare,
                     self.prefill_chunk_tokens,
                     self.overlap_prefill,
+                    self.overlap_decode_priority,
                 )
         return self._batcher
 

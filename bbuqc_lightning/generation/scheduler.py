@@ -32,6 +32,7 @@ rounded up to a power of two (:class:`~bbuqc_lightning.generation.decode_step.Bu
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -170,6 +171,10 @@ OVERLAP_WITH_CHUNKS = (
     "generation.overlap_prefill and generation.prefill_chunk_tokens cannot be combined: chunked prefill already "
     "runs prompt tokens inside the decode steps, overlapped prefill runs whole prompts beside them; set one"
 )
+PRIORITY_WITHOUT_OVERLAP = (
+    "generation.overlap_decode_priority puts the decode steps ahead of prefills running beside them; it needs "
+    "generation.overlap_prefill=true"
+)
 
 
 def _running(finished: torch.Tensor, rows: int) -> bool:
@@ -205,6 +210,7 @@ class ContinuousBatcher:
         prepare: Prepare | None = None,
         chunk_tokens: int | None = None,
         overlap: bool = False,
+        decode_priority: bool = False,
     ) -> None:
         if chunk_tokens is not None and (prepare is None or chunk_tokens < 1):
             raise ValueError(
@@ -212,6 +218,8 @@ class ContinuousBatcher:
             )
         if overlap and chunk_tokens is not None:
             raise ValueError(OVERLAP_WITH_CHUNKS)
+        if decode_priority and not overlap:
+            raise ValueError(PRIORITY_WITHOUT_OVERLAP)
         self.step = step
         self.prefill = prefill
         self.prepare = prepare
@@ -225,7 +233,7 @@ class ContinuousBatcher:
         self.offsets = torch.zeros(self.layout.rows, dtype=torch.long, device=device)
         self.out = torch.zeros(self.layout.rows, self.layout.max_new_tokens, dtype=torch.long, device=device)
         self.session: _Session | None = None  # what the last call left for the next one
-        self.overlap = Overlap(device) if overlap else None
+        self.overlap = Overlap(device, decode_priority) if overlap else None
         self._admission: _Admission | None = None  # overlapped prefill: the admission in flight
         self.dropped = 0  # prompts handed ahead that no call asked for (dropped with their session)
 
@@ -265,9 +273,26 @@ class ContinuousBatcher:
         session.waiting = deque(
             [*sorted(mine, key=lambda r: -r.length), *sorted(later, key=lambda r: -r.length)]
         )
-        waiting, slots, finished = session.waiting, session.slots, session.finished
-        call = _Call(group, session.sample, eos, max_new_tokens, finished)
+        call = _Call(group, session.sample, eos, max_new_tokens, session.finished)
         needed = set(wanted)
+        decode_stream = self.overlap.decode_stream() if self.overlap is not None else contextlib.nullcontext()
+        with decode_stream:
+            self._serve(session, needed, call, capacity, slot_buckets, new_bucket)
+        out = [session.results.pop(key) for key in wanted]
+        self.session = session if session.keys() else None
+        return out
+
+    def _serve(
+        self,
+        session: _Session,
+        needed: set[Hashable],
+        call: _Call,
+        capacity: int,
+        slot_buckets: Sequence[int],
+        new_bucket: int,
+    ) -> None:
+        """The scheduling loop of one call: until every prompt in ``needed`` has its results."""
+        waiting, slots, finished, group = session.waiting, session.slots, session.finished, call.group
         try:
             while not needed <= session.results.keys():
                 if self.chunk_tokens is not None:  # prompts enter a chunk at a time, inside the decode steps
@@ -316,9 +341,6 @@ class ContinuousBatcher:
                 assert self.overlap is not None
                 self.overlap.abandon(self._admission.flight)
                 self._admission = None
-        out = [session.results.pop(key) for key in wanted]
-        self.session = session if session.keys() else None
-        return out
 
     def close(self) -> None:
         """Stop the overlapped prefill's worker thread, if any (it is also stopped when the batcher is collected)."""
