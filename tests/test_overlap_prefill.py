@@ -291,6 +291,8 @@ def test_overlap_on_cuda_with_graphs(tiny_architecture: dict[str, Any]) -> None:
         assert engine.decode_step is not None and engine.decode_step.captures >= 1
         overlap = engine._pool_batcher().overlap
         assert overlap is not None and (overlap._priority is not None) == priority  # the decode steps' stream
+        if priority:  # above the default stream's 0 (lower numbers are higher priorities)
+            assert overlap._priority is not None and overlap._priority.priority < 0
         engine.close()
     convs = [IMAGES[i % 2] for i in range(6)]
     images = [[PHOTOS[i % 3]] for i in range(6)]

@@ -111,7 +111,12 @@ class DecodeStep:
             self._counted_forward(bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # Under generation.overlap_decode_priority the caller's stream has a high priority, and a graph's kernels may
+        # keep the priority of the stream they were captured on (CUDA copies it into each kernel node): capture on a
+        # stream of the caller's priority then. At the default priority, PyTorch's own capture stream.
+        priority = torch.cuda.current_stream().priority
+        capture = torch.cuda.Stream(priority=priority) if priority else None
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=capture):
             self._forward(bucket)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
