@@ -102,6 +102,19 @@ def test_stage_a_mixed_chunked_prefill(run: Run, tmp_path: Path) -> None:
     assert stats["mixed_steps"] >= stats["prompt_tokens"] / 16
 
 
+def test_decode_beside(run: Run, tmp_path: Path) -> None:
+    """The decode step timed alone, beside matrix products and beside a launching thread (CPU: no streams, so the
+    priority conditions are skipped and the products run in a thread)."""
+    out = tmp_path / "beside.json"
+    run(["decode_beside.py", "--preset", "tiny", "--device", "cpu", "--iters", "2", "--rows", "8",
+         "--prompt-bucket", "256", "--gemm-tokens", "256", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["step_ms"]) == {"alone", "gemm", "gil"} and all(
+        v > 0 for v in result["step_ms"].values()
+    )
+    assert result["loads"]["gemm"]["load_covered"] and result["priority"].startswith("skipped")
+
+
 def test_stage_a_mixed_overlapped_prefill(run: Run, tmp_path: Path) -> None:
     run([*stage_a_mixed(tmp_path / "overlapped.json"), "--overlap-prefill", "--baseline-images", "0"])
     result = json.loads((tmp_path / "overlapped.json").read_text())
