@@ -52,6 +52,9 @@ overwritten from position 0 once the rows start.
 included, runs on a stream of the highest priority (:meth:`Overlap.decode_stream`), so the decode steps' small
 kernels take the SMs a prefill's large ones free before the prefill's next ones do.
 
+Greedy tokens are the default path's; sampled ones follow the same distribution but not the same draws for a seed:
+an admission's rows start a few decode steps later, so the sampler's random numbers are consumed in another order.
+
 On CPU (no streams) the prefill runs at launch on the caller's thread, and the admission is ready at once: its
 rows start one decode step later, the same semantics. ``threaded=True`` runs the CPU prefill in the worker
 too, and ``hold_steps`` keeps an admission in flight for that many decode steps: both for tests only, so a CPU
