@@ -219,31 +219,41 @@ def test_the_worker_prefills_in_the_callers_modes(varied: ModelBundle) -> None:
 
 def test_no_bucket_warms_up_beside_a_prefill(varied: ModelBundle) -> None:
     """A decode bucket's first run (a graph capture on GPU, which forbids other threads' CUDA calls) never runs
-    while an admission is in flight: with warm-ups simulated on CPU, the scheduler lands the admission first, and
-    the tokens stay HF's."""
-    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
-    params = SamplingParams(max_new_tokens=16)
+    while an admission is in flight, with warm-ups simulated on CPU: an admission is not launched in a turn whose
+    step warms up a bucket (it would be landed before any step ran beside it: no overlap at all), it waits a turn;
+    one in flight when the bucket changes (rows ended) is landed first, having overlapped a step or more. The
+    tokens stay HF's."""
     hf = GenerationEngine(varied.model, varied.processor, backend="hf")
-    engine = overlapped(varied, hold=3, prompt_slots=3, max_rows=3)
-    end_early(varied, hf, engine)
-    batcher, step = engine._pool_batcher(), engine.decode_step
-    assert step is not None
-    firsts, landed_first = [], []
+    firsts, landed_first, deferred = [], [], []
+    scenarios = [
+        (3, 3, [5, 60, 17, 120, 33, 8, 90, 45, 70], 16),
+        (4, 6, [5, 200, 17, 120, 33, 8, 300, 45, 70, 9, 150, 11], 24),  # a bucket changes with one in flight
+    ]
+    for slots, hold, lengths, new_tokens in scenarios:
+        engine = overlapped(varied, hold=hold, prompt_slots=slots, max_rows=slots)
+        end_early(varied, engine)
+        batcher, step = engine._pool_batcher(), engine.decode_step
+        assert step is not None
 
-    def warms_up(bucket: Any) -> bool:
-        new = bucket not in step.graphs
-        if new and batcher._admission is not None:
-            landed_first.append(bucket)
-        return new
+        def warms_up(bucket: Any, batcher: Any = batcher, step: DecodeStep = step) -> bool:
+            new = bucket not in step.graphs
+            if new and batcher._admission is not None:  # the step lands it first
+                landed_first.append(batcher._admission.flight.steps)
+            elif new:  # asked before a launch: it waits a turn
+                deferred.append(bucket)
+            return new
 
-    def watched_run(bucket: Any) -> Any:
-        if bucket not in step.graphs:
-            firsts.append(batcher._admission is None)
-        return DecodeStep.run(step, bucket)
+        def watched_run(bucket: Any, batcher: Any = batcher, step: DecodeStep = step) -> Any:
+            if bucket not in step.graphs:
+                firsts.append(batcher._admission is None)
+            return DecodeStep.run(step, bucket)
 
-    step.warms_up, step.run = warms_up, watched_run  # type: ignore[method-assign]
-    assert tokens(engine, convs, params) == tokens(hf, convs, params)
-    assert landed_first and firsts and all(firsts)
+        step.warms_up, step.run = warms_up, watched_run  # type: ignore[method-assign]
+        convs, params = prompts_of_lengths(lengths), SamplingParams(max_new_tokens=new_tokens)
+        hf.eos_token_ids = engine.eos_token_ids
+        assert tokens(engine, convs, params) == tokens(hf, convs, params), slots
+    assert firsts and all(firsts)
+    assert deferred and landed_first and all(steps > 0 for steps in landed_first), (deferred, landed_first)
 
 
 def test_overlap_with_chunked_prefill_is_a_configuration_error(varied: ModelBundle) -> None:

@@ -33,6 +33,7 @@ rounded up to a power of two (:class:`~bbuqc_lightning.generation.decode_step.Bu
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -315,7 +316,8 @@ class ContinuousBatcher:
                             self._collect(slots, call, session.results)
                         continue
                 else:
-                    self._admit_whole(waiting, slots, call, capacity)
+                    bucket_now = functools.partial(self._bucket, slots, group, slot_buckets, new_bucket)
+                    self._admit_whole(waiting, slots, call, capacity, bucket_now)
                 if not _running(finished, capacity * group):  # e.g. every first token was an end
                     self._collect(slots, call, session.results)
                     continue
@@ -447,10 +449,17 @@ class ContinuousBatcher:
         return ended
 
     def _admit_whole(
-        self, waiting: deque[Request], slots: list[_Slot | None], call: _Call, capacity: int
+        self,
+        waiting: deque[Request],
+        slots: list[_Slot | None],
+        call: _Call,
+        capacity: int,
+        bucket_now: Callable[[], Bucket],
     ) -> None:
         """Whole-prompt prefill: land the admission in flight (overlapped prefill) once it is done, or at once when
-        no row runs beside it; then admit waiting prompts if enough slots are free."""
+        no row runs beside it; then admit waiting prompts if enough slots are free. ``bucket_now``: the next decode
+        step's bucket; when that step is the bucket's first run, a launch waits a turn (the step would land it at
+        once, before any step ran beside it)."""
         running = _running(call.finished, capacity * call.group)
         if self._admission is not None:
             assert self.overlap is not None
@@ -463,6 +472,8 @@ class ContinuousBatcher:
         # prompts at once: the tail of a call must not wait for a whole generation to free slots.
         if not (waiting and free and len(free) >= min(len(waiting), max(1, capacity // 4))):
             return
+        if self.overlap is not None and running and self.step.warms_up(bucket_now()):
+            return  # launched now, it would be landed before the step's capture, beside no step: next turn
         start = time.perf_counter()
         if self.overlap is None:
             self._admit(waiting, free, slots, call)
