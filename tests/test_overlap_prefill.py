@@ -299,6 +299,8 @@ def test_overlap_on_cuda_with_graphs(tiny_architecture: dict[str, Any]) -> None:
         stats = engine.stats
         assert stats["overlapped_prefills"] >= 6 and stats["overlap_worker_seconds"] > 0
         assert engine.decode_step is not None and engine.decode_step.captures >= 1
+        # the worker prefilled without grad (the weights require it): no autograd history in the pool
+        assert not any(t.requires_grad for t in engine.decode_step.pool.tensors())
         overlap = engine._pool_batcher().overlap
         assert overlap is not None and (overlap._priority is not None) == priority  # the decode steps' stream
         if priority:  # above the default stream's 0 (lower numbers are higher priorities)
