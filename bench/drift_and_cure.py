@@ -281,9 +281,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def call_command(args: argparse.Namespace, jobs: int, max_minutes: float) -> str:
     """The command of one GPU call of this plan (every call is the same: it resumes from ``state.json``)."""
+    steps = f" --steps {args.steps}" if args.steps else ""
     return (
         f"python bench/drift_and_cure.py --device {args.device} --out {args.out} --jobs {jobs} "
-        f'--max-minutes {max_minutes:g} --bundle "$OUT"'
+        f'--max-minutes {max_minutes:g}{steps} --bundle "$OUT"'
     )
 
 
@@ -313,8 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{step.name}  [{mark}]  after: {', '.join(step.after) or '-'}")
             for command in step.commands:
                 print("    " + command.command)
+        # with --steps, the calls of those steps alone; a named step that needs one left out (and not done) cannot run
+        left_out = set(names) - set(wanted) - set(done)
+        blocked = sorted((with_dependants(plan, left_out) - left_out) & set(wanted))
+        chosen = [step for step in plan if step.name not in left_out and step.name not in blocked]
+        if blocked:
+            print(f"\nnot run with these --steps (each needs a step left out): {', '.join(blocked)}")
         budget = args.max_minutes or PLAN_MINUTES
-        lines = describe(plan, done, jobs=jobs, max_minutes=budget, command=call_command(args, jobs, budget))
+        lines = describe(
+            chosen, done, jobs=jobs, max_minutes=budget, command=call_command(args, jobs, budget)
+        )
         print("\n".join(lines))
         return 0
     outcome = None

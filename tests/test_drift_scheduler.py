@@ -97,6 +97,24 @@ def test_the_cuda_plan_fits_one_run_or_three_calls_of_nine_minutes(
     text = capsys.readouterr().out
     assert f"{len(calls)} call(s)" in text and "wave 1: " in text
     assert f'--out {out} --jobs 4 --max-minutes 9 --bundle "$OUT"' in text
+    # --steps: the calls of those steps alone (run 6 left the penalty arm out to fit its hold)
+    penalty = [n for n in (p.name for p in plan) if "penalty" in n]
+    kept = ",".join(p.name for p in plan if p.name not in penalty)
+    assert (
+        pipeline.main(["--device", "cuda", "--out", out, "--plan", "--max-minutes", "24", "--steps", kept])
+        == 0
+    )
+    text = capsys.readouterr().out
+    timeline = text[text.index("call(s)") :]
+    assert not any(name in timeline for name in penalty) and f"--steps {kept}" in timeline
+    assert "not run with these --steps" not in text
+    # a named step whose input is left out cannot run, and says so
+    assert (
+        pipeline.main(["--device", "cuda", "--out", out, "--plan", "--steps", "s0/cure_a,s0/eval_cure_a"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "not run with these --steps (each needs a step left out): s0/cure_a, s0/eval_cure_a" in text
 
 
 def test_independent_steps_run_concurrently_and_dependants_after(tmp_path: Path) -> None:
