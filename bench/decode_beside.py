@@ -71,7 +71,6 @@ class GemmLoad:
         self.c = torch.empty(tokens, intermediate, device=device, dtype=dtype)
         self.cuda = device == "cuda"
         self.stream = torch.cuda.Stream() if self.cuda else None
-        self.done: torch.cuda.Event | None = None
 
     def product(self) -> None:
         torch.mm(self.a, self.b, out=self.c)
@@ -91,24 +90,11 @@ class GemmLoad:
         """Keep the products running for at least ``window_ms`` while the body runs; ``out`` gets whether they
         outlasted the body (``load_covered``) and their milliseconds each meanwhile (``gemm_ms``)."""
         if not self.cuda:
-            stop = threading.Event()
-            count = [0]
-
-            def loop() -> None:
-                while not stop.is_set():
-                    self.product()
-                    count[0] += 1
-
-            thread = threading.Thread(target=loop, daemon=True)
             start = time.perf_counter()
-            thread.start()
-            try:
+            with looping(self.product) as count:
                 yield
-            finally:
-                stop.set()
-                thread.join()
-                out["load_covered"] = True
-                out["gemm_ms"] = (time.perf_counter() - start) / max(count[0], 1) * 1e3
+            out["load_covered"] = True
+            out["gemm_ms"] = (time.perf_counter() - start) / max(count[0], 1) * 1e3
             return
         assert self.stream is not None
         # twice the expected window, in at most QUEUED launches (a stream's launch queue holds about a thousand; a
@@ -131,37 +117,48 @@ class GemmLoad:
         finally:
             out["load_covered"] = not end.query()  # still running when the body ended
             end.synchronize()
-            out["gemm_ms"] = begin.elapsed_time(end) / (
-                n * reps
-            )  # per product of the plain shape, whole queue
+            # per product of the plain shape, over the whole queue
+            out["gemm_ms"] = begin.elapsed_time(end) / (n * reps)
             out["products_queued"] = n
             out["rows_per_product"] = a.shape[0]
 
 
 @contextmanager
-def gil_load(device: str) -> Iterator[None]:
-    """A Python thread launching small kernels in a loop on a side stream: host and GIL load, little GPU load."""
-    stop = threading.Event()
-    x = torch.zeros(1024, device=device)
-    stream = torch.cuda.Stream() if device == "cuda" else None
+def looping(work: Callable[[], None]) -> Iterator[list[int]]:
+    """Run ``work`` over and over in a thread while the body runs; yields ``[times it ran]``, final on exit."""
+    stop, count = threading.Event(), [0]
 
     def loop() -> None:
         while not stop.is_set():
-            if stream is None:
-                x.add_(1)
-                continue
-            with torch.cuda.stream(stream):
-                for _ in range(64):
-                    x.add_(1)
-            stream.synchronize()
+            work()
+            count[0] += 1
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
-        yield
+        yield count
     finally:
         stop.set()
         thread.join()
+
+
+@contextmanager
+def gil_load(device: str) -> Iterator[None]:
+    """A Python thread launching small kernels in a loop on a side stream: host and GIL load, little GPU load."""
+    x = torch.zeros(1024, device=device)
+    stream = torch.cuda.Stream() if device == "cuda" else None
+
+    def launch() -> None:
+        if stream is None:
+            x.add_(1)
+            return
+        with torch.cuda.stream(stream):
+            for _ in range(64):
+                x.add_(1)
+        stream.synchronize()
+
+    with looping(launch):
+        yield
 
 
 def main() -> None:
