@@ -137,7 +137,8 @@ def add_prefill_chunk_tokens(parser: argparse.ArgumentParser) -> None:
 
 def add_overlap_prefill(parser: argparse.ArgumentParser) -> None:
     """``--overlap-prefill``: our engine with overlapped prefill (``generation.overlap_prefill``);
-    ``--overlap-decode-priority``: and its decode steps on a high-priority stream."""
+    ``--overlap-decode-priority``: and its decode steps on a high-priority stream; ``--overlap-switch-interval S``:
+    and the interpreter's thread switch interval at S seconds during a call."""
     parser.add_argument(
         "--overlap-prefill",
         action="store_true",
@@ -148,6 +149,13 @@ def add_overlap_prefill(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ours, with --overlap-prefill: the decode steps on a high-priority CUDA stream "
         "(generation.overlap_decode_priority)",
+    )
+    parser.add_argument(
+        "--overlap-switch-interval",
+        type=float,
+        default=None,
+        help="ours, with --overlap-prefill: sys.setswitchinterval during a call, seconds "
+        "(generation.overlap_switch_interval)",
     )
 
 

@@ -14,6 +14,8 @@ as the scheduler runs it) in each condition, one process, the same bucket:
   on a side stream of the default priority, as the prefill's; no host work beside it;
 - ``gil``: beside a Python thread that launches small kernels on a side stream in a loop (host and GIL load, almost no
   GPU load), as a prefill's module calls do;
+- ``gil_switch``: the same with the interpreter's switch interval at ``--switch-interval`` seconds
+  (``generation.overlap_switch_interval``) instead of Python's 5 ms;
 - ``priority_alone`` / ``priority_gemm``: the same step replayed on a stream of the highest priority
   (``generation.overlap_decode_priority``; its graph captured under that priority), alone and beside the matrix
   products.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -171,6 +174,9 @@ def main() -> None:
     parser.add_argument(
         "--gemm-tokens", type=int, default=16384, help="rows of each product (a prefill chunk's)"
     )
+    parser.add_argument(
+        "--switch-interval", type=float, default=5e-4, help="seconds, for the gil_switch condition"
+    )
     parser.add_argument("--out", default=None, help="JSON results")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -202,6 +208,13 @@ def main() -> None:
         ms["gemm"] = step_ms(lambda: step.run(bucket), args.iters, main_stream)
     with gil_load(args.device):
         ms["gil"] = step_ms(lambda: step.run(bucket), args.iters, main_stream)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(args.switch_interval)
+    try:
+        with gil_load(args.device):
+            ms["gil_switch"] = step_ms(lambda: step.run(bucket), args.iters, main_stream)
+    finally:
+        sys.setswitchinterval(previous)
     if cuda:
         _, highest = torch.cuda.Stream.priority_range()
         high = torch.cuda.Stream(priority=highest)

@@ -140,6 +140,7 @@ def run_ours(
             prefill_chunk_tokens=args.prefill_chunk_tokens,
             overlap_prefill=args.overlap_prefill,
             overlap_decode_priority=args.overlap_decode_priority,
+            overlap_switch_interval=args.overlap_switch_interval,
             max_rows=args.prompts * 8,
             prompt_slots=args.prompts,
             max_prompt_len=4096 if args.mixed else 2048,
@@ -195,6 +196,7 @@ def run_ours(
         extra["prefill_chunk_tokens"] = args.prefill_chunk_tokens
         extra["overlap_prefill"] = args.overlap_prefill
         extra["overlap_decode_priority"] = args.overlap_decode_priority
+        extra["overlap_switch_interval"] = args.overlap_switch_interval
         extra["compiles"] = module.engine.decode_step.compiles
         extra["compile_seconds"] = module.engine.decode_step.compile_seconds
         extra["pool"] = module.engine.layout.describe()

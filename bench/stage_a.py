@@ -252,6 +252,7 @@ def main() -> None:
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         overlap_prefill=args.overlap_prefill,
         overlap_decode_priority=args.overlap_decode_priority,
+        overlap_switch_interval=args.overlap_switch_interval,
     )
     ours.eos_token_ids = [*ours.eos_token_ids, *eos_extra]
     if torch.cuda.is_available():

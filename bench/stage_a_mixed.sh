@@ -4,10 +4,11 @@
 # engine with its decode layers compiled, then the issue's entry-point command on a 1,000-photo tree
 # (bench/mixed_tree.py), start-up included. Each run is its own process with its own time limit;
 # a run that would end past BUDGET seconds (default 900: two device calls, started detached) is skipped; RUNS picks
-# runs by the last part of their names (default all: "prefill mixed alone chunked overlap priority nocudnn point
-# compiled"; alone runs bench/stage_a.py and the entry point with each batch generated alone (data.lookahead=false),
+# runs by the last part of their names (default all: "prefill mixed alone chunked overlap priority switch both
+# nocudnn point compiled"; alone runs bench/stage_a.py and the entry point with each batch generated alone (data.lookahead=false),
 # nocudnn with model.cudnn_attention=false, chunked with generation.prefill_chunk_tokens=2048, overlap with
-# generation.overlap_prefill=true, priority with generation.overlap_decode_priority=true as well). Writes
+# generation.overlap_prefill=true, priority with generation.overlap_decode_priority=true as well, switch with
+# generation.overlap_switch_interval=0.0005 instead, both with the two). Writes
 # OUT_DIR/<run>.json, the entry
 # point's metrics.json and log, and OUT_DIR/logs.tar.gz:
 #
@@ -33,6 +34,10 @@ step stage_a_mixed_overlap 150 "$py" stage_a.py --mixed --images 1000 --baseline
     --out "$out/stage_a_mixed_overlap.json"
 step stage_a_mixed_priority 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --overlap-prefill \
     --overlap-decode-priority --out "$out/stage_a_mixed_priority.json"
+step stage_a_mixed_switch 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --overlap-prefill \
+    --overlap-switch-interval 0.0005 --out "$out/stage_a_mixed_switch.json"
+step stage_a_mixed_both 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --overlap-prefill \
+    --overlap-decode-priority --overlap-switch-interval 0.0005 --out "$out/stage_a_mixed_both.json"
 step stage_a_mixed_nocudnn 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --no-cudnn-attention \
     --out "$out/stage_a_mixed_nocudnn.json"
 # the issue's command, nothing added: the Stage-A defaults must be right on a GPU
@@ -51,6 +56,9 @@ entry entry_point_alone data.lookahead=false
 entry entry_point_chunked generation.prefill_chunk_tokens=2048
 entry entry_point_overlap generation.overlap_prefill=true
 entry entry_point_priority generation.overlap_prefill=true generation.overlap_decode_priority=true
+entry entry_point_switch generation.overlap_prefill=true generation.overlap_switch_interval=0.0005
+entry entry_point_both generation.overlap_prefill=true generation.overlap_decode_priority=true \
+    generation.overlap_switch_interval=0.0005
 entry entry_point_nocudnn +model.cudnn_attention=false
 step stage_a_mixed_compiled 150 "$py" stage_a.py --mixed --images 1000 --baseline-batches --compile-layers \
     --out "$out/stage_a_mixed_compiled.json"

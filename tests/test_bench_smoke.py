@@ -109,15 +109,17 @@ def test_decode_beside(run: Run, tmp_path: Path) -> None:
     run(["decode_beside.py", "--preset", "tiny", "--device", "cpu", "--iters", "2", "--rows", "8",
          "--prompt-bucket", "256", "--gemm-tokens", "256", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
-    assert set(result["step_ms"]) == {"alone", "gemm", "gil"} and all(
+    assert set(result["step_ms"]) == {"alone", "gemm", "gil", "gil_switch"} and all(
         v > 0 for v in result["step_ms"].values()
     )
     assert result["loads"]["gemm"]["load_covered"] and result["priority"].startswith("skipped")
 
 
 def test_stage_a_mixed_overlapped_prefill(run: Run, tmp_path: Path) -> None:
-    run([*stage_a_mixed(tmp_path / "overlapped.json"), "--overlap-prefill", "--baseline-images", "0"])
+    run([*stage_a_mixed(tmp_path / "overlapped.json"), "--overlap-prefill", "--baseline-images", "0",
+         "--overlap-switch-interval", "0.0005"])  # fmt: skip
     result = json.loads((tmp_path / "overlapped.json").read_text())
+    assert result["config"]["overlap_switch_interval"] == 0.0005
     assert result["config"]["overlap_prefill"] and "overlapped_prefills" in result["engine"]["stats"]
     assert result["engine"]["stats"]["prompts"] == 4
     assert result["hf"] == {} and result["summary"]["ratio"] is None  # --baseline-images 0: no HF baseline

@@ -8,6 +8,7 @@ check the worker's modes, an error on either thread, and that no decode bucket w
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 from typing import Any
@@ -259,10 +260,44 @@ def test_no_bucket_warms_up_beside_a_prefill(varied: ModelBundle) -> None:
 def test_overlap_with_chunked_prefill_is_a_configuration_error(varied: ModelBundle) -> None:
     with pytest.raises(ValueError, match=r"overlap_prefill and generation\.prefill_chunk_tokens cannot be"):
         pool_engine(varied, overlap_prefill=True, prefill_chunk_tokens=16)
-    with pytest.raises(
-        ValueError, match=r"overlap_decode_priority .* needs generation\.overlap_prefill=true"
-    ):
-        pool_engine(varied, overlap_decode_priority=True)
+    for knob in ({"overlap_decode_priority": True}, {"overlap_switch_interval": 0.001}):
+        with pytest.raises(
+            ValueError, match=r"overlap_switch_interval .* need generation\.overlap_prefill=true"
+        ):
+            pool_engine(varied, **knob)
+    with pytest.raises(ValueError, match=r"overlap_switch_interval must be > 0 seconds or null, got 0"):
+        overlapped(varied, overlap_switch_interval=0)
+
+
+def test_switch_interval_holds_for_the_call_and_is_restored(varied: ModelBundle) -> None:
+    """``overlap_switch_interval``: the worker's prefills run under the configured interval (the whole call does),
+    and the interpreter's own comes back when the call ends, also when it fails."""
+    convs = prompts_of_lengths([5, 60, 17, 33, 8])
+    params = SamplingParams(max_new_tokens=12)
+    engine = overlapped(varied, 2, threaded=True, prompt_slots=2, max_rows=2, overlap_switch_interval=0.0007)
+    plain = pool_engine(varied, prompt_slots=2, max_rows=2)
+    end_early(varied, engine, plain)
+    batcher = engine._pool_batcher()
+    prefill, seen = batcher.prefill, []
+
+    def recording(chunk: Any) -> Any:
+        seen.append(sys.getswitchinterval())
+        return prefill(chunk)
+
+    batcher.prefill = recording
+    before = sys.getswitchinterval()
+    assert tokens(engine, convs, params) == tokens(plain, convs, params)
+    assert len(seen) >= 2 and all(value == pytest.approx(0.0007) for value in seen), seen
+    assert sys.getswitchinterval() == before
+
+    def failing(chunk: Any) -> Any:
+        raise RuntimeError("prefill failed")
+
+    batcher.prefill = failing
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        tokens(engine, convs, params)
+    assert sys.getswitchinterval() == before
+    engine.close()
 
 
 def test_decode_priority_is_no_stream_on_cpu(varied: ModelBundle) -> None:
@@ -290,12 +325,19 @@ def test_overlap_on_cuda_with_graphs(tiny_architecture: dict[str, Any]) -> None:
     default = pool_engine(varied, prompt_slots=3, max_rows=3)
     end_early(varied, default)
     want = tokens(default, convs, params)
-    for hold, priority in ((0, False), (4, False), (0, True), (4, True)):
-        engine = overlapped(varied, hold, prompt_slots=3, max_rows=3, overlap_decode_priority=priority)
+    for hold, priority, switch in ((0, False, None), (4, False, 5e-4), (0, True, None), (4, True, 5e-4)):
+        engine = overlapped(
+            varied,
+            hold,
+            prompt_slots=3,
+            max_rows=3,
+            overlap_decode_priority=priority,
+            overlap_switch_interval=switch,
+        )
         end_early(varied, engine)
-        assert tokens(engine, convs, params) == want, (hold, priority)
+        assert tokens(engine, convs, params) == want, (hold, priority, switch)
         with torch.inference_mode():
-            assert tokens(engine, convs, params) == want, (hold, priority)
+            assert tokens(engine, convs, params) == want, (hold, priority, switch)
         stats = engine.stats
         assert stats["overlapped_prefills"] >= 6 and stats["overlap_worker_seconds"] > 0
         assert engine.decode_step is not None and engine.decode_step.captures >= 1

@@ -27,7 +27,9 @@ size (:mod:`~bbuqc_lightning.generation.scheduler`, :mod:`~bbuqc_lightning.gener
    whole-prompt prefills run on a side CUDA stream, from a worker thread, beside the decode steps instead of
    stopping them; the prompts' rows start when their prefill is done (:mod:`~bbuqc_lightning.generation.overlap`).
    ``overlap_decode_priority`` also runs the decode steps on a high-priority CUDA stream, so their kernels take
-   the SMs the prefill frees before the prefill's next ones do.
+   the SMs the prefill frees before the prefill's next ones do; ``overlap_switch_interval`` shortens the
+   interpreter's thread switch interval during a call, so the caller's thread waits less for the GIL while the
+   worker launches a prefill.
 
 ``backend="hf"`` is HF ``generate`` (with each prompt prefilled once for its G samples), the reference the
 pool is tested against: both give the same greedy tokens.
@@ -181,6 +183,7 @@ class GenerationEngine:
         prefill_chunk_tokens: int | None = None,
         overlap_prefill: bool = False,
         overlap_decode_priority: bool = False,
+        overlap_switch_interval: float | None = None,
         prefix_sharing: bool = True,
         compile_layers: bool = False,
         compile_backend: str = "inductor",
@@ -212,10 +215,11 @@ class GenerationEngine:
         if overlap_prefill and prefill_chunk_tokens is not None:
             raise ValueError(OVERLAP_WITH_CHUNKS)
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        if overlap_decode_priority and not overlap_prefill:
+        if (overlap_decode_priority or overlap_switch_interval is not None) and not overlap_prefill:
             raise ValueError(PRIORITY_WITHOUT_OVERLAP)
         self.overlap_prefill = overlap_prefill
         self.overlap_decode_priority = overlap_decode_priority
+        self.overlap_switch_interval = overlap_switch_interval
         self.prefix_sharing = prefix_sharing
         self.encoder = PromptEncoder(processor, enable_thinking)
         self.encode_seconds = 0.0  # rendering and tokenising inside generate (not pre-encoded prompts)
@@ -388,6 +392,7 @@ class GenerationEngine:
                     self.prefill_chunk_tokens,
                     self.overlap_prefill,
                     self.overlap_decode_priority,
+                    self.overlap_switch_interval,
                 )
         return self._batcher
 

@@ -64,6 +64,7 @@ run goes through the deferred start and the worker.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -92,17 +93,45 @@ class Flight:
 class Overlap:
     """Runs admissions' prefills beside the decode steps: a side stream and one worker thread on CUDA."""
 
-    def __init__(self, device: torch.device, decode_priority: bool = False) -> None:
+    def __init__(
+        self, device: torch.device, decode_priority: bool = False, switch_interval: float | None = None
+    ) -> None:
         """``decode_priority`` (``generation.overlap_decode_priority``): :meth:`decode_stream` runs the caller's
-        work on a high-priority stream."""
+        work on a high-priority stream. ``switch_interval`` (``generation.overlap_switch_interval``, seconds):
+        the interpreter's thread switch interval while a call runs (:meth:`call`); None leaves it alone."""
+        if switch_interval is not None and switch_interval <= 0:
+            raise ValueError(
+                f"generation.overlap_switch_interval must be > 0 seconds or null, got {switch_interval}"
+            )
         self.device = device
         self.cuda = device.type == "cuda"
         self.decode_priority = decode_priority
+        self.switch_interval = switch_interval
         self.threaded = self.cuda  # the prefill in the worker (tests set it on CPU too)
         self.hold_steps = 0  # tests only: decode steps an admission stays in flight however soon it is done
         self._executor: ThreadPoolExecutor | None = None
         self._stream: torch.cuda.Stream | None = None
         self._priority: torch.cuda.Stream | None = None
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """The context of one scheduler call: :meth:`decode_stream`, and the switch interval when set.
+
+        Why the switch interval: the worker's Python (the prefill's module calls) and the caller's (each decode
+        step's launch and bookkeeping) take turns on the GIL. A thread that wants the GIL asks its holder to drop
+        it only after waiting the interpreter's switch interval (5 ms by default), so a caller back from a decode
+        step's host sync may wait up to that long while the worker launches a prefill's kernels, once or more per
+        decode step of ~20 ms. A shorter interval (``sys.setswitchinterval`` is process-wide) hands the GIL back
+        sooner at the cost of more switches; it is set for the call alone and restored after."""
+        previous = sys.getswitchinterval()
+        if self.switch_interval is not None:
+            sys.setswitchinterval(self.switch_interval)
+        try:
+            with self.decode_stream():
+                yield
+        finally:
+            if self.switch_interval is not None:
+                sys.setswitchinterval(previous)
 
     @contextlib.contextmanager
     def decode_stream(self) -> Iterator[None]:

@@ -173,8 +173,8 @@ OVERLAP_WITH_CHUNKS = (
     "runs prompt tokens inside the decode steps, overlapped prefill runs whole prompts beside them; set one"
 )
 PRIORITY_WITHOUT_OVERLAP = (
-    "generation.overlap_decode_priority puts the decode steps ahead of prefills running beside them; it needs "
-    "generation.overlap_prefill=true"
+    "generation.overlap_decode_priority and generation.overlap_switch_interval tune decode steps against prefills "
+    "running beside them; they need generation.overlap_prefill=true"
 )
 
 
@@ -212,6 +212,7 @@ class ContinuousBatcher:
         chunk_tokens: int | None = None,
         overlap: bool = False,
         decode_priority: bool = False,
+        switch_interval: float | None = None,
     ) -> None:
         if chunk_tokens is not None and (prepare is None or chunk_tokens < 1):
             raise ValueError(
@@ -219,7 +220,7 @@ class ContinuousBatcher:
             )
         if overlap and chunk_tokens is not None:
             raise ValueError(OVERLAP_WITH_CHUNKS)
-        if decode_priority and not overlap:
+        if (decode_priority or switch_interval is not None) and not overlap:
             raise ValueError(PRIORITY_WITHOUT_OVERLAP)
         self.step = step
         self.prefill = prefill
@@ -234,7 +235,7 @@ class ContinuousBatcher:
         self.offsets = torch.zeros(self.layout.rows, dtype=torch.long, device=device)
         self.out = torch.zeros(self.layout.rows, self.layout.max_new_tokens, dtype=torch.long, device=device)
         self.session: _Session | None = None  # what the last call left for the next one
-        self.overlap = Overlap(device, decode_priority) if overlap else None
+        self.overlap = Overlap(device, decode_priority, switch_interval) if overlap else None
         self._admission: _Admission | None = None  # overlapped prefill: the admission in flight
         self.dropped = 0  # prompts handed ahead that no call asked for (dropped with their session)
 
@@ -276,8 +277,7 @@ class ContinuousBatcher:
         )
         call = _Call(group, session.sample, eos, max_new_tokens, session.finished)
         needed = set(wanted)
-        decode_stream = self.overlap.decode_stream() if self.overlap is not None else contextlib.nullcontext()
-        with decode_stream:
+        with self.overlap.call() if self.overlap is not None else contextlib.nullcontext():
             self._serve(session, needed, call, capacity, slot_buckets, new_bucket)
         out = [session.results.pop(key) for key in wanted]
         self.session = session if session.keys() else None
