@@ -23,6 +23,11 @@ as the scheduler runs it) in each condition, one process, the same bucket:
 Also the matrix products' milliseconds alone and beside the decode steps (``gemm_ms``), and whether their queue
 outlasted each timed window (``load_covered``). On CPU there are no streams: ``gemm`` runs the products in a thread
 (real contention for the two cores, not a GPU reading) and the priority conditions are skipped.
+
+First H100 reading (docs/BENCHMARKS.md, eighth hold): a step alone 19.7 ms, beside the launching thread 20.3 ms with
+either switch interval, on the high-priority stream 19.2 ms. Its ``gemm`` conditions were void (``load_covered``
+false: the products, then launched one by one, had mostly run before the timed steps began); they are now queued as
+CUDA-graph replays, not re-run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from common import device_info, random_bundle, sync, write
 from bbuqc_lightning.generation.decode_step import Bucket
 from bbuqc_lightning.generation.engine import GenerationEngine, SamplingParams
 
-QUEUED = 800  # matrix products queued at once on the load's stream
+QUEUED = 800  # launches queued at once on the load's stream (graph replays of several products each)
 
 
 def step_ms(run: Callable[[], Any], iters: int, stream: torch.cuda.Stream | None) -> float:
@@ -74,6 +79,7 @@ class GemmLoad:
         self.c = torch.empty(tokens, intermediate, device=device, dtype=dtype)
         self.cuda = device == "cuda"
         self.stream = torch.cuda.Stream() if self.cuda else None
+        self._graph_of: dict[int, torch.cuda.CUDAGraph] = {}  # products per graph -> its graph
 
     def product(self) -> None:
         torch.mm(self.a, self.b, out=self.c)
@@ -100,30 +106,40 @@ class GemmLoad:
             out["gemm_ms"] = (time.perf_counter() - start) / max(count[0], 1) * 1e3
             return
         assert self.stream is not None
-        # twice the expected window, in at most QUEUED launches (a stream's launch queue holds about a thousand; a
-        # full queue would block the host here and the products would start draining before the body): when more
-        # are needed, each is a taller product over `reps` copies of the rows (same shape class, longer)
+        # Twice the expected window, queued without blocking the host: the products are captured once as a CUDA
+        # graph of `per` products, and the graph is replayed at most QUEUED times (one launch each). Launching the
+        # products one by one filled the stream's launch queue (a product is several kernels), so the host blocked
+        # while queueing them and they had mostly run before the body started (the first H100 reading).
         needed = math.ceil(2 * window_ms / alone_ms) + 8
-        reps = math.ceil(needed / QUEUED)
-        n = math.ceil(needed / reps)
-        a = self.a.repeat(reps, 1) if reps > 1 else self.a
-        c = torch.empty(a.shape[0], self.b.shape[1], device=a.device, dtype=a.dtype)
+        per = math.ceil(needed / QUEUED)
+        graph = self._graph(per)
+        replays = math.ceil(needed / per)
         self.stream.wait_stream(torch.cuda.current_stream())
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             begin.record(self.stream)
-            for _ in range(n):
-                torch.mm(a, self.b, out=c)
+            for _ in range(replays):
+                graph.replay()
             end.record(self.stream)
         try:
             yield
         finally:
             out["load_covered"] = not end.query()  # still running when the body ended
             end.synchronize()
-            # per product of the plain shape, over the whole queue
-            out["gemm_ms"] = begin.elapsed_time(end) / (n * reps)
-            out["products_queued"] = n
-            out["rows_per_product"] = a.shape[0]
+            out["gemm_ms"] = begin.elapsed_time(end) / (replays * per)  # per product, over the whole queue
+            out["products_queued"] = replays * per
+
+    def _graph(self, per: int) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of ``per`` products (captured once per size)."""
+        if per not in self._graph_of:
+            graph = torch.cuda.CUDAGraph()
+            self.product()  # warm-up outside the capture (cuBLAS workspace)
+            sync()
+            with torch.cuda.graph(graph):
+                for _ in range(per):
+                    self.product()
+            self._graph_of[per] = graph
+        return self._graph_of[per]
 
 
 @contextmanager

@@ -52,6 +52,11 @@ overwritten from position 0 once the rows start.
 included, runs on a stream of the highest priority (:meth:`Overlap.decode_stream`), so the decode steps' small
 kernels take the SMs a prefill's large ones free before the prefill's next ones do.
 
+Measured on one H100 (docs/BENCHMARKS.md, eighth hold; Stage-A, 1,000 mixed photos): 1.02x, 1.03x with a 0.5 ms
+switch interval, 0.92x with decode priority. Side by side the prefill slows from 29 to 39 s and the decode steps
+from 19 to 37 ms: at 128 rows a decode step reads ~16 GB of prompt keys/values and nearly fills the GPU too, so the
+overlap saves little GPU time. Hence off by default.
+
 Greedy tokens are the default path's; sampled ones follow the same distribution but not the same draws for a seed:
 an admission's rows start a few decode steps later, so the sampler's random numbers are consumed in another order.
 
