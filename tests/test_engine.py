@@ -5,6 +5,7 @@ its memory is allocated once."""
 from __future__ import annotations
 
 import pickle
+from collections import deque
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from bbuqc_lightning.generation.engine import (
 )
 from bbuqc_lightning.generation.kv_pool import KVPool, PoolLayout
 from bbuqc_lightning.generation.pool_attention import DecodeBatch, pool_attention
-from bbuqc_lightning.generation.scheduler import PromptTooLongError
+from bbuqc_lightning.generation.scheduler import PromptTooLongError, Request
 from bbuqc_lightning.models.factory import ModelBundle, load_model
 
 TEXT = [
@@ -194,6 +195,31 @@ def test_the_last_waiting_prompts_start_without_waiting_for_free_slots(varied: M
     stats = engine.stats
     assert stats["prefills"] == 8
     assert stats["decode_steps"] <= 8 + 20, stats
+
+
+def test_a_prefill_chunk_stays_within_the_budget_across_handed_ahead_prompts(varied: ModelBundle) -> None:
+    """The queue is sorted longest first per call (this call's prompts, then the next call's), not across: a chunk
+    that reaches into the next call's longer prompts still pads to its widest one within ``max_prefill_tokens``."""
+    engine = pool_engine(varied, max_rows=4, prompt_slots=4, max_prefill_tokens=280)
+    batcher = engine._pool_batcher()
+    waiting = deque(
+        Request(i, {}, n, f"#{i}") for i, n in enumerate([10, 100, 90])
+    )  # 10: this call's; then ahead
+    chunk = batcher._take(waiting, [0, 1, 2])
+    assert [r.length for r in chunk] == [10, 100] and [r.length for r in waiting] == [90]
+    assert len(chunk) * max(r.length for r in chunk) <= 280
+
+
+def test_pool_settings_under_the_hf_backend_are_reported(
+    varied: ModelBundle, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="bbuqc_lightning.generation.engine"):
+        GenerationEngine(varied.model, varied.processor, backend="hf")
+        assert not caplog.records
+        GenerationEngine(
+            varied.model, varied.processor, backend="hf", overlap_prefill=True, compile_layers=True
+        )
+    assert "the pool engine's overlap_prefill, compile_layers do nothing here" in caplog.text
 
 
 def test_samples_share_the_prompt(varied: ModelBundle) -> None:

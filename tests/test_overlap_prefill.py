@@ -186,6 +186,60 @@ def test_an_error_beside_a_prefill_in_flight_waits_for_the_worker(varied: ModelB
     assert tokens(engine, convs, params) == tokens(hf, convs, params)
 
 
+def test_an_interrupt_while_abandoning_leaves_no_admission_for_the_next_call(varied: ModelBundle) -> None:
+    """A second Ctrl-C (KeyboardInterrupt) arriving while a failed call waits for the worker: the admission in flight
+    is dropped all the same, so the next call cannot land the old chunk into its own slots."""
+    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
+    params = SamplingParams(max_new_tokens=16)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    engine = overlapped(varied, hold=2, threaded=True, prompt_slots=3, max_rows=3)
+    end_early(varied, hf, engine)
+    batcher = engine._pool_batcher()
+    overlap, step, prefill, flights = batcher.overlap, batcher.step, batcher.prefill, []
+    assert overlap is not None
+
+    def slow(chunk: list) -> Any:
+        time.sleep(0.2)
+        return prefill(chunk)
+
+    def failing_run(bucket: Any) -> Any:
+        if batcher._admission is not None:
+            flights.append(batcher._admission.flight)
+            raise RuntimeError("decode step failed")
+        return DecodeStep.run(step, bucket)
+
+    def interrupted(flight: Any) -> None:
+        raise KeyboardInterrupt  # before the wait for the worker
+
+    batcher.prefill, step.run, overlap.abandon = slow, failing_run, interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        tokens(engine, convs, params)
+    assert batcher._admission is None and len(flights) == 1
+    flights[0].future.result()  # the worker's old prefill ends before the next call
+    batcher.prefill = prefill
+    del step.run, overlap.abandon
+    assert tokens(engine, convs, params) == tokens(hf, convs, params)
+
+
+def test_a_prompt_whose_rows_end_at_their_first_token_frees_its_slot_at_once(varied: ModelBundle) -> None:
+    """Five prompts through two slots; the third ends at its first token, admitted mid-call beside the fourth: its
+    slot goes to the fifth on the next turn, not when the fourth's row ends (a whole generation of steps later)."""
+    convs = prompts_of_lengths([30, 25, 20, 12, 10])  # longest first: 30 + 25, then 20 + 12, then 10
+    params = SamplingParams(max_new_tokens=16)
+    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
+    end = tokens(hf, convs, params)[2][0]  # the 20's first greedy token, made an end token
+    hf.eos_token_ids = [*hf.eos_token_ids, end]
+    want = tokens(hf, convs, params)
+    assert [len(ids) for ids in want] == [16, 16, 1, 16, 16], want
+    for overlap in (False, True):
+        engine = pool_engine(varied, prompt_slots=2, max_rows=2, overlap_prefill=overlap)
+        engine.eos_token_ids = hf.eos_token_ids
+        assert tokens(engine, convs, params) == want, overlap
+        # 15 steps for the first pair, then the 12 and the 10 side by side (a step or two apart): not 3 x 15
+        assert engine.stats["decode_steps"] <= 2 * 16 + 2, (overlap, engine.stats)
+        engine.close()
+
+
 def test_the_worker_prefills_in_the_callers_modes(varied: ModelBundle) -> None:
     """The prefill in the worker thread runs in the caller's grad mode, inference mode and autocast (thread-local in
     PyTorch: a new thread starts with grad on), under Lightning's predict loop (inference mode) as outside it. A

@@ -41,6 +41,7 @@ generation loop: a DataLoader worker calls :class:`PromptEncoder` (picklable) an
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from bbuqc_lightning.generation.chunked_prefill import Prepared, prepare
 from bbuqc_lightning.generation.decode_step import DecodeStep
 from bbuqc_lightning.generation.kv_pool import KVPool, PoolLayout, plan_pool
+from bbuqc_lightning.generation.overlap import check_switch_interval
 from bbuqc_lightning.generation.pool_attention import use_engine_attention
 from bbuqc_lightning.generation.sampling import (
     Completion,
@@ -86,6 +88,8 @@ __all__ = [
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 DEFAULT_LENGTH_BUCKETS = (256, 512, 1024, 2048, 3072, 4096, 6144, 8192)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -217,6 +221,7 @@ class GenerationEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         if (overlap_decode_priority or overlap_switch_interval is not None) and not overlap_prefill:
             raise ValueError(PRIORITY_WITHOUT_OVERLAP)
+        check_switch_interval(overlap_switch_interval)
         self.overlap_prefill = overlap_prefill
         self.overlap_decode_priority = overlap_decode_priority
         self.overlap_switch_interval = overlap_switch_interval
@@ -228,6 +233,18 @@ class GenerationEngine:
         self._batcher: ContinuousBatcher | None = None
         if self.backend == "pool":
             use_engine_attention(model)
+        else:
+            ignored = {
+                "overlap_prefill": overlap_prefill,
+                "prefill_chunk_tokens": prefill_chunk_tokens is not None,
+                "compile_layers": compile_layers,
+                "cuda_graphs=false": not cuda_graphs,
+            }
+            if any(ignored.values()):
+                log.warning(
+                    "generation.backend resolved to hf (HF generate): the pool engine's %s do nothing here",
+                    ", ".join(name for name, on in ignored.items() if on),
+                )
 
     # ------------------------------------------------------------------ encoding
     def render(self, conversation: Sequence[dict], add_generation_prompt: bool = True) -> str:

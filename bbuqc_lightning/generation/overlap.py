@@ -104,10 +104,7 @@ class Overlap:
         """``decode_priority`` (``generation.overlap_decode_priority``): :meth:`decode_stream` runs the caller's
         work on a high-priority stream. ``switch_interval`` (``generation.overlap_switch_interval``, seconds):
         the interpreter's thread switch interval while a call runs (:meth:`call`); None leaves it alone."""
-        if switch_interval is not None and switch_interval <= 0:
-            raise ValueError(
-                f"generation.overlap_switch_interval must be > 0 seconds or null, got {switch_interval}"
-            )
+        check_switch_interval(switch_interval)
         self.device = device
         self.cuda = device.type == "cuda"
         self.decode_priority = decode_priority
@@ -243,6 +240,12 @@ class Overlap:
                 flight.event.record(self._stream)
         flight.worker_seconds = time.perf_counter() - start
         return out
+
+
+def check_switch_interval(seconds: float | None) -> None:
+    """``generation.overlap_switch_interval`` is a positive number of seconds or None."""
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"generation.overlap_switch_interval must be > 0 seconds or null, got {seconds}")
 
 
 def _caller_modes() -> Callable[[contextlib.ExitStack], None]:

@@ -142,6 +142,7 @@ class _Call:
     eos: torch.Tensor  # end-of-sequence ids (device)
     max_new_tokens: int
     finished: torch.Tensor  # the session's host copy; free rows count as finished
+    ended_at_start: bool = False  # a row started since the last collect ended at its first token
 
 
 @dataclass
@@ -275,10 +276,17 @@ class ContinuousBatcher:
         session.waiting = deque(
             [*sorted(mine, key=lambda r: -r.length), *sorted(later, key=lambda r: -r.length)]
         )
-        call = _Call(group, session.sample, eos, max_new_tokens, session.finished)
+        # ended_at_start: rows the last call started for this one (handed ahead) may have ended at their first token
+        call = _Call(group, session.sample, eos, max_new_tokens, session.finished, ended_at_start=True)
         needed = set(wanted)
-        with self.overlap.call() if self.overlap is not None else contextlib.nullcontext():
-            self._serve(session, needed, call, capacity, slot_buckets, new_bucket)
+        try:
+            with self.overlap.call() if self.overlap is not None else contextlib.nullcontext():
+                self._serve(session, needed, call, capacity, slot_buckets, new_bucket)
+        except BaseException:
+            self.dropped += len(
+                session.keys() - needed
+            )  # the next call's prompts kept so far go with the error
+            raise
         out = [session.results.pop(key) for key in wanted]
         self.session = session if session.keys() else None
         return out
@@ -318,9 +326,13 @@ class ContinuousBatcher:
                 else:
                     bucket_now = functools.partial(self._bucket, slots, group, slot_buckets, new_bucket)
                     self._admit_whole(waiting, slots, call, capacity, bucket_now)
-                if not _running(finished, capacity * group):  # e.g. every first token was an end
+                if call.ended_at_start or not _running(finished, capacity * group):
+                    # a prompt whose rows all ended at their first token frees its slot now, not when another
+                    # row ends; with no row running there is no step to take
+                    call.ended_at_start = False
                     self._collect(slots, call, session.results)
-                    continue
+                    if not _running(finished, capacity * group):
+                        continue
                 bucket = self._bucket(slots, group, slot_buckets, new_bucket)
                 if self._admission is not None and self.step.warms_up(bucket):
                     # a bucket's first run (graph capture, compiles) never overlaps a prefill: capturing forbids
@@ -339,10 +351,10 @@ class ContinuousBatcher:
             if self._admission is not None:  # prompts handed ahead: their rows start before the call returns
                 self._land(slots, call)
         finally:
-            if self._admission is not None:  # an error ended the call: no prefill runs on after it
+            admission, self._admission = self._admission, None
+            if admission is not None:  # an error ended the call: no prefill runs on after it
                 assert self.overlap is not None
-                self.overlap.abandon(self._admission.flight)
-                self._admission = None
+                self.overlap.abandon(admission.flight)
 
     def close(self) -> None:
         """Stop the overlapped prefill's worker thread, if any (it is also stopped when the batcher is collected)."""
@@ -488,10 +500,14 @@ class ContinuousBatcher:
     def _take(self, waiting: deque[Request], free: list[int]) -> list[Request]:
         """The next chunk of waiting prompts: at most one per free slot and ``max_prefill_tokens`` padded tokens."""
         chunk = [waiting.popleft()]
+        width = chunk[
+            0
+        ].length  # the chunk pads to its longest prompt (the queue is sorted per call, not across)
         while waiting and len(chunk) < len(free):
-            if (len(chunk) + 1) * max(chunk[0].length, waiting[0].length) > self.max_prefill_tokens:
+            if (len(chunk) + 1) * max(width, waiting[0].length) > self.max_prefill_tokens:
                 break
             chunk.append(waiting.popleft())
+            width = max(width, chunk[-1].length)
         return chunk
 
     def _prefill_into(self, chunk: list[Request], chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -569,6 +585,7 @@ class ContinuousBatcher:
         self.out[rows, 0] = first
         done = torch.isin(first, call.eos) | (call.max_new_tokens <= 1)
         call.finished[rows.cpu()] = done.cpu()
+        call.ended_at_start = call.ended_at_start or bool(done.any())
 
     def _advance(self, bucket: Bucket, logits: torch.Tensor, call: _Call) -> bool:
         """Sample the running rows' next tokens from ``logits`` (a decode step's, or a mixed step's decode
