@@ -28,6 +28,15 @@ KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
         "a fusion file without any val_jsonl: the fusion DataModule says itself that validation is skipped",
     ),
     (
+        r"Total length of `Lookahead` across ranks is zero",
+        "a Stage-A rerun with every photo already written: the writer says so and merges the shards",
+    ),
+    (
+        r"The dirpath has changed from .* therefore `best_model_score`",
+        "a resumed run writes into its own new run folder (the documented resume); the experiments keep every"
+        " checkpoint (save_top_k -1, no monitor), so there is no best-k state to reload",
+    ),
+    (
         r"`is_gradient_checkpointing` is deprecated",
         "peft 0.21 asks transformers 5 with the old name; nothing to change on our side",
     ),

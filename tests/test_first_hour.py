@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,14 +19,20 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from omegaconf import DictConfig
 
 import bbuqc_lightning.models.factory as factory
 from bbuqc_lightning.callbacks.adapter_checkpoint import BASE_FILE
-from bbuqc_lightning.callbacks.progress_bar import StepBoundedRichProgressBar, steps_bounded_total
+from bbuqc_lightning.callbacks.progress_bar import (
+    StepBoundedRichProgressBar,
+    StepBoundedTQDMProgressBar,
+    steps_bounded_total,
+)
 from bbuqc_lightning.config import config_dir
 from bbuqc_lightning.data.jsonl import read_jsonl
+from bbuqc_lightning.quiet import quiet_known_warnings
 from bbuqc_lightning.stage_b.contract import parse_verdict
 from bbuqc_lightning.stage_b_runner import tiny_teacher
 from bbuqc_lightning.train import optimized_value, train
@@ -121,12 +128,35 @@ def test_fusion_file_without_val_jsonl_trains_and_exits_0(tmp_path: Path, data_d
         assert noise not in output, noise
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "The dirpath has changed from '/r/2026-01-01_00-00-00/checkpoints' to '/r/2026-01-01_00-10-00/checkpoints',"
+        " therefore `best_model_score`, `kth_best_model_path`, `kth_value`, `last_model_path` and `best_k_models`"
+        " won't be reloaded. Only `best_model_path` will be reloaded.",
+        "Total length of `Lookahead` across ranks is zero. Please make sure this was your intention.",
+    ],
+)
+def test_known_library_messages_are_filtered_and_others_are_not(message: str) -> None:
+    """Every resume (a new run folder by design) and a Stage-A rerun with nothing left printed these."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        warnings.warn(message, UserWarning, stacklevel=1)
+        warnings.warn("something else entirely", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else entirely"]
+
+
 # ------------------------------------------------------------------------------ progress bar
 def test_progress_total_follows_max_steps_and_limits(tmp_path: Path) -> None:
-    trainer = SimpleNamespace(num_training_batches=16, max_steps=4, global_step=0, accumulate_grad_batches=1)
+    progress = SimpleNamespace(current=SimpleNamespace(completed=0))
+    trainer = SimpleNamespace(num_training_batches=16, max_steps=4, global_step=0, accumulate_grad_batches=1,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
     assert steps_bounded_total(trainer) == 4  # type: ignore[arg-type]
     trainer.global_step, trainer.accumulate_grad_batches = 3, 2
     assert steps_bounded_total(trainer) == 2  # type: ignore[arg-type]
+    progress.current.completed = 6  # resumed mid-epoch: the bar counts on from the epoch's batch index
+    assert steps_bounded_total(trainer) == 8  # type: ignore[arg-type]
     trainer.max_steps = -1
     assert steps_bounded_total(trainer) == 16  # type: ignore[arg-type]
 
@@ -136,6 +166,33 @@ def test_progress_total_follows_max_steps_and_limits(tmp_path: Path) -> None:
     fit.fit(BoringModel())  # 64 batches per epoch
     assert bar.progress is not None and bar.train_progress_bar.total == 3
     assert fit.global_step == 3
+
+
+@pytest.mark.parametrize("bar_class", [StepBoundedRichProgressBar, StepBoundedTQDMProgressBar])
+def test_progress_total_after_a_resume_mid_epoch(bar_class: type, tmp_path: Path) -> None:
+    """3 steps, then resumed to 5 in the same epoch: the bar reads 4/5 and 5/5 (it read 4/1 and 5/1, or no
+    total at all with tqdm, when its total ignored the batches run before the resume)."""
+    seen: list[tuple[float, float | None]] = []
+
+    class Spy(bar_class):  # type: ignore[misc, valid-type]
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object, **kwargs: object) -> None:
+            super().on_train_batch_end(trainer, *args, **kwargs)
+            if isinstance(self, StepBoundedRichProgressBar):
+                task = self.progress.tasks[self.train_progress_bar_id]
+                seen.append((task.completed, task.total))
+            else:
+                seen.append((self.train_progress_bar.n, self.train_progress_bar.total))
+
+    def fit(steps: int, bar: L.Callback, out: Path, ckpt: Path | None = None) -> None:
+        L.Trainer(max_epochs=-1, max_steps=steps, logger=False, default_root_dir=tmp_path,
+                  callbacks=[bar, ModelCheckpoint(dirpath=out, save_last=True, every_n_train_steps=1)],
+                  enable_model_summary=False, limit_val_batches=0).fit(BoringModel(), ckpt_path=ckpt)  # fmt: skip
+
+    fit(3, Spy(), tmp_path / "first")
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    seen.clear()
+    fit(5, Spy(), tmp_path / "resumed", tmp_path / "first" / "last.ckpt")
+    assert seen == [(4, 5), (5, 5)]
 
 
 # ------------------------------------------------------------------------------ tools

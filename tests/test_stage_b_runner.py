@@ -210,6 +210,8 @@ def test_review_mode_queues_then_approval_applies(tmp_path: Path, capsys: pytest
     assert [e["text"] for e in guidance["experiences"]] == ["规则A"] and guidance["version"] == 1
     statuses = [(r["status"], r.get("approved_by")) for r in read_jsonl(files.path("reflection.jsonl"))]
     assert statuses[-2:] == [("applied", "qa"), ("discarded", "qa")]
+    assert cli.main([str(files.folder), "--list"]) == 0  # nothing left: said, not silence
+    assert "no pending proposals in" in capsys.readouterr().out
 
 
 def approve_cli() -> Any:

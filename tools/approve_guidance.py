@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     from bbuqc_lightning.stage_b_runner.review import review_pending
 
     if args.list:
-        for row in read_jsonl(args.mission_dir / PENDING):
+        pending = args.mission_dir / PENDING
+        rows = read_jsonl(pending)
+        for row in rows:
             target = row.get("id") or "(new)"
             print(f"{row['proposal_id']}  {row['op']} {target}: {row.get('text') or ''}  | {row['reason']}")
+        if not rows:
+            print(f"no pending proposals in {pending}")
         return 0
     limits = GuidanceLimits(args.max_experiences, args.max_experience_chars)
     try:

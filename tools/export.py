@@ -145,7 +145,7 @@ def export(
     save_model_folder(model, bundle.processor, out)
     provenance["adapters"] = [str(a) for a in adapters]
     (out / "bbuqc_export.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-    log.info("merged %s + %s -> %s", base, list(map(str, adapters)), out)
+    log.info("merged %s + %s -> %s", provenance["base"], list(map(str, adapters)), out)
     return out
 
 

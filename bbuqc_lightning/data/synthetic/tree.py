@@ -9,9 +9,11 @@ the tree scanner's own (:func:`~bbuqc_lightning.data.tree.natural_sort_key`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
@@ -26,6 +28,8 @@ from bbuqc_lightning.data.tree import natural_sort_key
 # ---------------------------------------------------------------- the data set on disk
 
 DEFAULT_GROUPS_PER_SPLIT: Final[dict[str, int]] = {"train": 8, "val": 4, "test": 4}
+
+log = logging.getLogger(__name__)
 
 
 def generate_synthetic(
@@ -53,7 +57,10 @@ def ensure_synthetic(
     """Generates the data set only when ``<out_dir>/manifest.json`` is missing; returns ``out_dir``."""
     out = Path(out_dir)
     if not (out / "manifest.json").exists():
+        log.info("generating the synthetic data set under %s (first use; later runs reuse it)", out)
+        start = time.perf_counter()
         write_synthetic_tree(out, seed, groups_per_split, image_size, replace_existing=False)
+        log.info("synthetic data set ready in %.1f s", time.perf_counter() - start)
     return out
 
 
@@ -77,7 +84,9 @@ def _folders(rng: random.Random, group_id: str, n_images: int, serial: int) -> l
         pairs = [(group_id, names[:cut]), (f"{group_id}-{_FOLDER_SUFFIXES[0]}", names[cut:])]
     else:
         pairs = [(f"{group_id}-{rng.choice(_FOLDER_SUFFIXES)}" if style < 0.42 else group_id, names)]
-    return sorted(((f, sorted(n, key=natural_sort_key)) for f, n in pairs), key=lambda p: natural_sort_key(p[0]))
+    return sorted(
+        ((f, sorted(n, key=natural_sort_key)) for f, n in pairs), key=lambda p: natural_sort_key(p[0])
+    )
 
 
 def _save(image: Image.Image, path: Path) -> None:
