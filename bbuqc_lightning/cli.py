@@ -157,9 +157,22 @@ def _override_message(err: ConfigCompositionException, overrides: list[str], con
         keys = _dotted_keys(_compose(rest, config_name))
     except Exception:  # the other overrides fail too: Hydra's message is all we have
         return message
+    value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), "")
+    group = _group_with_option(key, value)
+    if group:  # modle=tiny: the value names an option of a group spelt like the key
+        return f"no config key '{key}'; did you mean {group}={value}?"
     closest = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     hint = f"did you mean {closest[0]}?" if closest else f"to add a new key write +{key}=..."
     return f"no config key '{key}'; {hint}"
+
+
+def _group_with_option(key: str, value: str) -> str | None:
+    """The config group spelt most like ``key`` that has an option ``value`` (``conf/<group>/<value>.yaml``)."""
+    if "." in key or not value:
+        return None
+    groups = [d.name for d in config_dir().iterdir() if d.is_dir() and (d / f"{value}.yaml").is_file()]
+    closest = difflib.get_close_matches(key, groups, n=1, cutoff=0.6)
+    return closest[0] if closest else None
 
 
 def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

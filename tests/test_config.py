@@ -326,6 +326,22 @@ def test_misspelt_key_names_the_closest(cli_runs: dict[str, CliRun]) -> None:
     assert "no config key 'trainer.max_step'; did you mean trainer.max_steps?" in line
 
 
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [("modle=tiny", "did you mean model=tiny?"), ("modle=nothing", "did you mean module?")],
+)
+def test_a_misspelt_group_with_one_of_its_options_names_the_group(
+    override: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``modle=tiny`` is spelt as close to ``module`` as to ``model``; ``tiny`` is a ``model`` option."""
+    from bbuqc_lightning.cli import check_composition
+
+    with pytest.raises(SystemExit) as exit_info:
+        check_composition(["+experiment=grpo", override])
+    assert exit_info.value.code == 2
+    assert f"no config key 'modle'; {hint}" in capsys.readouterr().err
+
+
 def test_out_of_range_value_is_one_line_before_any_run_output(cli_runs: dict[str, CliRun]) -> None:
     """Validation runs before the model loads and before the run folder gets a metrics file."""
     result = cli_runs["bad_range"]
