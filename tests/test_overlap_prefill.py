@@ -155,40 +155,14 @@ def test_a_failed_prefill_in_the_worker_ends_the_call(varied: ModelBundle) -> No
     assert tokens(engine, convs, params) == tokens(hf, convs, params)
 
 
-def test_an_error_beside_a_prefill_in_flight_waits_for_the_worker(varied: ModelBundle) -> None:
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_an_error_beside_a_prefill_in_flight_leaves_nothing_for_the_next_call(
+    varied: ModelBundle, interrupt: bool
+) -> None:
     """A decode step that fails while a (slow) prefill is in flight in the worker: the call ends with the worker done
-    (no prefill runs on after it), nothing in flight, and the next call runs normally."""
-    convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
-    params = SamplingParams(max_new_tokens=16)
-    hf = GenerationEngine(varied.model, varied.processor, backend="hf")
-    engine = overlapped(varied, hold=2, threaded=True, prompt_slots=3, max_rows=3)
-    end_early(varied, hf, engine)
-    batcher = engine._pool_batcher()
-    step, prefill, flights = batcher.step, batcher.prefill, []
-
-    def slow(chunk: list) -> Any:
-        time.sleep(0.2)  # still running when the step fails (the assertion below holds either way)
-        return prefill(chunk)
-
-    def failing_run(bucket: Any) -> Any:
-        if batcher._admission is not None:
-            flights.append(batcher._admission.flight)
-            raise RuntimeError("decode step failed")
-        return DecodeStep.run(step, bucket)
-
-    batcher.prefill, step.run = slow, failing_run  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="decode step failed"):
-        tokens(engine, convs, params)
-    assert len(flights) == 1 and flights[0].future is not None and flights[0].future.done()
-    assert batcher._admission is None
-    batcher.prefill = prefill
-    del step.run
-    assert tokens(engine, convs, params) == tokens(hf, convs, params)
-
-
-def test_an_interrupt_while_abandoning_leaves_no_admission_for_the_next_call(varied: ModelBundle) -> None:
-    """A second Ctrl-C (KeyboardInterrupt) arriving while a failed call waits for the worker: the admission in flight
-    is dropped all the same, so the next call cannot land the old chunk into its own slots."""
+    (no prefill runs on after it), nothing in flight, and the next call runs normally. ``interrupt``: a second
+    Ctrl-C (KeyboardInterrupt) arrives while the failed call waits for the worker; the admission is dropped all the
+    same, so the next call cannot land the old chunk into its own slots."""
     convs = prompts_of_lengths([5, 60, 17, 120, 33, 8, 90, 45, 70])
     params = SamplingParams(max_new_tokens=16)
     hf = GenerationEngine(varied.model, varied.processor, backend="hf")
@@ -199,7 +173,7 @@ def test_an_interrupt_while_abandoning_leaves_no_admission_for_the_next_call(var
     assert overlap is not None
 
     def slow(chunk: list) -> Any:
-        time.sleep(0.2)
+        time.sleep(0.2)  # still running when the step fails (the assertions below hold either way)
         return prefill(chunk)
 
     def failing_run(bucket: Any) -> Any:
@@ -211,13 +185,18 @@ def test_an_interrupt_while_abandoning_leaves_no_admission_for_the_next_call(var
     def interrupted(flight: Any) -> None:
         raise KeyboardInterrupt  # before the wait for the worker
 
-    batcher.prefill, step.run, overlap.abandon = slow, failing_run, interrupted  # type: ignore[method-assign]
-    with pytest.raises(KeyboardInterrupt):
+    batcher.prefill, step.run = slow, failing_run  # type: ignore[method-assign]
+    if interrupt:
+        overlap.abandon = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt if interrupt else RuntimeError):
         tokens(engine, convs, params)
-    assert batcher._admission is None and len(flights) == 1
-    flights[0].future.result()  # the worker's old prefill ends before the next call
+    assert len(flights) == 1 and flights[0].future is not None and batcher._admission is None
+    if interrupt:
+        flights[0].future.result()  # the worker's old prefill ends before the next call
+        del overlap.abandon
+    assert flights[0].future.done()
     batcher.prefill = prefill
-    del step.run, overlap.abandon
+    del step.run
     assert tokens(engine, convs, params) == tokens(hf, convs, params)
 
 
