@@ -61,6 +61,7 @@ class StageAModule(L.LightningModule):
         self.run_summary: dict[str, float] = {}
         self._images = 0
         self._seconds = 0.0
+        self._finished_work: list[Any] = []  # the cross-rank reductions' works, kept (see _all_reduce)
         # where the predict loop's time outside generation goes (logged at the end): the wait for the first
         # batch, the gaps between steps (the loader, the writer callback, Lightning) and the time after the last
         self.loop_seconds = {"first_batch": 0.0, "between_batches": 0.0, "after_last": 0.0}
@@ -171,16 +172,35 @@ class StageAModule(L.LightningModule):
         strategy = self.trainer.strategy
         device = strategy.root_device
         sums = torch.tensor([self._images, groups, skipped - shared], dtype=torch.float64, device=device)
-        images, groups, skipped = strategy.reduce(sums, reduce_op="sum").tolist()
+        images, groups, skipped = self._all_reduce(sums, "sum").tolist()
         # Ranks generate in parallel: throughput is all images over the slowest rank's generation time.
-        seconds_t = torch.tensor(self._seconds, dtype=torch.float64, device=device)
-        seconds = float(strategy.reduce(seconds_t, reduce_op="max"))
+        seconds = float(
+            self._all_reduce(torch.tensor(self._seconds, dtype=torch.float64, device=device), "max")
+        )
         return {
             "stage_a/images": images,
             "stage_a/images_per_s": images / seconds if seconds else 0.0,
             "stage_a/groups": groups,
             "stage_a/skipped_groups": skipped + shared,
         }
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """``tensor`` reduced over the ranks in place (``op``: sum | max), its finished work kept by the module.
+
+        Why not ``strategy.reduce``: these are a rank's last collectives before it ends. The gloo worker thread
+        that ran one drops its reference to the work a moment after the caller's wait returns; when that is the
+        last reference, the work's tensors are released there, which needs the GIL. A rank that reached
+        interpreter shutdown by then makes the worker thread abort the process ("terminate called without an
+        active exception"; Stage-A with ``trainer=ddp_cpu``, spawn, about 1 run in 5). Holding the work here
+        leaves its release to the module's, on the main thread."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.trainer.strategy.reduce(tensor, reduce_op=op)
+        reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+        work = torch.distributed.all_reduce(tensor, op=reduce_op, async_op=True)
+        assert work is not None
+        work.wait()
+        self._finished_work.append(work)
+        return tensor
 
     def _log_samples(self) -> None:
         if not self._samples or find_wandb_logger(self.trainer) is None:
