@@ -283,9 +283,8 @@ class ContinuousBatcher:
             with self.overlap.call() if self.overlap is not None else contextlib.nullcontext():
                 self._serve(session, needed, call, capacity, slot_buckets, new_bucket)
         except BaseException:
-            self.dropped += len(
-                session.keys() - needed
-            )  # the next call's prompts kept so far go with the error
+            # the next call's prompts kept so far go with the error
+            self.dropped += len(session.keys() - needed)
             raise
         out = [session.results.pop(key) for key in wanted]
         self.session = session if session.keys() else None
@@ -500,9 +499,8 @@ class ContinuousBatcher:
     def _take(self, waiting: deque[Request], free: list[int]) -> list[Request]:
         """The next chunk of waiting prompts: at most one per free slot and ``max_prefill_tokens`` padded tokens."""
         chunk = [waiting.popleft()]
-        width = chunk[
-            0
-        ].length  # the chunk pads to its longest prompt (the queue is sorted per call, not across)
+        # the chunk pads to its longest prompt (the queue is sorted longest first per call, not across calls)
+        width = chunk[0].length
         while waiting and len(chunk) < len(free):
             if (len(chunk) + 1) * max(width, waiting[0].length) > self.max_prefill_tokens:
                 break
@@ -584,8 +582,9 @@ class ContinuousBatcher:
         self.step.positions[rows] = self.offsets[rows]
         self.out[rows, 0] = first
         done = torch.isin(first, call.eos) | (call.max_new_tokens <= 1)
-        call.finished[rows.cpu()] = done.cpu()
-        call.ended_at_start = call.ended_at_start or bool(done.any())
+        ended = done.cpu()
+        call.finished[rows.cpu()] = ended
+        call.ended_at_start = call.ended_at_start or bool(ended.any())
 
     def _advance(self, bucket: Bucket, logits: torch.Tensor, call: _Call) -> bool:
         """Sample the running rows' next tokens from ``logits`` (a decode step's, or a mixed step's decode

@@ -191,7 +191,7 @@ class StageAModule(L.LightningModule):
         that ran one drops its reference to the work a moment after the caller's wait returns; when that is the
         last reference, the work's tensors are released there, which needs the GIL. A rank that reached
         interpreter shutdown by then makes the worker thread abort the process ("terminate called without an
-        active exception"; Stage-A with ``trainer=ddp_cpu``, spawn, about 1 run in 5). Holding the work here
+        active exception"; Stage-A with ``trainer=ddp_cpu``, spawn, 1 run in 5 to 15). Holding the work here
         leaves its release to the module's, on the main thread."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return self.trainer.strategy.reduce(tensor, reduce_op=op)
