@@ -54,7 +54,6 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from bbuqc_lightning.generation.chunked_prefill import Prepared, prepare
 from bbuqc_lightning.generation.decode_step import DecodeStep
 from bbuqc_lightning.generation.kv_pool import KVPool, PoolLayout, plan_pool
-from bbuqc_lightning.generation.overlap import check_switch_interval
 from bbuqc_lightning.generation.pool_attention import use_engine_attention
 from bbuqc_lightning.generation.sampling import (
     Completion,
@@ -62,12 +61,7 @@ from bbuqc_lightning.generation.sampling import (
     line_break_token_ids,
     make_sampler,
 )
-from bbuqc_lightning.generation.scheduler import (
-    OVERLAP_WITH_CHUNKS,
-    PRIORITY_WITHOUT_OVERLAP,
-    ContinuousBatcher,
-    Request,
-)
+from bbuqc_lightning.generation.scheduler import ContinuousBatcher, Request, check_overlap_settings
 from bbuqc_lightning.models.decoder import (
     language_model,
     position_ids_from_mask,
@@ -216,12 +210,10 @@ class GenerationEngine:
             raise ValueError(
                 f"generation.prefill_chunk_tokens must be >= 1 or null, got {prefill_chunk_tokens}"
             )
-        if overlap_prefill and prefill_chunk_tokens is not None:
-            raise ValueError(OVERLAP_WITH_CHUNKS)
+        check_overlap_settings(
+            overlap_prefill, prefill_chunk_tokens, overlap_decode_priority, overlap_switch_interval
+        )
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        if (overlap_decode_priority or overlap_switch_interval is not None) and not overlap_prefill:
-            raise ValueError(PRIORITY_WITHOUT_OVERLAP)
-        check_switch_interval(overlap_switch_interval)
         self.overlap_prefill = overlap_prefill
         self.overlap_decode_priority = overlap_decode_priority
         self.overlap_switch_interval = overlap_switch_interval

@@ -103,8 +103,8 @@ class Overlap:
     ) -> None:
         """``decode_priority`` (``generation.overlap_decode_priority``): :meth:`decode_stream` runs the caller's
         work on a high-priority stream. ``switch_interval`` (``generation.overlap_switch_interval``, seconds):
-        the interpreter's thread switch interval while a call runs (:meth:`call`); None leaves it alone."""
-        check_switch_interval(switch_interval)
+        the interpreter's thread switch interval while a call runs (:meth:`call`); None leaves it alone
+        (checked by the scheduler's ``check_overlap_settings``)."""
         self.device = device
         self.cuda = device.type == "cuda"
         self.decode_priority = decode_priority

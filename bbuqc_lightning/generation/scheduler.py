@@ -43,7 +43,7 @@ import torch
 
 from bbuqc_lightning.generation.chunked_prefill import Prepared
 from bbuqc_lightning.generation.decode_step import Bucket, DecodeStep
-from bbuqc_lightning.generation.overlap import Flight, Overlap
+from bbuqc_lightning.generation.overlap import Flight, Overlap, check_switch_interval
 from bbuqc_lightning.generation.sampling import Sampler
 
 # Prefill(requests) -> (first logits (n, V) fp32, first decode positions (n,), per-layer (keys, values))
@@ -179,6 +179,18 @@ PRIORITY_WITHOUT_OVERLAP = (
 )
 
 
+def check_overlap_settings(
+    overlap: bool, chunk_tokens: int | None, decode_priority: bool, switch_interval: float | None
+) -> None:
+    """The overlapped-prefill settings go together: not with chunked prefill, its tuning only with it, and a
+    positive switch interval. Checked where the engine is built and where its batcher is."""
+    if overlap and chunk_tokens is not None:
+        raise ValueError(OVERLAP_WITH_CHUNKS)
+    if (decode_priority or switch_interval is not None) and not overlap:
+        raise ValueError(PRIORITY_WITHOUT_OVERLAP)
+    check_switch_interval(switch_interval)
+
+
 def _running(finished: torch.Tensor, rows: int) -> bool:
     """Whether any of the first ``rows`` rows is still decoding (``finished`` is the host copy)."""
     return bool((~finished[:rows]).any())
@@ -219,10 +231,7 @@ class ContinuousBatcher:
             raise ValueError(
                 f"chunked prefill needs a prepare function and chunk_tokens >= 1, got {chunk_tokens}"
             )
-        if overlap and chunk_tokens is not None:
-            raise ValueError(OVERLAP_WITH_CHUNKS)
-        if (decode_priority or switch_interval is not None) and not overlap:
-            raise ValueError(PRIORITY_WITHOUT_OVERLAP)
+        check_overlap_settings(overlap, chunk_tokens, decode_priority, switch_interval)
         self.step = step
         self.prefill = prefill
         self.prepare = prepare
@@ -325,12 +334,14 @@ class ContinuousBatcher:
                 else:
                     bucket_now = functools.partial(self._bucket, slots, group, slot_buckets, new_bucket)
                     self._admit_whole(waiting, slots, call, capacity, bucket_now)
-                if call.ended_at_start or not _running(finished, capacity * group):
+                running = _running(finished, capacity * group)
+                if call.ended_at_start or not running:
                     # a prompt whose rows all ended at their first token frees its slot now, not when another
-                    # row ends; with no row running there is no step to take
+                    # row ends (collecting ended rows leaves the running ones); with no row running there is no
+                    # step to take
                     call.ended_at_start = False
                     self._collect(slots, call, session.results)
-                    if not _running(finished, capacity * group):
+                    if not running:
                         continue
                 bucket = self._bucket(slots, group, slot_buckets, new_bucket)
                 if self._admission is not None and self.step.warms_up(bucket):
