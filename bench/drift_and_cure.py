@@ -11,7 +11,9 @@ ready steps at once as separate processes on the one GPU (default 4 on cuda, 1 o
 and a failed step stops only its dependants. ``<out>/state.json`` (written by this process alone) records
 what is done, so a rerun with the same ``--out`` goes on where the last call stopped (a step cut off mid-way is
 rerun from scratch). ``--steps`` picks what to run now (default: everything left), ``--max-minutes`` is the
-call's wall-clock budget: a step whose estimate would end past it is not started. ``--bundle DIR`` copies the
+call's wall-clock budget: a step whose estimate would end past it is not started. ``--gpu-memory-gb`` is the
+steps' GPU memory budget (default: the card's memory): a step waits until its measured peak fits beside those
+running (``proof/drift_profiles.memory_gb``). ``--bundle DIR`` copies the
 report, the step logs and the W&B report run into at most 8 files of at most 16 MiB (``proof/bundle.py``).
 
 Writes to ``--out``: ``drift_and_cure.json`` / ``.md`` (tables per stage, overall and per mission, mean and
@@ -22,8 +24,8 @@ their offline W&B runs), ``fusion/`` (the mixes), ``distill/`` (Teacher input an
 Commands::
 
     python bench/drift_and_cure.py --device cuda --out outputs/drift --plan    # DAG waves, minutes, the calls
-    # one H100: the whole proof in one run (run 5: 22.8 min measured, 23.0 estimated)
-    python bench/drift_and_cure.py --device cuda --out outputs/drift --jobs 4 --max-minutes 24 --bundle BUNDLE_DIR
+    # one H100: the whole proof in one run (~30 min estimated with the memory budget; run 5's smaller base: 22.8 min)
+    python bench/drift_and_cure.py --device cuda --out outputs/drift --jobs 4 --max-minutes 32 --bundle BUNDLE_DIR
     # or, where one command may run 10 minutes at most: the same command with --max-minutes 9, 3 times (resumes)
     python bench/drift_and_cure.py --device cuda --out outputs/drift --steps s0/drift_lenient,s0/eval_drift_lenient
     python bench/drift_and_cure.py --device cuda --out outputs/drift --report-only
@@ -50,11 +52,11 @@ from pathlib import Path
 from typing import Any
 
 from proof.bundle import bundle
-from proof.dag import describe, with_dependants
+from proof.dag import GPU_RESERVE_GB, describe, with_dependants
 from proof.drift_plan import DRIFTS, PlannedStep, build_plan
-from proof.drift_profiles import DEFAULT_JOBS, PLAN_MINUTES, PROFILES, with_older_settings
+from proof.drift_profiles import DEFAULT_JOBS, PLAN_GPU_MEMORY_GB, PLAN_MINUTES, PROFILES, with_older_settings
 from proof.drift_report import log_to_wandb, markdown, write_report
-from proof.runs import device_name, run_step
+from proof.runs import device_name, gpu_memory_gb, run_step
 from proof.scheduler import Outcome, run_dag
 
 STATE = "state.json"
@@ -95,6 +97,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--jobs",
         type=int,
         help="steps run at once as separate processes (default: 4 on cuda, 1 on cpu)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        help="GPU memory the steps may hold together (default: the card's, less 1.5; 0: no budget); a step waits "
+        "until its measured peak fits beside those running",
     )
     parser.add_argument(
         "--bundle", metavar="DIR", help="also copy the report, logs and W&B report run into DIR (<= 8 files)"
@@ -242,6 +250,7 @@ def run_plan(
     *,
     jobs: int,
     max_minutes: float = 0.0,
+    gpu_memory_gb: float = 0.0,
     started: float | None = None,
     report: bool = True,
 ) -> Outcome:
@@ -269,6 +278,7 @@ def run_plan(
         done,
         jobs=jobs,
         max_minutes=max_minutes,
+        gpu_memory_gb=gpu_memory_gb,
         elapsed=lambda: (time.monotonic() - t0) / 60,
         execute=lambda step: run_planned(step, out / "logs"),
         on_finish=finished,
@@ -277,6 +287,24 @@ def run_plan(
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def memory_budget(args: argparse.Namespace, device: str) -> float:
+    """GiB the running steps may hold together: ``--gpu-memory-gb``, else the visible card's total less
+    ``GPU_RESERVE_GB``; ``--plan`` on a machine without the GPU plans for an 80 GB H100 (0 on cpu)."""
+    if args.gpu_memory_gb is not None:
+        if args.gpu_memory_gb < 0:
+            sys.exit("error: --gpu-memory-gb must be 0 (no budget) or more")
+        return args.gpu_memory_gb
+    if device == "cpu":
+        return 0.0
+    total = gpu_memory_gb(device)
+    if total is None:
+        if not args.plan:
+            print("warning: no GPU visible to this process: steps start without a GPU memory budget")
+            return 0.0
+        total = PLAN_GPU_MEMORY_GB
+    return max(0.0, total - GPU_RESERVE_GB)
 
 
 def call_command(args: argparse.Namespace, jobs: int, max_minutes: float) -> str:
@@ -308,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in wanted if n not in names]
     if unknown:
         sys.exit(f"error: unknown step(s) {', '.join(unknown)}; steps: {', '.join(names)}")
+    memory = memory_budget(args, s["device"])
     if args.plan:
         for step in plan:
             mark = "done" if step.name in done else f"~{step.minutes:.1f} min"
@@ -322,7 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nnot run with these --steps (each needs a step left out): {', '.join(blocked)}")
         budget = args.max_minutes or PLAN_MINUTES
         lines = describe(
-            chosen, done, jobs=jobs, max_minutes=budget, command=call_command(args, jobs, budget)
+            chosen,
+            done,
+            jobs=jobs,
+            max_minutes=budget,
+            command=call_command(args, jobs, budget),
+            gpu_memory_gb=memory,
         )
         print("\n".join(lines))
         return 0
@@ -331,7 +365,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)  # a killed call stops its subprocesses too
         if jobs > 1:  # each process's CPU thread pool sized to its share of the cores
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-        outcome = run_plan(s, plan, wanted, done, jobs=jobs, max_minutes=args.max_minutes, started=started)
+        outcome = run_plan(
+            s,
+            plan,
+            wanted,
+            done,
+            jobs=jobs,
+            max_minutes=args.max_minutes,
+            gpu_memory_gb=memory,
+            started=started,
+        )
     report = write_report({**s, "device_name": device_name(s["device"])}, done)
     print(markdown(report))
     wandb_dir = log_to_wandb(report, out)

@@ -93,9 +93,23 @@ def test_the_cuda_plan_fits_one_run_or_three_calls_of_nine_minutes(
     for c in calls:
         for _, start, _ in c.runs:
             assert sum(s0 <= start < e0 for _, s0, e0 in c.runs) <= 4
+    # on an 80 GB H100 (what --plan assumes without the GPU): never more memory at once than the card has
+    memory = {p.name: p.memory_gb for p in plan}
+    assert memory["s0/base"] > 40 and memory["teacher"] > 20 and memory["data"] == 0
+    budget = 79.2 - dag.GPU_RESERVE_GB
+    assert len(dag.simulate(plan, jobs=4, max_minutes=32, gpu_memory_gb=budget)) == 1
+    h100 = dag.simulate(plan, jobs=4, max_minutes=9, gpu_memory_gb=budget)
+    assert len(h100) == 4 and all(c.minutes < 10 for c in h100)
+    assert sorted(r[0] for c in h100 for r in c.runs) == sorted(p.name for p in plan)
+    for c in h100:
+        for _, start, _ in c.runs:
+            assert sum(memory[n] for n, s0, e0 in c.runs if s0 <= start < e0) <= budget
     assert pipeline.main(["--device", "cuda", "--out", out, "--plan"]) == 0
     text = capsys.readouterr().out
-    assert f"{len(calls)} call(s)" in text and "wave 1: " in text
+    assert f"{len(h100)} call(s)" in text and "wave 1: " in text and "78 GB of GPU memory" in text
+    assert pipeline.main(["--device", "cuda", "--out", out, "--plan", "--gpu-memory-gb", "0"]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(calls)} call(s)" in text and "no GPU memory budget" in text
     assert f'--out {out} --jobs 4 --max-minutes 9 --bundle "$OUT"' in text
     # --steps: the calls of those steps alone (run 6 left the penalty arm out to fit its hold)
     penalty = [n for n in (p.name for p in plan) if "penalty" in n]
@@ -150,6 +164,29 @@ def test_jobs_bounds_the_processes_running_at_once(tmp_path: Path) -> None:
     outcome = pipeline.run_plan(settings_for(tmp_path), plan, "abcd", {}, jobs=2, report=False)
     assert outcome.ok and sorted(outcome.finished) == list("abcd")
     assert max(int((peaks / n).read_text()) for n in "abcd") == 2  # pairs overlapped, never 3 at once
+
+
+def test_a_step_waits_for_gpu_memory_while_a_smaller_one_starts_beside(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    m.mkdir()
+    plan = [  # a and c wait for each other: they finish only if c starts beside a; b needs a to have ended
+        fake("a", touch(m / "a.start") + f"wait({str(m / 'c.start')!r})\n" + touch(m / "a.end")),
+        fake("b", f"assert pathlib.Path({str(m / 'a.end')!r}).exists(), 'b started beside a'\n"),
+        fake("c", touch(m / "c.start") + f"wait({str(m / 'a.start')!r})\n"),
+    ]  # fmt: skip
+    for step, gb in zip(plan, (6.0, 6.0, 3.0), strict=True):
+        step.memory_gb = gb
+    lines: list[str] = []
+    outcome = scheduler.run_dag(plan, "abc", {}, jobs=3, execute=lambda step: pipeline.run_planned(step, m),
+                                on_finish=lambda name, record: None, gpu_memory_gb=10, log=lines.append)  # fmt: skip
+    assert outcome.ok and sorted(outcome.finished) == ["a", "b", "c"]
+    assert any("b waits for GPU memory: ~6 GB beside ~6 GB running, budget 10 GB" in line for line in lines)
+    # a step over the whole budget still runs, alone: after a, not beside it
+    (m / "a.end").unlink()
+    plan[1].memory_gb = 50.0
+    alone = scheduler.run_dag(plan[:2], "ab", {}, jobs=2, execute=lambda step: pipeline.run_planned(step, m),
+                              on_finish=lambda n, r: None, gpu_memory_gb=10, log=lambda _: None)  # fmt: skip
+    assert alone.ok and alone.finished == ["a", "b"]
 
 
 def test_a_failed_step_stops_only_its_dependants(tmp_path: Path) -> None:

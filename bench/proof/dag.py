@@ -8,6 +8,13 @@ the measured drift/cure run, ``proof/drift_profiles.py``). With ``n`` processes 
 and :func:`simulate` budget every step at ``slowdown(jobs)`` whatever runs beside it, so a call that runs
 fewer processes than ``--jobs`` finishes earlier than planned, not later.
 
+Memory: a step's ``memory_gb`` is its peak GPU memory alone (what ``nvidia-smi`` showed for its process: the
+caching allocator's reserve, not the tensors' peak). With a GPU budget (``--gpu-memory-gb``, by default the card's
+memory less :data:`GPU_RESERVE_GB`) a ready step starts only when its estimate fits beside those running
+(:func:`fits`); a step that does not fit waits and a later-ranked one that does may start first. A step alone always
+starts. Run 7's first call, without this rule, started two bases and the Teacher at once on an 80 GB H100: 48 +
+48 + 26 GB, and the second base ran out of memory a minute in.
+
 Start order (both here and in the scheduler): with ``--jobs 1`` the plan's order (each stage, then its
 evaluation); with more, the step with the longest estimated chain of dependants first (the Teacher ->
 distill -> cure A chain is the critical path), then the plan's order.
@@ -21,12 +28,14 @@ from typing import Any, Protocol
 
 START_UP = 0.2  # minutes from the call's start to its first step (interpreter, imports, plan)
 WRAP_UP = 0.5  # minutes after the last step: report, the W&B report run, the bundle
+GPU_RESERVE_GB = 1.5  # of the card's memory, left to the main process and what the estimates miss
 
 
 class Node(Protocol):
     name: str
     minutes: float
     after: list[str]
+    memory_gb: float
 
 
 def slowdown(n: int) -> float:
@@ -39,6 +48,12 @@ def end_if_started(step: Node, now: float, factor: float, max_minutes: float) ->
     ``now`` with every step ``factor`` times slower, or ``None`` when that passes ``max_minutes`` (0: no budget)."""
     end = now + step.minutes * factor
     return None if max_minutes and end > max_minutes else end
+
+
+def fits(step: Node, in_use_gb: float, running: int, budget_gb: float) -> bool:
+    """The memory rule shared by the scheduler and :func:`simulate`: ``step`` may start beside ``running`` steps
+    that hold ``in_use_gb`` when no budget is set (0), nothing runs, or its estimate fits what is left."""
+    return budget_gb <= 0 or running == 0 or in_use_gb + step.memory_gb <= budget_gb
 
 
 def edges(steps: Iterable[Node]) -> set[tuple[str, str]]:
@@ -111,13 +126,21 @@ class Call:
 
 
 def simulate(
-    steps: Sequence[Node], done: Iterable[str] = (), *, jobs: int, max_minutes: float, calls: int = 20
+    steps: Sequence[Node],
+    done: Iterable[str] = (),
+    *,
+    jobs: int,
+    max_minutes: float,
+    gpu_memory_gb: float = 0.0,
+    calls: int = 20,
 ) -> list[Call]:
     """The calls of ``--jobs jobs --max-minutes max_minutes`` that finish what is left, as the scheduler runs
-    them: a ready step starts when a slot is free and its estimate (``minutes * slowdown(jobs)``) fits the
-    budget. Raises ``ValueError`` when a step can never fit one call."""
+    them: a ready step starts when a slot is free, its estimate (``minutes * slowdown(jobs)``) fits the
+    budget and its memory fits beside the running steps' (:func:`fits`). Raises ``ValueError`` when a step can
+    never fit one call."""
     factor, finished = slowdown(jobs), set(done)
     rank = start_rank(steps, jobs)
+    memory = {s.name: s.memory_gb for s in steps}
     left = [s for s in steps if s.name not in finished]
     out: list[Call] = []
     while left:
@@ -133,6 +156,8 @@ def simulate(
             for step in (s for s in ready if s.name not in started):
                 if len(running) >= jobs:
                     break
+                if not fits(step, sum(memory[n] for n, _ in running), len(running), gpu_memory_gb):
+                    continue
                 end = end_if_started(step, now, factor, max_minutes)
                 if end is None:
                     skipped.add(step.name)
@@ -153,18 +178,27 @@ def simulate(
 
 
 def describe(
-    steps: Sequence[Node], done: Mapping[str, Any], *, jobs: int, max_minutes: float, command: str
+    steps: Sequence[Node],
+    done: Mapping[str, Any],
+    *,
+    jobs: int,
+    max_minutes: float,
+    command: str,
+    gpu_memory_gb: float = 0.0,
 ) -> list[str]:
     """``--plan``'s text: the waves left with their estimates, then the calls and what each one finishes."""
     factor = slowdown(jobs)
+    budget = f"{gpu_memory_gb:.0f} GB of GPU memory" if gpu_memory_gb > 0 else "no GPU memory budget"
     lines = [
         "",
-        f"DAG waves left (minutes alone on one GPU; x{factor:.2f} assumed with --jobs {jobs}):",
+        f"DAG waves left (minutes alone on one GPU, GB at peak; x{factor:.2f} assumed with --jobs {jobs}; {budget}):",
     ]
     for k, wave in enumerate(waves(steps, done)):
-        lines.append(f"  wave {k}: " + ", ".join(f"{s.name} {s.minutes:.1f}" for s in wave))
+        lines.append(
+            f"  wave {k}: " + ", ".join(f"{s.name} {s.minutes:.1f} ({s.memory_gb:.0f} GB)" for s in wave)
+        )
     try:
-        calls = simulate(steps, done, jobs=jobs, max_minutes=max_minutes)
+        calls = simulate(steps, done, jobs=jobs, max_minutes=max_minutes, gpu_memory_gb=gpu_memory_gb)
     except ValueError as err:
         return [*lines, f"cannot split into calls: {err}"]
     total = sum(c.minutes for c in calls)

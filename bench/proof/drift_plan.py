@@ -29,7 +29,7 @@ from typing import Any
 
 from proof import drift_commands as cmd
 from proof import drift_data as dd
-from proof.drift_profiles import minutes
+from proof.drift_profiles import memory_gb, minutes
 from proof.runs import REPO, Step
 
 STAGES = ("base", "drift", "cure_a", "cure_b", "cure_b_penalty")
@@ -45,6 +45,7 @@ class PlannedStep:
     minutes: float
     needs: list[Path] = field(default_factory=list)
     after: list[str] = field(default_factory=list)  # steps whose outputs this one reads (the DAG's edges)
+    memory_gb: float = 0.0  # peak GPU memory alone (proof/drift_profiles.memory_gb; the scheduler's budget)
     prepare: Callable[[], dict[str, Any]] | None = None
     finish: Callable[[], dict[str, Any]] | None = None
 
@@ -379,4 +380,13 @@ def build_plan(s: Mapping[str, Any]) -> list[PlannedStep]:
     plan += [shared[name] for name in ("teacher", "distill") if name in shared]
     for seed in s["seeds"]:
         plan += per_seed[seed][4:]
+    memory = memory_gb(dict(s))
+    for step in plan:
+        step.memory_gb = memory[step_kind(step.name)]
     return plan
+
+
+def step_kind(name: str) -> str:
+    """The profile's key of a step: ``s0/drift_lenient`` -> ``drift``, ``s1/eval_cure_a`` -> ``eval``."""
+    kind = name.rpartition("/")[2]
+    return "eval" if kind.startswith("eval_") else "drift" if kind.startswith("drift_") else kind

@@ -4,8 +4,8 @@ cuda: the ``small`` preset (105 M parameters, random init, real Qwen3 tokenizer)
 fusion SFT (1,000 steps of 64 rows since run 5, its vision tower trained; 650 before). These are run 5's settings
 (docs/RESULTS.md: one H100, 2026-12-07, 22.8 minutes with 4 processes, every run to its step count) but for the
 base's mix, which after run 5 gives summaries more of each batch and draws those that name a finding 4x (run 6, one
-H200: 19 of the 23 steps in 19.1 minutes), the base's verdicts that name 弯曲半径不合理 drawn 4x (after run 6; not run
-yet), and the penalty arm's learning rate (2e-4, run 5: 3e-4; not run yet). Training-time
+H200: 19 of the 23 steps in 19.1 minutes), the base's verdicts that name 弯曲半径不合理 drawn 4x (after run 6), and the
+penalty arm's learning rate (2e-4, run 5: 3e-4); run 7 (one H100, 21 of the 23 steps over three calls) ran these. Training-time
 caps (``*_max_minutes``) are safety nets above what each run took with 4 processes sharing the GPU, so the step
 counts, not the clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny``
 preset that only shows every step runs and feeds the next (its numbers mean nothing).
@@ -73,7 +73,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "grpo_max_minutes": 8.0,
         # the penalty arm's own: run 3's lr 3e-4 without a KL term collapsed seed 0 to all-fail, run 2's 1e-4 with
         # β 0.04 did not collapse and did not cure; runs 4-5 kept 3e-4 and anchored it with β 0.04, and seed 0
-        # overshot in run 5 (0 false passes, 25 false fails); now 2e-4 (run 6 left this arm out: not run yet)
+        # overshot in run 5 (0 false passes, 25 false fails); now 2e-4 (run 7, seed 0: 6 false passes, 5 false fails)
         "penalty_lr": 2e-4,
         "penalty_beta": 0.04,
         "fail_rescue": True,
@@ -192,5 +192,19 @@ def minutes(s: dict[str, Any]) -> dict[str, float]:
     }  # fmt: skip
 
 
+def memory_gb(s: dict[str, Any]) -> dict[str, float]:
+    """Peak GPU memory (GiB) per step kind alone, for the scheduler's budget (``proof/dag.py``). cuda: what
+    ``nvidia-smi`` showed on one H100 during run 7 (2026-12-07, the cuda profile's sizes), the caching allocator's
+    reserve of each process: a base 48.0 (its trained 4 x 256 tower and mixed photo rows), the Teacher 26.1, the
+    distill rollouts 8.3, a drift 22.5, the three cures 58.0 together, an eval under 8; each rounded up a little. A ``--set`` that changes batch
+    or model sizes does not move them; ``--gpu-memory-gb 0`` turns the budget off. cpu: none (no GPU)."""
+    kinds = ("data", "teacher", "distill", "base", "drift", "cure_a", "cure_b", "cure_b_penalty", "eval")
+    if s["device"] == "cpu":
+        return dict.fromkeys(kinds, 0.0)
+    measured = {"data": 0.0, "teacher": 27.0, "distill": 9.0, "base": 48.5, "drift": 23.0}
+    return measured | {"cure_a": 20.0, "cure_b": 20.0, "cure_b_penalty": 20.0, "eval": 8.0}
+
+
 DEFAULT_JOBS = {"cuda": 4, "cpu": 1}  # steps at once: several small-model processes share one GPU
+PLAN_GPU_MEMORY_GB = 79.2  # --plan without the GPU visible: an 80 GB H100's memory as torch reports it (GiB)
 PLAN_MINUTES = 9.0  # --plan's budget per call when --max-minutes is not given (a call must end within 10)

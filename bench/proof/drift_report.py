@@ -139,7 +139,6 @@ def checks(results: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fp = _mean(results, "drift", "stage_b/false_pass_rate/all")
     out["drift_false_pass_at_least_20pct"] = None if fp is None else fp >= TARGETS["drift_false_pass_min"]
-    f1_drift = _mean(results, "drift", "stage_a/object_f1")
     for cure in ("cure_a", "cure_b", "cure_b_penalty"):
         for view in ("stage_b", "e2e"):
             fp = _mean(results, cure, f"{view}/false_pass_rate/all")
@@ -155,11 +154,31 @@ def checks(results: Mapping[str, Any]) -> dict[str, Any]:
                     and fv >= TARGETS["cure_format_valid_min"]
                 )
             )
-        f1 = _mean(results, cure, "stage_a/object_f1")
+        f1, f1_drift = _paired_f1(results, cure)
         out[f"{cure}/stage_a_f1_kept"] = (
             None if None in (f1, f1_drift) else f1 >= f1_drift - TARGETS["cure_object_f1_drop_max"]
         )
     return out
+
+
+def _paired_f1(results: Mapping[str, Any], cure: str) -> tuple[float | None, float | None]:
+    """Stage-A object F1 of ``cure`` and of the drifted student, each a mean over the seeds *both* measured (a
+    cure run on one seed is held against that seed's drifted student, not the mean of two), else the seed means
+    (results without per-seed rows)."""
+
+    def per_seed(stage: str) -> dict[Any, float]:
+        seeds = results.get(stage, {}).get("seeds", {})
+        return {
+            k: r["stage_a"]["object_f1"]
+            for k, r in seeds.items()
+            if r and "object_f1" in r.get("stage_a", {})
+        }
+
+    cure_f1, drift_f1 = per_seed(cure), per_seed("drift")
+    both = sorted(set(cure_f1) & set(drift_f1), key=str)
+    if not both:
+        return _mean(results, cure, "stage_a/object_f1"), _mean(results, "drift", "stage_a/object_f1")
+    return tuple(round(sum(f[k] for k in both) / len(both), 6) for f in (cure_f1, drift_f1))  # type: ignore[return-value]
 
 
 def _cell(agg: Mapping[str, Any], key: str) -> str:

@@ -119,3 +119,12 @@ def device_name(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({os.cpu_count()} cores)" if device == "cpu" else "cuda (not visible to this process)"
+
+
+def gpu_memory_gb(device: str) -> float | None:
+    """Total memory (GiB) of the card the steps share, or ``None`` when this process sees no GPU."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return None

@@ -2,7 +2,9 @@
 
 ``run_dag`` starts a step once every step it reads (``after``) is done, at most ``jobs`` at a time, in the
 order of :func:`proof.dag.start_rank`, and not at all when its estimate (``minutes * slowdown(jobs)``) would
-end past ``max_minutes`` of wall time (it and its dependants are then *left* for the next call). Only the
+end past ``max_minutes`` of wall time (it and its dependants are then *left* for the next call); with a
+``gpu_memory_gb`` budget, a ready step waits until its memory estimate fits beside the running steps'
+(:func:`proof.dag.fits`) while later-ranked steps that fit start. Only the
 calling (main) thread sees results: ``on_finish(name, record)`` runs there, one step at a time, so the one
 writer of ``state.json`` is the main process. A step that raises (a failed subprocess exits with
 ``SystemExit``) is *failed*: its dependants are *blocked*, every other branch goes on. An interrupt
@@ -21,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from proof.dag import Node, end_if_started, slowdown, start_rank
+from proof.dag import Node, end_if_started, fits, slowdown, start_rank
 from proof.runs import stop_all
 
 
@@ -55,6 +57,7 @@ def run_dag(
     execute: Callable[[Any], dict[str, Any]],
     on_finish: Callable[[str, dict[str, Any]], None],
     max_minutes: float = 0.0,
+    gpu_memory_gb: float = 0.0,
     elapsed: Callable[[], float] | None = None,
     log: Callable[[str], None] = print,
 ) -> Outcome:
@@ -73,6 +76,7 @@ def run_dag(
     ok = set(done) - set(pending)
     out, running = Outcome(), {}  # type: ignore[var-annotated]
     windows: dict[str, tuple[float, float]] = {}
+    waited: set[str] = set()  # steps whose wait for memory was logged
 
     def settle() -> None:
         """Move pending steps that cannot start this call to blocked / left (to a fixed point)."""
@@ -103,6 +107,15 @@ def run_dag(
                 for name in [n for n in pending if all(d in ok for d in by_name[n].after)]:
                     if len(running) >= jobs:
                         break
+                    in_use = sum(by_name[n].memory_gb for n in running.values())
+                    if not fits(by_name[name], in_use, len(running), gpu_memory_gb):
+                        if name not in waited:
+                            waited.add(name)
+                            log(
+                                f"[{time.strftime('%H:%M:%S')}] {name} waits for GPU memory: ~{by_name[name].memory_gb:.0f} "
+                                f"GB beside ~{in_use:.0f} GB running, budget {gpu_memory_gb:.0f} GB"
+                            )
+                        continue
                     now = elapsed()
                     estimate = by_name[name].minutes * factor
                     pending.remove(name)
