@@ -128,6 +128,28 @@ def test_the_base_mix_draws_photos_that_name_a_finding_more_often(
         data.pools[1].weights is not None and data.pools[2].weights is None
     )  # the rest of the mix as it was
     assert f"answer_oversample {mix['answer_oversample']['match']!r} matches {sum(finding)} of" in caplog.text
+    # a rarer finding above the others: its own first rule (无法识别 stands in: the tiny data set may hold no
+    # 弯曲半径不合理 photo)
+    rare = drift_data.finding_oversampled_mix(
+        tmp_path / "rare.yaml",
+        BENCH.parent / "conf" / "fusion" / "default.yaml",
+        4.0,
+        rare_weight=16.0,
+        rare_pattern="无法识别",
+    )
+    assert [r["weight"] for r in rare["answer_oversample"]] == [16.0, 4.0]
+    cfg = compose_at(
+        ["+experiment=fusion_sft", "logger=csv", f"data.fusion={rare['fusion']}"], tmp_path, data_dir
+    )
+    try:
+        data = build_objects(cfg)["datamodule"]
+        data.setup("fit")
+    finally:
+        HydraConfig.instance().cfg = None
+    expected = tuple(
+        16.0 if "无法识别" in text else 4.0 if f else 1.0 for text, f in zip(summaries, finding, strict=True)
+    )
+    assert 16.0 in expected and 4.0 in expected and data.pools[0].weights == expected
 
 
 def test_the_base_mix_can_draw_the_rare_verdicts_more_often(
@@ -402,3 +424,12 @@ def test_stage_a_kept_is_judged_on_the_seeds_both_stages_measured() -> None:
     assert checks["cure_b/stage_a_f1_kept"] is True
     assert checks["cure_a/stage_a_f1_kept"] is False  # 0.812 against 0.825 on both seeds
     assert checks["cure_b_penalty/stage_a_f1_kept"] is None
+
+
+def test_the_report_puts_stage_b_and_end_to_end_false_passes_per_negative_item_side_by_side() -> None:
+    report = json.loads((BENCH.parent / "docs" / "results" / "drift_and_cure_h100_run7.json").read_text())
+    text = drift_report.markdown(report)
+    assert "| stage | seed | item/不符合要求 | item/弯曲半径不合理 |" in text
+    # cure A seed 1: Stage-B fails all 21 不符合要求 tickets, its own summaries pass 3; 弯曲半径不合理 1 and 3 of 3
+    assert "| cure_a | 1 | 0 · 3 of 21 | 1 · 3 of 3 |" in text
+    assert "| cure_b | 1 |" not in text  # not run: no row

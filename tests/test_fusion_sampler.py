@@ -112,7 +112,7 @@ def test_answer_oversample_is_a_pattern_and_a_weight_and_its_errors_name_the_ent
         "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: chatml, ratio: 1.0,\n"
         "     answer_oversample: {match: '不通过|无法识别', weight: 4}}\n",
     )
-    assert load_fusion_config(good).targets[0].answer_oversample == ("不通过|无法识别", 4.0)
+    assert load_fusion_config(good).targets[0].answer_oversample == (("不通过|无法识别", 4.0),)
     bad = write_yaml(
         tmp_path / "bad.yaml",
         "targets:\n"
@@ -135,7 +135,7 @@ def test_answer_oversample_is_a_pattern_and_a_weight_and_its_errors_name_the_ent
 
 def test_answer_oversampling_weighs_the_rows_whose_answer_matches(caplog: pytest.LogCaptureFixture) -> None:
     entry = FusionEntry("a", "target", "chat", Path("a.jsonl"), None, "chatml", None, 1.0,
-                        fail_oversample=2.0, answer_oversample=("无法识别", 3.0), where="mix.yaml:3")  # fmt: skip
+                        fail_oversample=2.0, answer_oversample=(("无法识别", 3.0),), where="mix.yaml:3")  # fmt: skip
     texts = [("pass", "标签/可以识别"), ("fail", "标签/无法识别"), ("fail", "电线"), (None, "无法识别")]
     rows = [{"label": label, "messages": [{"role": "assistant", "content": text}]} for label, text in texts]
     rows.append(
@@ -145,13 +145,47 @@ def test_answer_oversampling_weighs_the_rows_whose_answer_matches(caplog: pytest
         }
     )
     assert _pool(entry, rows).weights == (1.0, 6.0, 2.0, 3.0, 3.0)  # fail x answer, fail alone, answer alone
-    nowhere = dataclasses.replace(entry, answer_oversample=("nowhere", 3.0), fail_oversample=1.0)
+    nowhere = dataclasses.replace(entry, answer_oversample=(("nowhere", 3.0),), fail_oversample=1.0)
     with caplog.at_level(logging.WARNING, logger="bbuqc_lightning.fusion_sft.datamodule"):
         assert _pool(nowhere, rows).weights is None
     assert (
         "a (mix.yaml:3): answer_oversample 'nowhere' matches 0 of 5 rows (weight 3): drawn uniformly"
         in caplog.text
     )
+
+
+def test_answer_oversample_as_a_list_gives_each_row_its_first_matching_weight(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rare finding above the common ones: 弯曲半径不合理 at 16 even though its summary matches the findings pattern
+    too (the order decides, not the larger weight)."""
+    mix = write_yaml(
+        tmp_path / "mix.yaml",
+        "targets:\n"
+        "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: chatml, ratio: 1.0,\n"
+        "     answer_oversample: [{match: 弯曲半径不合理, weight: 16}, {match: '不合理|无法识别', weight: 4}]}\n",
+    )
+    entry = load_fusion_config(mix).targets[0]
+    assert entry.answer_oversample == (("弯曲半径不合理", 16.0), ("不合理|无法识别", 4.0))
+    texts = ["光纤/弯曲半径不合理", "标签/无法识别", "电线", "光纤/弯曲半径不合理,标签/无法识别"]
+    rows = [{"label": None, "messages": [{"role": "assistant", "content": text}]} for text in texts]
+    with caplog.at_level(logging.INFO, logger="bbuqc_lightning.fusion_sft.datamodule"):
+        assert _pool(entry, rows).weights == (16.0, 4.0, 1.0, 16.0)
+    assert "answer_oversample '弯曲半径不合理' matches 2 of 4 rows (weight 16)" in caplog.text
+    assert "answer_oversample '不合理|无法识别' matches 1 of 4 rows (weight 4)" in caplog.text
+    bad = write_yaml(
+        tmp_path / "bad.yaml",
+        "targets:\n"
+        "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: chatml, ratio: 1.0,\n"
+        "     answer_oversample: [{match: x, weight: 2}, {match: y, weight: -1}]}\n"
+        "  - {name: b, dataset: chat, train_jsonl: b.jsonl, template: chatml, ratio: 1.0, answer_oversample: []}\n",
+    )
+    with pytest.raises(FusionConfigError) as info:
+        load_fusion_config(bad)
+    message = str(info.value)
+    assert f"{bad}:2 (targets[0] 'a'): answer_oversample must be" in message
+    assert "answer_oversample[1].weight is -1" in message
+    assert f"{bad}:4 (targets[1] 'b'): answer_oversample must be" in message and "empty list" in message
 
 
 def test_missing_extends_parent_names_the_extending_file(tmp_path: Path) -> None:

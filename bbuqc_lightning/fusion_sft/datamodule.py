@@ -184,7 +184,8 @@ class FusionDataModule(L.LightningDataModule):
 
 def _pool(entry: FusionEntry, rows: list[dict[str, Any]]) -> Pool:
     """The sampler's view of an entry: a row's draw weight is ``fail_oversample`` if it is labelled fail, times
-    ``answer_oversample``'s weight if its answer (the last turn) matches; uniform when every weight is 1."""
+    the weight of the first ``answer_oversample`` pattern its answer (the last turn) matches; uniform when every
+    weight is 1. Each pattern's count is logged (the rows it weighs, not those an earlier pattern took)."""
     fail = entry.fail_oversample if any(r["label"] == "fail" for r in rows) else 1.0
     if entry.fail_oversample != 1.0 and fail == 1.0 and rows:
         log.warning(
@@ -196,21 +197,25 @@ def _pool(entry: FusionEntry, rows: list[dict[str, Any]]) -> Pool:
         )
     weights = [fail if r["label"] == "fail" else 1.0 for r in rows]
     if entry.answer_oversample is not None and rows:
-        pattern, weight = re.compile(entry.answer_oversample[0]), entry.answer_oversample[1]
-        matched = [bool(pattern.search(_answer(r))) for r in rows]
-        weights = [w * weight if m else w for w, m in zip(weights, matched, strict=True)]
-        n = sum(matched)
-        log.log(
-            logging.INFO if 0 < n < len(rows) else logging.WARNING,
-            "%s (%s): answer_oversample %r matches %d of %d rows (weight %g)%s",
-            entry.name,
-            entry.where,
-            pattern.pattern,
-            n,
-            len(rows),
-            weight,
-            "" if 0 < n < len(rows) else ": drawn uniformly",
-        )
+        rules = [(re.compile(match), weight) for match, weight in entry.answer_oversample]
+        taken = [
+            next((i for i, (pattern, _) in enumerate(rules) if pattern.search(_answer(r))), None)
+            for r in rows
+        ]
+        weights = [w if i is None else w * rules[i][1] for w, i in zip(weights, taken, strict=True)]
+        for i, (pattern, weight) in enumerate(rules):
+            n = taken.count(i)
+            log.log(
+                logging.INFO if 0 < n < len(rows) else logging.WARNING,
+                "%s (%s): answer_oversample %r matches %d of %d rows (weight %g)%s",
+                entry.name,
+                entry.where,
+                pattern.pattern,
+                n,
+                len(rows),
+                weight,
+                "" if 0 < n < len(rows) else (": drawn uniformly" if len(rules) == 1 else ""),
+            )
     uniform = all(w == 1.0 for w in weights)
     return Pool(
         entry.name,

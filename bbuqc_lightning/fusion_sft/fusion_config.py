@@ -12,6 +12,8 @@ The shape is the one the team's existing files use, so they load unchanged::
          template: chatml, ratio: 1.0, fail_oversample: 2.0}
     # a rare finding drawn more often: rows whose answer matches the regular expression weigh 4 in the draw
     #   {name: bbu_summary, ..., answer_oversample: {match: "不符合要求|无法识别", weight: 4.0}}
+    # or a list, most specific first: a row takes the weight of the first pattern its answer matches
+    #   answer_oversample: [{match: 弯曲半径不合理, weight: 16.0}, {match: "不符合要求|无法识别", weight: 4.0}]
     sources:                           # auxiliary data: round(ratio x sum of target quotas) rows
       - {name: lang_chat, dataset: chat, train_jsonl: coig_cqia.jsonl, template: chatml, ratio: 0.1}
 
@@ -83,8 +85,8 @@ class FusionEntry:
     ratio: float
     sample_without_replacement: bool = False
     fail_oversample: float = 1.0
-    # (regular expression, draw weight of the rows whose answer matches it)
-    answer_oversample: tuple[str, float] | None = None
+    # ((regular expression, draw weight), ...): a row's answer takes the weight of the first pattern it matches
+    answer_oversample: tuple[tuple[str, float], ...] | None = None
     where: str = "<memory>"
 
 
@@ -359,27 +361,36 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def _answer_oversample(value: Any, where: str, problems: list[str]) -> tuple[str, float] | None:
-    """``{match: <regular expression>, weight: <number > 0>}`` -> ``(match, weight)``; null -> None."""
+def _answer_oversample(value: Any, where: str, problems: list[str]) -> tuple[tuple[str, float], ...] | None:
+    """``{match: <regular expression>, weight: <number > 0>}``, or a non-empty list of them (first match wins),
+    -> ``((match, weight), ...)``; null -> None."""
     if value is None:
         return None
-    shape = "answer_oversample must be {match: <regular expression>, weight: <number > 0>}"
-    if not isinstance(value, Mapping) or set(value) - {"match", "weight", _LINE}:
-        problems.append(f"{where}: {shape}, got {value!r}")
+    shape = "answer_oversample must be {match: <regular expression>, weight: <number > 0>} or a list of them"
+    rules = value if isinstance(value, list) else [value]
+    if not rules:
+        problems.append(f"{where}: {shape}, got an empty list")
         return None
-    match, weight = value.get("match"), _number(value.get("weight"))
-    if not isinstance(match, str) or not match:
-        problems.append(f"{where}: {shape}; match is {match!r}")
-        return None
-    try:
-        re.compile(match)
-    except re.error as err:
-        problems.append(f"{where}: answer_oversample.match {match!r} is not a regular expression ({err})")
-        return None
-    if weight is None or weight <= 0:
-        problems.append(f"{where}: {shape}; weight is {value.get('weight')!r}")
-        return None
-    return match, weight
+    out: list[tuple[str, float]] = []
+    for i, rule in enumerate(rules):
+        at = f"answer_oversample[{i}]" if isinstance(value, list) else "answer_oversample"
+        if not isinstance(rule, Mapping) or set(rule) - {"match", "weight", _LINE}:
+            problems.append(f"{where}: {shape}, got {rule!r}")
+            return None
+        match, weight = rule.get("match"), _number(rule.get("weight"))
+        if not isinstance(match, str) or not match:
+            problems.append(f"{where}: {shape}; {at}.match is {match!r}")
+            return None
+        try:
+            re.compile(match)
+        except re.error as err:
+            problems.append(f"{where}: {at}.match {match!r} is not a regular expression ({err})")
+            return None
+        if weight is None or weight <= 0:
+            problems.append(f"{where}: {shape}; {at}.weight is {rule.get('weight')!r}")
+            return None
+        out.append((match, weight))
+    return tuple(out)
 
 
 def _flag(raw: Mapping[str, Any], key: str, default: bool, where: str, problems: list[str]) -> bool:

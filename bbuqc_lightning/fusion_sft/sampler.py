@@ -9,8 +9,8 @@ Quotas (fixed for a run, since they depend only on data sizes and ratios):
 Drawing (a fresh ``numpy.random.default_rng([seed, epoch])`` per epoch, entries in file order):
 
 - with replacement (the default): ``quota`` rows drawn i.i.d.; a row's probability is proportional to
-  its weight, ``fail_oversample`` for rows labelled ``fail`` and 1 otherwise, times the weight of
-  ``answer_oversample`` when the row's answer matches its pattern — so oversampling changes the *share*
+  its weight, ``fail_oversample`` for rows labelled ``fail`` and 1 otherwise, times the weight of the first
+  ``answer_oversample`` pattern the row's answer matches — so oversampling changes the *share*
   of those rows inside an entry's quota, never the quota (the mix stays as configured);
 - ``sample_without_replacement: true``: ``quota // len`` full passes over the rows plus
   ``quota % len`` distinct rows (weighted the same way). With ratio 1 every row is seen exactly once,

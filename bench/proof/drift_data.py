@@ -194,17 +194,31 @@ def findings_pattern() -> str:
 # summaries at every stage but one base: 53 of the 4,000 train tickets carry it, one character (不) away from the
 # 弯曲半径合理 that 1,814 carry.
 RARE_VERDICT_PATTERN = "弯曲半径不合理"
+# The summaries drawn more often still by ``rare_weight``: in runs 1-7 the model's own summaries named 弯曲半径不合理 on
+# none of the 6 held-out photos that show it (a kinked fibre against a rounded bend), while findings as rare in the
+# train photos (生锈 0.70 %, 无保护措施 0.45 %) were kept; it is in 60 of 16,044 train photos (0.37 %), and its words
+# are one character (不) away from the 弯曲半径合理 of nearly every fibre summary.
+RARE_FINDING_PATTERN = "弯曲半径不合理"
 
 
 def finding_oversampled_mix(
-    path: Path, parent: Path, weight: float, verdict_weight: float = 1.0
+    path: Path,
+    parent: Path,
+    weight: float,
+    verdict_weight: float = 1.0,
+    rare_weight: float = 0.0,
+    rare_pattern: str = RARE_FINDING_PATTERN,
 ) -> dict[str, Any]:
     """Write a fusion file that extends ``parent`` and gives its ``bbu_summary`` target
     ``answer_oversample: {match: findings_pattern(), weight}``: the photos whose summary names a finding (17 % of
     the synthetic train photos; each finding alone 0.4-4 %) are drawn ``weight`` times as often. With
-    ``verdict_weight`` other than 1, its ``stage_b_distill`` target draws the verdicts whose reason matches
-    :data:`RARE_VERDICT_PATTERN` that many times as often too (on top of the mix's ``fail_oversample``)."""
-    oversample = {"match": findings_pattern(), "weight": float(weight)}
+    ``rare_weight`` > 0, a first rule draws the summaries matching ``rare_pattern`` ``rare_weight`` times as often
+    instead (answer_oversample's list form: the first matching rule wins). With ``verdict_weight`` other than 1,
+    its ``stage_b_distill`` target draws the verdicts whose reason matches :data:`RARE_VERDICT_PATTERN` that many
+    times as often too (on top of the mix's ``fail_oversample``)."""
+    oversample: Any = {"match": findings_pattern(), "weight": float(weight)}
+    if rare_weight > 0:
+        oversample = [{"match": rare_pattern, "weight": float(rare_weight)}, oversample]
     targets: list[dict[str, Any]] = [{"name": "bbu_summary", "answer_oversample": oversample}]
     out: dict[str, Any] = {"fusion": str(path), "answer_oversample": oversample}
     if verdict_weight != 1.0:

@@ -104,7 +104,8 @@ def _summary_entries(p: Mapping[str, Path]) -> tuple[dict[str, Any], dict[str, A
 def base_fusion(s: Mapping[str, Any]) -> str | Path:
     """The base's fusion file: the embedded mix, or ``<out>/fusion/base_findings.yaml`` when findings (or rare
     verdicts) are oversampled."""
-    if s["base_finding_oversample"] == 1.0 and s["base_verdict_oversample"] == 1.0:
+    keys = ("base_finding_oversample", "base_verdict_oversample")
+    if all(s[k] == 1.0 for k in keys) and not s["base_rare_finding_oversample"]:
         return "default"
     return paths(s)["mixes"] / "base_findings.yaml"
 
@@ -117,6 +118,7 @@ def base_mix(s: Mapping[str, Any]) -> dict[str, Any]:
         REPO / "conf" / "fusion" / "default.yaml",
         s["base_finding_oversample"],
         s["base_verdict_oversample"],
+        s["base_rare_finding_oversample"],
     )
 
 

@@ -5,7 +5,8 @@ fusion SFT (1,000 steps of 64 rows since run 5, its vision tower trained; 650 be
 (docs/RESULTS.md: one H100, 2026-12-07, 22.8 minutes with 4 processes, every run to its step count) but for the
 base's mix, which after run 5 gives summaries more of each batch and draws those that name a finding 4x (run 6, one
 H200: 19 of the 23 steps in 19.1 minutes), the base's verdicts that name 弯曲半径不合理 drawn 4x (after run 6), and the
-penalty arm's learning rate (2e-4, run 5: 3e-4); run 7 (one H100, 21 of the 23 steps over three calls) ran these. Training-time
+penalty arm's learning rate (2e-4, run 5: 3e-4); run 7 (one H100, 21 of the 23 steps over three calls) ran these.
+After run 7 the base draws the summaries that name 弯曲半径不合理 16x (not run yet). Training-time
 caps (``*_max_minutes``) are safety nets above what each run took with 4 processes sharing the GPU, so the step
 counts, not the clock, end the runs; a step that hits its cap says so in its log. cpu: a smoke run of the ``tiny``
 preset that only shows every step runs and feeds the next (its numbers mean nothing).
@@ -34,6 +35,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         # after run 6 (Stage-B passed the 弯曲半径不合理 tickets even from reference summaries): the base's verdicts whose
         # reason names it (53 of 4,000 train tickets, with the 无保护措施 ones that share the reason) drawn 4x as often
         "base_verdict_oversample": 4.0,
+        # after run 7 (the own summaries still named 弯曲半径不合理 on none of its 6 held-out photos, in every run): the
+        # summaries that name it drawn 16x (the other findings' 4x, times 4): 3.8 % of the summary draws, not 1.0 %
+        # (0: no rule of its own; proof/drift_data.RARE_FINDING_PATTERN)
+        "base_rare_finding_oversample": 16.0,
         # run 5: the base's vision tower trains (runs 1-4 kept the random-init tower frozen, and Stage-A kept
         # 0-7 % of grounding's and cabling's negative items), at 4 blocks x 256 (the preset's 2 x 128), 1.5x as long
         "base_freeze_vision": False,
@@ -95,6 +100,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "base_stage_b_ratio": 1.0,
         "base_finding_oversample": 4.0,  # the smoke run exercises the option
         "base_verdict_oversample": 4.0,  # and this one
+        "base_rare_finding_oversample": 16.0,  # and this one
         "base_freeze_vision": False,
         "base_vision_depth": 0,  # the tiny preset's tower
         "base_vision_width": 0,
@@ -141,7 +147,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 def with_older_settings(saved: dict[str, Any]) -> dict[str, Any]:
     """Settings read from the ``state.json`` of an older run, in today's keys, completed with the keys added since
     and the values that reproduce what it ran (runs 1-4: a frozen preset tower; runs 1-5: the embedded mix at the
-    shared ratio; runs 1-6: no verdict drawn more often), so ``--report-only`` and ``--rerun`` still work on its folder."""
+    shared ratio; runs 1-6: no verdict drawn more often; runs 1-7: no finding above the others), so ``--report-only`` and ``--rerun`` still work on its folder."""
     s = dict(saved)
     renamed = {"vision_depth": "base_vision_depth", "vision_width": "base_vision_width"}  # run 5's names
     for old, new in renamed.items():
@@ -154,6 +160,7 @@ def with_older_settings(saved: dict[str, Any]) -> dict[str, Any]:
         "base_stage_b_ratio": s["stage_b_ratio"],
         "base_finding_oversample": 1.0,
         "base_verdict_oversample": 1.0,
+        "base_rare_finding_oversample": 0.0,
     }
     return defaults | s
 

@@ -234,13 +234,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         ]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += _findings_lines(results)
-    lines += ["", "False passes on fail tickets with / without a seed negative item (Stage-B, per seed):", ""]
-    for stage in STAGES:
-        for seed, r in results[stage]["seeds"].items():
-            if r is not None:
-                split = r["negative_items"]["stage_b"]
-                text = ", ".join(f"{k} {v['false_pass_rate']:.3f} ({v['n']})" for k, v in split.items())
-                lines.append(f"- {stage}, seed {seed}: {text}")
+    lines += _negative_item_lines(results)
     lines += _data_lines(report)
     lines += ["", "Checks (on seed means; — not measured yet):", ""]
     lines += [f"- `{k}`: {'—' if v is None else ('yes' if v else 'no')}" for k, v in report["checks"].items()]
@@ -250,6 +244,33 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"![false-pass by stage and mission]({report['plot']}) (drawn with {report['plot_drawn_by']})",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _negative_item_lines(results: Mapping[str, Any]) -> list[str]:
+    """False passes per seed negative item (and on fail tickets with none: ``other``), Stage-B from reference
+    summaries beside end to end: ``a · b of n`` (the same fail tickets, so one denominator)."""
+    rows = [(stage, seed, r["negative_items"]) for stage in STAGES
+            for seed, r in results[stage]["seeds"].items() if r is not None]  # fmt: skip
+    if not rows:
+        return []
+    columns = list(rows[0][2]["stage_b"])
+    lines = [
+        "",
+        "False passes on fail tickets by seed negative item (Stage-B · end to end of n, per seed):",
+        "",
+    ]
+    lines += ["| stage | seed | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for stage, seed, split in rows:
+        cells = []
+        for key in columns:
+            ref, own = split["stage_b"].get(key), (split.get("e2e") or {}).get(key)
+            if ref is None:
+                cells.append("—")
+                continue
+            passed, n = str(ref["n"]).split("/")
+            cells.append(f"{passed} · {str(own['n']).split('/')[0]} of {n}" if own else f"{passed} of {n}")
+        lines.append(f"| {stage} | {seed} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _findings_lines(results: Mapping[str, Any]) -> list[str]:
