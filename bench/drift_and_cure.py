@@ -363,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcome = None
     if not args.report_only:
         signal.signal(signal.SIGTERM, _interrupt)  # a killed call stops its subprocesses too
+        if memory > 0:
+            print(f"GPU memory budget of the steps: {memory:.1f} GB (--gpu-memory-gb; 0 turns it off)")
         if jobs > 1:  # each process's CPU thread pool sized to its share of the cores
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         outcome = run_plan(

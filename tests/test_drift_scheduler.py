@@ -189,6 +189,30 @@ def test_a_step_waits_for_gpu_memory_while_a_smaller_one_starts_beside(tmp_path:
     assert alone.ok and alone.finished == ["a", "b"]
 
 
+def test_a_step_out_of_gpu_memory_beside_others_runs_again_alone(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    m.mkdir()
+    oom = "print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 910.00 MiB')\nsys.exit(1)\n"
+    plan = [  # b's first try fails while a runs; its second must start after a ended
+        fake("a", touch(m / "a.start") + f"wait({str(m / 'b.first')!r})\n" + touch(m / "a.end")),
+        fake("b", f"wait({str(m / 'a.start')!r})\nfirst = pathlib.Path({str(m / 'b.first')!r})\n"
+             f"if not first.exists():\n    first.touch()\n    " + oom.replace("\n", "\n    ").rstrip() + "\n"
+             f"assert pathlib.Path({str(m / 'a.end')!r}).exists(), 'the retry ran beside a'\n"),
+        fake("b2", "", after=("b",)),
+    ]  # fmt: skip
+    lines: list[str] = []
+    records: dict[str, dict] = {}
+    outcome = scheduler.run_dag(plan, ["a", "b", "b2"], {}, jobs=2, execute=lambda step: pipeline.run_planned(step, m),
+                                on_finish=records.__setitem__, log=lines.append)  # fmt: skip
+    assert outcome.ok and sorted(outcome.finished) == ["a", "b", "b2"]
+    assert any("b ran out of GPU memory beside a: it runs again alone" in line for line in lines)
+    assert records["b"]["retried_alone"] is True and "retried_alone" not in records["a"]
+    # out of memory alone is a failure (no second try)
+    alone = scheduler.run_dag([fake("c", oom)], ["c"], {}, jobs=2, execute=lambda step: pipeline.run_planned(step, m),
+                              on_finish=lambda n, r: None, log=lambda _: None)  # fmt: skip
+    assert list(alone.failed) == ["c"] and "CUDA out of memory" in alone.failed["c"]
+
+
 def test_a_failed_step_stops_only_its_dependants(tmp_path: Path) -> None:
     plan = [
         fake("a", "sys.exit('broken on purpose')"),

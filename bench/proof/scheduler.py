@@ -4,7 +4,9 @@
 order of :func:`proof.dag.start_rank`, and not at all when its estimate (``minutes * slowdown(jobs)``) would
 end past ``max_minutes`` of wall time (it and its dependants are then *left* for the next call); with a
 ``gpu_memory_gb`` budget, a ready step waits until its memory estimate fits beside the running steps'
-(:func:`proof.dag.fits`) while later-ranked steps that fit start. Only the
+(:func:`proof.dag.fits`) while later-ranked steps that fit start. A step that runs out of GPU memory while other
+steps ran beside it (its log says ``CUDA out of memory``: the estimates are from one profile, and a ``--set`` can
+move them) is run once more, alone: no other step starts until it has. Only the
 calling (main) thread sees results: ``on_finish(name, record)`` runs there, one step at a time, so the one
 writer of ``state.json`` is the main process. A step that raises (a failed subprocess exits with
 ``SystemExit``) is *failed*: its dependants are *blocked*, every other branch goes on. An interrupt
@@ -39,6 +41,9 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return not self.failed and not self.blocked
+
+
+OUT_OF_MEMORY = ("CUDA out of memory", "OutOfMemoryError")
 
 
 def _message(exc: BaseException) -> str:
@@ -77,6 +82,8 @@ def run_dag(
     out, running = Outcome(), {}  # type: ignore[var-annotated]
     windows: dict[str, tuple[float, float]] = {}
     waited: set[str] = set()  # steps whose wait for memory was logged
+    beside: dict[str, set[str]] = {}  # step -> the steps that ran at some time beside it
+    alone: set[str] = set()  # steps run again alone after running out of memory beside others
 
     def settle() -> None:
         """Move pending steps that cannot start this call to blocked / left (to a fixed point)."""
@@ -104,7 +111,11 @@ def run_dag(
         try:
             while True:
                 settle()
-                for name in [n for n in pending if all(d in ok for d in by_name[n].after)]:
+                ready = [n for n in pending if all(d in ok for d in by_name[n].after)]
+                solo = [n for n in ready if n in alone]
+                if solo or any(n in alone for n in running.values()):
+                    ready = solo[:1] if not running else []  # drain, then the retry alone
+                for name in ready:
                     if len(running) >= jobs:
                         break
                     in_use = sum(by_name[n].memory_gb for n in running.values())
@@ -129,6 +140,9 @@ def run_dag(
                         f"[{time.strftime('%H:%M:%S')}] start {name} (~{estimate:.1f} min, {len(running) + 1} running)"
                     )
                     windows[name] = (now, now)
+                    beside[name] = set(running.values())
+                    for other in running.values():
+                        beside[other].add(name)
                     future: Future = pool.submit(execute, by_name[name])
                     running[future] = name
                 settle()
@@ -140,11 +154,23 @@ def run_dag(
                     windows[name] = (windows[name][0], elapsed())
                     error = future.exception()
                     if error is not None:
-                        out.failed[name] = _message(error)
+                        message = _message(error)
+                        if any(m in message for m in OUT_OF_MEMORY) and beside[name] and name not in alone:
+                            alone.add(name)
+                            pending.append(name)
+                            pending.sort(key=rank.__getitem__)
+                            log(
+                                f"[{time.strftime('%H:%M:%S')}] {name} ran out of GPU memory beside "
+                                f"{', '.join(sorted(beside[name]))}: it runs again alone once those end"
+                            )
+                            continue
+                        out.failed[name] = message
                         log(f"[{time.strftime('%H:%M:%S')}] FAILED {name}: its dependants will not start")
                         continue
                     record = dict(future.result())
                     record["window_minutes"] = [round(t, 2) for t in windows[name]]
+                    if name in alone:
+                        record["retried_alone"] = True  # after running out of GPU memory beside other steps
                     ok.add(name)
                     out.finished.append(name)
                     on_finish(name, record)
