@@ -47,6 +47,14 @@ def write_yaml(path: Path, text: str) -> Path:
     return path
 
 
+def config_errors(path: Path, text: str, **kwargs: Any) -> tuple[Path, str]:
+    """Write ``text`` as the fusion file ``path``; its load must fail: ``(path, the error message)``."""
+    write_yaml(path, text)
+    with pytest.raises(FusionConfigError) as info:
+        load_fusion_config(path, **kwargs)
+    return path, str(info.value)
+
+
 # ------------------------------------------------------------------------ fusion files
 def test_extends_merges_by_name_and_resolves_paths_per_file(tmp_path: Path) -> None:
     write_yaml(
@@ -78,17 +86,15 @@ def test_extends_merges_by_name_and_resolves_paths_per_file(tmp_path: Path) -> N
 
 
 def test_every_problem_is_reported_at_once_with_file_and_line(tmp_path: Path) -> None:
-    bad = write_yaml(
+    bad, message = config_errors(
         tmp_path / "bad.yaml",
         "targets:\n"
         "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: summary_bbu, ratio: 1.0}\n"
         "  - {name: b, dataset: images, train_jsonl: b.jsonl, template: chatml, ratio: -1}\n"
         "sources:\n"
         "  - {name: a, dataset: bbu, train_jsonl: c.jsonl, template: nope, mode: caption, ratio: 0.1}\n",
+        bbu_templates={"summary_bbu"},
     )
-    with pytest.raises(FusionConfigError) as info:
-        load_fusion_config(bad, bbu_templates={"summary_bbu"})
-    message = str(info.value)
     for expected in (
         f"{bad}:2",
         "needs template: chatml",
@@ -113,7 +119,7 @@ def test_answer_oversample_is_a_pattern_and_a_weight_and_its_errors_name_the_ent
         "     answer_oversample: {match: '不通过|无法识别', weight: 4}}\n",
     )
     assert load_fusion_config(good).targets[0].answer_oversample == (("不通过|无法识别", 4.0),)
-    bad = write_yaml(
+    bad, message = config_errors(
         tmp_path / "bad.yaml",
         "targets:\n"
         "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: chatml, ratio: 1.0,\n"
@@ -123,9 +129,6 @@ def test_answer_oversample_is_a_pattern_and_a_weight_and_its_errors_name_the_ent
         "  - {name: c, dataset: chat, train_jsonl: c.jsonl, template: chatml, ratio: 1.0,\n"
         "     answer_oversample: 4.0}\n",
     )
-    with pytest.raises(FusionConfigError) as info:
-        load_fusion_config(bad)
-    message = str(info.value)
     assert (
         f"{bad}:2 (targets[0] 'a'): answer_oversample.match '(不通过' is not a regular expression" in message
     )
@@ -173,16 +176,13 @@ def test_answer_oversample_as_a_list_gives_each_row_its_first_matching_weight(
         assert _pool(entry, rows).weights == (16.0, 4.0, 1.0, 16.0)
     assert "answer_oversample '弯曲半径不合理' matches 2 of 4 rows (weight 16)" in caplog.text
     assert "answer_oversample '不合理|无法识别' matches 1 of 4 rows (weight 4)" in caplog.text
-    bad = write_yaml(
+    bad, message = config_errors(
         tmp_path / "bad.yaml",
         "targets:\n"
         "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: chatml, ratio: 1.0,\n"
         "     answer_oversample: [{match: x, weight: 2}, {match: y, weight: -1}]}\n"
         "  - {name: b, dataset: chat, train_jsonl: b.jsonl, template: chatml, ratio: 1.0, answer_oversample: []}\n",
     )
-    with pytest.raises(FusionConfigError) as info:
-        load_fusion_config(bad)
-    message = str(info.value)
     assert f"{bad}:2 (targets[0] 'a'): answer_oversample must be" in message
     assert "answer_oversample[1].weight is -1" in message
     assert f"{bad}:4 (targets[1] 'b'): answer_oversample must be" in message and "empty list" in message
