@@ -40,6 +40,7 @@ which may switch to the other mechanism until a cure has run (both drifts then s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -228,9 +229,12 @@ def run_planned(step: PlannedStep, logs: Path) -> dict[str, Any]:
         for folder in (command.run_dir, _export_target(command)):
             if folder is not None and folder.exists():
                 shutil.rmtree(folder)  # a step cut off mid-way starts again from scratch
-        command.name = f"{step.name.replace('/', '_')}.{command.name}"  # logs/<step>.<command>.log
-        run_step(command, logs)
-        record["commands"].append(command.record())
+        # logs/<step>.<command>.log; a fresh Step per attempt (a step may run again in the same call)
+        attempt = dataclasses.replace(
+            command, name=f"{step.name.replace('/', '_')}.{command.name}", wandb_runs=[]
+        )
+        run_step(attempt, logs)
+        record["commands"].append(attempt.record())
     if step.finish is not None:
         record["collected"] = step.finish()
     record["seconds"] = round(time.perf_counter() - start, 1)
@@ -310,9 +314,10 @@ def memory_budget(args: argparse.Namespace, device: str) -> float:
 def call_command(args: argparse.Namespace, jobs: int, max_minutes: float) -> str:
     """The command of one GPU call of this plan (every call is the same: it resumes from ``state.json``)."""
     steps = f" --steps {args.steps}" if args.steps else ""
+    memory = f" --gpu-memory-gb {args.gpu_memory_gb:g}" if args.gpu_memory_gb is not None else ""
     return (
         f"python bench/drift_and_cure.py --device {args.device} --out {args.out} --jobs {jobs} "
-        f'--max-minutes {max_minutes:g}{steps} --bundle "$OUT"'
+        f'--max-minutes {max_minutes:g}{memory}{steps} --bundle "$OUT"'
     )
 
 
@@ -336,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in wanted if n not in names]
     if unknown:
         sys.exit(f"error: unknown step(s) {', '.join(unknown)}; steps: {', '.join(names)}")
-    memory = memory_budget(args, s["device"])
+    memory = memory_budget(args, s["device"]) if args.plan or not args.report_only else 0.0
     if args.plan:
         for step in plan:
             mark = "done" if step.name in done else f"~{step.minutes:.1f} min"

@@ -77,8 +77,11 @@ def test_the_plan_dag_has_the_right_edges(tmp_path: Path) -> None:
 
 
 def test_the_cuda_plan_fits_one_run_or_three_calls_of_nine_minutes(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(
+        pipeline, "gpu_memory_gb", lambda device: None
+    )  # plan for an H100 whatever card is here
     out = str(tmp_path / "out")
     s = pipeline.settings(pipeline.parse_args(["--device", "cuda", "--out", out]))
     plan = drift_plan.build_plan(s)
@@ -107,10 +110,11 @@ def test_the_cuda_plan_fits_one_run_or_three_calls_of_nine_minutes(
     assert pipeline.main(["--device", "cuda", "--out", out, "--plan"]) == 0
     text = capsys.readouterr().out
     assert f"{len(h100)} call(s)" in text and "wave 1: " in text and "78 GB of GPU memory" in text
+    assert f'--out {out} --jobs 4 --max-minutes 9 --bundle "$OUT"' in text
     assert pipeline.main(["--device", "cuda", "--out", out, "--plan", "--gpu-memory-gb", "0"]) == 0
     text = capsys.readouterr().out
     assert f"{len(calls)} call(s)" in text and "no GPU memory budget" in text
-    assert f'--out {out} --jobs 4 --max-minutes 9 --bundle "$OUT"' in text
+    assert "--max-minutes 9 --gpu-memory-gb 0 --bundle" in text  # each call runs as planned
     # --steps: the calls of those steps alone (run 6 left the penalty arm out to fit its hold)
     penalty = [n for n in (p.name for p in plan) if "penalty" in n]
     kept = ",".join(p.name for p in plan if p.name not in penalty)
@@ -193,20 +197,34 @@ def test_a_step_out_of_gpu_memory_beside_others_runs_again_alone(tmp_path: Path)
     m = tmp_path / "m"
     m.mkdir()
     oom = "print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 910.00 MiB')\nsys.exit(1)\n"
-    plan = [  # b's first try fails while a runs; its second must start after a ended
-        fake("a", touch(m / "a.start") + f"wait({str(m / 'b.first')!r})\n" + touch(m / "a.end")),
+    plan = [  # b's first try fails beside a; a ends only once the scheduler has seen that, and b's retry needs a ended
+        fake("a", touch(m / "a.start") + f"wait({str(m / 'b.noticed')!r})\n" + touch(m / "a.end")),
         fake("b", f"wait({str(m / 'a.start')!r})\nfirst = pathlib.Path({str(m / 'b.first')!r})\n"
              f"if not first.exists():\n    first.touch()\n    " + oom.replace("\n", "\n    ").rstrip() + "\n"
              f"assert pathlib.Path({str(m / 'a.end')!r}).exists(), 'the retry ran beside a'\n"),
         fake("b2", "", after=("b",)),
     ]  # fmt: skip
     lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "b ran out of GPU memory" in line:
+            (m / "b.noticed").touch()
+
     records: dict[str, dict] = {}
     outcome = scheduler.run_dag(plan, ["a", "b", "b2"], {}, jobs=2, execute=lambda step: pipeline.run_planned(step, m),
-                                on_finish=records.__setitem__, log=lines.append)  # fmt: skip
+                                on_finish=records.__setitem__, log=log)  # fmt: skip
     assert outcome.ok and sorted(outcome.finished) == ["a", "b", "b2"]
     assert any("b ran out of GPU memory beside a: it runs again alone" in line for line in lines)
+    # b (the longer chain) started first and a beside it; b's retry started with nothing else running
+    starts = [
+        line.split("] start ")[1].split(" (")[0] + ", " + line.rpartition(", ")[2]
+        for line in lines
+        if "] start " in line
+    ]
+    assert starts[:3] == ["b, 1 running)", "a, 2 running)", "b, 1 running)"]
     assert records["b"]["retried_alone"] is True and "retried_alone" not in records["a"]
+    assert "CUDA out of memory" in (m / "b.cmd.previous.log").read_text()  # the first try's log is kept
     # out of memory alone is a failure (no second try)
     alone = scheduler.run_dag([fake("c", oom)], ["c"], {}, jobs=2, execute=lambda step: pipeline.run_planned(step, m),
                               on_finish=lambda n, r: None, log=lambda _: None)  # fmt: skip

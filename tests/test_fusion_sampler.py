@@ -133,7 +133,10 @@ def test_answer_oversample_is_a_pattern_and_a_weight_and_its_errors_name_the_ent
         f"{bad}:2 (targets[0] 'a'): answer_oversample.match '(不通过' is not a regular expression" in message
     )
     assert f"{bad}:4 (targets[1] 'b'): answer_oversample must be" in message and "weight is 0" in message
-    assert f"{bad}:6 (targets[2] 'c'): answer_oversample must be" in message and "got 4.0" in message
+    assert (
+        f"{bad}:6 (targets[2] 'c'): answer_oversample must be" in message
+        and "answer_oversample is 4.0" in message
+    )
 
 
 def test_answer_oversampling_weighs_the_rows_whose_answer_matches(caplog: pytest.LogCaptureFixture) -> None:
@@ -181,11 +184,18 @@ def test_answer_oversample_as_a_list_gives_each_row_its_first_matching_weight(
         "targets:\n"
         "  - {name: a, dataset: chat, train_jsonl: a.jsonl, template: chatml, ratio: 1.0,\n"
         "     answer_oversample: [{match: x, weight: 2}, {match: y, weight: -1}]}\n"
+        "  - {name: c, dataset: chat, train_jsonl: c.jsonl, template: chatml, ratio: 1.0,\n"
+        "     answer_oversample: [{match: x, weight: 2}, {match: y, weigth: 3}]}\n"
         "  - {name: b, dataset: chat, train_jsonl: b.jsonl, template: chatml, ratio: 1.0, answer_oversample: []}\n",
     )
     assert f"{bad}:2 (targets[0] 'a'): answer_oversample must be" in message
     assert "answer_oversample[1].weight is -1" in message
-    assert f"{bad}:4 (targets[1] 'b'): answer_oversample must be" in message and "empty list" in message
+    assert f"{bad}:6 (targets[2] 'b'): answer_oversample must be" in message and "empty list" in message
+    # the misspelt key, without the loader's line marker
+    assert (
+        f"{bad}:4 (targets[1] 'c'): " in message
+        and "answer_oversample[1] is {'match': 'y', 'weigth': 3}" in message
+    )
 
 
 def test_missing_extends_parent_names_the_extending_file(tmp_path: Path) -> None:

@@ -375,7 +375,8 @@ def _answer_oversample(value: Any, where: str, problems: list[str]) -> tuple[tup
     for i, rule in enumerate(rules):
         at = f"answer_oversample[{i}]" if isinstance(value, list) else "answer_oversample"
         if not isinstance(rule, Mapping) or set(rule) - {"match", "weight", _LINE}:
-            problems.append(f"{where}: {shape}, got {rule!r}")
+            shown = {k: v for k, v in rule.items() if k != _LINE} if isinstance(rule, Mapping) else rule
+            problems.append(f"{where}: {shape}; {at} is {shown!r}")
             return None
         match, weight = rule.get("match"), _number(rule.get("weight"))
         if not isinstance(match, str) or not match:

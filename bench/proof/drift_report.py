@@ -236,7 +236,11 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines += _findings_lines(results)
     lines += _negative_item_lines(results)
     lines += _data_lines(report)
-    lines += ["", "Checks (on seed means; — not measured yet):", ""]
+    lines += [
+        "",
+        "Checks (on seed means; Stage-A kept: on the seeds both stages ran; — not measured yet):",
+        "",
+    ]
     lines += [f"- `{k}`: {'—' if v is None else ('yes' if v else 'no')}" for k, v in report["checks"].items()]
     if report.get("plot"):
         lines += [
@@ -253,7 +257,7 @@ def _negative_item_lines(results: Mapping[str, Any]) -> list[str]:
             for seed, r in results[stage]["seeds"].items() if r is not None]  # fmt: skip
     if not rows:
         return []
-    columns = list(rows[0][2]["stage_b"])
+    columns = list(dict.fromkeys(key for _, _, split in rows for key in split["stage_b"]))
     lines = [
         "",
         "False passes on fail tickets by seed negative item (Stage-B · end to end of n, per seed):",

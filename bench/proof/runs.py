@@ -67,6 +67,8 @@ def run_step(step: Step, logs: Path) -> None:
     """Run ``step`` (from the current folder), its output in ``logs/<name>.log``; exit on failure (in a
     worker thread the ``SystemExit`` is that step's error, see ``proof/scheduler.py``)."""
     log_path = logs / f"{step.name}.log"
+    if log_path.exists():  # an earlier attempt's (a retry, or a call cut off): kept beside the new one
+        log_path.replace(log_path.with_suffix(".previous.log"))
     print(f"[{time.strftime('%H:%M:%S')}] {step.name}: {step.command}", flush=True)
     env = {
         **os.environ,

@@ -43,7 +43,14 @@ class Outcome:
         return not self.failed and not self.blocked
 
 
-OUT_OF_MEMORY = ("CUDA out of memory", "OutOfMemoryError")
+# what a step's log tail says when the GPU ran out of memory: the caching allocator's error, and those of
+# allocations outside it (the CUDA runtime, cuBLAS workspaces)
+OUT_OF_MEMORY = (
+    "CUDA out of memory",
+    "OutOfMemoryError",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
 
 
 def _message(exc: BaseException) -> str:
