@@ -332,7 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rerun:  # recorded in state.json when the steps start (--plan only shows them)
         if args.report_only:
             sys.exit("error: --rerun runs steps again; --report-only runs none")
-        old = json.loads((out / STATE).read_text(encoding="utf-8"))["settings"] if done else s
+        old = (
+            with_older_settings(json.loads((out / STATE).read_text(encoding="utf-8"))["settings"])
+            if done
+            else s
+        )
         done = rerun(old, s, args.rerun.split(","), done, args.set)
     jobs = args.jobs or DEFAULT_JOBS[s["device"]]
     if jobs < 1:

@@ -212,6 +212,9 @@ def test_an_older_run_folder_still_plans_the_commands_it_ran(tmp_path: Path, run
         argv = plan[name].commands[0].argv
         planned = shlex.join(["python", *argv[1:]]).replace(str(out), "outputs/drift")
         assert planned == report["steps"][name]["commands"][0]["command"], name
+    # --rerun reads the folder's settings in today's keys too
+    (out / pipeline.STATE).write_text(json.dumps({"settings": saved, "done": report["steps"]}))
+    assert pipeline.main(["--device", "cuda", "--out", str(out), "--rerun", "s0/cure_b", "--plan"]) == 0
 
 
 def test_rerun_with_new_settings_drops_the_named_steps_and_those_after_them(tmp_path: Path) -> None:
