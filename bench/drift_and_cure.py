@@ -24,7 +24,7 @@ their offline W&B runs), ``fusion/`` (the mixes), ``distill/`` (Teacher input an
 Commands::
 
     python bench/drift_and_cure.py --device cuda --out outputs/drift --plan    # DAG waves, minutes, the calls
-    # one H100: the whole proof in one run (~30 min estimated with the memory budget; run 5's smaller base: 22.8 min)
+    # one H100: the whole proof in one run (~27 min estimated with the memory budget; run 5's smaller base: 22.8 min)
     python bench/drift_and_cure.py --device cuda --out outputs/drift --jobs 4 --max-minutes 32 --bundle BUNDLE_DIR
     # or, where one command may run 10 minutes at most: the same command with --max-minutes 9, 3 times (resumes)
     python bench/drift_and_cure.py --device cuda --out outputs/drift --steps s0/drift_lenient,s0/eval_drift_lenient
