@@ -436,3 +436,26 @@ def test_the_report_puts_stage_b_and_end_to_end_false_passes_per_negative_item_s
     # cure A seed 1: Stage-B fails all 21 不符合要求 tickets, its own summaries pass 3; 弯曲半径不合理 1 and 3 of 3
     assert "| cure_a | 1 | 0 · 3 of 21 | 1 · 3 of 3 |" in text
     assert "| cure_b | 1 |" not in text  # not run: no row
+
+
+def test_the_end_to_end_floor_applies_the_rules_to_the_model_own_summaries(tmp_path: Path) -> None:
+    """Three fail tickets the model passed: its own summaries keep the finding (Stage-B's false pass), lose it
+    (the rules pass them too: Stage-A's), or break the grammar; a fourth it failed."""
+    import random
+
+    from bbuqc_lightning.data.synthetic.scenes import generate_group
+
+    mission, rng = "BBU线缆布放要求", random.Random(0)
+    fail = [generate_group(mission, "fail", rng).summaries() for _ in range(4)]
+    clean = generate_group(mission, "pass", rng).summaries()
+    own = [fail[0], clean, ["not a summary"], fail[3]]
+    generated = [{"ticket_key": f"t{i}::fail", "mission": mission, "label": "fail",
+                  "per_image": {f"图片_{k + 1}": s for k, s in enumerate(summaries)}}
+                 for i, summaries in enumerate(own)]  # fmt: skip
+    predictions = [{"ticket_key": f"t{i}::fail", "label": "fail", "valid": True, "verdict": v}
+                   for i, v in enumerate(["pass", "pass", "pass", "fail"])]  # fmt: skip
+    drift_data.write_jsonl(tmp_path / "stage_a.jsonl", generated)
+    drift_data.write_jsonl(tmp_path / "predictions.jsonl", predictions)
+    floor = drift_data.end_to_end_floor(tmp_path / "predictions.jsonl", tmp_path / "stage_a.jsonl")
+    assert floor == {"fail": 4, "rule_pass": 1, "unparsed": 1, "false_pass": 3, "false_pass_rule_pass": 1,
+                     "false_pass_rule_fail": 1, "false_pass_unparsed": 1}  # fmt: skip

@@ -314,6 +314,32 @@ def reference_distill(stage_b_rows: Path, inputs: Path, out: Path) -> dict[str, 
     return {"rows": len(rows), "fallback": True}
 
 
+def end_to_end_floor(predictions: Path, generated_jsonl: Path) -> dict[str, int]:
+    """Where an end-to-end run's false passes come from: the SPEC §2 rules (the synthetic labels' own,
+    ``explain_group``) applied to the model's *own* summaries of each fail ticket. ``rule_pass``: fail tickets whose
+    own summaries the rules pass (Stage-A lost every finding that fails them: no Stage-B can fail them from those
+    summaries, the floor of the end-to-end false-pass rate); ``unparsed``: own summaries outside the SPEC §4
+    grammar; ``false_pass_*``: the model's false passes split the same way (``false_pass_rule_fail``: Stage-B's)."""
+    own = summaries_by_ticket(generated_jsonl)
+    counts = Counter({k: 0 for k in ("fail", "rule_pass", "unparsed", "false_pass", "false_pass_rule_pass",
+                                      "false_pass_rule_fail", "false_pass_unparsed")})  # fmt: skip
+    for row in read_jsonl(predictions):
+        if row["label"] != "fail" or row["ticket_key"] not in own:
+            continue
+        ticket = own[row["ticket_key"]]
+        try:
+            kind = "rule_fail" if explain_group(ticket["mission"], ticket["summaries"]) else "rule_pass"
+        except ValueError:
+            kind = "unparsed"
+        counts["fail"] += 1
+        if kind != "rule_fail":
+            counts[kind] += 1
+        if bool(row["valid"]) and row["verdict"] == "pass":
+            counts["false_pass"] += 1
+            counts[f"false_pass_{kind}"] += 1
+    return dict(counts)
+
+
 def false_pass_by_negative_item(predictions: Path, stage_a_jsonl: Path) -> dict[str, dict[str, Any]]:
     """False passes among fail tickets with a seed negative item (``negative``) and without (``other``),
     and per item: where the false passes sit. Read from an eval run's ``predictions.jsonl``."""

@@ -56,6 +56,11 @@ def stage_result(s: Mapping[str, Any], seed: int, stage: str) -> dict[str, Any] 
             if (run / "e2e" / "stage_a.jsonl").is_file()
             else None
         ),
+        "e2e_floor": (
+            dd.end_to_end_floor(run / "e2e" / "predictions.jsonl", run / "e2e" / "stage_a.jsonl")
+            if (run / "e2e" / "stage_a.jsonl").is_file()
+            else None
+        ),
     }
 
 
@@ -235,6 +240,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += _findings_lines(results)
     lines += _negative_item_lines(results)
+    lines += _floor_lines(results)
     lines += _data_lines(report)
     lines += [
         "",
@@ -274,6 +280,31 @@ def _negative_item_lines(results: Mapping[str, Any]) -> list[str]:
             passed, n = str(ref["n"]).split("/")
             cells.append(f"{passed} · {str(own['n']).split('/')[0]} of {n}" if own else f"{passed} of {n}")
         lines.append(f"| {stage} | {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _floor_lines(results: Mapping[str, Any]) -> list[str]:
+    """End to end, per seed: the fail tickets whose own summaries the SPEC §2 rules pass (the floor no Stage-B can go
+    under), and the false passes split into those (Stage-A's) and the rest (Stage-B's)."""
+    rows = [(stage, seed, r["e2e_floor"]) for stage in STAGES
+            for seed, r in results[stage]["seeds"].items() if r is not None and r.get("e2e_floor")]  # fmt: skip
+    if not rows:
+        return []
+    lines = [
+        "",
+        "End to end, the rules (SPEC §2) on the model's own summaries of the fail tickets (per seed): the floor is "
+        "the share they pass, which no Stage-B can fail from those summaries:",
+        "",
+        "| stage | seed | floor: rules pass | own summaries unparsed | false passes | of them rules pass (Stage-A's) "
+        "| rules fail (Stage-B's) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage, seed, f in rows:
+        n = f["fail"]
+        lines.append(
+            f"| {stage} | {seed} | {f['rule_pass']} of {n} | {f['unparsed']} | {f['false_pass']} of {n} "
+            f"| {f['false_pass_rule_pass']} | {f['false_pass_rule_fail']} |"
+        )
     return lines
 
 
