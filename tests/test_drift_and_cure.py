@@ -443,7 +443,7 @@ def test_the_end_to_end_floor_applies_the_rules_to_the_model_own_summaries(tmp_p
     (the rules pass them too: Stage-A's), or break the grammar; a fourth it failed."""
     import random
 
-    from bbuqc_lightning.data.synthetic.scenes import generate_group
+    from bbuqc_lightning.data.synthetic.scenes import explain_group, generate_group
 
     mission, rng = "BBU线缆布放要求", random.Random(0)
     fail = [generate_group(mission, "fail", rng).summaries() for _ in range(4)]
@@ -459,3 +459,14 @@ def test_the_end_to_end_floor_applies_the_rules_to_the_model_own_summaries(tmp_p
     floor = drift_data.end_to_end_floor(tmp_path / "predictions.jsonl", tmp_path / "stage_a.jsonl")
     assert floor == {"fail": 4, "rule_pass": 1, "unparsed": 1, "false_pass": 3, "false_pass_rule_pass": 1,
                      "false_pass_rule_fail": 1, "false_pass_unparsed": 1}  # fmt: skip
+    # with the references: what the lost ticket (t1) fails for, by the rules on its reference summaries
+    reference = [
+        {**row, "per_image": {f"图片_{k + 1}": s for k, s in enumerate(fail[i])}}
+        for i, row in enumerate(generated)
+    ]
+    drift_data.write_jsonl(tmp_path / "reference.jsonl", reference)
+    floor = drift_data.end_to_end_floor(
+        tmp_path / "predictions.jsonl", tmp_path / "stage_a.jsonl", tmp_path / "reference.jsonl"
+    )
+    reasons = {r.split(":")[0] for r in explain_group(mission, fail[1])}
+    assert floor["lost"] == dict.fromkeys(sorted(reasons), 1) and reasons

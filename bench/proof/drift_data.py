@@ -314,13 +314,19 @@ def reference_distill(stage_b_rows: Path, inputs: Path, out: Path) -> dict[str, 
     return {"rows": len(rows), "fallback": True}
 
 
-def end_to_end_floor(predictions: Path, generated_jsonl: Path) -> dict[str, int]:
+def end_to_end_floor(
+    predictions: Path, generated_jsonl: Path, reference_jsonl: Path | None = None
+) -> dict[str, Any]:
     """Where an end-to-end run's false passes come from: the SPEC §2 rules (the synthetic labels' own,
     ``explain_group``) applied to the model's *own* summaries of each fail ticket. ``rule_pass``: fail tickets whose
     own summaries the rules pass (Stage-A lost every finding that fails them: no Stage-B can fail them from those
     summaries, the floor of the end-to-end false-pass rate); ``unparsed``: own summaries outside the SPEC §4
-    grammar; ``false_pass_*``: the model's false passes split the same way (``false_pass_rule_fail``: Stage-B's)."""
+    grammar; ``false_pass_*``: the model's false passes split the same way (``false_pass_rule_fail``: Stage-B's).
+    With ``reference_jsonl``, ``lost``: the rules' reasons on the *reference* summaries of the ``rule_pass``
+    tickets (what Stage-A lost), counted once per ticket and reason."""
     own = summaries_by_ticket(generated_jsonl)
+    reference = summaries_by_ticket(reference_jsonl) if reference_jsonl is not None else {}
+    lost: Counter = Counter()
     counts = Counter({k: 0 for k in ("fail", "rule_pass", "unparsed", "false_pass", "false_pass_rule_pass",
                                       "false_pass_rule_fail", "false_pass_unparsed")})  # fmt: skip
     for row in read_jsonl(predictions):
@@ -334,10 +340,15 @@ def end_to_end_floor(predictions: Path, generated_jsonl: Path) -> dict[str, int]
         counts["fail"] += 1
         if kind != "rule_fail":
             counts[kind] += 1
+        if kind == "rule_pass" and row["ticket_key"] in reference:
+            truth = reference[row["ticket_key"]]
+            lost.update(
+                sorted({r.split(":")[0] for r in explain_group(truth["mission"], truth["summaries"])})
+            )
         if bool(row["valid"]) and row["verdict"] == "pass":
             counts["false_pass"] += 1
             counts[f"false_pass_{kind}"] += 1
-    return dict(counts)
+    return dict(counts) | ({"lost": dict(sorted(lost.items()))} if reference_jsonl is not None else {})
 
 
 def false_pass_by_negative_item(predictions: Path, stage_a_jsonl: Path) -> dict[str, dict[str, Any]]:

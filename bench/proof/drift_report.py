@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def stage_result(s: Mapping[str, Any], seed: int, stage: str) -> dict[str, Any] 
             else None
         ),
         "e2e_floor": (
-            dd.end_to_end_floor(run / "e2e" / "predictions.jsonl", run / "e2e" / "stage_a.jsonl")
+            dd.end_to_end_floor(run / "e2e" / "predictions.jsonl", run / "e2e" / "stage_a.jsonl", reference)
             if (run / "e2e" / "stage_a.jsonl").is_file()
             else None
         ),
@@ -305,6 +306,20 @@ def _floor_lines(results: Mapping[str, Any]) -> list[str]:
             f"| {stage} | {seed} | {f['rule_pass']} of {n} | {f['unparsed']} | {f['false_pass']} of {n} "
             f"| {f['false_pass_rule_pass']} | {f['false_pass_rule_fail']} |"
         )
+    lost: dict[str, Counter] = {}
+    for stage, _, f in rows:
+        lost.setdefault(stage, Counter()).update(f.get("lost") or {})
+    if any(lost.values()):
+        lines += [
+            "",
+            "What the floor's tickets fail for (the rules on their reference summaries; seeds summed):",
+            "",
+        ]
+        lines += [
+            f"- {stage}: " + ", ".join(f"{k} {v}" for k, v in c.most_common())
+            for stage, c in lost.items()
+            if c
+        ]
     return lines
 
 
