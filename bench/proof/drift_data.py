@@ -194,11 +194,12 @@ def findings_pattern() -> str:
 # summaries at every stage but one base: 53 of the 4,000 train tickets carry it, one character (不) away from the
 # 弯曲半径合理 that 1,814 carry.
 RARE_VERDICT_PATTERN = "弯曲半径不合理"
-# The summaries drawn more often still by ``rare_weight``: in runs 1-7 the model's own summaries named 弯曲半径不合理 on
-# none of the 6 held-out photos that show it (a kinked fibre against a rounded bend), while findings as rare in the
-# train photos (生锈 0.70 %, 无保护措施 0.45 %) were kept; it is in 60 of 16,044 train photos (0.37 %), and its words
-# are one character (不) away from the 弯曲半径合理 of nearly every fibre summary.
-RARE_FINDING_PATTERN = "弯曲半径不合理"
+# The summaries drawn more often still by ``rare_weight``: the two findings whose loss put the most fail tickets under
+# run 7's end-to-end floor (its report: the rules pass them on the model's own summaries). 弯曲半径不合理: named on
+# none of the 6 held-out photos that show it in runs 1-7 (a kinked fibre against a rounded bend; 60 of 16,044 train
+# photos, 0.37 %, and one character, 不, away from the 弯曲半径合理 of nearly every fibre summary). 未拧紧: kept on 10
+# of 16 held-out photos, and the same 3 loose-screw tickets lost on both seeds (112 train photos, 0.70 %).
+RARE_FINDING_PATTERN = "弯曲半径不合理|未拧紧"
 
 
 def finding_oversampled_mix(
