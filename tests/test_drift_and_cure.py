@@ -383,6 +383,11 @@ def test_cpu_smoke_runs_every_step_on_the_tiny_model(tmp_path: Path) -> None:
         assert sum(c["photos"] for c in kept.values()) > 0 and all(
             c["kept"] <= c["photos"] for c in kept.values()
         )
+        floor = measured["e2e_floor"]  # the rules on the own summaries: every fail ticket counted once
+        assert floor["fail"] > 0 and floor["rule_pass"] + floor["unparsed"] <= floor["fail"]
+        assert floor["false_pass"] == sum(
+            floor[f"false_pass_{k}"] for k in ("rule_pass", "rule_fail", "unparsed")
+        )
     assert (out / "distill" / "distill_chatml.jsonl").is_file()
     assert (out / "fusion" / "base_findings.yaml").is_file()  # the base drew the photos with findings 4x
     assert "steps left: none" in result.stdout
