@@ -53,11 +53,11 @@ from pathlib import Path
 from typing import Any
 
 from proof.bundle import bundle
-from proof.dag import GPU_RESERVE_GB, describe, with_dependants
+from proof.dag import describe, with_dependants
 from proof.drift_plan import DRIFTS, PlannedStep, build_plan
-from proof.drift_profiles import DEFAULT_JOBS, PLAN_GPU_MEMORY_GB, PLAN_MINUTES, PROFILES, with_older_settings
+from proof.drift_profiles import DEFAULT_JOBS, PLAN_MINUTES, PROFILES, with_older_settings
 from proof.drift_report import log_to_wandb, markdown, write_report
-from proof.runs import device_name, gpu_memory_gb, run_step
+from proof.runs import device_name, gpu_budget, run_step
 from proof.scheduler import Outcome, run_dag
 
 STATE = "state.json"
@@ -106,7 +106,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "until its measured peak fits beside those running",
     )
     parser.add_argument(
-        "--bundle", metavar="DIR", help="also copy the report, logs and W&B report run into DIR (<= 8 files)"
+        "--bundle",
+        metavar="DIR",
+        help="also copy the report, logs and W&B report run into DIR (<= 8 files), after every finished step too",
     )
     parser.add_argument("--plan", action="store_true", help="print the steps and their commands, run nothing")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from what is done")
@@ -257,10 +259,11 @@ def run_plan(
     gpu_memory_gb: float = 0.0,
     started: float | None = None,
     report: bool = True,
+    bundle_dir: Path | None = None,
 ) -> Outcome:
     """Run the ``wanted`` steps through the scheduler; after each finished step (main thread only) record it
-    in ``state.json`` and, with ``report``, rewrite the report. ``started``: ``time.monotonic()`` of the
-    call's start, for ``max_minutes`` (default: now)."""
+    in ``state.json``, with ``report`` rewrite the report, and with ``bundle_dir`` rewrite the bundle there.
+    ``started``: ``time.monotonic()`` of the call's start, for ``max_minutes`` (default: now)."""
     out = Path(s["out"])
     save_state(s, done)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -275,6 +278,11 @@ def run_plan(
                 write_report(named, done)
             except Exception as err:  # a report problem must not stop the steps still running
                 print(f"warning: report not rewritten after {name}: {type(err).__name__}: {err}")
+        if bundle_dir is not None:
+            try:
+                bundle(out, bundle_dir, None)
+            except Exception as err:
+                print(f"warning: bundle not rewritten after {name}: {type(err).__name__}: {err}")
 
     return run_dag(
         plan,
@@ -291,24 +299,6 @@ def run_plan(
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def memory_budget(args: argparse.Namespace, device: str) -> float:
-    """GiB the running steps may hold together: ``--gpu-memory-gb``, else the visible card's total less
-    ``GPU_RESERVE_GB``; ``--plan`` on a machine without the GPU plans for an 80 GB H100 (0 on cpu)."""
-    if args.gpu_memory_gb is not None:
-        if args.gpu_memory_gb < 0:
-            sys.exit("error: --gpu-memory-gb must be 0 (no budget) or more")
-        return args.gpu_memory_gb
-    if device == "cpu":
-        return 0.0
-    total = gpu_memory_gb(device)
-    if total is None:
-        if not args.plan:
-            print("warning: no GPU visible to this process: steps start without a GPU memory budget")
-            return 0.0
-        total = PLAN_GPU_MEMORY_GB
-    return max(0.0, total - GPU_RESERVE_GB)
 
 
 def call_command(args: argparse.Namespace, jobs: int, max_minutes: float) -> str:
@@ -345,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in wanted if n not in names]
     if unknown:
         sys.exit(f"error: unknown step(s) {', '.join(unknown)}; steps: {', '.join(names)}")
-    memory = memory_budget(args, s["device"]) if args.plan or not args.report_only else 0.0
+    runs_steps = args.plan or not args.report_only
+    memory = gpu_budget(args.gpu_memory_gb, s["device"], planning=args.plan) if runs_steps else 0.0
     if args.plan:
         for step in plan:
             mark = "done" if step.name in done else f"~{step.minutes:.1f} min"
@@ -385,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_minutes=args.max_minutes,
             gpu_memory_gb=memory,
             started=started,
+            bundle_dir=Path(args.bundle) if args.bundle else None,
         )
     report = write_report({**s, "device_name": device_name(s["device"])}, done)
     print(markdown(report))

@@ -22,6 +22,7 @@ if str(BENCH) not in sys.path:
 
 import drift_and_cure as pipeline  # noqa: E402
 from proof import bundle, dag, drift_plan, scheduler  # noqa: E402
+from proof import runs as proof_runs  # noqa: E402
 from proof.drift_plan import PlannedStep  # noqa: E402
 from proof.runs import Step  # noqa: E402
 
@@ -80,7 +81,7 @@ def test_the_cuda_plan_fits_one_run_or_three_calls_of_nine_minutes(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        pipeline, "gpu_memory_gb", lambda device: None
+        proof_runs, "gpu_memory_gb", lambda device: None
     )  # plan for an H100 whatever card is here
     out = str(tmp_path / "out")
     s = pipeline.settings(pipeline.parse_args(["--device", "cuda", "--out", out]))
@@ -229,6 +230,23 @@ def test_a_step_out_of_gpu_memory_beside_others_runs_again_alone(tmp_path: Path)
     alone = scheduler.run_dag([fake("c", oom)], ["c"], {}, jobs=2, execute=lambda step: pipeline.run_planned(step, m),
                               on_finish=lambda n, r: None, log=lambda _: None)  # fmt: skip
     assert list(alone.failed) == ["c"] and "CUDA out of memory" in alone.failed["c"]
+
+
+def test_the_bundle_is_rewritten_after_every_finished_step(tmp_path: Path) -> None:
+    """A call cut off mid-way still leaves what it finished in ``--bundle``: b (after a) finds a's log there."""
+    dest = tmp_path / "bundle"
+    check = (
+        "import tarfile\n"
+        f"with tarfile.open({str(dest / 'logs.tar.gz')!r}) as tar:\n"
+        "    names = tar.getnames()\n"
+        "assert 'logs/a.cmd.log' in names and 'state.json' in names, names\n"
+    )
+    plan = [fake("a", "print('a ran')\n"), fake("b", check, after=("a",))]
+    outcome = pipeline.run_plan(
+        settings_for(tmp_path), plan, ["a", "b"], {}, jobs=1, report=False, bundle_dir=dest
+    )
+    assert outcome.ok and outcome.finished == ["a", "b"]
+    assert sorted(p.name for p in dest.iterdir()) == ["bundle.json", "logs.tar.gz"]  # no temporary file left
 
 
 def test_a_failed_step_stops_only_its_dependants(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 (model folders never come back: they stay on the lent machine).
 
 ``python bench/drift_and_cure.py --device cuda --out outputs/drift --max-minutes 9 --bundle "$OUT"`` writes,
-after the call's report:
+after every finished step (so a call that is cut off leaves what it had done) and after the call's report, each
+file renamed into place whole:
 
 - ``drift_and_cure.md``, ``drift_and_cure.json``, ``false_pass.png`` (the report, as written);
 - ``logs.tar.gz``: ``logs/*.log`` (one per subprocess) and ``state.json``;
@@ -84,6 +85,15 @@ def pack(dest: Path, out: Path, members: list[Path], limit: int = LIMIT) -> dict
             raise RuntimeError(f"{dest}: cannot get an empty archive under {limit} bytes")
 
 
+def _replace(path: Path, write: Any) -> Path:
+    """``write(tmp)`` beside ``path``, then rename over it: a reader of ``dest`` (a copy taken while the call runs:
+    the bundle is rewritten after every finished step) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+    return path
+
+
 def bundle(out: Path, dest: Path, wandb_dir: str | Path | None, limit: int = LIMIT) -> list[Path]:
     """Write the bundle into ``dest`` (flat); returns its files (at most 8, each at most ``limit`` bytes)."""
     out = out.resolve()
@@ -92,7 +102,7 @@ def bundle(out: Path, dest: Path, wandb_dir: str | Path | None, limit: int = LIM
     files = []
     for name in REPORT_FILES:
         if (out / name).is_file() and (out / name).stat().st_size <= limit:
-            files.append(Path(shutil.copyfile(out / name, dest / name)))
+            files.append(_replace(dest / name, lambda tmp, name=name: shutil.copyfile(out / name, tmp)))
         elif (out / name).is_file():
             manifest[name] = {"left_out": f"{(out / name).stat().st_size} bytes, over the limit"}
     archives = {
@@ -109,9 +119,13 @@ def bundle(out: Path, dest: Path, wandb_dir: str | Path | None, limit: int = LIM
         archives["wandb_report.tar.gz"] = _members(out, [f"{run.relative_to(out.resolve())}/**/*"])
     for name, members in archives.items():
         if members:
-            manifest[name] = pack(dest / name, out, members, limit)
-            files.append(dest / name)
-    (dest / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    files.append(dest / "bundle.json")
+            files.append(
+                _replace(
+                    dest / name,
+                    lambda tmp, m=members, n=name: manifest.__setitem__(n, pack(tmp, out, m, limit)),
+                )
+            )
+    text = json.dumps(manifest, indent=2) + "\n"
+    files.append(_replace(dest / "bundle.json", lambda tmp: tmp.write_text(text, encoding="utf-8")))
     assert len(files) <= MAX_FILES and all(f.stat().st_size <= limit for f in files), files
     return files

@@ -130,3 +130,24 @@ def gpu_memory_gb(device: str) -> float | None:
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / 2**30
     return None
+
+
+def gpu_budget(requested: float | None, device: str, *, planning: bool) -> float:
+    """GiB the running steps may hold together: ``requested`` (``--gpu-memory-gb``; 0: no budget), else the visible
+    card's total less ``GPU_RESERVE_GB``; planning on a machine without the GPU assumes an 80 GB H100; 0 on cpu."""
+    from proof.dag import GPU_RESERVE_GB
+    from proof.drift_profiles import PLAN_GPU_MEMORY_GB
+
+    if requested is not None:
+        if requested < 0:
+            sys.exit("error: --gpu-memory-gb must be 0 (no budget) or more")
+        return requested
+    if device == "cpu":
+        return 0.0
+    total = gpu_memory_gb(device)
+    if total is None:
+        if not planning:
+            print("warning: no GPU visible to this process: steps start without a GPU memory budget")
+            return 0.0
+        total = PLAN_GPU_MEMORY_GB
+    return max(0.0, total - GPU_RESERVE_GB)
