@@ -23,7 +23,8 @@ import io
 import json
 import shutil
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +86,13 @@ def pack(dest: Path, out: Path, members: list[Path], limit: int = LIMIT) -> dict
             raise RuntimeError(f"{dest}: cannot get an empty archive under {limit} bytes")
 
 
-def _replace(path: Path, write: Any) -> Path:
-    """``write(tmp)`` beside ``path``, then rename over it: a reader of ``dest`` (a copy taken while the call runs:
-    the bundle is rewritten after every finished step) never sees half a file."""
+@contextmanager
+def _replaced(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write, renamed over ``path`` once written: a reader of the bundle (a copy
+    taken while the call runs: it is rewritten after every finished step) never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
+    yield tmp
     tmp.replace(path)
-    return path
 
 
 def bundle(out: Path, dest: Path, wandb_dir: str | Path | None, limit: int = LIMIT) -> list[Path]:
@@ -102,7 +103,9 @@ def bundle(out: Path, dest: Path, wandb_dir: str | Path | None, limit: int = LIM
     files = []
     for name in REPORT_FILES:
         if (out / name).is_file() and (out / name).stat().st_size <= limit:
-            files.append(_replace(dest / name, lambda tmp, name=name: shutil.copyfile(out / name, tmp)))
+            with _replaced(dest / name) as tmp:
+                shutil.copyfile(out / name, tmp)
+            files.append(dest / name)
         elif (out / name).is_file():
             manifest[name] = {"left_out": f"{(out / name).stat().st_size} bytes, over the limit"}
     archives = {
@@ -119,13 +122,11 @@ def bundle(out: Path, dest: Path, wandb_dir: str | Path | None, limit: int = LIM
         archives["wandb_report.tar.gz"] = _members(out, [f"{run.relative_to(out.resolve())}/**/*"])
     for name, members in archives.items():
         if members:
-            files.append(
-                _replace(
-                    dest / name,
-                    lambda tmp, m=members, n=name: manifest.__setitem__(n, pack(tmp, out, m, limit)),
-                )
-            )
-    text = json.dumps(manifest, indent=2) + "\n"
-    files.append(_replace(dest / "bundle.json", lambda tmp: tmp.write_text(text, encoding="utf-8")))
+            with _replaced(dest / name) as tmp:
+                manifest[name] = pack(tmp, out, members, limit)
+            files.append(dest / name)
+    with _replaced(dest / "bundle.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    files.append(dest / "bundle.json")
     assert len(files) <= MAX_FILES and all(f.stat().st_size <= limit for f in files), files
     return files
