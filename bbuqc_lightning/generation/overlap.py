@@ -242,12 +242,6 @@ class Overlap:
         return out
 
 
-def check_switch_interval(seconds: float | None) -> None:
-    """``generation.overlap_switch_interval`` is a positive number of seconds or None."""
-    if seconds is not None and seconds <= 0:
-        raise ValueError(f"generation.overlap_switch_interval must be > 0 seconds or null, got {seconds}")
-
-
 def _caller_modes() -> Callable[[contextlib.ExitStack], None]:
     """The calling thread's grad mode, inference mode and autocast (thread-local in PyTorch), to enter in the
     worker: the prefill must build the same tensors (inference tensors under Lightning's predict loop, no graph)

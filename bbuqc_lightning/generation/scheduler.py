@@ -43,7 +43,7 @@ import torch
 
 from bbuqc_lightning.generation.chunked_prefill import Prepared
 from bbuqc_lightning.generation.decode_step import Bucket, DecodeStep
-from bbuqc_lightning.generation.overlap import Flight, Overlap, check_switch_interval
+from bbuqc_lightning.generation.overlap import Flight, Overlap
 from bbuqc_lightning.generation.sampling import Sampler
 
 # Prefill(requests) -> (first logits (n, V) fp32, first decode positions (n,), per-layer (keys, values))
@@ -188,7 +188,10 @@ def check_overlap_settings(
         raise ValueError(OVERLAP_WITH_CHUNKS)
     if (decode_priority or switch_interval is not None) and not overlap:
         raise ValueError(PRIORITY_WITHOUT_OVERLAP)
-    check_switch_interval(switch_interval)
+    if switch_interval is not None and switch_interval <= 0:
+        raise ValueError(
+            f"generation.overlap_switch_interval must be > 0 seconds or null, got {switch_interval}"
+        )
 
 
 def _running(finished: torch.Tensor, rows: int) -> bool:
