@@ -207,13 +207,12 @@ def memory_gb(s: dict[str, Any]) -> dict[str, float]:
     """Peak GPU memory (GiB) per step kind alone, for the scheduler's budget (``proof/dag.py``). cuda: what
     ``nvidia-smi`` showed on one H100 during run 7 (2026-12-07, the cuda profile's sizes), the caching allocator's
     reserve of each process: a base 48.0 (its trained 4 x 256 tower and mixed photo rows), the Teacher 26.1, the
-    distill rollouts 8.3, a drift 22.5, the three cures 58.0 together, an eval under 8; each rounded up a little. A ``--set`` that changes batch
-    or model sizes does not move them; ``--gpu-memory-gb 0`` turns the budget off. cpu: none (no GPU)."""
-    kinds = ("data", "teacher", "distill", "base", "drift", "cure_a", "cure_b", "cure_b_penalty", "eval")
-    if s["device"] == "cpu":
-        return dict.fromkeys(kinds, 0.0)
-    measured = {"data": 0.0, "teacher": 27.0, "distill": 9.0, "base": 48.5, "drift": 23.0}
-    return measured | {"cure_a": 20.0, "cure_b": 20.0, "cure_b_penalty": 20.0, "eval": 8.0}
+    distill rollouts 8.3, a drift 22.5, the three cures 58.0 together, an eval under 8; each rounded up a little.
+    A ``--set`` that changes batch or model sizes does not move them; ``--gpu-memory-gb 0`` turns the budget off.
+    cpu: none (no GPU)."""
+    measured = {"data": 0.0, "teacher": 27.0, "distill": 9.0, "base": 48.5, "drift": 23.0,
+                "cure_a": 20.0, "cure_b": 20.0, "cure_b_penalty": 20.0, "eval": 8.0}  # fmt: skip
+    return dict.fromkeys(measured, 0.0) if s["device"] == "cpu" else measured
 
 
 DEFAULT_JOBS = {"cuda": 4, "cpu": 1}  # steps at once: several small-model processes share one GPU
