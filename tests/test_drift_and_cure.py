@@ -134,8 +134,7 @@ def test_the_base_mix_draws_photos_that_name_a_finding_more_often(
         tmp_path / "rare.yaml",
         BENCH.parent / "conf" / "fusion" / "default.yaml",
         4.0,
-        rare_weight=16.0,
-        rare_pattern="无法识别",
+        rare=[("无法识别", 16.0)],
     )
     assert [r["weight"] for r in rare["answer_oversample"]] == [16.0, 4.0]
     cfg = compose_at(
@@ -150,6 +149,43 @@ def test_the_base_mix_draws_photos_that_name_a_finding_more_often(
         16.0 if "无法识别" in text else 4.0 if f else 1.0 for text, f in zip(summaries, finding, strict=True)
     )
     assert 16.0 in expected and 4.0 in expected and data.pools[0].weights == expected
+
+
+def test_the_drift_and_cure_a_draw_their_summaries_as_the_base_does(
+    compose_at: ComposeAt, tmp_path: Path, data_dir: Path
+) -> None:
+    """From run 9 a later fusion step keeps the base's summary draw (its rules in order: 弯曲半径不合理, then
+    未拧紧, then every finding); older folders keep the embedded mix's."""
+    s, _ = plan_for(tmp_path, "--device", "cuda")
+    s["data_dir"] = str(data_dir)
+    summary, dense = drift_plan._summary_entries(s)
+    rules = summary["answer_oversample"]
+    assert [(r["match"], r["weight"]) for r in rules] == [
+        (drift_data.BEND_FINDING_PATTERN, s["base_bend_finding_oversample"]),
+        (drift_data.RARE_FINDING_PATTERN, s["base_rare_finding_oversample"]),
+        (drift_data.findings_pattern(), s["base_finding_oversample"]),
+    ]
+    assert "answer_oversample" not in drift_plan._summary_entries({**s, "summary_mix_as_base": False})[0]
+    added = ("base_bend_finding_oversample", "summary_mix_as_base")
+    run8 = pipeline.with_older_settings({k: v for k, v in s.items() if k not in added})
+    assert "answer_oversample" not in drift_plan._summary_entries(run8)[0]
+    assert [p for p, _ in drift_plan.summary_rules(run8)] == [drift_data.RARE_FINDING_PATTERN]
+    # the fusion file the drift and cure A write holds the rules, and the data module draws by them
+    fusion = drift_data.fusion_file(tmp_path / "cure.yaml", [summary], [dense])
+    cfg = compose_at(["+experiment=fusion_sft", "logger=csv", f"data.fusion={fusion}"], tmp_path, data_dir)
+    try:
+        data = build_objects(cfg)["datamodule"]
+        data.prepare_data()
+        data.setup("fit")
+    finally:
+        HydraConfig.instance().cfg = None
+    texts = [r["messages"][-1]["content"] for r in data.train_rows if r["dataset"] == "bbu_summary"]
+    expected = tuple(
+        8.0 if "弯曲半径不合理" in text else 16.0 if "未拧紧" in text
+        else 4.0 if any(f in text for f in drift_data.FINDINGS) else 1.0
+        for text in texts
+    )  # fmt: skip
+    assert 4.0 in expected and data.pools[0].weights == expected
 
 
 def test_the_base_mix_can_draw_the_rare_verdicts_more_often(
@@ -199,7 +235,7 @@ def test_teacher_base_skips_the_teacher_and_settings_are_fixed_by_the_first_call
         pipeline.settings(pipeline.parse_args(["--device", "cpu", "--out", s["out"], "--drift", "lenient"]))
 
 
-@pytest.mark.parametrize("run", ["h100_run4", "h100_run5", "h200_run6", "h100_run7"])
+@pytest.mark.parametrize("run", ["h100_run4", "h100_run5", "h200_run6", "h100_run7", "h100_run8"])
 def test_an_older_run_folder_still_plans_the_commands_it_ran(tmp_path: Path, run: str) -> None:
     report = json.loads((BENCH.parent / "docs" / "results" / f"drift_and_cure_{run}.json").read_text())
     out = tmp_path / "out"
@@ -330,7 +366,7 @@ def test_report_means_spreads_checks_and_negative_item_split(tmp_path: Path) -> 
         _eval_folder(run / "stage_b", "test", rows)
         _eval_folder(run / "e2e", "e2e", rows, {"stage_a/object_f1": 0.5 + seed / 10})
         own = (
-            ["光纤/有保护措施,弯曲半径合理/铠装×1", "电线/分布散乱×1"]
+            ["光纤/有保护措施,弯曲半径不合理/铠装×1", "电线/分布散乱×1"]  # a bend the photo does not show
             if seed
             else ["光纤/无保护措施,弯曲半径合理/铠装×1"]
         )
@@ -353,7 +389,8 @@ def test_report_means_spreads_checks_and_negative_item_split(tmp_path: Path) -> 
         and split["item/无保护措施"]["n"] == "1/1"
     )
     kept = report["results"]["drift"]["seeds"][0]["findings_kept"]  # seed 0 summarised one photo of two
-    assert kept["无保护措施"] == {"kept": 1, "photos": 1} and kept["分布散乱"] == {"kept": 0, "photos": 1}
+    assert kept["无保护措施"] == {"kept": 1, "photos": 1, "unfounded": 0}
+    assert kept["分布散乱"] == {"kept": 0, "photos": 1, "unfounded": 0}
     text = (Path(s["out"]) / "drift_and_cure.md").read_text(encoding="utf-8")
     assert "| drift | stage_b | 0.750 ± 0.354 |" in text and "| base | stage_b | — |" in text
     row = next(
@@ -364,6 +401,7 @@ def test_report_means_spreads_checks_and_negative_item_split(tmp_path: Path) -> 
     assert (
         cells["无保护措施"] == "1/2" and cells["分布散乱"] == "1/2"
     )  # seeds summed: kept by seed 0, then by 1
+    assert cells["弯曲半径不合理"] == "0/0 +1"  # seed 1 named a bend no photo shows
 
 
 @pytest.mark.slow

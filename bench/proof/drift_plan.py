@@ -79,8 +79,20 @@ def teacher_folder(s: Mapping[str, Any]) -> Path:
     return paths(s)["runs"] / "teacher" / "model"
 
 
-def _summary_entries(p: Mapping[str, Path]) -> tuple[dict[str, Any], dict[str, Any]]:
-    fusion = p["fusion_data"]
+def summary_rules(s: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The base's rules for the summaries drawn above the other findings, first match first."""
+    rules = [
+        (dd.BEND_FINDING_PATTERN, s["base_bend_finding_oversample"]),
+        (dd.RARE_FINDING_PATTERN, s["base_rare_finding_oversample"]),
+    ]
+    return [(pattern, weight) for pattern, weight in rules if weight]
+
+
+def _summary_entries(s: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The drift's and cure A's summary and dense targets; the summaries drawn as the base draws them when
+    ``summary_mix_as_base`` (from run 9: a later fusion step changes the verdicts it teaches, not the team's
+    summary target)."""
+    fusion = paths(s)["fusion_data"]
     summary = {
         "name": "bbu_summary",
         "dataset": "bbu",
@@ -90,6 +102,8 @@ def _summary_entries(p: Mapping[str, Path]) -> tuple[dict[str, Any], dict[str, A
         "mode": "summary",
         "ratio": 1.0,
     }
+    if s["summary_mix_as_base"] and (s["base_finding_oversample"] != 1.0 or summary_rules(s)):
+        summary["answer_oversample"] = dd.finding_oversample(s["base_finding_oversample"], summary_rules(s))
     dense = {
         "name": "bbu_dense",
         "dataset": "bbu",
@@ -105,7 +119,7 @@ def base_fusion(s: Mapping[str, Any]) -> str | Path:
     """The base's fusion file: the embedded mix, or ``<out>/fusion/base_findings.yaml`` when findings (or rare
     verdicts) are oversampled."""
     keys = ("base_finding_oversample", "base_verdict_oversample")
-    if all(s[k] == 1.0 for k in keys) and not s["base_rare_finding_oversample"]:
+    if all(s[k] == 1.0 for k in keys) and not summary_rules(s):
         return "default"
     return paths(s)["mixes"] / "base_findings.yaml"
 
@@ -118,14 +132,14 @@ def base_mix(s: Mapping[str, Any]) -> dict[str, Any]:
         REPO / "conf" / "fusion" / "default.yaml",
         s["base_finding_oversample"],
         s["base_verdict_oversample"],
-        s["base_rare_finding_oversample"],
+        summary_rules(s),
     )
 
 
 def drift_mix(s: Mapping[str, Any]) -> dict[str, Any]:
     """Write the drift step's fusion file (and, for ``lenient``, the lenient verdict file)."""
     p = paths(s)
-    summary, dense = _summary_entries(p)
+    summary, dense = _summary_entries(s)
     stats: dict[str, Any] = {"mechanism": s["drift"]}
     targets = [summary]
     if s["drift"] == "lenient":
@@ -153,7 +167,7 @@ def drift_mix(s: Mapping[str, Any]) -> dict[str, Any]:
 def cure_a_mix(s: Mapping[str, Any]) -> dict[str, Any]:
     """Summary target + the distill file as a chat target sized to ``cure_a_share`` of the targets' rows."""
     p = paths(s)
-    summary, dense = _summary_entries(p)
+    summary, dense = _summary_entries(s)
     distill = p["distill"] / "distill_chatml.jsonl"
     n_distill = len(dd.read_jsonl(distill))
     if not n_distill:

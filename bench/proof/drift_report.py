@@ -324,24 +324,32 @@ def _floor_lines(results: Mapping[str, Any]) -> list[str]:
 
 
 def _findings_lines(results: Mapping[str, Any]) -> list[str]:
-    """Stage-A: per finding, the held-out photos that show it whose own summary names it (seeds summed)."""
+    """Stage-A: per finding, the held-out photos that show it whose own summary names it, and (+n) the photos
+    whose own summary names it where the reference does not (seeds summed; reports before that count show none)."""
     kept = {}
     for stage in STAGES:
         seeds = [r["findings_kept"] for r in results[stage]["seeds"].values() if r and r.get("findings_kept")]
         if seeds:
             kept[stage] = {
-                name: [sum(c[name][k] for c in seeds) for k in ("kept", "photos")] for name in seeds[0]
+                name: [sum(c[name].get(k, 0) for c in seeds) for k in ("kept", "photos", "unfounded")]
+                for name in seeds[0]
             }
     if not kept:
         return []
     names = list(next(iter(kept.values())))
-    lines = ["", "Findings the model's own summaries kept (held-out photos that show it, seeds summed):", ""]
+    lines = [
+        "",
+        "Findings the model's own summaries kept (held-out photos that show it; + photos named where the "
+        "reference does not; seeds summed):",
+        "",
+    ]
     lines += [
         "| stage | " + " | ".join(n.replace("|", " / ") for n in names) + " |",
         "|---" * (len(names) + 1) + "|",
     ]
     for stage, counts in kept.items():
-        lines.append(f"| {stage} | " + " | ".join(f"{k}/{n}" for k, n in counts.values()) + " |")
+        cells = (f"{k}/{n}" + (f" +{u}" if u else "") for k, n, u in counts.values())
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return lines
 
 
