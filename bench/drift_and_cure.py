@@ -180,21 +180,24 @@ def rerun(
 ) -> dict[str, Any]:
     """``done`` without ``steps`` and every step after them (they run again); records the rerun in ``new``.
 
-    A done step that is kept must not change: its commands under ``new`` must equal those under ``old``, else
-    the call stops naming it (a setting that only shapes a step's prepared input files is not seen here)."""
+    A done step that is kept must not change: its commands and the settings its prepared input files are
+    written from (``PlannedStep.prepared_from``) under ``new`` must equal those under ``old``, else the call
+    stops naming it."""
     plan = build_plan(new)
     names = {step.name for step in plan}
     unknown = [n for n in steps if n not in names]
     if unknown:
         sys.exit(f"error: --rerun: unknown step(s) {', '.join(unknown)}")
     drop = with_dependants(plan, steps)
-    before = {step.name: [c.command for c in step.commands] for step in build_plan(old)}
+
+    def what_runs(step: PlannedStep) -> tuple[list[str], dict[str, Any]]:
+        return [c.command for c in step.commands], step.prepared_from
+
+    before = {step.name: what_runs(step) for step in build_plan(old)}
     altered = [
         step.name
         for step in plan
-        if step.name in done
-        and step.name not in drop
-        and [c.command for c in step.commands] != before.get(step.name)
+        if step.name in done and step.name not in drop and what_runs(step) != before.get(step.name)
     ]
     if altered:
         sys.exit(

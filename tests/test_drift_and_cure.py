@@ -279,6 +279,13 @@ def test_rerun_with_new_settings_drops_the_named_steps_and_those_after_them(tmp_
     assert "trainer.max_steps=9" in commands["s0/cure_b"] and "trainer.max_steps=7" in commands["s0/cure_a"]
     with pytest.raises(SystemExit, match="unknown step"):
         pipeline.rerun(s, new, ["s0/cure_c"], done, args.set)
+    # a setting that only shapes a prepared input file: the drift's summaries are drawn as the base's too
+    args = pipeline.parse_args([*base, "--rerun", "s0/cure_a", "--set", "summary_mix_as_base=false"])
+    new = pipeline.settings(args)
+    with pytest.raises(SystemExit, match="changes s0/drift_lenient, done and not rerun"):
+        pipeline.rerun(s, new, ["s0/cure_a"], done, args.set)
+    kept = pipeline.rerun(s, new, ["s0/drift_lenient"], done, args.set)  # its dependants run again with it
+    assert "s0/cure_a" not in kept and "s0/base" in kept
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,8 @@ class PlannedStep:
     memory_gb: float = 0.0  # peak GPU memory alone (proof/drift_profiles.memory_gb; the scheduler's budget)
     prepare: Callable[[], dict[str, Any]] | None = None
     finish: Callable[[], dict[str, Any]] | None = None
+    # the settings that shape what ``prepare`` writes, which the commands do not show (``--rerun`` compares both)
+    prepared_from: dict[str, Any] = field(default_factory=dict)
 
 
 def paths(s: Mapping[str, Any]) -> dict[str, Path]:
@@ -103,7 +105,7 @@ def _summary_entries(s: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
         "ratio": 1.0,
     }
     if s["summary_mix_as_base"] and (s["base_finding_oversample"] != 1.0 or summary_rules(s)):
-        summary["answer_oversample"] = dd.finding_oversample(s["base_finding_oversample"], summary_rules(s))
+        summary["answer_oversample"] = base_summary_draw(s)
     dense = {
         "name": "bbu_dense",
         "dataset": "bbu",
@@ -113,6 +115,11 @@ def _summary_entries(s: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
         "ratio": 0.1,
     }
     return summary, dense
+
+
+def base_summary_draw(s: Mapping[str, Any]) -> Any:
+    """The ``answer_oversample`` of the base's summary target."""
+    return dd.finding_oversample(s["base_finding_oversample"], summary_rules(s))
 
 
 def base_fusion(s: Mapping[str, Any]) -> str | Path:
@@ -240,6 +247,7 @@ def shared_steps(s: Mapping[str, Any]) -> list[PlannedStep]:
                 )
             },
             finish=lambda: collect_distill(s, run, inputs),
+            prepared_from={k: s[k] for k in ("distill_per_cell", "distill_negative_share", "data_seed")},
         )
     )
     return steps
@@ -275,6 +283,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             needs=[p["synthetic"] / "manifest.json"],
             after=["data"],
             prepare=(lambda: base_mix(s)) if base_fusion(s) != "default" else None,
+            prepared_from={"summaries": base_summary_draw(s), "verdicts": s["base_verdict_oversample"]},
         ),
         PlannedStep(
             f"s{seed}/drift_{s['drift']}",
@@ -299,6 +308,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             needs=[stage_model(s, seed, "base") / "config.json"],
             after=[base],
             prepare=lambda: drift_mix(s),
+            prepared_from={"lenient_ratio": s["lenient_ratio"], "summaries": _summary_entries(s)[0]},
         ),
         PlannedStep(
             f"s{seed}/cure_a",
@@ -331,6 +341,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             needs=[stage_model(s, seed, "drift") / "config.json", p["distill"] / "distill_chatml.jsonl"],
             after=[drift, "distill"],
             prepare=lambda: cure_a_mix(s),
+            prepared_from={"cure_a_share": s["cure_a_share"], "summaries": _summary_entries(s)[0]},
         ),
     ]
     arms = (("cure_b", 0.0, "group", "grpo"), ("cure_b_penalty", 1.0, "batch", "penalty"))
