@@ -115,7 +115,24 @@ def _collect_metrics(trainer: L.Trainer, module: L.LightningModule) -> dict[str,
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
     # Predict loops cannot self.log(); modules that summarise such a run expose `run_summary`.
     metrics.update(getattr(module, "run_summary", {}))
+    metrics.update(gpu_memory_peaks())
     return metrics
+
+
+def gpu_memory_peaks() -> dict[str, float]:
+    """This process's peak GPU memory on its current device, in GiB: what its tensors held at most
+    (``gpu/max_memory_allocated_gb``) and what the caching allocator held from the card (``..._reserved_gb``,
+    what ``nvidia-smi`` shows less the CUDA context; what several processes sharing one GPU must fit). Empty when
+    CUDA was never used."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    gib = float(2**30)
+    return {
+        "gpu/max_memory_allocated_gb": torch.cuda.max_memory_allocated() / gib,
+        "gpu/max_memory_reserved_gb": torch.cuda.max_memory_reserved() / gib,
+    }
 
 
 def _is_scalar(value: Any) -> bool:

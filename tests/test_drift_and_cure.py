@@ -411,6 +411,19 @@ def test_report_means_spreads_checks_and_negative_item_split(tmp_path: Path) -> 
     assert cells["弯曲半径不合理"] == "0/0 +1"  # seed 1 named a bend no photo shows
 
 
+def test_the_report_gives_each_step_kind_s_measured_gpu_memory_beside_the_table(tmp_path: Path) -> None:
+    s, _ = plan_for(tmp_path, "--device", "cuda")
+    steps = {
+        "s0/base": {"commands": [{"gpu_reserved_gb": 30.52}]},
+        "s1/base": {"commands": [{"gpu_reserved_gb": 31.2}]},
+        "s0/eval_base": {"commands": [{"gpu_reserved_gb": 3.1}, {"gpu_reserved_gb": 5.04}]},  # max of the two
+        "data": {"commands": [{"gpu_reserved_gb": None}]},
+    }
+    (line,) = [x for x in drift_report._memory_lines({"settings": s, "steps": steps}) if x]
+    assert line.endswith("base 30.5-31.2 [48.5], eval 5.0 [8.0]")
+    assert drift_report._memory_lines({"settings": s, "steps": {"data": steps["data"]}}) == []
+
+
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_step_on_the_tiny_model(tmp_path: Path) -> None:
     """The whole pipeline, one seed, Teacher = the base model: every entry point runs and feeds the next."""

@@ -152,6 +152,21 @@ def test_independent_steps_run_concurrently_and_dependants_after(tmp_path: Path)
     assert (Path(s["out"]) / "logs" / "a.cmd.log").is_file()
 
 
+def test_a_step_records_the_gpu_memory_its_process_reserved(tmp_path: Path) -> None:
+    """From the run's metrics.json (``train`` writes ``gpu/max_memory_reserved_gb`` on a GPU); None without it."""
+    gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
+    write = "pathlib.Path({!r}).mkdir(); pathlib.Path({!r}, 'metrics.json').write_text({!r})\n"
+    plan = [
+        fake("g", write.format(str(gpu), str(gpu), '{"gpu/max_memory_reserved_gb": 30.456}'), run_dir=gpu),
+        fake("c", write.format(str(cpu), str(cpu), '{"test/accuracy": 1.0}'), run_dir=cpu),
+    ]
+    s, done = settings_for(tmp_path), {}
+    assert pipeline.run_plan(s, plan, ["g", "c"], done, jobs=1, report=False).ok
+    recorded = pipeline.load_done(Path(s["out"]))
+    assert recorded["g"]["commands"][0]["gpu_reserved_gb"] == 30.46
+    assert recorded["c"]["commands"][0]["gpu_reserved_gb"] is None
+
+
 def test_jobs_bounds_the_processes_running_at_once(tmp_path: Path) -> None:
     running, peaks = tmp_path / "running", tmp_path / "peaks"
     running.mkdir()

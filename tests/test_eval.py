@@ -260,6 +260,7 @@ def test_eval_experiment_end_to_end(compose: Callable[[list[str]], DictConfig], 
     predictions = read_lines(run / PREDICTIONS)
     assert {p["ticket_key"] for p in predictions} == test_keys
     assert on_disk["test/groups"] == len(test_keys) == len(predictions)
+    assert not [k for k in on_disk if k.startswith("gpu/")]  # no GPU peak where CUDA was never used
     invalid = [p["ticket_key"] for p in predictions if not p["valid"]]
     assert [r["ticket_key"] for r in read_lines(run / MANUAL_REVIEW)] == invalid
     assert len(read_lines(run / MALFORMED)) == len(invalid) == on_disk["test/manual_review"]
@@ -272,3 +273,14 @@ def test_eval_experiment_end_to_end(compose: Callable[[list[str]], DictConfig], 
     assert table["columns"][:4] == ["ticket_key", "mission", "label", "summaries"]
     assert len(list(media.glob("images/test/confusion/*.png"))) == len(MISSIONS) + 1
     assert isinstance(objects["module"], EvalModule)
+
+
+@pytest.mark.gpu
+def test_metrics_json_gets_the_process_s_gpu_memory_peaks() -> None:
+    """What ``train`` adds to metrics.json on a GPU: the peak that tensors held and the allocator's reserve."""
+    from bbuqc_lightning.train import gpu_memory_peaks
+
+    block = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 0.25 GiB
+    peaks = gpu_memory_peaks()
+    del block
+    assert 0.25 <= peaks["gpu/max_memory_allocated_gb"] <= peaks["gpu/max_memory_reserved_gb"]

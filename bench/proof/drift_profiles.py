@@ -223,6 +223,7 @@ def memory_gb(s: dict[str, Any]) -> dict[str, float]:
     reserve of each process: a base 48.0 (its trained 4 x 256 tower and mixed photo rows), the Teacher 26.1, the
     distill rollouts 8.3, a drift 22.5, the three cures 58.0 together, an eval under 8; each rounded up a little.
     A ``--set`` that changes batch or model sizes does not move them; ``--gpu-memory-gb 0`` turns the budget off.
+    Since run 9 each process's own peak reserve is in its metrics.json and the report (per step kind, beside these).
     cpu: none (no GPU)."""
     measured = {"data": 0.0, "teacher": 27.0, "distill": 9.0, "base": 48.5, "drift": 23.0,
                 "cure_a": 20.0, "cure_b": 20.0, "cure_b_penalty": 20.0, "eval": 8.0}  # fmt: skip

@@ -19,8 +19,9 @@ from typing import Any
 
 from bbuqc_lightning.constants import MISSIONS
 from proof import drift_data as dd
-from proof.drift_plan import DRIFTS, STAGES, paths, stage_dir
+from proof.drift_plan import DRIFTS, STAGES, paths, stage_dir, step_kind
 from proof.drift_plot import draw
+from proof.drift_profiles import memory_gb
 from proof.results import METRICS, eval_results, fmt, training_summary
 from proof.runs import read_json
 
@@ -243,6 +244,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines += _negative_item_lines(results)
     lines += _floor_lines(results)
     lines += _data_lines(report)
+    lines += _memory_lines(report)
     lines += [
         "",
         "Checks (on seed means; Stage-A kept: on the seeds both stages ran; — not measured yet):",
@@ -255,6 +257,30 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"![false-pass by stage and mission]({report['plot']}) (drawn with {report['plot_drawn_by']})",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _memory_lines(report: Mapping[str, Any]) -> list[str]:
+    """Per step kind, the peak GPU memory its processes reserved (their metrics.json, min-max over the steps that
+    ran), beside the scheduler's table (:func:`proof.drift_profiles.memory_gb`) it could replace."""
+    table = memory_gb(report["settings"])
+    peaks: dict[str, list[float]] = {}
+    for name, record in report["steps"].items():
+        measured = [c["gpu_reserved_gb"] for c in record.get("commands", []) if c.get("gpu_reserved_gb")]
+        if measured:
+            peaks.setdefault(step_kind(name), []).append(max(measured))
+    if not peaks:
+        return []
+    cells = [
+        f"{kind} {min(v):.1f}"
+        + (f"-{max(v):.1f}" if max(v) > min(v) else "")
+        + f" [{table.get(kind, 0):.1f}]"
+        for kind, v in peaks.items()
+    ]
+    return [
+        "",
+        "GPU memory reserved at peak per step kind (GiB, each process's own; min-max over its steps; the "
+        "scheduler's table in brackets): " + ", ".join(cells),
+    ]
 
 
 def _negative_item_lines(results: Mapping[str, Any]) -> list[str]:

@@ -32,6 +32,7 @@ class Step:
     run_dir: Path | None = None
     seconds: float = 0.0
     wandb_runs: list[str] = field(default_factory=list)
+    gpu_reserved_gb: float | None = None  # the run's metrics.json: its process's peak reserve (None: no GPU)
 
     @property
     def command(self) -> str:
@@ -45,6 +46,7 @@ class Step:
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "wandb_runs": self.wandb_runs,
             "seconds": round(self.seconds, 1),
+            "gpu_reserved_gb": None if self.gpu_reserved_gb is None else round(self.gpu_reserved_gb, 2),
         }
 
 
@@ -95,6 +97,11 @@ def run_step(step: Step, logs: Path) -> None:
         sys.exit(f"error: step {step.name} failed (exit {code}); log {log_path}:\n" + "\n".join(tail))
     if step.run_dir is not None:
         step.wandb_runs = sorted(str(p) for p in step.run_dir.glob("wandb/offline-run-*"))
+        metrics = step.run_dir / "metrics.json"
+        if metrics.is_file():
+            step.gpu_reserved_gb = json.loads(metrics.read_text(encoding="utf-8")).get(
+                "gpu/max_memory_reserved_gb"
+            )
     print(f"  done in {step.seconds:.0f} s", flush=True)
 
 
