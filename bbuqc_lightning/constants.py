@@ -77,3 +77,7 @@ VISION_END: Final[str] = "<|vision_end|>"
 IMAGE_PAD: Final[str] = "<|image_pad|>"
 THINK_OPEN: Final[str] = "<think>"
 THINK_CLOSE: Final[str] = "</think>"
+
+# metrics.json keys of a run's GPU memory peaks (GiB; bbuqc_lightning.train.gpu_memory_peaks)
+GPU_ALLOCATED_KEY: Final[str] = "gpu/max_memory_allocated_gb"
+GPU_RESERVED_KEY: Final[str] = "gpu/max_memory_reserved_gb"

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bbuqc_lightning.cli import check_composition, fail, sweep_context
 from bbuqc_lightning.config import config_dir, register_resolvers, validate_config
+from bbuqc_lightning.constants import GPU_ALLOCATED_KEY, GPU_RESERVED_KEY
 from bbuqc_lightning.quiet import quiet_known_warnings
 
 if TYPE_CHECKING:
@@ -121,18 +122,22 @@ def _collect_metrics(trainer: L.Trainer, module: L.LightningModule) -> dict[str,
 
 def gpu_memory_peaks() -> dict[str, float]:
     """This process's peak GPU memory on its current device, in GiB: what its tensors held at most
-    (``gpu/max_memory_allocated_gb``) and what the caching allocator held from the card (``..._reserved_gb``,
-    what ``nvidia-smi`` shows less the CUDA context; what several processes sharing one GPU must fit). Empty when
-    CUDA was never used."""
+    (:data:`GPU_ALLOCATED_KEY`) and what the caching allocator held from the card (:data:`GPU_RESERVED_KEY`:
+    ``nvidia-smi`` shows that plus the CUDA context, ~0.5 GiB). Empty when CUDA was never used, or when the
+    context is too broken to answer (this runs in ``train``'s ``finally``: it must not hide the run's error)."""
     import torch
 
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    try:
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return {}
+        gib = float(2**30)
+        return {
+            GPU_ALLOCATED_KEY: torch.cuda.max_memory_allocated() / gib,
+            GPU_RESERVED_KEY: torch.cuda.max_memory_reserved() / gib,
+        }
+    except Exception:
+        log.warning("GPU memory peaks not readable; metrics.json goes without them", exc_info=True)
         return {}
-    gib = float(2**30)
-    return {
-        "gpu/max_memory_allocated_gb": torch.cuda.max_memory_allocated() / gib,
-        "gpu/max_memory_reserved_gb": torch.cuda.max_memory_reserved() / gib,
-    }
 
 
 def _is_scalar(value: Any) -> bool:

@@ -169,7 +169,7 @@ def test_the_drift_and_cure_a_draw_their_summaries_as_the_base_does(
     added = ("base_bend_finding_oversample", "summary_mix_as_base")
     run8 = pipeline.with_older_settings({k: v for k, v in s.items() if k not in added})
     assert "answer_oversample" not in drift_plan._summary_entries(run8)[0]
-    assert [p for p, _ in drift_plan.summary_rules(run8)] == [drift_data.RARE_FINDING_PATTERN]
+    assert [p for p, _ in drift_plan.rare_summary_rules(run8)] == [drift_data.RARE_FINDING_PATTERN]
     # the fusion file the drift and cure A write holds the rules, and the data module draws by them
     fusion = drift_data.fusion_file(tmp_path / "cure.yaml", [summary], [dense])
     cfg = compose_at(["+experiment=fusion_sft", "logger=csv", f"data.fusion={fusion}"], tmp_path, data_dir)
@@ -185,7 +185,7 @@ def test_the_drift_and_cure_a_draw_their_summaries_as_the_base_does(
         else 4.0 if any(f in text for f in drift_data.FINDINGS) else 1.0
         for text in texts
     )  # fmt: skip
-    assert 4.0 in expected and data.pools[0].weights == expected
+    assert 8.0 in expected and 4.0 in expected and data.pools[0].weights == expected
 
 
 def test_the_base_mix_can_draw_the_rare_verdicts_more_often(
@@ -248,6 +248,10 @@ def test_an_older_run_folder_still_plans_the_commands_it_ran(tmp_path: Path, run
         argv = plan[name].commands[0].argv
         planned = shlex.join(["python", *argv[1:]]).replace(str(out), "outputs/drift")
         assert planned == report["steps"][name]["commands"][0]["command"], name
+    # and the base's summary draw it wrote (the commands do not show it)
+    assert drift_plan.base_summary_draw(s) == (report["steps"]["s0/base"].get("prepared") or {}).get(
+        "answer_oversample"
+    )
     # --rerun reads the folder's settings in today's keys too
     (out / pipeline.STATE).write_text(json.dumps({"settings": saved, "done": report["steps"]}))
     assert pipeline.main(["--device", "cuda", "--out", str(out), "--rerun", "s0/cure_b", "--plan"]) == 0

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from bbuqc_lightning.constants import GPU_RESERVED_KEY
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
@@ -157,7 +159,7 @@ def test_a_step_records_the_gpu_memory_its_process_reserved(tmp_path: Path) -> N
     gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
     write = "pathlib.Path({!r}).mkdir(); pathlib.Path({!r}, 'metrics.json').write_text({!r})\n"
     plan = [
-        fake("g", write.format(str(gpu), str(gpu), '{"gpu/max_memory_reserved_gb": 30.456}'), run_dir=gpu),
+        fake("g", write.format(str(gpu), str(gpu), json.dumps({GPU_RESERVED_KEY: 30.456})), run_dir=gpu),
         fake("c", write.format(str(cpu), str(cpu), '{"test/accuracy": 1.0}'), run_dir=cpu),
     ]
     s, done = settings_for(tmp_path), {}

@@ -206,8 +206,9 @@ RARE_VERDICT_PATTERN = "弯曲半径不合理"
 # of 16 held-out photos, and the same 3 loose-screw tickets lost on both seeds (112 train photos, 0.70 %).
 RARE_FINDING_PATTERN = "弯曲半径不合理|未拧紧"
 # After run 8, 弯曲半径不合理 gets a weight of its own, a rule ahead of RARE_FINDING_PATTERN's (which then draws 未拧紧
-# alone): at 16x the base named it on all 6 held-out photos that show it, and on 47 of the ~246 that do not (+47 in
-# the report's findings table; 24 of the two seeds' 34 end-to-end false fails); at 4x (run 7) on none.
+# alone): at 16x the base named it on the 3 held-out photos that show it, on both seeds, and on 47 of the 246 others
+# (seeds summed; +47 in the report's findings table; 24 of the two seeds' 34 end-to-end false fails); at 4x (run 7)
+# on none.
 BEND_FINDING_PATTERN = "弯曲半径不合理"
 
 

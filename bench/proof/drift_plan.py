@@ -48,7 +48,8 @@ class PlannedStep:
     memory_gb: float = 0.0  # peak GPU memory alone (proof/drift_profiles.memory_gb; the scheduler's budget)
     prepare: Callable[[], dict[str, Any]] | None = None
     finish: Callable[[], dict[str, Any]] | None = None
-    # the settings that shape what ``prepare`` writes, which the commands do not show (``--rerun`` compares both)
+    # the settings that shape what ``prepare`` and ``finish`` write, which the commands do not show (``--rerun``
+    # compares both)
     prepared_from: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,7 +82,7 @@ def teacher_folder(s: Mapping[str, Any]) -> Path:
     return paths(s)["runs"] / "teacher" / "model"
 
 
-def summary_rules(s: Mapping[str, Any]) -> list[tuple[str, float]]:
+def rare_summary_rules(s: Mapping[str, Any]) -> list[tuple[str, float]]:
     """The base's rules for the summaries drawn above the other findings, first match first."""
     rules = [
         (dd.BEND_FINDING_PATTERN, s["base_bend_finding_oversample"]),
@@ -92,8 +93,8 @@ def summary_rules(s: Mapping[str, Any]) -> list[tuple[str, float]]:
 
 def _summary_entries(s: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The drift's and cure A's summary and dense targets; the summaries drawn as the base draws them when
-    ``summary_mix_as_base`` (from run 9: a later fusion step changes the verdicts it teaches, not the team's
-    summary target)."""
+    ``summary_mix_as_base`` (from run 9: a later fusion step changes the verdicts it teaches, not the summary
+    target itself)."""
     fusion = paths(s)["fusion_data"]
     summary = {
         "name": "bbu_summary",
@@ -104,7 +105,7 @@ def _summary_entries(s: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
         "mode": "summary",
         "ratio": 1.0,
     }
-    if s["summary_mix_as_base"] and (s["base_finding_oversample"] != 1.0 or summary_rules(s)):
+    if s["summary_mix_as_base"] and base_summary_draw(s) is not None:
         summary["answer_oversample"] = base_summary_draw(s)
     dense = {
         "name": "bbu_dense",
@@ -118,15 +119,17 @@ def _summary_entries(s: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 
 def base_summary_draw(s: Mapping[str, Any]) -> Any:
-    """The ``answer_oversample`` of the base's summary target."""
-    return dd.finding_oversample(s["base_finding_oversample"], summary_rules(s))
+    """The ``answer_oversample`` of the base's summary target, or None where it draws every summary alike."""
+    if s["base_finding_oversample"] == 1.0 and not rare_summary_rules(s):
+        return None
+    return dd.finding_oversample(s["base_finding_oversample"], rare_summary_rules(s))
 
 
 def base_fusion(s: Mapping[str, Any]) -> str | Path:
     """The base's fusion file: the embedded mix, or ``<out>/fusion/base_findings.yaml`` when findings (or rare
     verdicts) are oversampled."""
     keys = ("base_finding_oversample", "base_verdict_oversample")
-    if all(s[k] == 1.0 for k in keys) and not summary_rules(s):
+    if all(s[k] == 1.0 for k in keys) and not rare_summary_rules(s):
         return "default"
     return paths(s)["mixes"] / "base_findings.yaml"
 
@@ -139,7 +142,7 @@ def base_mix(s: Mapping[str, Any]) -> dict[str, Any]:
         REPO / "conf" / "fusion" / "default.yaml",
         s["base_finding_oversample"],
         s["base_verdict_oversample"],
-        summary_rules(s),
+        rare_summary_rules(s),
     )
 
 
@@ -247,7 +250,10 @@ def shared_steps(s: Mapping[str, Any]) -> list[PlannedStep]:
                 )
             },
             finish=lambda: collect_distill(s, run, inputs),
-            prepared_from={k: s[k] for k in ("distill_per_cell", "distill_negative_share", "data_seed")},
+            prepared_from={
+                k: s[k]
+                for k in ("distill_per_cell", "distill_negative_share", "data_seed", "distill_fallback")
+            },
         )
     )
     return steps
@@ -308,7 +314,10 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             needs=[stage_model(s, seed, "base") / "config.json"],
             after=[base],
             prepare=lambda: drift_mix(s),
-            prepared_from={"lenient_ratio": s["lenient_ratio"], "summaries": _summary_entries(s)[0]},
+            prepared_from={
+                "summaries": _summary_entries(s)[0],
+                **({"lenient_ratio": s["lenient_ratio"]} if s["drift"] == "lenient" else {}),
+            },
         ),
         PlannedStep(
             f"s{seed}/cure_a",

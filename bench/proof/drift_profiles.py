@@ -40,9 +40,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # that name either drawn 16x (the other findings' 4x, times 4): 10.5 % of the summary draws, not 2.8 %
         # (0: no rule of its own; proof/drift_data.RARE_FINDING_PATTERN)
         "base_rare_finding_oversample": 16.0,
-        # after run 8 (at 16x the base named 弯曲半径不合理 on all 6 held-out photos that show it, and on 47 photos that
-        # do not: 24 of the seeds' 34 end-to-end false fails): that finding's own rule, ahead of the one above (which
-        # then draws 未拧紧 alone, kept on 11 of 16 with 2 unfounded): 8x (0: no rule of its own;
+        # after run 8 (at 16x the base named 弯曲半径不合理 on the 3 held-out photos that show it, on both seeds, and on
+        # 47 that do not: 24 of the seeds' 34 end-to-end false fails): that finding's own rule, ahead of the one
+        # above (which then draws 未拧紧 alone, kept on 11 of 16 with 2 unfounded): 8x (0: no rule of its own;
         # proof/drift_data.BEND_FINDING_PATTERN)
         "base_bend_finding_oversample": 8.0,
         # after run 8 (the drift's summary rows, drawn as the embedded mix draws them, undid the base's: 弯曲半径不合理

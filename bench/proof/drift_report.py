@@ -261,7 +261,9 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def _memory_lines(report: Mapping[str, Any]) -> list[str]:
     """Per step kind, the peak GPU memory its processes reserved (their metrics.json, min-max over the steps that
-    ran), beside the scheduler's table (:func:`proof.drift_profiles.memory_gb`) it could replace."""
+    ran), beside the scheduler's table (:func:`proof.drift_profiles.memory_gb`). The table holds ``nvidia-smi``'s
+    view, which adds each process's CUDA context (~0.5 GiB): a measured peak replaces an entry only with that
+    added."""
     table = memory_gb(report["settings"])
     peaks: dict[str, list[float]] = {}
     for name, record in report["steps"].items():
@@ -270,12 +272,10 @@ def _memory_lines(report: Mapping[str, Any]) -> list[str]:
             peaks.setdefault(step_kind(name), []).append(max(measured))
     if not peaks:
         return []
-    cells = [
-        f"{kind} {min(v):.1f}"
-        + (f"-{max(v):.1f}" if max(v) > min(v) else "")
-        + f" [{table.get(kind, 0):.1f}]"
-        for kind, v in peaks.items()
-    ]
+    cells = []
+    for kind, values in peaks.items():
+        low, high = f"{min(values):.1f}", f"{max(values):.1f}"
+        cells.append(f"{kind} {low}" + (f"-{high}" if high != low else "") + f" [{table.get(kind, 0):.1f}]")
     return [
         "",
         "GPU memory reserved at peak per step kind (GiB, each process's own; min-max over its steps; the "
@@ -363,10 +363,14 @@ def _findings_lines(results: Mapping[str, Any]) -> list[str]:
     if not kept:
         return []
     names = list(next(iter(kept.values())))
+    counted = any(
+        "unfounded" in c for stage in STAGES for r in results[stage]["seeds"].values() if r and r.get("findings_kept")
+        for c in r["findings_kept"].values()
+    )  # fmt: skip
+    unfounded = "; + photos named where the reference does not" if counted else ""
     lines = [
         "",
-        "Findings the model's own summaries kept (held-out photos that show it; + photos named where the "
-        "reference does not; seeds summed):",
+        f"Findings the model's own summaries kept (held-out photos that show it{unfounded}; seeds summed):",
         "",
     ]
     lines += [

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bbuqc_lightning.constants import GPU_RESERVED_KEY
+
 REPO = Path(__file__).resolve().parents[2]
 _ACTIVE: set[subprocess.Popen] = set()  # subprocesses running now (steps may run in several threads)
 _LOCK = threading.Lock()
@@ -99,9 +101,7 @@ def run_step(step: Step, logs: Path) -> None:
         step.wandb_runs = sorted(str(p) for p in step.run_dir.glob("wandb/offline-run-*"))
         metrics = step.run_dir / "metrics.json"
         if metrics.is_file():
-            step.gpu_reserved_gb = json.loads(metrics.read_text(encoding="utf-8")).get(
-                "gpu/max_memory_reserved_gb"
-            )
+            step.gpu_reserved_gb = json.loads(metrics.read_text(encoding="utf-8")).get(GPU_RESERVED_KEY)
     print(f"  done in {step.seconds:.0f} s", flush=True)
 
 
