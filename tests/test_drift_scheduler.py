@@ -167,6 +167,11 @@ def test_a_step_records_the_gpu_memory_its_process_reserved(tmp_path: Path) -> N
     recorded = pipeline.load_done(Path(s["out"]))
     assert recorded["g"]["commands"][0]["gpu_reserved_gb"] == 30.46
     assert recorded["c"]["commands"][0]["gpu_reserved_gb"] is None
+    # a step that fails (out of memory, say) gives the peak its process wrote before exiting
+    failed = tmp_path / "failed"
+    code = write.format(str(failed), str(failed), json.dumps({GPU_RESERVED_KEY: 77.04})) + "sys.exit('oom')\n"
+    outcome = pipeline.run_plan(s, [fake("f", code, run_dir=failed)], ["f"], done, jobs=1, report=False)
+    assert "failed (exit 1; GPU memory reserved at peak 77.0 GiB)" in outcome.failed["f"]
 
 
 def test_jobs_bounds_the_processes_running_at_once(tmp_path: Path) -> None:

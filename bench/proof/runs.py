@@ -94,15 +94,30 @@ def run_step(step: Step, logs: Path) -> None:
             with _LOCK:
                 _ACTIVE.discard(process)
     step.seconds = time.perf_counter() - start
+    step.gpu_reserved_gb = _gpu_reserved(step.run_dir)
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
-        sys.exit(f"error: step {step.name} failed (exit {code}); log {log_path}:\n" + "\n".join(tail))
+        peak = (
+            ""
+            if step.gpu_reserved_gb is None
+            else f"; GPU memory reserved at peak {step.gpu_reserved_gb:.1f} GiB"
+        )
+        sys.exit(f"error: step {step.name} failed (exit {code}{peak}); log {log_path}:\n" + "\n".join(tail))
     if step.run_dir is not None:
         step.wandb_runs = sorted(str(p) for p in step.run_dir.glob("wandb/offline-run-*"))
-        metrics = step.run_dir / "metrics.json"
-        if metrics.is_file():
-            step.gpu_reserved_gb = json.loads(metrics.read_text(encoding="utf-8")).get(GPU_RESERVED_KEY)
     print(f"  done in {step.seconds:.0f} s", flush=True)
+
+
+def _gpu_reserved(run_dir: Path | None) -> float | None:
+    """The peak GPU reserve the run's process wrote into its metrics.json (``train`` writes it after a failure
+    too: an out-of-memory step says how far it got), or None."""
+    metrics = None if run_dir is None else run_dir / "metrics.json"
+    if metrics is None or not metrics.is_file():
+        return None
+    try:
+        return json.loads(metrics.read_text(encoding="utf-8")).get(GPU_RESERVED_KEY)
+    except (OSError, ValueError):  # a process killed mid-write leaves a partial file: no figure, no crash
+        return None
 
 
 def stop_all(grace: float = 10.0) -> None:
