@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bbuqc_lightning.config import validate_config
 from bbuqc_lightning.constants import SLUG_TO_MISSION
+from bbuqc_lightning.fusion_sft.datamodule import FusionDataModule
 from bbuqc_lightning.train import build_objects
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -103,22 +104,26 @@ def test_every_command_composes_with_the_intended_settings(
     assert (base.trainer.precision == "bf16-mixed") == (device == "cuda")
 
 
+def fusion_data(compose_at: ComposeAt, fusion: str | Path, where: Path, data_dir: Path) -> FusionDataModule:
+    """The fusion SFT data module of ``data.fusion=fusion``, prepared and set up for fit."""
+    cfg = compose_at(["+experiment=fusion_sft", "logger=csv", f"data.fusion={fusion}"], where, data_dir)
+    try:
+        data = build_objects(cfg)["datamodule"]
+        data.prepare_data()
+        data.setup("fit")
+    finally:
+        HydraConfig.instance().cfg = None
+    return data
+
+
 def test_the_base_mix_draws_photos_that_name_a_finding_more_often(
     compose_at: ComposeAt, tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     mix = drift_data.finding_oversampled_mix(
         tmp_path / "base.yaml", BENCH.parent / "conf" / "fusion" / "default.yaml", 4.0
     )
-    cfg = compose_at(
-        ["+experiment=fusion_sft", "logger=csv", f"data.fusion={mix['fusion']}"], tmp_path, data_dir
-    )
-    try:
-        data = build_objects(cfg)["datamodule"]
-        data.prepare_data()
-        with caplog.at_level("INFO", logger="bbuqc_lightning.fusion_sft.datamodule"):
-            data.setup("fit")
-    finally:
-        HydraConfig.instance().cfg = None
+    with caplog.at_level("INFO", logger="bbuqc_lightning.fusion_sft.datamodule"):
+        data = fusion_data(compose_at, mix["fusion"], tmp_path, data_dir)
     assert [p.name for p in data.pools] == ["bbu_summary", "stage_b_distill", "bbu_dense", "lang_chat"]
     summaries = [r["messages"][-1]["content"] for r in data.train_rows if r["dataset"] == "bbu_summary"]
     finding = [any(f in text for f in drift_data.FINDINGS) for text in summaries]
@@ -137,14 +142,7 @@ def test_the_base_mix_draws_photos_that_name_a_finding_more_often(
         rare=[("无法识别", 16.0)],
     )
     assert [r["weight"] for r in rare["answer_oversample"]] == [16.0, 4.0]
-    cfg = compose_at(
-        ["+experiment=fusion_sft", "logger=csv", f"data.fusion={rare['fusion']}"], tmp_path, data_dir
-    )
-    try:
-        data = build_objects(cfg)["datamodule"]
-        data.setup("fit")
-    finally:
-        HydraConfig.instance().cfg = None
+    data = fusion_data(compose_at, rare["fusion"], tmp_path, data_dir)
     expected = tuple(
         16.0 if "无法识别" in text else 4.0 if f else 1.0 for text, f in zip(summaries, finding, strict=True)
     )
@@ -172,13 +170,7 @@ def test_the_drift_and_cure_a_draw_their_summaries_as_the_base_does(
     assert [p for p, _ in drift_plan.rare_summary_rules(run8)] == [drift_data.RARE_FINDING_PATTERN]
     # the fusion file the drift and cure A write holds the rules, and the data module draws by them
     fusion = drift_data.fusion_file(tmp_path / "cure.yaml", [summary], [dense])
-    cfg = compose_at(["+experiment=fusion_sft", "logger=csv", f"data.fusion={fusion}"], tmp_path, data_dir)
-    try:
-        data = build_objects(cfg)["datamodule"]
-        data.prepare_data()
-        data.setup("fit")
-    finally:
-        HydraConfig.instance().cfg = None
+    data = fusion_data(compose_at, fusion, tmp_path, data_dir)
     texts = [r["messages"][-1]["content"] for r in data.train_rows if r["dataset"] == "bbu_summary"]
     expected = tuple(
         8.0 if "弯曲半径不合理" in text else 16.0 if "未拧紧" in text
@@ -195,15 +187,7 @@ def test_the_base_mix_can_draw_the_rare_verdicts_more_often(
         tmp_path / "base.yaml", BENCH.parent / "conf" / "fusion" / "default.yaml", 4.0, verdict_weight=3.0
     )
     assert mix["verdict_oversample"] == {"match": drift_data.RARE_VERDICT_PATTERN, "weight": 3.0}
-    cfg = compose_at(
-        ["+experiment=fusion_sft", "logger=csv", f"data.fusion={mix['fusion']}"], tmp_path, data_dir
-    )
-    try:
-        data = build_objects(cfg)["datamodule"]
-        data.prepare_data()
-        data.setup("fit")
-    finally:
-        HydraConfig.instance().cfg = None
+    data = fusion_data(compose_at, mix["fusion"], tmp_path, data_dir)
     verdicts = [r for r in data.train_rows if r["dataset"] == "stage_b_distill"]
     rare = [drift_data.RARE_VERDICT_PATTERN in r["messages"][-1]["content"] for r in verdicts]
     assert 0 < sum(rare) < len(rare)  # the synthetic data's reason for an unprotected or tightly bent fibre

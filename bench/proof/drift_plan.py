@@ -105,8 +105,8 @@ def _summary_entries(s: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
         "mode": "summary",
         "ratio": 1.0,
     }
-    if s["summary_mix_as_base"] and base_summary_draw(s) is not None:
-        summary["answer_oversample"] = base_summary_draw(s)
+    if s["summary_mix_as_base"] and (draw := base_summary_draw(s)) is not None:
+        summary["answer_oversample"] = draw
     dense = {
         "name": "bbu_dense",
         "dataset": "bbu",
@@ -128,8 +128,7 @@ def base_summary_draw(s: Mapping[str, Any]) -> Any:
 def base_fusion(s: Mapping[str, Any]) -> str | Path:
     """The base's fusion file: the embedded mix, or ``<out>/fusion/base_findings.yaml`` when findings (or rare
     verdicts) are oversampled."""
-    keys = ("base_finding_oversample", "base_verdict_oversample")
-    if all(s[k] == 1.0 for k in keys) and not rare_summary_rules(s):
+    if base_summary_draw(s) is None and s["base_verdict_oversample"] == 1.0:
         return "default"
     return paths(s)["mixes"] / "base_findings.yaml"
 
