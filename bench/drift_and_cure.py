@@ -54,9 +54,10 @@ from typing import Any
 
 from proof.bundle import bundle
 from proof.dag import describe, with_dependants
+from proof.drift_markdown import markdown
 from proof.drift_plan import DRIFTS, PlannedStep, build_plan
 from proof.drift_profiles import DEFAULT_JOBS, PLAN_MINUTES, PROFILES, with_older_settings
-from proof.drift_report import log_to_wandb, markdown, write_report
+from proof.drift_report import log_to_wandb, write_report
 from proof.runs import device_name, gpu_budget, run_step
 from proof.scheduler import Outcome, run_dag
 

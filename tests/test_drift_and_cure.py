@@ -29,7 +29,7 @@ if str(BENCH) not in sys.path:  # bench scripts import their sibling package (be
     sys.path.insert(0, str(BENCH))
 
 import drift_and_cure as pipeline  # noqa: E402
-from proof import drift_data, drift_plan, drift_report  # noqa: E402
+from proof import drift_data, drift_inputs, drift_markdown, drift_plan, drift_report  # noqa: E402
 
 ComposeAt = Callable[[list[str], Path, Path], DictConfig]
 
@@ -156,18 +156,18 @@ def test_the_drift_and_cure_a_draw_their_summaries_as_the_base_does(
     未拧紧, then every finding); older folders keep the embedded mix's."""
     s, _ = plan_for(tmp_path, "--device", "cuda")
     s["data_dir"] = str(data_dir)
-    summary, dense = drift_plan._summary_entries(s)
+    summary, dense = drift_inputs.summary_entries(s)
     rules = summary["answer_oversample"]
     assert [(r["match"], r["weight"]) for r in rules] == [
         (drift_data.BEND_FINDING_PATTERN, s["base_bend_finding_oversample"]),
         (drift_data.RARE_FINDING_PATTERN, s["base_rare_finding_oversample"]),
         (drift_data.findings_pattern(), s["base_finding_oversample"]),
     ]
-    assert "answer_oversample" not in drift_plan._summary_entries({**s, "summary_mix_as_base": False})[0]
+    assert "answer_oversample" not in drift_inputs.summary_entries({**s, "summary_mix_as_base": False})[0]
     added = ("base_bend_finding_oversample", "summary_mix_as_base")
     run8 = pipeline.with_older_settings({k: v for k, v in s.items() if k not in added})
-    assert "answer_oversample" not in drift_plan._summary_entries(run8)[0]
-    assert [p for p, _ in drift_plan.rare_summary_rules(run8)] == [drift_data.RARE_FINDING_PATTERN]
+    assert "answer_oversample" not in drift_inputs.summary_entries(run8)[0]
+    assert [p for p, _ in drift_inputs.rare_summary_rules(run8)] == [drift_data.RARE_FINDING_PATTERN]
     # the fusion file the drift and cure A write holds the rules, and the data module draws by them
     fusion = drift_data.fusion_file(tmp_path / "cure.yaml", [summary], [dense])
     data = fusion_data(compose_at, fusion, tmp_path, data_dir)
@@ -233,7 +233,7 @@ def test_an_older_run_folder_still_plans_the_commands_it_ran(tmp_path: Path, run
         planned = shlex.join(["python", *argv[1:]]).replace(str(out), "outputs/drift")
         assert planned == report["steps"][name]["commands"][0]["command"], name
     # and the base's summary draw it wrote (the commands do not show it)
-    assert drift_plan.base_summary_draw(s) == (report["steps"]["s0/base"].get("prepared") or {}).get(
+    assert drift_inputs.base_summary_draw(s) == (report["steps"]["s0/base"].get("prepared") or {}).get(
         "answer_oversample"
     )
     # --rerun reads the folder's settings in today's keys too
@@ -407,9 +407,9 @@ def test_the_report_gives_each_step_kind_s_measured_gpu_memory_beside_the_table(
         "s0/eval_base": {"commands": [{"gpu_reserved_gb": 3.1}, {"gpu_reserved_gb": 5.04}]},  # max of the two
         "data": {"commands": [{"gpu_reserved_gb": None}]},
     }
-    (line,) = [x for x in drift_report._memory_lines({"settings": s, "steps": steps}) if x]
+    (line,) = [x for x in drift_markdown._memory_lines({"settings": s, "steps": steps}) if x]
     assert line.endswith("base 30.5-31.2 [48.5], eval 5.0 [8.0]")
-    assert drift_report._memory_lines({"settings": s, "steps": {"data": steps["data"]}}) == []
+    assert drift_markdown._memory_lines({"settings": s, "steps": {"data": steps["data"]}}) == []
 
 
 @pytest.mark.slow
@@ -482,7 +482,7 @@ def test_stage_a_kept_is_judged_on_the_seeds_both_stages_measured() -> None:
 
 def test_the_report_puts_stage_b_and_end_to_end_false_passes_per_negative_item_side_by_side() -> None:
     report = json.loads((BENCH.parent / "docs" / "results" / "drift_and_cure_h100_run7.json").read_text())
-    text = drift_report.markdown(report)
+    text = drift_markdown.markdown(report)
     assert "| stage | seed | item/不符合要求 | item/弯曲半径不合理 |" in text
     # cure A seed 1: Stage-B fails all 21 不符合要求 tickets, its own summaries pass 3; 弯曲半径不合理 1 and 3 of 3
     assert "| cure_a | 1 | 0 · 3 of 21 | 1 · 3 of 3 |" in text

@@ -1,7 +1,7 @@
 """Command lines of the drift/cure pipeline: each one a run of the project's own entry points.
 
 Every builder returns ``argv`` for :class:`proof.runs.Step`; ``s`` is the pipeline's settings dict
-(``bench/proof/drift_plan.py``: ``PROFILES`` plus the command line). Nothing here runs anything.
+(``bench/proof/drift_profiles.py``: ``PROFILES`` plus the command line). Nothing here runs anything.
 """
 
 from __future__ import annotations

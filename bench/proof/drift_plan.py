@@ -29,8 +29,18 @@ from typing import Any
 
 from proof import drift_commands as cmd
 from proof import drift_data as dd
+from proof.drift_inputs import (
+    base_fusion,
+    base_mix,
+    base_summary_draw,
+    collect_distill,
+    cure_a_mix,
+    drift_mix,
+    paths,
+    summary_entries,
+)
 from proof.drift_profiles import memory_gb, minutes
-from proof.runs import REPO, Step
+from proof.runs import Step
 
 STAGES = ("base", "drift", "cure_a", "cure_b", "cure_b_penalty")
 DRIFTS = ("summary", "lenient")
@@ -53,19 +63,6 @@ class PlannedStep:
     prepared_from: dict[str, Any] = field(default_factory=dict)
 
 
-def paths(s: Mapping[str, Any]) -> dict[str, Path]:
-    out = Path(s["out"])
-    synthetic = Path(s["data_dir"]) / "synthetic"
-    return {
-        "out": out,
-        "runs": out / "runs",
-        "synthetic": synthetic,
-        "fusion_data": synthetic / "fusion",
-        "mixes": out / "fusion",
-        "distill": out / "distill",
-    }
-
-
 def stage_dir(s: Mapping[str, Any], seed: int, stage: str) -> Path:
     """Run folder of a stage; the drift's names its mechanism (both can live side by side)."""
     name = f"drift_{s['drift']}" if stage == "drift" else stage
@@ -80,134 +77,6 @@ def teacher_folder(s: Mapping[str, Any]) -> Path:
     if s["teacher"] == "base":
         return stage_model(s, s["seeds"][0], "base")
     return paths(s)["runs"] / "teacher" / "model"
-
-
-def rare_summary_rules(s: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """The base's rules for the summaries drawn above the other findings, first match first."""
-    rules = [
-        (dd.BEND_FINDING_PATTERN, s["base_bend_finding_oversample"]),
-        (dd.RARE_FINDING_PATTERN, s["base_rare_finding_oversample"]),
-    ]
-    return [(pattern, weight) for pattern, weight in rules if weight]
-
-
-def _summary_entries(s: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The drift's and cure A's summary and dense targets; the summaries drawn as the base draws them when
-    ``summary_mix_as_base`` (from run 9: a later fusion step changes the verdicts it teaches, not the summary
-    target itself)."""
-    fusion = paths(s)["fusion_data"]
-    summary = {
-        "name": "bbu_summary",
-        "dataset": "bbu",
-        "train_jsonl": str(fusion / "bbu_train.jsonl"),
-        "val_jsonl": str(fusion / "bbu_val.jsonl"),
-        "template": "summary_bbu",
-        "mode": "summary",
-        "ratio": 1.0,
-    }
-    if s["summary_mix_as_base"] and (draw := base_summary_draw(s)) is not None:
-        summary["answer_oversample"] = draw
-    dense = {
-        "name": "bbu_dense",
-        "dataset": "bbu",
-        "train_jsonl": str(fusion / "bbu_train.jsonl"),
-        "template": "target_dense_bbu",
-        "mode": "dense",
-        "ratio": 0.1,
-    }
-    return summary, dense
-
-
-def base_summary_draw(s: Mapping[str, Any]) -> Any:
-    """The ``answer_oversample`` of the base's summary target, or None where it draws every summary alike."""
-    if s["base_finding_oversample"] == 1.0 and not rare_summary_rules(s):
-        return None
-    return dd.finding_oversample(s["base_finding_oversample"], rare_summary_rules(s))
-
-
-def base_fusion(s: Mapping[str, Any]) -> str | Path:
-    """The base's fusion file: the embedded mix, or ``<out>/fusion/base_findings.yaml`` when findings (or rare
-    verdicts) are oversampled."""
-    if base_summary_draw(s) is None and s["base_verdict_oversample"] == 1.0:
-        return "default"
-    return paths(s)["mixes"] / "base_findings.yaml"
-
-
-def base_mix(s: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``<out>/fusion/base_findings.yaml``: the embedded mix with its summary target's findings and its
-    Stage-B target's rare verdicts oversampled."""
-    return dd.finding_oversampled_mix(
-        Path(base_fusion(s)),
-        REPO / "conf" / "fusion" / "default.yaml",
-        s["base_finding_oversample"],
-        s["base_verdict_oversample"],
-        rare_summary_rules(s),
-    )
-
-
-def drift_mix(s: Mapping[str, Any]) -> dict[str, Any]:
-    """Write the drift step's fusion file (and, for ``lenient``, the lenient verdict file)."""
-    p = paths(s)
-    summary, dense = _summary_entries(s)
-    stats: dict[str, Any] = {"mechanism": s["drift"]}
-    targets = [summary]
-    if s["drift"] == "lenient":
-        lenient = p["mixes"] / "stage_b_lenient.jsonl"
-        stats["lenient"] = dd.write_lenient_stage_b(
-            p["fusion_data"] / "stage_b_train.jsonl",
-            p["synthetic"] / "stage_a_train.jsonl",
-            lenient,
-            dd.pass_answer(REPO),
-        )
-        targets.append(
-            {
-                "name": "stage_b_lenient",
-                "dataset": "chat",
-                "train_jsonl": str(lenient),
-                "val_jsonl": str(p["fusion_data"] / "stage_b_val.jsonl"),
-                "template": "chatml",
-                "ratio": s["lenient_ratio"],
-            }
-        )
-    stats["fusion"] = str(dd.fusion_file(p["mixes"] / f"drift_{s['drift']}.yaml", targets, [dense]))
-    return stats
-
-
-def cure_a_mix(s: Mapping[str, Any]) -> dict[str, Any]:
-    """Summary target + the distill file as a chat target sized to ``cure_a_share`` of the targets' rows."""
-    p = paths(s)
-    summary, dense = _summary_entries(s)
-    distill = p["distill"] / "distill_chatml.jsonl"
-    n_distill = len(dd.read_jsonl(distill))
-    if not n_distill:
-        raise RuntimeError(
-            f"{distill} is empty: the Teacher gave no valid answer (see the distill run's log)"
-        )
-    n_summary = len(dd.read_jsonl(Path(summary["train_jsonl"])))
-    share = s["cure_a_share"]
-    ratio = round(share / (1 - share) * n_summary / n_distill, 4)
-    target = {
-        "name": "stage_b_distill",
-        "dataset": "chat",
-        "train_jsonl": str(distill),
-        "val_jsonl": str(p["fusion_data"] / "stage_b_val.jsonl"),
-        "template": "chatml",
-        "ratio": ratio,
-        "fail_oversample": 2.0,
-    }
-    fusion = dd.fusion_file(p["mixes"] / "cure_a.yaml", [summary, target], [dense])
-    return {"fusion": str(fusion), "distill_rows": n_distill, "distill_ratio": ratio}
-
-
-def collect_distill(s: Mapping[str, Any], run: Path, inputs: Path) -> dict[str, Any]:
-    """The mission files as one ``distill/distill_chatml.jsonl`` with its size and label agreement; an empty
-    result is replaced by the reference answers only where the profile allows it (the CPU smoke run)."""
-    p = paths(s)
-    out = p["distill"] / "distill_chatml.jsonl"
-    stats = dd.collect_distill(run / "stage_b", out)
-    if not stats["rows"] and s["distill_fallback"]:
-        stats["smoke_fallback"] = dd.reference_distill(p["fusion_data"] / "stage_b_train.jsonl", inputs, out)
-    return stats
 
 
 def _step(name: str, argv: list[str], run_dir: Path | None) -> Step:
@@ -314,7 +183,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             after=[base],
             prepare=lambda: drift_mix(s),
             prepared_from={
-                "summaries": _summary_entries(s)[0],
+                "summaries": summary_entries(s)[0],
                 **({"lenient_ratio": s["lenient_ratio"]} if s["drift"] == "lenient" else {}),
             },
         ),
@@ -349,7 +218,7 @@ def seed_steps(s: Mapping[str, Any], seed: int) -> list[PlannedStep]:
             needs=[stage_model(s, seed, "drift") / "config.json", p["distill"] / "distill_chatml.jsonl"],
             after=[drift, "distill"],
             prepare=lambda: cure_a_mix(s),
-            prepared_from={"cure_a_share": s["cure_a_share"], "summaries": _summary_entries(s)[0]},
+            prepared_from={"cure_a_share": s["cure_a_share"], "summaries": summary_entries(s)[0]},
         ),
     ]
     arms = (("cure_b", 0.0, "group", "grpo"), ("cure_b_penalty", 1.0, "batch", "penalty"))
