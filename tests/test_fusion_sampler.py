@@ -31,7 +31,7 @@ def write_chat(path: Path, n: int, prefix: str, fail_every: int = 0) -> Path:
         rows.append(
             {
                 "messages": [
-                    {"role": "user", "content": f"{prefix} 问题 {i}"},
+                    {"role": "user", "content": f"{prefix} 问题 {i}" + " 详细" * i},  # lengths differ
                     {"role": "assistant", "content": f"{prefix} 回答 {i}"},
                 ],
                 "label": label,
@@ -298,7 +298,7 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fusion_data(tmp_path: Path, bundle: ModelBundle) -> FusionDataModule:
+def fusion_data(tmp_path: Path, bundle: ModelBundle, **kwargs: Any) -> FusionDataModule:
     write_chat(tmp_path / "a.jsonl", 12, "A", fail_every=3)
     write_chat(tmp_path / "b.jsonl", 5, "B")
     fusion = write_yaml(
@@ -307,10 +307,10 @@ def fusion_data(tmp_path: Path, bundle: ModelBundle) -> FusionDataModule:
         " fail_oversample: 2.0}\n"
         "sources:\n  - {name: b, dataset: chat, train_jsonl: b.jsonl, template: chatml, ratio: 0.5}\n",
     )
-    return FusionDataModule(str(fusion), bundle.processor, templates={}, seed=11, batch_size=2)
+    return FusionDataModule(str(fusion), bundle.processor, templates={}, seed=11, batch_size=2, **kwargs)
 
 
-def fit(tmp_path: Path, bundle: ModelBundle, steps: int, ckpt: str | None = None) -> Recorder:
+def fit(tmp_path: Path, bundle: ModelBundle, steps: int, ckpt: str | None = None, **data: Any) -> Recorder:
     module = Recorder()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     trainer = L.Trainer(
@@ -323,25 +323,29 @@ def fit(tmp_path: Path, bundle: ModelBundle, steps: int, ckpt: str | None = None
         use_distributed_sampler=False,
         default_root_dir=str(tmp_path),
     )
-    trainer.fit(module, fusion_data(tmp_path, bundle), ckpt_path=ckpt)
+    trainer.fit(module, fusion_data(tmp_path, bundle, **data), ckpt_path=ckpt)
     return module
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "group_by_length"])
 def test_lightning_resume_mid_epoch_continues_with_the_next_batch(
-    tmp_path: Path, tiny_bundle: ModelBundle
+    tmp_path: Path, tiny_bundle: ModelBundle, grouped: bool
 ) -> None:
     # 12 + round(0.5 x 12) = 18 rows per epoch, 9 batches of 2: step 3 is mid-epoch, step 11 in epoch 2.
-    full = fit(tmp_path / "full", tiny_bundle, steps=12).seen
+    data = {"group_by_length": True, "length_group_batches": 2} if grouped else {}
+    full = fit(tmp_path / "full", tiny_bundle, steps=12, **data).seen
+    if grouped:  # an order of its own: groups of 2 batches, longest first
+        assert full != fit(tmp_path / "plain", tiny_bundle, steps=12).seen
     assert Counter(s.split(":")[0] for b in full[:9] for s in b) == {"a.jsonl": 12, "b.jsonl": 6}
-    fit(tmp_path / "half", tiny_bundle, steps=3)
+    fit(tmp_path / "half", tiny_bundle, steps=3, **data)
     ckpt = tmp_path / "half" / "ckpt" / "epoch=0-step=3.ckpt"
     state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert (state["epoch"], state["position"]) == (0, 6)
-    resumed = fit(tmp_path / "half", tiny_bundle, steps=12, ckpt=str(ckpt)).seen
+    resumed = fit(tmp_path / "half", tiny_bundle, steps=12, ckpt=str(ckpt), **data).seen
     assert resumed == full[3:]
     # The resumed run saved step 9, the last batch of epoch 0: resuming there starts epoch 1 afresh.
     at_epoch_end = tmp_path / "half" / "ckpt" / "epoch=0-step=9.ckpt"
-    again = fit(tmp_path / "end", tiny_bundle, steps=12, ckpt=str(at_epoch_end)).seen
+    again = fit(tmp_path / "end", tiny_bundle, steps=12, ckpt=str(at_epoch_end), **data).seen
     assert again == full[9:]
 
 
@@ -399,3 +403,33 @@ def test_bbu_rows_take_the_mode_field_and_the_template_prompt(tmp_path: Path) ->
     user, answer = rows[0]["messages"]
     assert user["content"] == [{"type": "image"}, {"type": "text", "text": "t:BBU接地线检查"}]
     assert answer == {"role": "assistant", "content": "1. 电线"}
+
+
+def test_length_grouping_sorts_each_group_keeps_the_epoch_and_resumes_exactly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lengths = [
+        int(x)
+        for x in torch.randint(
+            10, 500, (sum(p.size for p in POOLS),), generator=torch.Generator().manual_seed(0)
+        )
+    ]
+    plain = FusionSampler(POOLS, seed=3)
+    grouped = FusionSampler(POOLS, seed=3, lengths=lengths, group_rows=8)
+    for epoch in range(2):
+        order, shuffled = grouped.epoch_order(epoch), plain.epoch_order(epoch)
+        assert sorted(order) == sorted(shuffled)
+        groups = [order[i : i + 8] for i in range(0, len(order), 8)]
+        assert all([lengths[r] for r in g] == sorted((lengths[r] for r in g), reverse=True) for g in groups)
+        assert lengths[order[0]] == max(lengths[r] for r in order)  # the longest batch comes first
+        # the groups are the shuffle's 8 consecutive rows, but for the two that swapped the longest row
+        chunks = [sorted(shuffled[i : i + 8]) for i in range(0, len(shuffled), 8)]
+        assert sum(sorted(g) != c for g, c in zip(groups, chunks, strict=True)) <= 2
+    grouped.set_epoch(1)
+    expected = list(grouped)
+    resumed = FusionSampler(POOLS, seed=3, lengths=lengths, group_rows=8)
+    resumed.resume(epoch=1, position=20)
+    assert list(resumed) == expected[20:]
+    with caplog.at_level(logging.WARNING, logger="bbuqc_lightning.fusion_sft.sampler"):
+        plain.check_state(grouped.state(20))
+    assert "length groups of 8 rows" in caplog.text

@@ -404,3 +404,39 @@ def test_full_sft_model_folder_starts_grpo_and_eval(
         tmp_path / "eval",
     )
     assert metrics["test/groups"] == 4 and 0.0 <= metrics["test/format_valid_rate"] <= 1.0
+
+
+def test_group_by_length_batches_rows_of_like_length_from_the_same_epoch(
+    compose: Callable[[list[str]], DictConfig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every row's estimated tokens are the tokens the collator gives it (photo rows, verdict rows, chat rows);
+    grouping keeps the epoch's rows, cuts the padding of the embedded mix's batches and serves validation rows
+    longest first."""
+    overrides = ["+experiment=fusion_sft", "logger=csv", "data.batch_size=8", "data.length_group_batches=4"]
+    plain = build_objects(compose(overrides))["datamodule"]
+    plain.prepare_data()
+    plain.setup("fit")
+    with caplog.at_level(logging.INFO, logger="bbuqc_lightning.fusion_sft.datamodule"):
+        grouped = build_objects(compose([*overrides, "data.group_by_length=true"]))["datamodule"]
+        grouped.setup("fit")
+    assert "padding in epoch 0's batches of 8" in caplog.text
+    lengths = grouped.lengths
+    assert lengths is not None and len(lengths) == len(grouped.train_rows)
+    for dataset in {r["dataset"] for r in grouped.train_rows}:
+        i = next(i for i, r in enumerate(grouped.train_rows) if r["dataset"] == dataset)
+        assert lengths[i] == grouped.collator.encode(grouped.train_rows[i]).input_ids.numel(), dataset
+    assert any(r["images"] for r in grouped.train_rows)
+
+    def padded_tokens(data: FusionDataModule) -> tuple[int, list[str]]:
+        tokens, sources = 0, []
+        for batch in data.train_dataloader():
+            tokens += batch["input_ids"].numel()
+            sources += batch["sources"]
+        return tokens, sources
+
+    (plain_tokens, plain_rows), (grouped_tokens, grouped_rows) = padded_tokens(plain), padded_tokens(grouped)
+    assert sorted(grouped_rows) == sorted(plain_rows)  # the same draw, in another order
+    assert grouped_tokens < 0.8 * plain_tokens
+    for rows in grouped.val_rows.values():
+        val = [grouped.collator.estimate_length(r) for r in rows]
+        assert val == sorted(val, reverse=True)

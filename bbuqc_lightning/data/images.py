@@ -33,7 +33,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 # What PIL raises for unreadable, truncated or malformed files (struct.error / IndexError come from
 # broken headers of some formats).
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     OSError,
     SyntaxError,
     ValueError,
@@ -79,7 +79,7 @@ def _open_upright_rgb(path: Path, max_pixels: int, max_image_pixels: int) -> Ima
             return _to_rgb(upright)
     except ImageError:
         raise
-    except _DECODE_ERRORS as err:
+    except DECODE_ERRORS as err:
         raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
 
 

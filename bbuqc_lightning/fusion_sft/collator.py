@@ -32,8 +32,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 
-from bbuqc_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_image
+from bbuqc_lightning.data.images import (
+    DECODE_ERRORS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageError,
+    load_image,
+    target_size,
+)
 
 IGNORE_INDEX = -100
 
@@ -114,6 +121,28 @@ class SFTCollator:
             input_ids, labels, mm_types, out.get("pixel_values"), out.get("image_grid_thw"), truncated=False
         )
         return self._guard_length(enc, where)
+
+    def estimate_length(self, sample: dict[str, Any]) -> int:
+        """The tokens :meth:`encode` gives ``sample``, before any truncation, without decoding its photos: the chat
+        template's text tokenised (one ``<|image_pad|>`` per photo), plus each photo's patch grid as the image
+        processor would cut it from the size :func:`~bbuqc_lightning.data.images.load_image` resizes it to (read
+        from the file's header; EXIF rotation swaps the sides, which leaves the count alone). What
+        ``data.group_by_length`` sorts by; a photo it cannot read counts as one token (``encode`` then names it)."""
+        text = self.processor.apply_chat_template(sample["messages"], tokenize=False)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None:
+            return n
+        merge = int(image_processor.merge_size) ** 2
+        for path in sample.get("images") or []:
+            try:
+                with Image.open(path) as img:
+                    width, height = target_size(*img.size, self.min_pixels, self.max_pixels)
+            except DECODE_ERRORS:
+                continue
+            n += image_processor.get_number_of_image_patches(height, width, {}) // merge - 1
+        return n
 
     def _guard_length(self, enc: Encoded, where: str) -> Encoded:
         n = int(enc.input_ids.numel())

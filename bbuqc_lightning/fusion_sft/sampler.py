@@ -21,6 +21,14 @@ The drawn rows of all entries are concatenated and shuffled together, so every b
 DDP: the epoch's list is cut to a multiple of the world size (at most ``world - 1`` rows are dropped;
 which ones changes every epoch) and rank ``r`` takes ``list[r::world]``: disjoint, equal-length slices.
 
+Length grouping (``data.group_by_length``, off by default), after the shuffle: the epoch's list is cut into groups
+of ``group_rows`` consecutive rows, each group sorted longest first, and the epoch's longest row swapped to the
+front (a batch too long for the GPU fails in the first step, not hours in). Batches then hold rows of similar
+length, so far less of each batch is padding; the rows of the epoch, and (but for that one swap) the group each row
+falls in, stay what the shuffle made them. This is ``transformers``' ``LengthGroupedSampler`` (megabatches of 50
+batches), on our ``(seed, epoch)`` order, so resume stays exact; the lengths are each row's tokens
+(:meth:`~bbuqc_lightning.fusion_sft.collator.SFTCollator.estimate_length`).
+
 Resume: :meth:`FusionSampler.resume` makes the next iteration of ``epoch`` start at ``position`` (this
 rank's rows already consumed). Because slices are strided, a checkpoint written with one world size
 resumes under another one at the same global position (exactly when the positions divide evenly).
@@ -73,6 +81,29 @@ def epoch_quotas(pools: Sequence[Pool]) -> dict[str, int]:
     return {p.name: quotas[p.name] for p in pools}
 
 
+def group_by_length(order: Sequence[int], lengths: Sequence[int], group_rows: int) -> list[int]:
+    """``order`` cut into groups of ``group_rows``, each sorted longest first (ties keep their order); the epoch's
+    longest row then swaps places with the first group's first row, as ``LengthGroupedSampler`` does, so the first
+    batch is the longest (the group it came from is sorted again).
+
+    >>> group_by_length([0, 1, 2, 3, 4], lengths=[5, 1, 9, 3, 7], group_rows=2)
+    [2, 1, 0, 3, 4]
+    """
+    if group_rows <= 0:
+        raise ValueError(f"group_rows must be > 0, got {group_rows}")
+
+    def longest_first(rows: Sequence[int]) -> list[int]:
+        return sorted(rows, key=lambda row: -lengths[row])
+
+    groups = [longest_first(order[i : i + group_rows]) for i in range(0, len(order), group_rows)]
+    if groups:
+        longest = max(range(len(groups)), key=lambda g: lengths[groups[g][0]])
+        if longest:
+            groups[0][0], groups[longest][0] = groups[longest][0], groups[0][0]
+            groups[longest] = longest_first(groups[longest])
+    return [row for group in groups for row in group]
+
+
 def draw(pool: Pool, quota: int, rng: np.random.Generator) -> np.ndarray:
     """``quota`` row indices of ``pool`` (see the module docstring for the two modes)."""
     if quota <= 0 or pool.size == 0:
@@ -99,8 +130,18 @@ class FusionSampler(ResumableSampler):
     Resume and DDP slicing come from :class:`~bbuqc_lightning.data.resumable.ResumableSampler`.
     """
 
-    def __init__(self, pools: Sequence[Pool], seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        pools: Sequence[Pool],
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        lengths: Sequence[int] | None = None,
+        group_rows: int = 0,
+    ) -> None:
         self._init_resume(seed, num_replicas, rank)
+        self.lengths = None if lengths is None else list(lengths)
+        self.group_rows = group_rows if lengths is not None else 0
         self.pools = list(pools)
         self.quotas = epoch_quotas(self.pools)
         self.offsets = np.cumsum([0] + [p.size for p in self.pools])[:-1]
@@ -117,19 +158,23 @@ class FusionSampler(ResumableSampler):
         parts = [
             self.offsets[i] + draw(pool, self.quotas[pool.name], rng) for i, pool in enumerate(self.pools)
         ]
-        order = np.concatenate(parts)[rng.permutation(self.total)]
-        return order.tolist()
+        order = np.concatenate(parts)[rng.permutation(self.total)].tolist()
+        if self.lengths is not None:
+            return group_by_length(order, self.lengths, self.group_rows)
+        return order
 
     def state(self, position: int) -> dict[str, Any]:
-        return {**super().state(position), "quotas": dict(self.quotas)}
+        return {**super().state(position), "quotas": dict(self.quotas), "group_rows": self.group_rows}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("seed") != self.seed or dict(state.get("quotas", {})) != self.quotas:
+        saved = (state.get("seed"), dict(state.get("quotas", {})), state.get("group_rows", 0))
+        if saved != (self.seed, self.quotas, self.group_rows):
             log.warning(
-                "the checkpoint's fusion sampler (seed %s, quotas %s) differs from this run's (seed %s, "
-                "quotas %s): resuming at the same position of a different epoch order",
-                state.get("seed"),
-                state.get("quotas"),
+                "the checkpoint's fusion sampler (seed %s, quotas %s, length groups of %s rows) differs from this "
+                "run's (seed %s, quotas %s, length groups of %s rows; 0: none): resuming at the same position of a "
+                "different epoch order",
+                *saved,
                 self.seed,
                 self.quotas,
+                self.group_rows,
             )
