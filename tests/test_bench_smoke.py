@@ -197,3 +197,22 @@ def test_profile_prefill(run: Run, tmp_path: Path) -> None:
     chunks = json.loads(out.read_text())["chunks"]
     assert set(chunks) == {"2", "4"}
     assert all(0 < row["vision_s"] < row["prefill_s"] and row["tokens_per_s"] > 0 for row in chunks.values())
+
+
+@pytest.mark.slow
+def test_fusion_sft_group_by_length(tmp_path: Path) -> None:
+    """Both arms run the drift base's command (tiny model), draw the same rows, and grouping cuts the padding."""
+    out = tmp_path / "fusion_sft"
+    table = run_as_process(
+        ["fusion_sft.py", "--device", "cpu", "--out", str(out), "--steps", "3", "--warmup", "1"]
+    )
+    report = json.loads((out / "fusion_sft.json").read_text())
+    shuffled, grouped = report["arms"]["shuffled"], report["arms"]["grouped"]
+    assert shuffled["steps"] == grouped["steps"] == 3 and shuffled["timed_steps"] == 2
+    assert grouped["padding_share"] < shuffled["padding_share"]
+    assert all(r["real_tokens_per_s"] > 0 and r["median_step_s"] > 0 for r in (shuffled, grouped))
+    assert "grouped / shuffled" in table
+    assert (
+        "group_by_length: " in (out / "logs" / "grouped.log").read_text()
+    )  # setup logged the padding both ways
+    assert "group_by_length: " not in (out / "logs" / "shuffled.log").read_text()
