@@ -69,6 +69,7 @@ INPUT_PATHS = (
     "module.init.adapter",
     "ckpt_path",
 )
+FILE_INPUTS = ("data.train_jsonl", "data.val_jsonl", "data.test_jsonl", "data.guidance_path", "ckpt_path")
 CPU_TRAINER = "trainer=default"
 
 
@@ -171,6 +172,8 @@ def _path_problems(resolved: dict[str, Any]) -> list[str]:
             continue
         if not path.exists():
             problems.append(f"{key}={value}: no such file or folder")
+        elif key in FILE_INPUTS and not path.is_file():
+            problems.append(f"{key}={value}: a folder, not a file")
     return problems + _model_problems(resolved.get("model") or {})
 
 

@@ -30,6 +30,11 @@ LABELS: Final[tuple[str, str]] = ("pass", "fail")
 # Group ids and images (SPEC §3).
 GROUP_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"^(QC-[A-Za-z]+-[0-9]{8}-[0-9]+)")
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+# Photos in formats the pipeline does not read (phones' HEIC, scanners' TIFF, cameras' raw files): a group folder's
+# file with one of these is warned about, not silently left out of its ticket.
+OTHER_PHOTO_EXTENSIONS: Final[frozenset[str]] = frozenset(
+    {".heic", ".heif", ".tif", ".tiff", ".gif", ".avif", ".jxl", ".dng", ".raw", ".cr2", ".nef", ".arw"}
+)
 IMAGE_KEY_PREFIX: Final[str] = "图片_"
 LEGACY_IMAGE_KEY_PREFIX: Final[str] = "image_"
 IRRELEVANT_IMAGE: Final[str] = "无关图片"

@@ -198,6 +198,14 @@ def test_validate_config_reports_every_problem_at_once(compose: ComposeFn) -> No
     assert message.count("; ") == 3  # four problems, one line
 
 
+def test_an_input_file_setting_given_a_folder_is_named(compose: ComposeFn, tmp_path: Path) -> None:
+    cfg = compose(["+experiment=eval", f"data.test_jsonl={tmp_path}", f"data.guidance_path={tmp_path}"])
+    with pytest.raises(ValueError) as info:
+        validate_config(cfg)
+    assert f"data.test_jsonl={tmp_path}: a folder, not a file" in str(info.value)
+    assert f"data.guidance_path={tmp_path}: a folder, not a file" in str(info.value)
+
+
 # --------------------------------------------------------------------------- the command line
 CLI_CASES = {
     "unknown_experiment": ["+experiment=nope"],

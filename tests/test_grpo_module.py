@@ -396,3 +396,33 @@ def test_ddp_two_cpu_processes_keep_groups_whole_and_weights_in_sync(tmp_path: P
     # DDP averaged the gradients: both ranks hold the same adapters, and they moved.
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=1e-6, abs=1e-9)
     assert ranks[0]["weights"] != pytest.approx(before, rel=1e-9, abs=1e-12)
+
+
+def test_training_data_without_labels_or_tickets_is_an_error_naming_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unlabelled ticket (``label: null``, inference only) cannot be rewarded: an error naming the file and the
+    ticket, or with ``strict=false`` a counted, logged skip; a split left without tickets is an error too."""
+    templates = OmegaConf.to_container(OmegaConf.load(config_dir() / "prompts" / "stage_b.yaml"))
+    rows = [
+        json.loads(line) for line in write_stage_a(tmp_path / "labelled.jsonl", 4).read_text().splitlines()
+    ]
+    rows[1] |= {"label": None, "ticket_key": rows[1]["group_id"] + "::unlabeled"}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    processor = build_tokenizer()
+    with pytest.raises(
+        ValueError, match=rf"{mixed}: 1 of 4 tickets have no label \(first: QC-TEMP-20250101-0000001"
+    ):
+        StageBDataModule(str(mixed), None, templates, processor=processor).setup("fit")
+    with caplog.at_level("WARNING", logger="bbuqc_lightning.stage_b.datamodule"):
+        data = StageBDataModule(str(mixed), None, templates, processor=processor, strict=False)
+        data.setup("fit")
+    assert len(data.samples["train"]) == 3 and data.skipped["train"] == 1 and "skipped" in caplog.text
+    data = StageBDataModule(None, None, templates, processor=processor, test_jsonl=str(mixed))
+    data.setup("test")  # evaluation reads unlabelled tickets (inference), training does not
+    assert len(data.samples["test"]) == 4
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{empty}: no Stage-B test tickets to use \(0 skipped\)"):
+        StageBDataModule(None, None, templates, processor=processor, test_jsonl=str(empty)).setup("test")

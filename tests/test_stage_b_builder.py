@@ -174,6 +174,16 @@ def test_multi_mission_guidance_file(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="declares mission"):
         load_guidance(path)
+    # a misspelt mission would never reach a prompt; a broken file names itself
+    path.write_text(json.dumps({"BBU接地线检察": {"experiences": []}}, ensure_ascii=False))
+    with pytest.raises(ValueError, match=r"all.json: unknown mission\(s\) \['BBU接地线检察'\]"):
+        load_guidance(path)
+    path.write_text(json.dumps({"mission": "BBU接地线检察", "experiences": []}, ensure_ascii=False))
+    with pytest.raises(ValueError, match=r"all\.json: single-mission guidance needs 'mission', one of"):
+        load_guidance(path)
+    path.write_text('{"mission": "BBU接地线检查", "experiences": [],}')
+    with pytest.raises(ValueError, match=r"all\.json: not valid JSON"):
+        load_guidance(path)
 
 
 def _normalised(**extra: Any) -> dict:

@@ -130,16 +130,24 @@ def test_records_sorted_by_mission_order_label_and_id(tmp_path: Path) -> None:
     ]
 
 
-def test_extensions_case_insensitive_and_other_files_ignored(tmp_path: Path) -> None:
+def test_extensions_case_insensitive_and_other_files_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = group(tmp_path, M_CABLE, PASS_DIR, GID, images=("1.JPG", "2.jpeg", "3.Png", "4.webp", "5.BMP"))
     (folder / "notes.txt").write_text("not an image")
     (folder / "raw.tiff").write_bytes(b"II*\x00")
+    (folder / "IMG_6.HEIC").write_bytes(b"\x00")
     (folder / ".DS_Store").write_bytes(b"\x00")
     write_image(folder / ".hidden.jpg")
     (tmp_path / ".DS_Store").write_bytes(b"\x00")
     (tmp_path / M_CABLE / PASS_DIR / ".DS_Store").write_bytes(b"\x00")
-    (rec,) = scan_tree(tmp_path).records
+    with caplog.at_level("WARNING", logger="bbuqc_lightning.data.tree"):
+        (rec,) = scan_tree(tmp_path).records
     assert names(rec) == ["1.JPG", "2.jpeg", "3.Png", "4.webp", "5.BMP"]
+    # a photo in a format not read is left out loudly (its ticket is judged without it), a text file quietly
+    warned = [r.getMessage() for r in caplog.records]
+    assert sum("IMG_6.HEIC" in m or "raw.tiff" in m for m in warned) == 2
+    assert not any("notes.txt" in m for m in warned)
     for path in rec.image_paths:
         assert load_image(path, 16, 10_000).mode == "RGB"
 

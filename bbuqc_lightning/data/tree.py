@@ -46,6 +46,7 @@ from bbuqc_lightning.constants import (
     LABEL_DIRS,
     LABELS,
     MISSIONS,
+    OTHER_PHOTO_EXTENSIONS,
     ticket_key,
 )
 
@@ -156,7 +157,8 @@ def is_symlink_loop(path: Path) -> bool:
 
 
 def list_group_images(group_dir: Path, skipped: list[SkippedGroup] | None = None) -> list[Path]:
-    """The images of one group folder, natural-sorted; other files are ignored (logged at debug).
+    """The images of one group folder, natural-sorted; other files are ignored (logged at debug; a photo in a format
+    not read, e.g. HEIC or TIFF, with a warning).
 
     Symlink loops are logged and, when ``skipped`` is given, listed there.
     """
@@ -170,6 +172,13 @@ def list_group_images(group_dir: Path, skipped: list[SkippedGroup] | None = None
             images.append(child)
         elif child.is_dir():
             log.warning("ignoring nested folder %s (images must sit directly in the group folder)", shown(child))
+        elif child.suffix.lower() in OTHER_PHOTO_EXTENSIONS:
+            log.warning(
+                "ignoring %s: a photo format this pipeline does not read (%s); its ticket is judged without it "
+                "unless it is converted",
+                shown(child),
+                "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)),
+            )
         else:
             log.debug("ignoring non-image file %s", child)
     return sorted(images, key=lambda p: natural_sort_key(p.name))

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bbuqc_lightning.constants import MISSIONS
 from bbuqc_lightning.stage_b.prompts import (
     Guidance,
     StageBTemplates,
@@ -190,13 +191,18 @@ def _experience_texts(block: Any, where: str) -> list[str]:
 def load_guidance(path: str | Path) -> dict[str, list[str]]:
     """Read a guidance JSON file into ``{mission: [experience text, ...]}`` (see module docstring)."""
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: guidance must be a JSON object")
     if "experiences" in data:
         mission = data.get("mission")
-        if not isinstance(mission, str) or not mission:
-            raise ValueError(f"{path}: single-mission guidance needs a 'mission' string")
+        if not isinstance(mission, str) or mission not in MISSIONS:
+            raise ValueError(
+                f"{path}: single-mission guidance needs 'mission', one of {list(MISSIONS)}; got {mission!r}"
+            )
         return {mission: _experience_texts(data, str(path))}
     guidance: dict[str, list[str]] = {}
     for mission, block in data.items():
@@ -204,6 +210,12 @@ def load_guidance(path: str | Path) -> dict[str, list[str]]:
         if inner != mission:
             raise ValueError(f"{path}: entry {mission!r} declares mission {inner!r}")
         guidance[mission] = _experience_texts(block, f"{path} [{mission}]")
+    unknown = sorted(set(guidance) - set(MISSIONS))
+    if unknown:  # its experiences would never reach a prompt
+        raise ValueError(
+            f"{path}: unknown mission(s) {unknown} (known: {list(MISSIONS)}; a single-mission file is "
+            '{"mission": ..., "experiences": [...]})'
+        )
     return guidance
 
 

@@ -90,11 +90,33 @@ class StageBDataModule(L.LightningDataModule):
             samples, too_long = build_stage_b_samples(
                 records, self.templates, guidance, self.tokenizer, self.max_prompt_tokens, self.strict
             )
+            unlabelled = 0
+            if split == "train":
+                samples, unlabelled = self._labelled(samples, path)
+            if not samples:
+                raise ValueError(
+                    f"{path}: no Stage-B {split} tickets to use ({bad_lines + too_long + unlabelled} skipped)"
+                )
             self.samples[split] = samples[: self.limit_samples] if self.limit_samples else samples
-            self.skipped[split] = bad_lines + too_long
+            self.skipped[split] = bad_lines + too_long + unlabelled
             log.info(
-                "Stage-B %s: %d samples from %s (%d skipped)", split, len(samples), path, bad_lines + too_long
+                "Stage-B %s: %d samples from %s (%d skipped)", split, len(samples), path, self.skipped[split]
             )
+
+    def _labelled(self, samples: list[StageBSample], path: str | Path) -> tuple[list[StageBSample], int]:
+        """Training rewards and reflects on the human label: a ticket without one (``label: null``, inference
+        only) is an error naming it, or with ``strict=false`` a counted, logged skip."""
+        unlabelled = [s for s in samples if s.label is None]
+        if not unlabelled:
+            return samples, 0
+        message = (
+            f"{path}: {len(unlabelled)} of {len(samples)} tickets have no label (first: "
+            f"{unlabelled[0].ticket_key}); training needs 'pass' or 'fail' on every ticket"
+        )
+        if self.strict:
+            raise ValueError(message + " (data.strict=false skips them)")
+        log.warning("%s: skipped", message)
+        return [s for s in samples if s.label is not None], len(unlabelled)
 
     def _world(self) -> tuple[int, int, bool]:
         """World size, rank, and whether Lightning puts its own distributed sampler in."""
