@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +108,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         stopper.raise_if_stopped()
     finally:
         finish_wandb()
-        metrics = _collect_metrics(trainer, objects["module"])
+        metrics = _collect_metrics(trainer, objects["module"]) | skipped_inputs(objects["datamodule"])
         _write_metrics_json(cfg, metrics)  # also after a failure: what was logged so far
     return metrics, objects
 
@@ -118,6 +119,19 @@ def _collect_metrics(trainer: L.Trainer, module: L.LightningModule) -> dict[str,
     metrics.update(getattr(module, "run_summary", {}))
     metrics.update(gpu_memory_peaks())
     return metrics
+
+
+def skipped_inputs(datamodule: Any) -> dict[str, float]:
+    """The input rows or folders the data module skipped (``data.strict=false``), for metrics.json:
+    ``data/skipped`` (fusion rows, Stage-A and end-to-end folders or groups) or ``data/skipped/<split>`` (Stage-B)."""
+    skipped = getattr(datamodule, "skipped", None)
+    if isinstance(skipped, Mapping):
+        return {f"data/skipped/{split}": float(n) for split, n in skipped.items()}
+    if isinstance(skipped, list | tuple):
+        return {"data/skipped": float(len(skipped))}
+    if isinstance(skipped, int) and not isinstance(skipped, bool):
+        return {"data/skipped": float(skipped)}
+    return {}
 
 
 def gpu_memory_peaks() -> dict[str, float]:

@@ -27,6 +27,7 @@ from bbuqc_lightning.models.factory import ModelBundle, build_tokenizer, load_mo
 from bbuqc_lightning.models.lora import apply_last_k_lora
 from bbuqc_lightning.stage_b.datamodule import StageBDataModule
 from bbuqc_lightning.stage_b.rewards import format_reward, label_reward
+from bbuqc_lightning.train import skipped_inputs
 
 MISSIONS = ["BBU接地线检查", "挡风板安装检查", "BBU线缆布放要求", "BBU安装方式检查（正装）"]
 
@@ -419,6 +420,7 @@ def test_training_data_without_labels_or_tickets_is_an_error_naming_the_file(
         data = StageBDataModule(str(mixed), None, templates, processor=processor, strict=False)
         data.setup("fit")
     assert len(data.samples["train"]) == 3 and data.skipped["train"] == 1 and "skipped" in caplog.text
+    assert skipped_inputs(data) == {"data/skipped/train": 1.0}  # what metrics.json gets
     data = StageBDataModule(None, None, templates, processor=processor, test_jsonl=str(mixed))
     data.setup("test")  # evaluation reads unlabelled tickets (inference), training does not
     assert len(data.samples["test"]) == 4

@@ -199,3 +199,64 @@ def test_sigterm_during_grpo_stops_after_the_step_with_a_resumable_last_ckpt_thr
     epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
     assert epochs["started"] == 1 and epochs["completed"] == 0  # mid-epoch: a resume continues this epoch
     assert (run / "metrics.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class _Scalar(__import__("lightning").LightningModule):
+    """One trained scalar over a few random rows: enough for the checkpoint and stop logic."""
+
+    def __init__(self, stop_at: int | None = None, kill_at_batch: int | None = None) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.stop_at, self.kill_at_batch = stop_at, kill_at_batch
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if (
+            self.stop_at is not None and self.global_step + 1 == self.stop_at
+        ) or batch_idx == self.kill_at_batch:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the step; the run stops after it
+        return ((self.w - batch[0]) ** 2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        rows = torch.utils.data.TensorDataset(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+        return torch.utils.data.DataLoader(rows, batch_size=4)
+
+
+@pytest.mark.parametrize("ending", ["max_steps", "sigterm"])
+def test_last_ckpt_holds_the_final_step_after_periodic_checkpoints(tmp_path: Path, ending: str) -> None:
+    """Lightning writes last.ckpt at the end only when no periodic checkpoint was saved; ours always does."""
+    import lightning as L
+
+    from bbuqc_lightning.callbacks.model_checkpoint import LastAtEndCheckpoint
+    from bbuqc_lightning.tracking.signals import stop_on_signals
+
+    checkpoint = LastAtEndCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=-1, every_n_train_steps=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[checkpoint], default_root_dir=str(tmp_path))  # fmt: skip
+    module = _Scalar(stop_at=5 if ending == "sigterm" else None)
+    with stop_on_signals(trainer):
+        trainer.fit(module)
+    final = 5 if ending == "sigterm" else 6
+    assert trainer.global_step == final
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == final
+
+
+def test_a_signal_inside_a_gradient_accumulation_window_stops_at_its_end(tmp_path: Path) -> None:
+    """Stopping after micro-batch 3 of windows of 2 would save a checkpoint that counts batch 3 as trained while its
+    gradient was never applied: the run finishes the window (batch 4, optimizer step 2) first."""
+    import lightning as L
+
+    from bbuqc_lightning.callbacks.model_checkpoint import LastAtEndCheckpoint
+    from bbuqc_lightning.tracking.signals import stop_on_signals
+
+    checkpoint = LastAtEndCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=100)
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, accumulate_grad_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint],
+                        default_root_dir=str(tmp_path))  # fmt: skip
+    with stop_on_signals(trainer):
+        trainer.fit(_Scalar(kill_at_batch=2))  # the third micro-batch
+    assert trainer.global_step == 2
+    loops = torch.load(tmp_path / "last.ckpt", weights_only=False)["loops"]["fit_loop"]
+    assert loops["epoch_loop.batch_progress"]["current"]["completed"] == 4

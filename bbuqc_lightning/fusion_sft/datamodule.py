@@ -181,7 +181,8 @@ class FusionDataModule(L.LightningDataModule):
             num_replicas=size,
             rank=rank,
             lengths=self.lengths,
-            group_rows=self.length_group_batches * self.batch_size * size,
+            # not times the world size: the epoch's order stays the same under another one (resume)
+            group_rows=self.length_group_batches * self.batch_size,
         )
 
     def _batches_done(self) -> int | None:

@@ -84,7 +84,11 @@ class StopOnSignal(L.Callback):
         if self.signum is None:
             return
         if trainer.training:
-            trainer.should_stop = True
+            # Stop after a batch that ends its gradient-accumulation window (or the epoch), never inside one: the
+            # checkpoint counts the window's batches as trained, so the rest of a cut window would be lost.
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            if progress.current.ready % trainer.accumulate_grad_batches == 0 or progress.is_last_batch:
+                trainer.should_stop = True
         else:
             raise Interrupted(self.signum)
 
