@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import drift_and_cure as pipeline
 from proof.drift_plan import build_plan
 from proof.drift_profiles import PROFILES
 from proof.runs import Step, device_name, run_step
@@ -34,19 +35,12 @@ BENCH = Path(__file__).resolve().parent
 
 
 def settings(device: str, out: Path, steps: int) -> dict[str, Any]:
-    """The drift pipeline's settings for ``device``, its base cut to ``steps`` steps."""
-    return PROFILES[device] | {
-        "device": device,
-        "out": str(out.resolve()),
-        "data_dir": str((out / "data").resolve()),
-        "data_seed": 0,
-        "seeds": [0],
-        "drift": "lenient",
-        "teacher": "base",
-        "conflict_policy": "flip",
-        "base_steps": steps,
-        "base_max_minutes": 0.0,
-    }
+    """The drift pipeline's settings for ``device`` (as ``bench/drift_and_cure.py`` makes them), one seed, its base
+    cut to ``steps`` steps."""
+    args = ["--device", device, "--out", str(out), "--seeds", "0", "--teacher", "base"]
+    return pipeline.settings(
+        pipeline.parse_args([*args, "--set", f"base_steps={steps}", "--set", "base_max_minutes=0"])
+    )
 
 
 def arm_argv(base: list[str], run_dir: Path, grouped: bool, timer: Path, warmup: int) -> list[str]:

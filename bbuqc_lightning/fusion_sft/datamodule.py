@@ -41,7 +41,7 @@ from bbuqc_lightning.data.resumable import ResumableLoader, trained_batches
 from bbuqc_lightning.fusion_sft.collator import SFTCollator
 from bbuqc_lightning.fusion_sft.fusion_config import FusionConfig, FusionEntry, load_fusion_config
 from bbuqc_lightning.fusion_sft.rows import read_entry_samples
-from bbuqc_lightning.fusion_sft.sampler import FusionSampler, Pool
+from bbuqc_lightning.fusion_sft.sampler import FusionSampler, Pool, group_by_length
 from bbuqc_lightning.summaries.prompts import stage_a_prompt
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class FusionDataModule(L.LightningDataModule):
         if length_group_batches < 1:
             raise ValueError(f"data.length_group_batches must be >= 1, got {length_group_batches}")
         self.group_by_length = group_by_length
-        self.length_group_batches = length_group_batches
+        # rows per sorted group; not times the world size, so the epoch's order stays the same under another one
+        self.length_group_rows = length_group_batches * batch_size
         self.lengths: list[int] | None = None
         self.fusion = fusion
         self.templates = {name: dict(block) for name, block in templates.items()}
@@ -152,7 +153,7 @@ class FusionDataModule(L.LightningDataModule):
             lengths = [self.collator.estimate_length(row) for row in rows]
             self.val_rows[name] = [rows[i] for i in sorted(range(len(rows)), key=lambda i: -lengths[i])]
         plain = FusionSampler(self.pools, seed=self.seed).epoch_order(0)
-        grouped = self._sampler(world=(1, 0)).epoch_order(0)
+        grouped = group_by_length(plain, self.lengths, self.length_group_rows)
         log.info(
             "group_by_length: %d rows measured in %.1f s; padding in epoch 0's batches of %d: %.0f %% grouped, "
             "%.0f %% without",
@@ -173,16 +174,15 @@ class FusionDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _sampler(self, world: tuple[int, int] | None = None) -> FusionSampler:
-        size, rank = world or self._world()
+    def _sampler(self) -> FusionSampler:
+        world, rank = self._world()
         return FusionSampler(
             self.pools,
             seed=self.seed,
-            num_replicas=size,
+            num_replicas=world,
             rank=rank,
             lengths=self.lengths,
-            # not times the world size: the epoch's order stays the same under another one (resume)
-            group_rows=self.length_group_batches * self.batch_size,
+            group_rows=self.length_group_rows,
         )
 
     def _batches_done(self) -> int | None:
